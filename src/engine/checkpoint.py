@@ -1,0 +1,79 @@
+"""Checkpoint files: what they hold, atomic writes, and safe loading.
+
+Every checkpoint loads with `torch.load(weights_only=True)`: it holds tensors, numbers, strings,
+lists and dicts only. `best.pt` is what downstream code needs (weights, model name, data config,
+metrics, temperature); `last.pt` adds what a resume needs (optimizer, scheduler, scaler, EMA,
+progress and RNG states).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or lacks what the caller needs."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`.
+
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX filesystems.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by this project (weights_only: no arbitrary code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(state).__name__}")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,122 @@
+"""The training configuration and the command-line flags that both trainers share.
+
+Each entry script calls `add_train_args(parser, **its_defaults)`, adds its model-specific flags,
+and turns the parsed namespace into a `TrainConfig` with `config_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from src.data.transforms import AUG_LEVELS
+
+
+@dataclass
+class TrainConfig:
+    # data
+    train_manifest: str = "train_manifest.csv"
+    val_manifest: str = "val_manifest.csv"
+    data_root: str | None = None
+    skip_bad_images: bool = False
+    img_size: int = 256
+    aug: str = "standard"
+    workers: int = 8
+    balanced_sampler: bool = False
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    grad_accum: int = 1
+    clip_grad: float | None = 1.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    # execution
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    device: str | None = None
+    seed: int = 42
+    deterministic: bool = False
+    # selection, outputs, resume
+    select_metric: str = "auc"
+    output_dir: str = "output/stage2_effnet"
+    resume: str | None = None
+    overwrite: bool = False
+    save_every_minutes: float = 20.0
+    evaluate: str | None = None
+    log_every: int = 50
+    calibrate: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The flags every trainer has; `defaults` overrides TrainConfig's defaults for this trainer."""
+    d = {**TrainConfig().to_dict(), **defaults}
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")
+    data.add_argument("--val-manifest", default=d["val_manifest"], help="validation CSV (selects the best epoch)")
+    data.add_argument("--data-root", default=d["data_root"],
+                      help="base folder for relative image paths (default: each manifest's folder)")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="skip undecodable images with a warning and a count instead of stopping")
+    data.add_argument("--img-size", type=int, default=d["img_size"], help="square input size in pixels")
+    data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
+    data.add_argument("--workers", type=int, default=d["workers"], help="DataLoader worker processes per rank")
+    data.add_argument("--balanced-sampler", action="store_true",
+                      help="sample real and fake images equally often (alternative to --pos-weight)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d["epochs"])
+    opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="per-GPU (per-rank) batch size")
+    opt.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
+    opt.add_argument("--min-lr", type=float, default=d["min_lr"], help="cosine floor")
+    opt.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"], help="linear warmup length")
+    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                     help="decoupled weight decay (never applied to norms and biases)")
+    opt.add_argument("--opt", default=d["opt"], help="timm optimizer name (adamw, adam, sgd, lamb, ...)")
+    opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
+    opt.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="max gradient norm; 0 disables")
+    opt.add_argument("--ema", action=argparse.BooleanOptionalAction, default=d["ema"],
+                     help="keep an EMA of the weights and select/save it")
+    opt.add_argument("--ema-decay", type=float, default=d["ema_decay"])
+
+    ex = parser.add_argument_group("execution")
+    ex.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=d["amp"],
+                    help="mixed precision: auto = bf16 on CUDA, and on CPUs with native bf16")
+    ex.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d["channels_last"])
+    ex.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ex.add_argument("--device", default=d["device"], help="cpu or cuda (default: cuda when available)")
+    ex.add_argument("--seed", type=int, default=d["seed"])
+    ex.add_argument("--deterministic", action="store_true",
+                    help="deterministic kernels (bit-identical reruns and resumes; slower on GPU)")
+
+    out = parser.add_argument_group("selection and outputs")
+    out.add_argument("--select-metric", default=d["select_metric"],
+                     help="validation metric that picks best.pt (auc, ap, eer, log_loss, video_auc, ...)")
+    out.add_argument("--output-dir", default=d["output_dir"])
+    out.add_argument("--resume", nargs="?", const="auto", default=d["resume"], metavar="PATH|auto",
+                     help="continue from a last.pt (auto: OUTPUT_DIR/last.pt)")
+    out.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    out.add_argument("--save-every-minutes", type=float, default=d["save_every_minutes"],
+                     help="also write last.pt mid-epoch this often (0: only at epoch ends)")
+    out.add_argument("--evaluate", metavar="CHECKPOINT", default=d["evaluate"],
+                     help="only evaluate this checkpoint on --val-manifest and write eval.json")
+    out.add_argument("--log-every", type=int, default=d["log_every"],
+                     help="steps between progress lines when stdout is not a terminal")
+    out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
+                     help="fit a temperature on the validation logits of the best epoch")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if not values.get("clip_grad"):
+        values["clip_grad"] = None
+    return TrainConfig(**values)

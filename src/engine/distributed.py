@@ -1,0 +1,149 @@
+"""torchrun / DDP plumbing: process-group setup, sharded sampling, and exact gathering."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; a plain single process otherwise.
+
+    NCCL on CUDA, gloo on CPU. `device` overrides the automatic choice ("cpu", "cuda").
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        # One process group for the whole process: `--variant both` trains two models in it.
+        atexit.register(cleanup_distributed)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank says True (so all ranks stop together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def gather_by_index(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collect per-sample rows from all ranks into dataset order, dropping the sampler's padding.
+
+    `indices` [k] are dataset indices and `values` [k, ...] their rows on this rank. Returns
+    (seen [n] bool, rows [n, ...]) on every rank, ordered by dataset index; a padded duplicate
+    simply lands on the same slot again with the same value.
+    """
+    if dist.is_initialized():
+        sizes = [torch.zeros(1, dtype=torch.long, device=indices.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([indices.numel()], device=indices.device))
+        longest = int(max(s.item() for s in sizes))
+        pad = longest - indices.numel()
+        idx_p = torch.cat([indices, indices.new_full((pad,), -1)])
+        val_p = torch.cat([values, values.new_zeros((pad, *values.shape[1:]))])
+        idx_all = [torch.empty_like(idx_p) for _ in sizes]
+        val_all = [torch.empty_like(val_p) for _ in sizes]
+        dist.all_gather(idx_all, idx_p)
+        dist.all_gather(val_all, val_p)
+        indices, values = torch.cat(idx_all), torch.cat(val_all)
+        keep = indices >= 0
+        indices, values = indices[keep], values[keep]
+    rows = values.new_zeros((n, *values.shape[1:]))
+    seen = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    rows[indices] = values
+    seen[indices] = True
+    return seen, rows
+
+
+class ShardedSampler(Sampler[int]):
+    """One sampler for every case: shuffled or not, class-balanced or not, one rank or many.
+
+    Written by hand because torch's DistributedSampler cannot weight classes and its
+    WeightedRandomSampler cannot shard across ranks. The order is a pure function of
+    (seed, epoch), so a resumed run sees the same batches, and `start` skips the samples a
+    mid-epoch checkpoint already consumed. Like DistributedSampler, the index list is padded
+    (by wrapping) to a multiple of the world size; evaluation removes the duplicates by index.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: torch.Tensor | None = None,
+    ):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.weights = weights
+        self.epoch, self.start = 0, 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        total = self.per_rank * self.world_size
+        order = torch.cat([order, order[: total - self.n]]) if total > self.n else order
+        mine = order[self.rank : total : self.world_size]
+        return iter(mine[self.start :].tolist())

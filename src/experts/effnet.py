@@ -1,0 +1,95 @@
+"""The local-artefact expert: any timm classifier (EfficientNetV2-B3 by default) with one logit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.experts.base import Expert
+from src.models.factory import create_timm_model, timm_data_config
+
+log = logging.getLogger(__name__)
+
+
+class TimmExpert(Expert):
+    """A timm backbone with a one-logit head trained with BCE-with-logits.
+
+    `pos_weight` ("auto", None or a number) scales the loss of fake (positive) samples, e.g. n_real / n_fake for an
+    imbalanced manifest; `label_smoothing` pulls targets towards 0.5 by that amount.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        img_size: int,
+        pretrained: bool = True,
+        pretrained_file: str | Path | None = None,
+        drop_path_rate: float | None = None,
+        pos_weight: str | float | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        self.model_name = model_name
+        self.img_size = img_size
+        self.pretrained = pretrained
+        self.pretrained_file = pretrained_file
+        self.drop_path_rate = drop_path_rate
+        self.pos_weight = _parse_pos_weight(pos_weight)
+        self.label_smoothing = label_smoothing
+
+    def build_model(self) -> nn.Module:
+        return create_timm_model(
+            self.model_name,
+            pretrained=self.pretrained,
+            pretrained_file=self.pretrained_file,
+            num_classes=1,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+    def prepare(self, labels: np.ndarray) -> None:
+        if self.pos_weight == "auto":
+            n_fake = int(labels.sum())
+            self.pos_weight = (len(labels) - n_fake) / max(n_fake, 1)
+            log.info("--pos-weight auto: %.3f (%d real / %d fake)", self.pos_weight, len(labels) - n_fake, n_fake)
+
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        return timm_data_config(model, self.img_size)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"family": "timm", "model_name": self.model_name, "num_classes": 1}
+
+    def loss(self, outputs: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = outputs.squeeze(1).float()
+        target = labels.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        # "auto" stays unresolved in --evaluate runs, which never read the training manifest.
+        weight = self.pos_weight if isinstance(self.pos_weight, float) else None
+        pos_weight = None if weight is None else logits.new_tensor(weight)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+        return {"loss": bce}
+
+    def fake_logit(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.squeeze(1).float()
+
+    def describe(self) -> dict[str, Any]:
+        source = self.pretrained_file or ("hub" if self.pretrained else "none (random init)")
+        return {"model": self.model_name, "pretrained": source, "pos_weight": self.pos_weight,
+                "label_smoothing": self.label_smoothing}
+
+
+def _parse_pos_weight(value: str | float | None) -> str | float | None:
+    if value is None or value == "none":
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        weight = float(value)
+    except ValueError:
+        raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number") from None
+    if weight <= 0:
+        raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number")
+    return weight

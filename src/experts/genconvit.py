@@ -1,0 +1,168 @@
+"""The generative-discriminative expert: GenConViT ED or VAE in the shared training loop.
+
+Adds to the loop what only GenConViT needs: official / ImageNet / scratch initialisation, the
+classification + reconstruction + KL loss, staged training (backbone frozen first), and a grid
+of reconstructions per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+from torchvision.utils import make_grid, save_image
+
+from src.experts.base import Expert, Stage
+from src.models.factory import PretrainedWeightsError
+from src.stage2.genconvit import GenConViTLoss, build_genconvit, fake_logit, load_official_checkpoint
+
+log = logging.getLogger(__name__)
+
+INIT_MODES = ("official", "imagenet", "scratch")
+HF_REPO = "Deressa/GenConViT"
+HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_inference.pth"}
+# Attribute names of the timm backbones inside the GenConViT modules; frozen in a "frozen" stage.
+BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "swin.", "swin_backbone.")
+DEFAULT_STAGES = "frozen:1:1,full:rest:0.1"
+
+
+def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
+    """`NAME:EPOCHS[:LR_SCALE],...` with NAME frozen (backbones frozen) or full, EPOCHS a number or
+    `rest` (what is left of --epochs). Stages that end up with no epochs are dropped."""
+    stages, used, rest_index = [], 0, None
+    for i, item in enumerate(filter(None, (part.strip() for part in spec.split(",")))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("frozen", "full"):
+            raise ValueError(f"--stages {spec!r}: item {item!r} is not NAME:EPOCHS[:LR_SCALE] with NAME frozen|full")
+        try:
+            n = -1 if parts[1] == "rest" else int(parts[1])
+            scale = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            raise ValueError(f"--stages {spec!r}: item {item!r} has a bad number") from None
+        if n == -1:
+            if rest_index is not None:
+                raise ValueError(f"--stages {spec!r}: only one stage may take the rest")
+            rest_index = i
+        else:
+            used += n
+        trainable = _not_backbone if parts[0] == "frozen" else None
+        stages.append(Stage(parts[0], n, lr * scale, trainable))
+    if used > epochs:
+        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs}")
+    if rest_index is not None:
+        rest = stages[rest_index]
+        stages[rest_index] = Stage(rest.name, epochs - used, rest.lr, rest.trainable)
+    elif used != epochs:
+        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs} (use 'rest')")
+    return [s for s in stages if s.epochs > 0]
+
+
+def _not_backbone(name: str) -> bool:
+    return not name.startswith(BACKBONE_PREFIXES)
+
+
+class GenConViTExpert(Expert):
+    """GenConViT ED or VAE. Labels are 1 = fake; the two logits keep the official order (FAKE first)
+    so that fine-tuning from the official weights and training from scratch read P(fake) the same way."""
+
+    per_class_terms = ("recon",)
+
+    def __init__(
+        self,
+        variant: str,
+        *,
+        arch: str = "official",
+        init: str = "official",
+        weights: str | Path | None = None,
+        backbone_file: str | Path | None = None,
+        recon_weight: float = 1.0,
+        kl_weight: float = 0.5,
+        label_smoothing: float = 0.0,
+        stages: str = DEFAULT_STAGES,
+        model_kwargs: dict[str, Any] | None = None,
+    ):
+        if init not in INIT_MODES:
+            raise ValueError(f"--init {init!r}: expected one of {', '.join(INIT_MODES)}")
+        if init == "official" and arch != "official":
+            raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
+        self.variant, self.arch, self.init = variant, arch, init
+        self.weights = weights
+        self.backbone_file = backbone_file
+        self.stage_spec = stages
+        self.model_kwargs = dict(model_kwargs or {})
+        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing)
+        self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    def build_model(self) -> nn.Module:
+        backbone = {"backbone_pretrained": self.init == "imagenet",
+                    "backbone_file": None if self.backbone_file is None else str(self.backbone_file)}
+        model = build_genconvit(self.variant, self.arch, **self.model_kwargs, **backbone)
+        if self.init == "official":
+            report = load_official_checkpoint(model, self._official_weights())
+            log.info("loaded official GenConViT-%s weights: %s", self.variant.upper(), report)
+        return model
+
+    def _official_weights(self) -> str:
+        if self.weights is not None:
+            if not Path(self.weights).is_file():
+                raise PretrainedWeightsError(f"--weights {self.weights}: no such file")
+            return str(self.weights)
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return hf_hub_download(HF_REPO, HF_FILES[self.variant])
+        except Exception as err:
+            raise PretrainedWeightsError(
+                f"could not download {HF_REPO}/{HF_FILES[self.variant]} ({type(err).__name__}); offline, pass "
+                "--weights PATH to the official file, or use --init imagenet|scratch") from err
+
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        size = self.model_kwargs.get("img_size", 224)
+        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
+                "interpolation": "bilinear"}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        suffix = "" if self.arch == "official" else f"_{self.arch}"
+        return {"family": "genconvit", "model_name": f"genconvit_{self.variant}{suffix}", "variant": self.variant,
+                "arch": self.arch, "model_kwargs": self.model_kwargs}
+
+    def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.criterion(outputs, images, labels)
+
+    def fake_logit(self, outputs: Any) -> torch.Tensor:
+        return fake_logit(outputs.logits.float())
+
+    def stages(self, epochs: int, lr: float) -> list[Stage]:
+        return parse_stages(self.stage_spec, epochs, lr)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.checkpoint_meta()["model_name"], "init": self.init,
+                "weights": self.weights or self.backbone_file, "recon_weight": self.criterion.recon_weight,
+                "kl_weight": self.criterion.kl_weight, "stages": self.stage_spec}
+
+    @torch.no_grad()
+    def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                        out_dir: Path) -> None:
+        """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4.
+
+        Real images come first, then fakes; a detector that works shows brighter differences on fakes.
+        """
+        model.eval()
+        recon = model(images).recon.float()
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        shown, rebuilt = (images.float() * std + mean).clamp(0, 1), (recon * std + mean).clamp(0, 1)
+        diff = ((shown - rebuilt).abs() * 4).clamp(0, 1)
+        tiles = torch.stack([shown, rebuilt, diff], dim=1).flatten(0, 1)
+        path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(tiles.cpu(), nrow=3, padding=2), path)
+        per_image = (images.float() - recon).pow(2).flatten(1).mean(1).cpu().numpy()
+        labels_np = labels.cpu().numpy()
+        log.info("recon samples: %s (MSE real %.4f, fake %.4f)", path, float(np.mean(per_image[labels_np == 0])),
+                 float(np.mean(per_image[labels_np == 1])))

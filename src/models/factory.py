@@ -1,0 +1,110 @@
+"""Model construction by name, with offline-friendly pretrained weights and the data config.
+
+Any timm model name works; the design notes' `efficientnetv2_b3.in21k_ft_in1k` is accepted as an
+alias of timm's real name. Pretrained weights come from the hub when online, or from a local file
+(`--pretrained-file`), which is how GPU boxes without internet access use them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EFFNET = "tf_efficientnetv2_b3.in21k_ft_in1k"
+
+# Names used in the design notes that timm does not have, mapped to the timm model they mean.
+MODEL_ALIASES = {
+    "efficientnetv2_b3.in21k_ft_in1k": DEFAULT_EFFNET,
+    "efficientnetv2_b3": DEFAULT_EFFNET,
+}
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights could not be obtained (offline hub, missing or unreadable local file)."""
+
+
+def resolve_model_name(name: str) -> str:
+    """Map an alias to its timm name, saying so, and reject names timm does not know."""
+    resolved = MODEL_ALIASES.get(name, name)
+    if resolved != name:
+        log.info("model %s is not a timm name: using %s", name, resolved)
+    if not timm.is_model(resolved):
+        raise ValueError(f"--model {name!r}: timm has no such model (see timm.list_models())")
+    return resolved
+
+
+def create_timm_model(
+    name: str,
+    *,
+    pretrained: bool = True,
+    pretrained_file: str | Path | None = None,
+    num_classes: int = 1,
+    drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
+) -> nn.Module:
+    """A timm classifier with `num_classes` outputs; the pretrained head is dropped when sizes differ.
+
+    `pretrained_file` (safetensors or a torch checkpoint) replaces the hub download; with
+    `pretrained=False` the weights are random.
+    """
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"--pretrained-file {path}: no such file")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:
+        if pretrained_file is not None:
+            raise PretrainedWeightsError(
+                f"--pretrained-file {pretrained_file}: cannot load weights for {name}: {_first_line(err)}"
+            ) from err
+        if not pretrained:
+            raise
+        raise PretrainedWeightsError(
+            f"could not download pretrained weights for {name} ({type(err).__name__}: {_first_line(err)}); "
+            "offline, pass --pretrained-file PATH (safetensors or .pth) or --no-pretrained"
+        ) from err
+
+
+def timm_data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
+    """Input size, mean, std and interpolation from the model's pretrained config (never hard-coded)."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {
+        "input_size": [3, img_size, img_size],
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": cfg["interpolation"],
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a trainer checkpoint describes and load its weights (no download)."""
+    family = checkpoint.get("family")
+    if family == "timm":
+        model = create_timm_model(checkpoint["model_name"], pretrained=False, num_classes=checkpoint["num_classes"])
+    elif family == "genconvit":
+        from src.stage2.genconvit import build_genconvit
+
+        model = build_genconvit(checkpoint["variant"], checkpoint["arch"], **checkpoint.get("model_kwargs", {}))
+    else:
+        raise ValueError(f"checkpoint names an unknown model family {family!r}")
+    model.load_state_dict(checkpoint["model"])
+    return model
