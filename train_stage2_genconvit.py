@@ -17,6 +17,7 @@ from src.engine.cli import apply_demo, exit_on_error
 from src.engine.config import add_train_args, config_from_args
 from src.engine.trainer import run
 from src.experts.genconvit import DEFAULT_STAGES, HF_FILES, INIT_MODES, GenConViTExpert
+from src.stage2.genconvit.ed import CONVNEXT_NAME
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--stages", default=DEFAULT_STAGES,
                        help="NAME:EPOCHS[:LR_SCALE],... with NAME frozen (backbones frozen) or full; "
                             "EPOCHS may be 'rest'")
+    model.add_argument("--backbone", default=CONVNEXT_NAME,
+                       help="timm ConvNeXt of the classifier (the official weights need convnext_tiny)")
     model.add_argument("--latent-channels", type=int, default=256,
                        help="VAE latent size / 49 (256 = the official 12544-d latent)")
     parser.add_argument("--demo", action="store_true",
@@ -49,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.demo:
-        apply_demo(args, init="scratch", variant="ed" if args.variant == "both" else args.variant, epochs=3,
-                   stages="full:rest", batch_size=16, lr=3e-4, workers=2, aug="light", latent_channels=16)
+        apply_demo(args, init="scratch", backbone="convnext_atto", img_size=128, epochs=3, stages="frozen:1,full:rest",
+                   batch_size=16, lr=1e-3, workers=2, aug="light", latent_channels=8)
     if args.variant == "both" and args.weights:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
@@ -58,14 +61,26 @@ def main(argv: list[str] | None = None) -> None:
         weights = args.weights
         if args.weights_dir:
             weights = str(Path(args.weights_dir) / HF_FILES[variant])
-        model_kwargs = {"latent_channels": args.latent_channels} if variant == "vae" else {}
         expert = GenConViTExpert(
-            variant, arch=args.arch, init=args.init, weights=weights, backbone_file=args.backbone_file,
+            variant, img_size=args.img_size, arch=args.arch, init=args.init, weights=weights,
+            backbone_file=args.backbone_file,
             recon_weight=args.recon_weight, kl_weight=args.kl_weight, label_smoothing=args.label_smoothing,
-            stages=args.stages, model_kwargs=model_kwargs)
+            stages=args.stages, model_kwargs=_model_kwargs(args, variant))
         cfg = config_from_args(args)
         cfg.output_dir = str(Path(args.output_dir) / variant)
         run(cfg, expert)
+
+
+def _model_kwargs(args: argparse.Namespace, variant: str) -> dict[str, object]:
+    """Constructor arguments beyond the official defaults; recorded in checkpoints to rebuild the model."""
+    kwargs: dict[str, object] = {}
+    if args.backbone != CONVNEXT_NAME:
+        kwargs["convnext_name"] = args.backbone
+    if variant == "vae" or args.arch == "hybrid":  # ED's official module is fully convolutional
+        kwargs["img_size"] = args.img_size
+    if variant == "vae":
+        kwargs["latent_channels"] = args.latent_channels
+    return kwargs
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ INIT_MODES = ("official", "imagenet", "scratch")
 HF_REPO = "Deressa/GenConViT"
 HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_inference.pth"}
 # Attribute names of the timm backbones inside the GenConViT modules; frozen in a "frozen" stage.
-BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "swin.", "swin_backbone.")
+BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "convnext.", "swin.")
 DEFAULT_STAGES = "frozen:1:1,full:rest:0.1"
 
 
@@ -76,6 +76,7 @@ class GenConViTExpert(Expert):
         self,
         variant: str,
         *,
+        img_size: int = 224,
         arch: str = "official",
         init: str = "official",
         weights: str | Path | None = None,
@@ -91,6 +92,7 @@ class GenConViTExpert(Expert):
         if init == "official" and arch != "official":
             raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
         self.variant, self.arch, self.init = variant, arch, init
+        self.img_size = img_size
         self.weights = weights
         self.backbone_file = backbone_file
         self.stage_spec = stages
@@ -99,8 +101,9 @@ class GenConViTExpert(Expert):
         self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     def build_model(self) -> nn.Module:
-        backbone = {"backbone_pretrained": self.init == "imagenet",
-                    "backbone_file": None if self.backbone_file is None else str(self.backbone_file)}
+        file = None if self.backbone_file is None else str(self.backbone_file)
+        file_arg = "backbone_file" if self.arch == "official" else "convnext_file"
+        backbone = {"backbone_pretrained": self.init == "imagenet", file_arg: file}
         model = build_genconvit(self.variant, self.arch, **self.model_kwargs, **backbone)
         if self.init == "official":
             report = load_official_checkpoint(model, self._official_weights())
@@ -122,7 +125,7 @@ class GenConViTExpert(Expert):
                 "--weights PATH to the official file, or use --init imagenet|scratch") from err
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
-        size = self.model_kwargs.get("img_size", 224)
+        size = self.img_size
         return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
                 "interpolation": "bilinear"}
 

@@ -47,13 +47,15 @@ def create_timm_model(
     num_classes: int = 1,
     drop_rate: float | None = None,
     drop_path_rate: float | None = None,
+    **model_kwargs: Any,
 ) -> nn.Module:
-    """A timm classifier with `num_classes` outputs; the pretrained head is dropped when sizes differ.
+    """A timm classifier with `num_classes` outputs (0: pooled features); the pretrained head is
+    dropped when sizes differ.
 
-    `pretrained_file` (safetensors or a torch checkpoint) replaces the hub download; with
-    `pretrained=False` the weights are random.
+    `pretrained_file` (safetensors or a torch checkpoint) replaces the hub download, through timm's
+    own file override so its checkpoint filters apply; with `pretrained=False` the weights are random.
     """
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **model_kwargs}
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
     if drop_path_rate is not None:

@@ -1,0 +1,107 @@
+"""GenConViT-ED: a conv autoencoder whose reconstruction and input both go through ConvNeXt.
+
+The layer names follow the official checkpoint (timm 0.6.5 naming, which timm 1.x ConvNeXt shares), so
+official weights load strictly once their inert Swin keys are dropped (see ``official.py``). The official
+model's Swin "hybrid embed" is not built here: timm's ConvNeXt never calls ``patch_embed``.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from src.models.factory import create_timm_model
+
+CONVNEXT_NAME = "convnext_tiny"
+EMBED_DIM = 500  # width of ``fc``; fixed by the official checkpoints
+
+
+class GenConViTOutput(NamedTuple):
+    """What every GenConViT variant returns.
+
+    ``features`` is the activation that feeds ``classifier`` (``fc2``), so ``classifier(features) == logits``;
+    it is the embedding the feature extractor exports. ``recon`` is the reconstruction at the input
+    resolution, ``decoder_out`` the raw decoder output (VAE: half the input resolution).
+    """
+
+    logits: torch.Tensor
+    fc_out: torch.Tensor
+    features: torch.Tensor
+    decoder_out: torch.Tensor
+    recon: torch.Tensor
+    mu: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+
+
+class EDEncoder(nn.Module):
+    """Five [conv 3x3, ReLU, maxpool 2] blocks, 3 -> 256 channels, H x W -> H/32 x W/32."""
+
+    def __init__(self, channels: tuple[int, ...] = (3, 16, 32, 64, 128, 256)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in pairwise(channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class EDDecoder(nn.Module):
+    """Five [transposed conv 2x2 stride 2, ReLU] blocks, 256 -> 3 channels, H/32 -> H.
+
+    The final ReLU is upstream's: the reconstruction is non-negative although its target (a normalised image)
+    is not, which only matters if a reconstruction loss is used.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (256, 128, 64, 32, 16, 3)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in pairwise(channels):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 2, stride=2), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.features(z)
+
+
+class GenConViTED(nn.Module):
+    """GenConViT-ED, official layout.
+
+    Fully convolutional up to the ConvNeXt head, so any input whose sides are multiples of 32 works; the
+    official weights were trained at 224x224.
+
+    Args:
+        backbone_pretrained: start ConvNeXt from timm's ImageNet weights (from the hub unless a file).
+        backbone_file: local safetensors/.pth file of ImageNet ``convnext_tiny`` weights; implies pretrained.
+    """
+
+    def __init__(
+        self,
+        backbone_pretrained: bool = False,
+        backbone_file: str | None = None,
+        convnext_name: str = CONVNEXT_NAME,
+    ) -> None:
+        super().__init__()
+        self.encoder = EDEncoder()
+        self.decoder = EDDecoder()
+        self.backbone = create_timm_model(
+            convnext_name, pretrained=backbone_pretrained, pretrained_file=backbone_file, num_classes=1000
+        )
+        self.fc = nn.Linear(2 * self.backbone.num_classes, EMBED_DIM)
+        self.fc2 = nn.Linear(EMBED_DIM, 2)
+        self.act = nn.GELU()
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc2
+
+    def forward(self, x: torch.Tensor) -> GenConViTOutput:
+        recon = self.decoder(self.encoder(x))
+        # Order (reconstruction, input) is the official one; fc's weight columns depend on it.
+        fc_out = self.fc(self.act(torch.cat([self.backbone(recon), self.backbone(x)], dim=1)))
+        features = self.act(fc_out)
+        return GenConViTOutput(self.fc2(features), fc_out, features, recon, recon)

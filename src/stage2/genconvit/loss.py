@@ -1,0 +1,53 @@
+"""GenConViT training loss: classification + reconstruction + KL (for the VAE).
+
+Compared with upstream: the ED decoder also gets a reconstruction term (upstream trained it through the
+classifier only), and the VAE's KL term is really added (upstream computed it and dropped it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ed import GenConViTOutput
+from .official import targets_from_labels
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(N(mu, exp(logvar)) || N(0, 1)), averaged over latent dimensions: [B].
+
+    Averaging (not summing) over latent dimensions matches the per-pixel MSE, so ``kl_weight`` keeps its
+    meaning when ``latent_channels`` changes. Computed in float32.
+    """
+    mu, logvar = mu.float().flatten(1), logvar.float().flatten(1)
+    return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+class GenConViTLoss(nn.Module):
+    """Per-sample ``cls + recon_weight * recon + kl_weight * kl``.
+
+    ``cls`` is cross-entropy over the official class order (labels: 1 = fake), ``recon`` the MSE between
+    ``out.recon`` and the normalised input, ``kl`` the Gaussian KL (zero for ED, which has no latent
+    distribution). Terms are per sample, so the training loop can average them exactly over a
+    validation set split across ranks.
+    """
+
+    def __init__(self, recon_weight: float, kl_weight: float, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.recon_weight = recon_weight
+        self.kl_weight = kl_weight
+        self.label_smoothing = label_smoothing
+
+    def forward(self, out: GenConViTOutput, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss", "cls", "recon", "kl"}``, each ``[B]``; "loss" is the weighted total."""
+        cls = F.cross_entropy(
+            out.logits.float(),
+            targets_from_labels(labels),
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+        )
+        recon = (out.recon.float() - images.float()).pow(2).flatten(1).mean(dim=1)
+        kl = torch.zeros_like(cls) if out.mu is None else gaussian_kl(out.mu, out.logvar)
+        total = cls + self.recon_weight * recon + self.kl_weight * kl
+        return {"loss": total, "cls": cls, "recon": recon, "kl": kl}
