@@ -1,6 +1,6 @@
 import torch
 
-from src.data.transforms import AUG_LEVELS, DeviceTransform, build_cpu_transform
+from src.data.transforms import DeviceTransform, build_cpu_transform
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -10,12 +10,25 @@ def _batch(b: int = 6, size: int = 48) -> torch.Tensor:
     return torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-def test_cpu_transform_keeps_uint8_shape_for_every_level():
+def test_cpu_part_is_only_jpeg_recompression_and_keeps_uint8():
     img = _batch(1)[0]
-    assert build_cpu_transform("none") is None
-    for level in AUG_LEVELS[1:]:
-        out = build_cpu_transform(level)(img)
-        assert out.dtype == torch.uint8 and out.shape == img.shape
+    assert build_cpu_transform("none") is None and build_cpu_transform("light") is None
+    for level in ("standard", "strong"):
+        tf = build_cpu_transform(level)
+        outs = [tf(img) for _ in range(8)]
+        assert all(o.dtype == torch.uint8 and o.shape == img.shape for o in outs)
+        assert any(not torch.equal(o, img) for o in outs), "some images must be re-compressed"
+
+
+def test_flip_scale_shift_run_per_image_on_the_device():
+    x = _batch(1, 32).repeat(64, 1, 1, 1)
+    tf = DeviceTransform((0.0,) * 3, (1.0,) * 3, "light").train()
+    tf.cfg = type(tf.cfg)(flip=0.5)  # flips only
+    out = tf(x, generator=torch.Generator().manual_seed(0))
+    flipped = x.float().flip(-1) / 255
+    n_flipped = sum(torch.allclose(o, f, atol=1e-5) for o, f in zip(out, flipped))
+    n_kept = sum(torch.allclose(o, i.float() / 255, atol=1e-5) for o, i in zip(out, x))
+    assert n_flipped + n_kept == 64 and 16 < n_flipped < 48
 
 
 def test_eval_transform_is_exactly_the_models_normalisation():

@@ -24,6 +24,7 @@ class TrainConfig:
     aug: str = "standard"
     workers: int = 8
     balanced_sampler: bool = False
+    cache_dir: str | None = None
     # optimisation
     epochs: int = 20
     batch_size: int = 128
@@ -70,6 +71,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     data.add_argument("--img-size", type=int, default=d["img_size"], help="square input size in pixels")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
     data.add_argument("--workers", type=int, default=d["workers"], help="DataLoader worker processes per rank")
+    data.add_argument("--cache-dir", default=d["cache_dir"],
+                      help="decode every image once into a memory-mapped uint8 cache here, then train from it")
     data.add_argument("--balanced-sampler", action="store_true",
                       help="sample real and fake images equally often (alternative to --pos-weight)")
 

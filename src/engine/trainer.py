@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -32,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from src.data.cache import CacheView, DecodedCache
 from src.data.dataset import ManifestDataset, collate
 from src.data.manifest import read_manifest
 from src.data.transforms import DeviceTransform, build_cpu_transform
@@ -117,7 +119,8 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.eval_tf = DeviceTransform(mean, std, "none").to(self.device).eval()
-        self.val_set = ManifestDataset(self.val_frame, img_size, skip_bad_images=cfg.skip_bad_images)
+        self.val_set = ManifestDataset(self.val_frame, img_size, skip_bad_images=cfg.skip_bad_images,
+                                       cache=self._cache_view(self.val_frame, img_size))
         self.val_loader = self._loader(self.val_set, ShardedSampler(
             len(self.val_set), shuffle=False, rank=dist.rank, world_size=dist.world_size), drop_last=False)
         self.amp_dtype = _autocast_dtype(cfg.amp, self.device)
@@ -128,7 +131,8 @@ class Trainer:
         expert.prepare(self.train_frame["label"].to_numpy())
         self.train_tf = DeviceTransform(mean, std, cfg.aug).to(self.device)
         self.train_set = ManifestDataset(self.train_frame, img_size, transform=build_cpu_transform(cfg.aug),
-                                         skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
+                                         skip_bad_images=cfg.skip_bad_images, seed=cfg.seed,
+                                         cache=self._cache_view(self.train_frame, img_size))
         weights = _balanced_weights(self.train_frame["label"].to_numpy()) if cfg.balanced_sampler else None
         self.train_sampler = ShardedSampler(len(self.train_set), shuffle=True, seed=cfg.seed, rank=dist.rank,
                                             world_size=dist.world_size, weights=weights)
@@ -475,6 +479,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         barrier()
         return None
+
+    def _cache_view(self, frame: pd.DataFrame, img_size: int) -> CacheView | None:
+        """With --cache-dir: rank 0 decodes what is missing, then every rank maps the same file."""
+        if not self.cfg.cache_dir:
+            return None
+        cache = DecodedCache(self.cfg.cache_dir, img_size)
+        paths = frame["path"].tolist()
+        slots = None
+        if self.dist.is_main:
+            slots = cache.prepare(paths, workers=self.cfg.workers, skip_bad_images=self.cfg.skip_bad_images)
+        barrier()
+        if slots is None:
+            slots = cache.prepare(paths, skip_bad_images=self.cfg.skip_bad_images)
+        return cache.view(slots)
 
     def _loader(self, dataset: ManifestDataset, sampler: ShardedSampler, drop_last: bool) -> DataLoader:
         workers = self.cfg.workers
