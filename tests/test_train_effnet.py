@@ -81,7 +81,8 @@ def test_a_previous_run_is_never_overwritten_silently(effnet_args, capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [("--val-manifest", "absent.csv", "absent.csv"), ("--model", "no_such_net", "--model"),
-     ("--pos-weight", "heavy", "--pos-weight"), ("--resume", "nowhere/last.pt", "--resume")],
+     ("--pos-weight", "heavy", "--pos-weight"), ("--resume", "nowhere/last.pt", "--resume"),
+     ("--select-metric", "f1", "--select-metric")],
 )
 def test_bad_input_is_one_line_and_exit_code_2(effnet_args, capsys, flag, value, message):
     args = [*effnet_args, flag, value]

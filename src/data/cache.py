@@ -106,7 +106,7 @@ class DecodedCache:
                 errors = future.result()
                 # Plain arrays: assign() would align a Series on its (positional) index and give NaN.
                 failed = job["path"].isin(errors).to_numpy()
-                rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~job["path"].isin(errors))
+                rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~failed)
                 if errors and not skip_bad_images:
                     # Keep what this build did decode, so the rebuild after the fix starts from there.
                     index = pd.concat([index.drop(index.index.intersection(rows.index)), rows[~failed]])

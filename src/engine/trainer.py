@@ -49,7 +49,7 @@ from src.engine.distributed import (
     gather_by_index,
     setup_distributed,
 )
-from src.engine.metrics import binary_metrics, is_better
+from src.engine.metrics import binary_metrics, is_better, metric_direction
 from src.engine.report import (
     MetricsLog,
     format_metrics_table,
@@ -102,6 +102,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.val_frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
+        try:
+            metric_direction(cfg.select_metric)
+        except ValueError as err:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         if cfg.select_metric.startswith("video_") and "video_id" not in self.val_frame:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
         if cfg.evaluate:
@@ -294,6 +298,9 @@ class Trainer:
         eval_model = self.ema.module if self.ema is not None else self.model
         result = self.evaluate(eval_model)
         metrics = self._metrics(result)
+        if cfg.select_metric not in metrics:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: not among the validation metrics "
+                              f"({', '.join(sorted(metrics))})")
         value = metrics[cfg.select_metric]
         improved = self.best_value is None or is_better(cfg.select_metric, value, self.best_value)
         if improved:

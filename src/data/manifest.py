@@ -1,0 +1,138 @@
+"""CSV manifests: one row per face crop with its image path and real/fake label.
+
+Required columns: an image path column (``path``, or ``filepath``/``image_path``/``image``/``file``) and
+``label`` (0/1 or real/fake; 1 = fake). Optional: ``video_id`` (enables video-level metrics) and ``method``
+(manipulation method). Headers match case-insensitively. Every problem is reported as a one-line
+:class:`ManifestError` naming the manifest and, where it applies, the CSV line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order of preference
+OPTIONAL_COLUMNS = ("video_id", "method")
+LABEL_NAMES = {0: "real", 1: "fake"}
+_LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1}
+_MAX_LISTED = 5
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message is one line naming the file (and CSV line)."""
+
+
+def _parse_label(cell: str) -> int | None:
+    """0/1 as int, float or word (real/fake, any case); None for anything else."""
+    value = cell.strip().lower()
+    if value in _LABEL_WORDS:
+        return _LABEL_WORDS[value]
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
+def _csv_line(row: int) -> int:
+    # Header is line 1 and blank lines are kept as rows while parsing, so the row index maps to the line.
+    return row + 2
+
+
+def _load_csv(manifest: Path) -> pd.DataFrame:
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: manifest file not found")
+    try:
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{manifest}: empty file (no CSV header)") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ManifestError(f"{manifest}: not a readable CSV file ({reason})") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{manifest}: repeated column(s) {', '.join(repeated)} (headers ignore case)")
+    frame = frame.apply(lambda col: col.str.strip())
+    # Blank lines are parsed as all-empty rows (to keep line numbers right); they carry no data.
+    return frame[(frame != "").any(axis=1)]
+
+
+def _pick_columns(frame: pd.DataFrame, manifest: Path) -> str:
+    path_col = next((c for c in PATH_COLUMNS if c in frame.columns), None)
+    missing = [name for name, ok in (("path", path_col), ("label", "label" in frame.columns)) if not ok]
+    if missing:
+        raise ManifestError(
+            f"{manifest}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)}; "
+            f"path column may be named {'/'.join(PATH_COLUMNS)})"
+        )
+    return path_col
+
+
+def _resolve(paths: pd.Series, base: str) -> pd.Series:
+    # abspath+normpath instead of Path.resolve(): keep symlinked dataset folders as the user wrote them.
+    return paths.map(lambda p: os.path.normpath(os.path.join(base, os.path.expanduser(p))))
+
+
+def read_manifest(
+    manifest: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    check_files: bool = True,
+    require_both_classes: bool = False,
+) -> pd.DataFrame:
+    """Read and validate a manifest CSV.
+
+    Relative image paths resolve against the manifest's folder, or ``data_root`` when given. Returns a frame
+    indexed 0..N-1 with ``path`` (absolute), ``label`` (int64, 1 = fake) and ``video_id``/``method`` when the
+    manifest has them (blank cells become ""); ``attrs["manifest"]`` holds the manifest path.
+    """
+    manifest_path = Path(manifest).expanduser()
+    frame = _load_csv(manifest_path)
+    path_col = _pick_columns(frame, manifest_path)
+    if frame.empty:
+        raise ManifestError(f"{manifest_path}: manifest has no data rows")
+
+    empty = frame.index[frame[path_col] == ""]
+    if len(empty):
+        raise ManifestError(f"{manifest_path} line {_csv_line(empty[0])}: empty image path ('{path_col}')")
+
+    labels = frame["label"].map(_parse_label)
+    unknown = frame.index[labels.isna()]
+    if len(unknown):
+        row = unknown[0]
+        raise ManifestError(
+            f"{manifest_path} line {_csv_line(row)}: unknown label '{frame.at[row, 'label']}' "
+            "(expected 0/1 or real/fake)"
+        )
+
+    base = os.path.abspath(Path(data_root).expanduser() if data_root is not None else manifest_path.parent)
+    paths = _resolve(frame[path_col], base)
+    duplicated = paths[paths.duplicated(keep=False)]
+    if len(duplicated):
+        first = duplicated.iloc[0]
+        rows = duplicated.index[duplicated == first]
+        raise ManifestError(
+            f"{manifest_path} lines {_csv_line(rows[0])} and {_csv_line(rows[1])}: duplicate image path {first}"
+        )
+
+    if require_both_classes and labels.nunique() < 2:
+        only = LABEL_NAMES[int(labels.iloc[0])]
+        raise ManifestError(f"{manifest_path}: manifest has only '{only}' rows: AUC needs both classes")
+
+    if check_files:
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ManifestError(
+                f"{manifest_path}: {len(missing)} of {len(paths)} image files not found (relative paths "
+                f"resolve against {base}; first: {', '.join(missing[:_MAX_LISTED])})"
+            )
+
+    out = pd.DataFrame({"path": paths.to_numpy(dtype=str), "label": labels.to_numpy(dtype="int64")})
+    for col in OPTIONAL_COLUMNS:
+        if col in frame.columns:
+            out[col] = frame[col].to_numpy(dtype=str)
+    out.attrs["manifest"] = str(manifest)
+    return out

@@ -1,0 +1,172 @@
+"""read_manifest on real CSV files: columns, labels, path resolution and every validation error."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from src.data.manifest import ManifestError, read_manifest
+
+
+def _csv(folder: Path, text: str, name: str = "train.csv") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def _touch(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")  # only existence is checked here
+
+
+def _error(manifest: Path, **kwargs) -> str:
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and manifest.name in message
+    return message
+
+
+def test_reads_paths_labels_and_optional_columns(tmp_path):
+    _touch(tmp_path, "a.png", "sub/b.png", "c.png")
+    manifest = _csv(tmp_path, "path,label,video_id,method\na.png,0,v1,real\nsub/b.png,fake,v1,\nc.png,1,,deepfakes\n")
+    frame = read_manifest(manifest)
+    assert list(frame.columns) == ["path", "label", "video_id", "method"]
+    assert list(frame.index) == [0, 1, 2]
+    assert frame["path"].tolist() == [str(tmp_path / n) for n in ("a.png", "sub/b.png", "c.png")]
+    assert frame["label"].dtype == "int64" and frame["label"].tolist() == [0, 1, 1]
+    assert frame["video_id"].tolist() == ["v1", "v1", ""]
+    assert frame["method"].tolist() == ["real", "", "deepfakes"]
+    assert frame.attrs["manifest"] == str(manifest)
+
+
+def test_optional_columns_only_when_present(tmp_path):
+    _touch(tmp_path, "a.png", "b.png")
+    frame = read_manifest(_csv(tmp_path, "label,path\n0,a.png\n1,b.png\n"))
+    assert list(frame.columns) == ["path", "label"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [("0", 0), ("1", 1), ("real", 0), ("fake", 1), ("FAKE", 1), ("Real", 0), ("0.0", 0), ("1.0", 1), (" 1 ", 1)],
+)
+def test_label_spellings(tmp_path, cell, expected):
+    _touch(tmp_path, "a.png")
+    frame = read_manifest(_csv(tmp_path, f"path,label\na.png,{cell}\n"))
+    assert frame["label"].tolist() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("header", "used"),
+    [
+        ("filepath,label,image", "filepath"),
+        ("Image_Path,Label", "Image_Path"),
+        ("IMAGE,label", "IMAGE"),
+        ("file,label", "file"),
+        ("file,image,label,Path", "Path"),  # several candidates: path wins, then filepath, image_path, image, file
+        ("file,image,label", "image"),
+    ],
+)
+def test_path_column_aliases_and_preference(tmp_path, header, used):
+    names = header.split(",")
+    _touch(tmp_path, *(f"{n}.png" for n in names))
+    row = ",".join("1" if n.lower() == "label" else f"{n}.png" for n in names)
+    frame = read_manifest(_csv(tmp_path, f"{header}\n{row}\n"))
+    assert frame["path"].tolist() == [str(tmp_path / f"{used}.png")]
+
+
+def test_relative_paths_resolve_against_the_manifest_folder_or_data_root(tmp_path):
+    lists, images = tmp_path / "lists", tmp_path / "images"
+    lists.mkdir()
+    _touch(images, "x/a.png")
+    _touch(tmp_path, "outside.png")
+    manifest = _csv(lists, f"path,label\n../images/x/a.png,0\n{tmp_path / 'outside.png'},1\n")
+    frame = read_manifest(manifest)
+    assert frame["path"].tolist() == [str(images / "x/a.png"), str(tmp_path / "outside.png")]
+
+    manifest = _csv(lists, f"path,label\nx/a.png,0\n{tmp_path / 'outside.png'},1\n")
+    frame = read_manifest(manifest, data_root=images)
+    assert frame["path"].tolist() == [str(images / "x/a.png"), str(tmp_path / "outside.png")]
+    assert all(os.path.isabs(p) for p in frame["path"])
+
+
+def test_relative_data_root_becomes_absolute(tmp_path, monkeypatch):
+    _touch(tmp_path, "data/a.png")
+    monkeypatch.chdir(tmp_path)
+    frame = read_manifest(_csv(tmp_path, "path,label\na.png,1\n"), data_root="data")
+    assert frame["path"].tolist() == [str(tmp_path / "data/a.png")]
+
+
+def test_missing_manifest(tmp_path):
+    assert "not found" in _error(tmp_path / "absent.csv")
+    (tmp_path / "folder.csv").mkdir()
+    assert "not found" in _error(tmp_path / "folder.csv")
+
+
+def test_zero_byte_manifest(tmp_path):
+    assert "empty file" in _error(_csv(tmp_path, ""))
+
+
+def test_binary_file_is_not_a_csv(tmp_path):
+    manifest = tmp_path / "train.csv"
+    manifest.write_bytes(bytes(range(256)) * 8)
+    assert "not a readable CSV" in _error(manifest)
+
+
+@pytest.mark.parametrize("text", ["path,label\n", "path,label\n\n\n"])
+def test_manifest_without_data_rows(tmp_path, text):
+    assert "no data rows" in _error(_csv(tmp_path, text))
+
+
+def test_missing_columns_name_what_was_found(tmp_path):
+    message = _error(_csv(tmp_path, "image_file,video_id\na.png,v\n"))
+    assert "missing column(s) path, label" in message and "found: image_file, video_id" in message
+    message = _error(_csv(tmp_path, "path,is_fake\na.png,1\n"))
+    assert "missing column(s) label" in message and "found: path, is_fake" in message
+
+
+def test_columns_repeated_in_another_case(tmp_path):
+    assert "repeated column(s) path" in _error(_csv(tmp_path, "path,label,Path\na.png,0,b.png\n"))
+
+
+def test_empty_path_cell_names_the_line(tmp_path):
+    _touch(tmp_path, "a.png")
+    assert "train.csv line 3: empty image path" in _error(_csv(tmp_path, "path,label\na.png,0\n,1\n"))
+
+
+@pytest.mark.parametrize("bad", ["maybe", "2", "0.5", "", "true"])
+def test_unknown_label_names_the_first_bad_line(tmp_path, bad):
+    _touch(tmp_path, "a.png", "b.png", "c.png", "d.png")
+    manifest = _csv(tmp_path, f"path,label\na.png,0\nb.png,1\nc.png,real\nd.png,{bad}\n")
+    message = _error(manifest)
+    assert message.endswith(f"train.csv line 5: unknown label '{bad}' (expected 0/1 or real/fake)")
+
+
+def test_blank_lines_do_not_shift_line_numbers(tmp_path):
+    _touch(tmp_path, "a.png", "b.png")
+    assert "train.csv line 4: unknown label 'maybe'" in _error(_csv(tmp_path, "path,label\na.png,0\n\nb.png,maybe\n"))
+
+
+def test_duplicate_paths_name_both_lines(tmp_path):
+    _touch(tmp_path, "a.png", "b.png")
+    message = _error(_csv(tmp_path, "path,label\na.png,0\nb.png,1\n./sub/../a.png,1\n"))
+    assert f"train.csv lines 2 and 4: duplicate image path {tmp_path / 'a.png'}" in message
+
+
+def test_missing_images_are_counted_and_the_first_five_listed(tmp_path):
+    names = [f"img{i}.png" for i in range(8)]
+    _touch(tmp_path, names[0])
+    manifest = _csv(tmp_path, "path,label\n" + "".join(f"{n},{i % 2}\n" for i, n in enumerate(names)))
+    message = _error(manifest)
+    assert "7 of 8 image files not found" in message and f"resolve against {tmp_path}" in message
+    assert all(n in message for n in names[1:6]) and names[6] not in message and names[7] not in message
+    assert len(read_manifest(manifest, check_files=False)) == 8
+
+
+def test_require_both_classes(tmp_path):
+    _touch(tmp_path, "a.png", "b.png")
+    manifest = _csv(tmp_path, "path,label\na.png,fake\nb.png,1\n", name="val.csv")
+    assert len(read_manifest(manifest)) == 2
+    message = _error(manifest, require_both_classes=True)
+    assert message == f"{manifest}: manifest has only 'fake' rows: AUC needs both classes"
