@@ -18,7 +18,7 @@ from src.experts.effnet import TimmExpert
 from src.models.factory import DEFAULT_EFFNET, resolve_model_name
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, output_dir="output/stage2_effnet")
     model = parser.add_argument_group("model")
@@ -31,14 +31,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--demo", action="store_true",
                         help="train briefly on the built-in synthetic dataset (generated under data/demo)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.demo:
-        apply_demo(args, model="tf_efficientnetv2_b3", pretrained=args.pretrained_file is not None, img_size=128,
-                   epochs=6, batch_size=32, lr=2e-3, warmup_epochs=0.5, workers=2, aug="light")
+        # Offline, the demo trains from scratch unless --pretrained-file is given; small and short for a CPU.
+        apply_demo(args, parser, model="tf_efficientnetv2_b3", pretrained=args.pretrained_file is not None,
+                   img_size=128, epochs=6, batch_size=32, lr=2e-3, warmup_epochs=0.5, workers=2, aug="light")
     cfg = config_from_args(args)
     expert = TimmExpert(
         resolve_model_name(args.model),

@@ -20,7 +20,7 @@ from src.experts.genconvit import DEFAULT_STAGES, HF_FILES, INIT_MODES, GenConVi
 from src.stage2.genconvit.ed import CONVNEXT_NAME
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The paper's recipe: Adam, lr 1e-4, batch 16, 224px input, ImageNet normalisation.
     add_train_args(parser, output_dir="output/stage2_genconvit", img_size=224, batch_size=16, lr=1e-4,
@@ -46,14 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="VAE latent size / 49 (256 = the official 12544-d latent)")
     parser.add_argument("--demo", action="store_true",
                         help="train briefly on the built-in synthetic dataset (generated under data/demo)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.demo:
-        apply_demo(args, init="scratch", backbone="convnext_atto", img_size=128, epochs=3, stages="frozen:1,full:rest",
-                   batch_size=16, lr=1e-3, workers=2, aug="light", latent_channels=8)
+        # A small ConvNeXt (convnext_atto) from scratch keeps both variants to CPU minutes.
+        apply_demo(args, parser, init="scratch", backbone="convnext_atto", img_size=128, epochs=3,
+                   stages="frozen:1,full:rest", batch_size=16, lr=1e-3, workers=2, aug="light", latent_channels=8)
     if args.variant == "both" and args.weights:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)

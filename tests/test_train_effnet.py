@@ -109,7 +109,7 @@ class _NaNInSecondEpoch(TimmExpert):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(effnet_args):
-    cfg = config_from_args(train_stage2_effnet.parse_args(effnet_args))
+    cfg = config_from_args(train_stage2_effnet.build_parser().parse_args(effnet_args))
     expert = _NaNInSecondEpoch(36 // 8, model_name="test_efficientnet", img_size=32, pretrained=False)
     with pytest.raises(TrainingDiverged, match="non-finite loss in epoch 2"):
         run(cfg, expert)

@@ -7,6 +7,7 @@ logits by 1/T is the same as scaling their difference, and one temperature fitte
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 Array = np.ndarray | torch.Tensor
+log = logging.getLogger(__name__)
 
 # Search range for T, far wider than any sane network needs: a fit at an edge means the logits lack signal.
 _LOG_T_BOUNDS = (math.log(1e-2), math.log(1e2))
@@ -64,6 +66,9 @@ def fit_temperature(logits: Array, labels: Array) -> float:
         method="bounded",
         options={"xatol": 1e-6},
     )
+    if min(abs(result.x - edge) for edge in _LOG_T_BOUNDS) < 1e-3:
+        log.warning("temperature fit stopped at its bound (T = %.3g): the validation logits carry little signal",
+                    math.exp(result.x))
     return math.exp(result.x)
 
 

@@ -23,14 +23,18 @@ DEMO_ROOT = Path("data/demo")
 USER_ERRORS = (ManifestError, ImageDecodeError, CheckpointError, ConfigError, PretrainedWeightsError, ValueError)
 
 
-def apply_demo(args: argparse.Namespace, **overrides: Any) -> None:
-    """Point `args` at the built-in synthetic dataset (generated on first use) with short-run settings."""
+def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, **overrides: Any) -> None:
+    """Point `args` at the built-in synthetic dataset (generated on first use) with short-run settings.
+
+    `overrides` replace the trainer's defaults only: a flag given on the command line still wins.
+    """
     train, val = make_demo_dataset(DEMO_ROOT)
     args.train_manifest, args.val_manifest, args.data_root = str(train), str(val), None
     args.output_dir = str(Path(args.output_dir).with_name(Path(args.output_dir).name + "_demo"))
     args.overwrite = args.resume is None
     for name, value in overrides.items():
-        setattr(args, name, value)
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
     logging.getLogger("src").info("demo: synthetic data in %s, outputs in %s", DEMO_ROOT, args.output_dir)
 
 

@@ -1,0 +1,150 @@
+"""``feature_extractor.py --example``: both experts' validation features, then a preview of stage three.
+
+The preview fits a logistic regression on standardised embeddings with cross-validation (folds grouped by
+video when the manifest has ``video_id``, so frames of one video never sit on both sides of a split) on each
+expert alone and on all of them side by side, and prints the out-of-fold AUC of each.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from src.embeddings.extract import FeatureExtractor
+from src.embeddings.store import FeatureSet, join_features, load_features
+from src.engine.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertRun:
+    name: str
+    candidates: tuple[str, ...]  # best.pt locations under the output root, full run first, then the demo's
+    command: str  # what writes the demo checkpoint
+
+
+EFFNET = ExpertRun(
+    "effnet", ("stage2_effnet/best.pt", "stage2_effnet_demo/best.pt"), "python train_stage2_effnet.py --demo"
+)
+GENCONVIT = (
+    ExpertRun(
+        "genconvit_ed",
+        ("stage2_genconvit/ed/best.pt", "stage2_genconvit_demo/ed/best.pt"),
+        "python train_stage2_genconvit.py --demo",
+    ),
+    ExpertRun(
+        "genconvit_vae",
+        ("stage2_genconvit/vae/best.pt", "stage2_genconvit_demo/vae/best.pt"),
+        "python train_stage2_genconvit.py --demo --variant vae",
+    ),
+)
+
+
+def find_checkpoints(output_root: Path) -> dict[str, Path]:
+    """The EfficientNet checkpoint and every GenConViT one found; a one-line error says what to run if not."""
+    found = {run.name: path for run in (EFFNET, *GENCONVIT) if (path := _first_existing(output_root, run))}
+    missing = []
+    if EFFNET.name not in found:
+        missing.append(_missing(output_root, [EFFNET]))
+    if not any(run.name in found for run in GENCONVIT):
+        missing.append(_missing(output_root, GENCONVIT))
+    if missing:
+        raise CheckpointError("--example needs both experts: " + "; ".join(missing))
+    return found
+
+
+def _first_existing(root: Path, run: ExpertRun) -> Path | None:
+    return next((root / c for c in run.candidates if (root / c).is_file()), None)
+
+
+def _missing(root: Path, runs: tuple[ExpertRun, ...] | list[ExpertRun]) -> str:
+    paths = " or ".join(str(root / c) for run in runs for c in run.candidates)
+    return f"no {paths} (make one with `{runs[0].command}`)"
+
+
+def cross_validated_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, seed: int = 0) -> float:
+    """Out-of-fold AUC of a standardised logistic regression; up to 5 folds, grouped when ``groups`` given."""
+    per_class = [len(np.unique(groups[y == c])) if groups is not None else int((y == c).sum()) for c in (0, 1)]
+    n_splits = min(5, *per_class)
+    if n_splits < 2:
+        raise ValueError(
+            f"cross-validation needs 2+ {'videos' if groups is not None else 'images'} per class, got {per_class}"
+        )
+    cv = (
+        StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+        if groups is not None
+        else StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    )
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    scores = cross_val_predict(model, x, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
+    return float(roc_auc_score(y, scores))
+
+
+def stacking_preview(sets: dict[str, FeatureSet]) -> list[tuple[str, int, float, float | None]]:
+    """Rows ``(name, dims, CV AUC, the expert's own P(fake) AUC or None)`` per expert, then all combined."""
+    joined = join_features(list(sets.values()))
+    labels = joined.labels
+    video_id = joined.video_id
+    groups = video_id if video_id is not None and (video_id != "").all() else None
+    rows = [
+        (
+            name,
+            s.embeddings.shape[1],
+            cross_validated_auc(s.embeddings, labels, groups),
+            float(roc_auc_score(labels, s.p_fake)),
+        )
+        for name, s in sets.items()
+    ]
+    rows.append(
+        (" + ".join(sets), joined.embeddings.shape[1], cross_validated_auc(joined.embeddings, labels, groups), None)
+    )
+    return rows
+
+
+def run_example(
+    output_root: Path,
+    features_dir: Path,
+    *,
+    device: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    amp: bool = True,
+) -> list[tuple[str, int, float, float | None]]:
+    """Extract each found expert's validation features into ``features_dir``, then print the preview."""
+    checkpoints = find_checkpoints(output_root)
+    sets: dict[str, FeatureSet] = {}
+    for name, checkpoint in checkpoints.items():
+        extractor = FeatureExtractor(
+            checkpoint_path=checkpoint, device=device, batch_size=batch_size, amp=amp, workers=workers
+        )
+        manifest = extractor.train_args.get("val_manifest")
+        if manifest is None:
+            raise CheckpointError(f"checkpoint {checkpoint}: records no val_manifest in its args")
+        out = extractor.extract_to_file(
+            manifest, features_dir / f"{name}_val.npz", extractor.train_args.get("data_root")
+        )
+        log.info("%s: %s", name, out)
+        sets[name] = load_features(out)
+        del extractor
+        gc.collect()  # one expert in memory at a time (the official VAE alone is 2.8 GB)
+    rows = stacking_preview(sets)
+    first = next(iter(sets.values()))
+    grouping = "grouped by video_id" if first.video_id is not None else "stratified"
+    print(
+        f"\nstacking preview: {len(first.labels)} validation images from {first.manifest}; logistic regression "
+        f"on standardised embeddings, out-of-fold AUC ({grouping} cross-validation)"
+    )
+    print(f"{'features':<40} {'dims':>6} {'CV AUC':>8} {'expert P(fake) AUC':>19}")
+    for name, dims, auc, own in rows:
+        print(f"{name:<40} {dims:>6} {auc:>8.4f} {'' if own is None else f'{own:.4f}':>19}")
+    return rows

@@ -1,0 +1,366 @@
+"""Embeddings and P(fake) from a trained expert: the inputs of stage three's stacking model.
+
+The embedding is what the expert's last linear layer reads: timm's pooled pre-logits features
+(``forward_head(..., pre_logits=True)``, what ``num_classes=0`` would return; 1536-d for EfficientNetV2-B3) and
+GenConViT's 500-d ``features``. The classifier is kept, so one forward pass also gives P(fake).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_arch_name
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from src.data.dataset import Batch, ManifestDataset, collate
+from src.data.manifest import OPTIONAL_COLUMNS, read_manifest
+from src.data.transforms import DeviceTransform
+from src.embeddings.store import NpzStreamWriter
+from src.engine.checkpoint import CheckpointError, load_checkpoint
+from src.models.factory import model_from_checkpoint, resolve_model_name
+from src.stage2.genconvit import (
+    GenConViTED,
+    GenConViTVAE,
+    OfficialCheckpointError,
+    detect_variant,
+    fake_logit,
+    load_official_checkpoint,
+    read_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+# The official GenConViT weights were trained on 224px crops with ImageNet normalisation.
+OFFICIAL_DATA_CONFIG = {
+    "input_size": [3, 224, 224],
+    "mean": list(IMAGENET_DEFAULT_MEAN),
+    "std": list(IMAGENET_DEFAULT_STD),
+    "interpolation": "bilinear",
+}
+
+
+class LoadedExpert(NamedTuple):
+    model: nn.Module
+    family: str  # "timm" | "genconvit"
+    model_name: str
+    data_config: dict[str, Any]
+    temperature: float
+    train_args: dict[str, Any]  # the trainer's settings (val_manifest, data_root, ...); {} for official files
+
+
+class FeatureBatch(NamedTuple):
+    embeddings: np.ndarray  # float32 [B, D]
+    labels: np.ndarray  # int64 [B]
+    p_fake: np.ndarray  # float32 [B], temperature-scaled
+    indices: np.ndarray  # int64 [B]: manifest rows (project batches) or positions in the loader's order
+
+
+def check_model_name(requested: str | None, recorded: str, family: str, where: str) -> None:
+    """Reject a requested model name that is not the architecture the checkpoint holds.
+
+    timm names compare by architecture, so aliases (``efficientnetv2_b3.in21k_ft_in1k``) and pretrained tags
+    (``.in21k_ft_in1k``: where training started, irrelevant once the checkpoint's own weights are loaded) match.
+    """
+    if requested is None or requested == recorded:
+        return
+    if family == "timm":
+        try:
+            if get_arch_name(resolve_model_name(requested)) == get_arch_name(recorded):
+                return
+        except ValueError:
+            pass
+    raise CheckpointError(f"model name {requested!r} does not match {where}, which holds {recorded!r}")
+
+
+def load_expert(checkpoint_path: str | os.PathLike, model_name: str | None = None) -> LoadedExpert:
+    """A trainer checkpoint (best.pt / last.pt) or an official GenConViT file, as an eval-mode model on the CPU."""
+    path = Path(checkpoint_path)
+    state = load_checkpoint(path)
+    if "family" in state:
+        return _from_trainer_checkpoint(state, path, model_name)
+    return _from_official_file(state, path, model_name)
+
+
+def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:
+    recorded = state.get("model_name") or model_name
+    if recorded is None:
+        raise CheckpointError(f"checkpoint {path} records no model name: pass model_name / --model-name")
+    check_model_name(model_name, recorded, state["family"], f"checkpoint {path}")
+    if "model" not in state or "data_config" not in state:
+        raise CheckpointError(f"checkpoint {path}: lacks 'model' or 'data_config' (not written by the trainers?)")
+    try:
+        model = model_from_checkpoint({**state, "model_name": recorded})
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {_first_line(err)}") from err
+    return LoadedExpert(
+        model.eval(),
+        state["family"],
+        recorded,
+        state["data_config"],
+        float(state.get("temperature", 1.0)),
+        dict(state.get("args") or {}),
+    )
+
+
+def _from_official_file(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:
+    try:
+        weights = read_state_dict(state)
+        variant = detect_variant(weights)
+    except OfficialCheckpointError as err:
+        raise CheckpointError(
+            f"checkpoint {path}: neither a trainer checkpoint (no 'family' key) nor an official GenConViT file ({err})"
+        ) from None
+    recorded = f"genconvit_{variant}"
+    check_model_name(model_name, recorded, "genconvit", f"official GenConViT file {path}")
+    data_config = dict(OFFICIAL_DATA_CONFIG)
+    kwargs: dict[str, int] = {}
+    if variant == "vae":
+        kwargs = _official_vae_sizes(weights)
+        data_config["input_size"] = [3, kwargs["img_size"], kwargs["img_size"]]
+    # Built on the meta device and filled by assignment: the official VAE is 2.8 GB, so never hold it twice.
+    with torch.device("meta"):
+        model = GenConViTED() if variant == "ed" else GenConViTVAE(**kwargs)
+    try:
+        load_official_checkpoint(model, weights, assign=True)
+    except OfficialCheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return LoadedExpert(model.eval(), "genconvit", recorded, data_config, 1.0, {})
+
+
+def _official_vae_sizes(weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Input size and latent channels from the VAE encoder's ``mu`` head (official: 224px, 256 channels)."""
+    latent, flat = weights["encoder.mu.weight"].shape  # latent_channels*(S/32)^2, 128*(S/16)^2
+    side = 16 * math.isqrt(flat // 128)
+    return {"img_size": side, "latent_channels": latent // (side // 32) ** 2}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+class FeatureExtractor:
+    """An expert with its last linear layer set aside: images in, embeddings (and P(fake)) out.
+
+    Args:
+        model_name: optional; checked against the name the checkpoint records (timm aliases and tags accepted).
+        checkpoint_path: a trainer ``best.pt``/``last.pt`` or an official GenConViT ``.pth``.
+        device: default ``cuda`` when available, else ``cpu``.
+        batch_size, workers: for the loaders this class builds from manifests.
+        amp: bf16 autocast on CUDA (ignored elsewhere); channels_last is used on CUDA too.
+        progress: show a tqdm bar (only on a terminal).
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        *,
+        batch_size: int = 64,
+        amp: bool = True,
+        workers: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if checkpoint_path is None:
+            raise TypeError("FeatureExtractor needs checkpoint_path")
+        self.checkpoint_path = Path(checkpoint_path)
+        expert = load_expert(self.checkpoint_path, model_name)
+        self.model_name, self.family = expert.model_name, expert.family
+        self.data_config, self.temperature, self.train_args = expert.data_config, expert.temperature, expert.train_args
+        self.img_size = int(self.data_config["input_size"][-1])
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.batch_size = batch_size
+        self.workers = _default_workers() if workers is None else workers
+        self.progress = progress
+        on_gpu = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if amp and on_gpu else None
+        self.channels_last = on_gpu
+        self.model = expert.model.to(self.device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.classifier: nn.Linear = self.model.get_classifier() if self.family == "timm" else self.model.classifier
+        self.embed_dim = self.classifier.in_features
+        mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
+        self.transform = DeviceTransform(mean, std).to(self.device).eval()
+        log.info(
+            "%s from %s: %d-d embeddings, %dpx input, temperature %.3f, device %s",
+            self.model_name,
+            self.checkpoint_path,
+            self.embed_dim,
+            self.img_size,
+            self.temperature,
+            self.device,
+        )
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float batch -> (embeddings [B, D], fake logits [B]), float32; call under inference_mode."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.family == "timm":
+                embeddings = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                logits = self.classifier(embeddings).squeeze(1)
+            else:
+                out = self.model(x)
+                embeddings, logits = out.features, fake_logit(out.logits)
+        return embeddings.float(), logits.float()
+
+    def p_fake(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled P(fake) from fake logits."""
+        return torch.sigmoid(logits.float() / self.temperature)
+
+    def iter_batches(self, dataloader: Iterable[Any]) -> Iterator[FeatureBatch]:
+        """Features of each batch, in the loader's order, as numpy arrays on the CPU.
+
+        Batches are the project's :class:`~src.data.dataset.Batch` (uint8 images, normalised here with the
+        checkpoint's mean/std) or plain ``(images, labels)`` pairs: uint8 images are normalised the same way,
+        float images are taken as already preprocessed.
+        """
+        self.model.eval()
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None
+        bar = tqdm(
+            dataloader,
+            total=total,
+            desc=f"features {self.model_name}",
+            unit="batch",
+            disable=None if self.progress else True,
+            dynamic_ncols=True,
+        )
+        position = 0
+        for batch in bar:
+            if isinstance(batch, Batch):
+                images, labels, indices = batch.images, batch.labels, batch.indices
+            else:
+                images, labels = _unpack_pair(batch)
+                indices = torch.arange(position, position + len(labels))
+            position += len(labels)
+            if len(labels) == 0:  # every image of the batch was skipped as undecodable
+                continue
+            with torch.inference_mode():
+                embeddings, logits = self.embed(self._prepare(images))
+                p_fake = self.p_fake(logits)
+            yield FeatureBatch(
+                embeddings.cpu().numpy(),
+                labels.cpu().numpy().astype(np.int64),
+                p_fake.cpu().numpy(),
+                indices.cpu().numpy().astype(np.int64),
+            )
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = self.transform(x)
+        elif not x.is_floating_point():
+            raise TypeError(f"images must be uint8 (raw) or float (preprocessed), got {x.dtype}")
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def extract(
+        self, dataloader: Iterable[Any], return_probs: bool = False
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(embeddings [N, D] float32, labels [N])`` in the loader's order, plus ``p_fake [N]`` if asked.
+
+        Everything is held in memory; :meth:`extract_to_file` streams to disk instead.
+        """
+        batches = list(self.iter_batches(dataloader))
+        if not batches:
+            raise ValueError(f"{self.model_name}: the loader yielded no images")
+        embeddings, labels, p_fake, _ = (np.concatenate(parts) for parts in zip(*batches))
+        return (embeddings, labels, p_fake) if return_probs else (embeddings, labels)
+
+    def make_loader(
+        self,
+        manifest: str | os.PathLike | pd.DataFrame,
+        data_root: str | os.PathLike | None = None,
+        *,
+        skip_bad_images: bool = False,
+    ) -> DataLoader:
+        """A shuffle-free loader over a manifest (a CSV path or a :func:`read_manifest` frame) at the
+        checkpoint's input size; :meth:`iter_batches` applies its mean/std on the device."""
+        frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, data_root)
+        dataset = ManifestDataset(frame, self.img_size, skip_bad_images=skip_bad_images)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def extract_to_file(
+        self,
+        manifest: str | os.PathLike,
+        out: str | os.PathLike,
+        data_root: str | os.PathLike | None = None,
+        *,
+        skip_bad_images: bool = False,
+    ) -> Path:
+        """Stream a manifest's features into a feature file (see :mod:`src.embeddings.store`) batch by batch.
+
+        Rows follow the manifest; with ``skip_bad_images`` undecodable images are left out (``index`` says
+        which manifest rows remain).
+        """
+        frame = read_manifest(manifest, data_root)
+        # Fixed-width strings for the whole column, so every block is written with the same dtype.
+        text = {
+            ("paths" if c == "path" else c): frame[c].to_numpy(dtype=str)
+            for c in ("path", *OPTIONAL_COLUMNS)
+            if c in frame
+        }
+        with NpzStreamWriter(out, dtypes={name: values.dtype for name, values in text.items()}) as writer:
+            for batch in self.iter_batches(self.make_loader(frame, skip_bad_images=skip_bad_images)):
+                writer.append(
+                    embeddings=batch.embeddings,
+                    labels=batch.labels,
+                    p_fake=batch.p_fake,
+                    index=batch.indices,
+                    **{name: values[batch.indices] for name, values in text.items()},
+                )
+            if not writer.rows:
+                raise ValueError(f"{manifest}: no image could be decoded")
+            path = writer.close(
+                {
+                    "model_name": self.model_name,
+                    "family": self.family,
+                    "checkpoint": os.path.abspath(self.checkpoint_path),
+                    "manifest": os.path.abspath(manifest),
+                    "temperature": self.temperature,
+                }
+            )
+            log.info(
+                "wrote %s: %d x %d embeddings of %s (%d of %d manifest rows)",
+                path,
+                writer.rows,
+                self.embed_dim,
+                self.model_name,
+                writer.rows,
+                len(frame),
+            )
+        return path
+
+
+def _unpack_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        images, labels = batch
+    except (TypeError, ValueError):
+        kind = type(batch).__name__
+        raise TypeError(f"expected a Batch or an (images, labels) pair from the loader, got {kind}") from None
+    return torch.as_tensor(images), torch.as_tensor(labels)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

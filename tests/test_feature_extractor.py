@@ -1,0 +1,423 @@
+"""Feature extraction: embeddings against the full models, feature files, joins, the CLI and --example."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import feature_extractor
+from src.embeddings import (
+    FeatureExtractor,
+    FeatureFileError,
+    NpzStreamWriter,
+    check_model_name,
+    join_features,
+    load_features,
+)
+from src.embeddings.example import run_example
+from src.engine.checkpoint import CheckpointError, save_checkpoint
+from src.engine.cli import exit_on_error
+from src.models.factory import create_timm_model, timm_data_config
+from src.stage2.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
+
+ROOT = Path(__file__).resolve().parents[1]
+IMG = 64
+N = 6
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def write_dataset(root: Path, n: int, size: int = IMG, frames: int = 1, offset: int = 0) -> Path:
+    """n random PNGs (fakes brighter by `offset`, so a classifier can tell them apart) and their manifest."""
+    rng = np.random.default_rng(n + offset)
+    rows = []
+    for i in range(n):
+        label = (i // frames) % 2
+        pixels = rng.integers(0, 256 - offset, (size, size, 3)) + offset * label
+        path = root / "img" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+        rows.append(
+            {
+                "path": f"img/{i:03d}.png",
+                "label": label,
+                "video_id": f"v{i // frames}",
+                "method": "swap" if label else "",
+            }
+        )
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+def read_images(manifest: Path) -> torch.Tensor:
+    frame = pd.read_csv(manifest)
+    arrays = [np.asarray(Image.open(manifest.parent / p).convert("RGB")) for p in frame["path"]]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def data_config(size: int = IMG) -> dict:
+    return {"input_size": [3, size, size], "mean": list(MEAN), "std": list(STD), "interpolation": "bilinear"}
+
+
+def save_trainer_checkpoint(path: Path, model: torch.nn.Module, meta: dict, temperature: float, **extra) -> Path:
+    state = {
+        "model": model.state_dict(),
+        **meta,
+        "data_config": data_config(),
+        "args": {},
+        "epoch": 1,
+        "metrics": {},
+        "temperature": temperature,
+        **extra,
+    }
+    save_checkpoint(state, path)
+    return path
+
+
+def extractor(path: Path, model_name: str | None = None, batch_size: int = 4) -> FeatureExtractor:
+    return FeatureExtractor(model_name, path, "cpu", batch_size=batch_size, workers=0, progress=False)
+
+
+def rows_of(fx: FeatureExtractor, manifest: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return fx.extract(fx.make_loader(manifest), return_probs=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), N)
+
+
+@pytest.fixture(scope="module")
+def timm_expert(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = create_timm_model("test_efficientnet", pretrained=False, num_classes=1).eval()
+    assert timm_data_config(model, IMG)["mean"] == list(MEAN)
+    meta = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
+    return save_trainer_checkpoint(tmp_path_factory.mktemp("timm") / "best.pt", model, meta, 2.0), model
+
+
+@pytest.fixture(scope="module")
+def genconvit_experts(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("genconvit")
+    vae_kwargs = {"img_size": IMG, "latent_channels": 4}
+    models = {"ed": (GenConViTED().eval(), {}), "vae": (GenConViTVAE(**vae_kwargs).eval(), vae_kwargs)}
+    experts = {}
+    for variant, (model, kwargs) in models.items():
+        meta = {
+            "family": "genconvit",
+            "model_name": f"genconvit_{variant}",
+            "variant": variant,
+            "arch": "official",
+            "model_kwargs": kwargs,
+        }
+        experts[variant] = save_trainer_checkpoint(root / f"{variant}.pt", model, meta, 1.5), model
+    return experts
+
+
+@pytest.fixture(scope="module")
+def timm_fx(timm_expert) -> FeatureExtractor:
+    return extractor(timm_expert[0])
+
+
+@pytest.fixture(scope="module")
+def genconvit_fx(genconvit_experts) -> dict[str, FeatureExtractor]:
+    return {variant: extractor(path) for variant, (path, _) in genconvit_experts.items()}
+
+
+def test_timm_embeddings_are_pre_logits_and_rebuild_the_logits(data, timm_expert, timm_fx):
+    model, fx = timm_expert[1], timm_fx
+    embeddings, labels, p_fake = rows_of(fx, data)
+
+    assert embeddings.dtype == np.float32 and embeddings.shape == (N, model.num_features) == (N, fx.embed_dim)
+    assert labels.dtype == np.int64 and labels.tolist() == pd.read_csv(data)["label"].tolist()
+    x = normalise(read_images(data))
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+        logits = model(x)
+        headless = copy.deepcopy(model)
+        headless.reset_classifier(0)
+        no_head = headless(x)
+        rebuilt = model.get_classifier()(torch.from_numpy(embeddings))
+    # Rows compared image by image across two batches (4 + 2): the loader's order is kept.
+    torch.testing.assert_close(torch.from_numpy(embeddings), pre_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(embeddings), no_head, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rebuilt, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(p_fake), torch.sigmoid(logits.squeeze(1) / 2.0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_genconvit_features_rebuild_the_logits(data, genconvit_experts, genconvit_fx, variant):
+    model, fx = genconvit_experts[variant][1], genconvit_fx[variant]
+    embeddings, labels, p_fake = rows_of(fx, data)
+
+    assert fx.model_name == f"genconvit_{variant}" and fx.temperature == 1.5
+    assert embeddings.dtype == np.float32 and embeddings.shape == (N, 500)
+    assert labels.tolist() == pd.read_csv(data)["label"].tolist()
+    with torch.no_grad():
+        out = model(normalise(read_images(data)))
+        rebuilt = model.classifier(torch.from_numpy(embeddings))
+    torch.testing.assert_close(torch.from_numpy(embeddings), out.features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rebuilt, out.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(p_fake), torch.sigmoid(fake_logit(out.logits) / 1.5), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_order_follows_the_loader(tmp_path, data, timm_fx):
+    reversed_manifest = tmp_path / "reversed.csv"
+    frame = pd.read_csv(data)
+    frame["path"] = [str(data.parent / p) for p in frame["path"]]
+    frame.iloc[::-1].to_csv(reversed_manifest, index=False)
+    forward, labels, _ = rows_of(timm_fx, data)
+    backward, reversed_labels, _ = rows_of(timm_fx, reversed_manifest)
+    np.testing.assert_allclose(backward, forward[::-1], rtol=1e-4, atol=1e-5)
+    assert reversed_labels.tolist() == labels[::-1].tolist()
+
+
+def test_plain_image_label_batches(data, timm_fx):
+    fx = timm_fx
+    expected, labels, _ = rows_of(fx, data)
+    images, targets = read_images(data), torch.tensor(labels)
+    for batch_images in (images, normalise(images)):  # raw uint8 (normalised here) and preprocessed float
+        loader = DataLoader(TensorDataset(batch_images, targets), batch_size=4)
+        embeddings, got_labels = fx.extract(loader)
+        np.testing.assert_allclose(embeddings, expected, rtol=1e-4, atol=1e-5)
+        assert got_labels.tolist() == labels.tolist()
+
+
+def test_official_genconvit_files(tmp_path, genconvit_experts):
+    ed = genconvit_experts["ed"][1]
+    state = dict(ed.state_dict())
+    state["embedder.patch_embed.proj.weight"] = torch.zeros(1)  # inert Swin keys of the official files: dropped
+    raw, wrapped = tmp_path / "genconvit_ed_inference.pth", tmp_path / "wrapped.pth"
+    torch.save(state, raw)
+    torch.save({"state_dict": state, "epoch": 3}, wrapped)
+
+    fx = extractor(raw, model_name="genconvit_ed", batch_size=2)
+    assert (fx.model_name, fx.family, fx.temperature, fx.data_config["input_size"]) == (
+        "genconvit_ed",
+        "genconvit",
+        1.0,
+        [3, 224, 224],
+    )
+    # ED is fully convolutional: small plain batches check the weights without the cost of 224px inputs.
+    images = torch.randint(0, 256, (2, 3, IMG, IMG), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    embeddings, _ = fx.extract([(images, torch.tensor([0, 1]))])
+    with torch.no_grad():
+        out = ed(normalise(images))
+    torch.testing.assert_close(torch.from_numpy(embeddings), out.features, rtol=1e-4, atol=1e-5)
+    assert extractor(wrapped).model_name == "genconvit_ed"
+    with pytest.raises(CheckpointError, match="holds 'genconvit_ed'"):
+        extractor(raw, model_name="genconvit_vae")
+
+    vae_file = tmp_path / "genconvit_vae_inference.pth"
+    torch.save(genconvit_experts["vae"][1].state_dict(), vae_file)
+    vae = extractor(vae_file)  # input size and latent width read off the weights
+    assert vae.model_name == "genconvit_vae" and vae.img_size == IMG
+
+
+def test_model_name_checks(timm_expert):
+    check_model_name("efficientnetv2_b3.in21k_ft_in1k", "tf_efficientnetv2_b3", "timm", "ckpt")
+    check_model_name("test_efficientnet.r160_in1k", "test_efficientnet", "timm", "ckpt")
+    for requested, recorded, family in [
+        ("resnet18", "test_efficientnet", "timm"),
+        ("no_such_model", "test_efficientnet", "timm"),
+        ("genconvit_vae", "genconvit_ed", "genconvit"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"'{requested}' does not match ckpt, which holds '{recorded}'"):
+            check_model_name(requested, recorded, family, "ckpt")
+    with pytest.raises(CheckpointError, match="holds 'test_efficientnet'"):
+        extractor(timm_expert[0], model_name="resnet18")
+
+
+def test_feature_file_streams_what_extract_returns_and_joins_checked(tmp_path, data, timm_fx, genconvit_fx):
+    fx = timm_fx
+    embeddings, labels, p_fake = rows_of(fx, data)
+    path = fx.extract_to_file(data, tmp_path / "effnet.npz")  # two batches (4 + 2) appended
+
+    features = load_features(path)
+    frame = pd.read_csv(data)
+    np.testing.assert_array_equal(features.embeddings, embeddings)
+    np.testing.assert_array_equal(features.p_fake, p_fake)
+    np.testing.assert_array_equal(features.labels, labels)
+    assert features.paths.tolist() == [str(data.parent / p) for p in frame["path"]]
+    assert features.video_id.tolist() == frame["video_id"].tolist()
+    assert features.method.tolist() == frame["method"].fillna("").tolist()
+    assert features.index.tolist() == list(range(N))
+    assert (features.model_name, features.family, features.temperature) == ("test_efficientnet", "timm", 2.0)
+    assert features.checkpoint == str(fx.checkpoint_path) and features.manifest == str(data)
+    with np.load(path, allow_pickle=False) as raw:  # plain numpy reads it, no pickles
+        assert raw["embeddings"].shape == (N, fx.embed_dim)
+
+    ed_path = genconvit_fx["ed"].extract_to_file(data, tmp_path / "ed.npz")
+    joined = join_features([path, ed_path])
+    assert joined.embeddings.shape == (N, fx.embed_dim + 500) and joined.p_fake.shape == (N, 2)
+    np.testing.assert_array_equal(joined.embeddings[:, joined.blocks[0]], embeddings)
+    np.testing.assert_array_equal(joined.p_fake[:, 0], p_fake)
+    assert joined.model_names == ["test_efficientnet", "genconvit_ed"]
+
+    shuffled = tmp_path / "shuffled.csv"
+    frame.assign(path=[str(data.parent / p) for p in frame["path"]]).iloc[[1, 0, 2, 3, 4, 5]].to_csv(
+        shuffled, index=False
+    )
+    other = fx.extract_to_file(shuffled, tmp_path / "shuffled.npz")
+    with pytest.raises(FeatureFileError, match=r"same images in a different order \(2 rows differ; first row 0"):
+        join_features([path, other])
+    elsewhere = write_dataset(tmp_path / "elsewhere", N)
+    with pytest.raises(FeatureFileError, match="different images"):
+        join_features([path, fx.extract_to_file(elsewhere, tmp_path / "elsewhere.npz")])
+
+
+def test_skipped_images_leave_out_their_rows(tmp_path, timm_fx):
+    manifest = write_dataset(tmp_path, 4)
+    (tmp_path / "img" / "001.png").write_bytes(b"not a png")
+    fx = timm_fx
+    with pytest.warns(UserWarning, match="001.png"):
+        features = load_features(fx.extract_to_file(manifest, tmp_path / "f.npz", skip_bad_images=True))
+    assert features.index.tolist() == [0, 2, 3]
+    assert [Path(p).name for p in features.paths] == ["000.png", "002.png", "003.png"]
+    assert features.embeddings.shape == (3, fx.embed_dim)
+
+
+def test_stream_writer_assembles_blocks_in_order(tmp_path):
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((int(n), 3), dtype=np.float32) for n in rng.integers(0, 5, 40)]
+    names = [np.array([f"img{i}_{j}" for j in range(len(b))], dtype=str) for i, b in enumerate(blocks)]
+    with NpzStreamWriter(tmp_path / "out.npz", dtypes={"name": "<U12"}) as writer:
+        for block, name in zip(blocks, names):
+            writer.append(x=block, name=name)
+        writer.close({"note": "hello"})
+    with np.load(tmp_path / "out.npz") as data:
+        np.testing.assert_array_equal(data["x"], np.concatenate(blocks))
+        assert data["name"].tolist() == np.concatenate(names).tolist() and data["note"].item() == "hello"
+
+    with NpzStreamWriter(tmp_path / "bad.npz", dtypes={"name": "<U3"}) as writer, pytest.raises(TypeError):
+        writer.append(name=np.array(["too long"]))
+    with NpzStreamWriter(tmp_path / "bad.npz") as writer, pytest.raises(ValueError, match="differ in length"):
+        writer.append(a=np.zeros(2), b=np.zeros(3))
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]  # no partial file, no temporary folder
+
+
+def test_cli_writes_the_feature_file(tmp_path, data, timm_fx):
+    out = tmp_path / "features" / "effnet_val.npz"
+    feature_extractor.main(
+        [
+            "--checkpoint",
+            str(timm_fx.checkpoint_path),
+            "--manifest",
+            str(data),
+            "--out",
+            str(out),
+            "--model-name",
+            "test_efficientnet",
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+        ]
+    )
+    np.testing.assert_array_equal(load_features(out).embeddings, rows_of(timm_fx, data)[0])
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "wrong model name", "unreadable manifest"])
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, data, timm_expert, capsys, case):
+    checkpoint, manifest, extra = str(timm_expert[0]), str(data), []
+    if case == "missing checkpoint":
+        checkpoint = str(tmp_path / "nope.pt")
+    elif case == "wrong model name":
+        extra = ["--model-name", "resnet18"]
+    else:
+        manifest = str(data.parent / "img" / "000.png")
+    argv = ["--checkpoint", checkpoint, "--manifest", manifest, "--out", str(tmp_path / "f.npz"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_error(lambda: feature_extractor.main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert {
+        "missing checkpoint": "nope.pt: no such file",
+        "wrong model name": "'resnet18' does not match",
+        "unreadable manifest": "000.png: not a readable CSV",
+    }[case] in err
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_cli_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "feature_extractor.py",
+            "--checkpoint",
+            str(tmp_path / "nope.pt"),
+            "--manifest",
+            "m.csv",
+            "--out",
+            str(tmp_path / "f.npz"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"error: checkpoint {tmp_path / 'nope.pt'}: no such file\n"
+
+
+def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, capsys):
+    # 8 videos x 2 frames; fakes are brighter, so even random-weight embeddings separate the classes.
+    manifest = write_dataset(tmp_path / "val", 16, frames=2, offset=60)
+    args = {"args": {"val_manifest": str(manifest), "data_root": None}}
+    output = tmp_path / "output"
+    timm_meta = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
+    save_trainer_checkpoint(output / "stage2_effnet_demo/best.pt", timm_expert[1], timm_meta, 1.0, **args)
+    with pytest.raises(CheckpointError, match=r"stage2_genconvit_demo/ed/best.pt .*train_stage2_genconvit.py --demo"):
+        run_example(output, tmp_path / "features", device="cpu", workers=0)
+    # The hybrid with tiny backbones keeps this fast; it goes through the same GenConViT code path.
+    kwargs = {
+        "img_size": IMG,
+        "convnext_name": "test_convnext",
+        "swin_kwargs": {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4},
+    }
+    ed_meta = {
+        "family": "genconvit",
+        "model_name": "genconvit_ed_hybrid",
+        "variant": "ed",
+        "arch": "hybrid",
+        "model_kwargs": kwargs,
+    }
+    model = build_genconvit("ed", "hybrid", **kwargs)
+    save_trainer_checkpoint(output / "stage2_genconvit_demo/ed/best.pt", model, ed_meta, 1.0, **args)
+
+    rows = run_example(output, tmp_path / "features", device="cpu", workers=0)
+
+    assert [(name, dims) for name, dims, _, _ in rows] == [
+        ("effnet", 256),
+        ("genconvit_ed", 500),
+        ("effnet + genconvit_ed", 756),
+    ]
+    assert load_features(tmp_path / "features" / "genconvit_ed_val.npz").model_name == "genconvit_ed_hybrid"
+    assert all(auc > 0.9 for _, _, auc, _ in rows), rows
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["effnet_val.npz", "genconvit_ed_val.npz"]
+    printed = capsys.readouterr().out
+    assert "grouped by video_id" in printed and "effnet + genconvit_ed" in printed
+
+
+def test_example_names_the_missing_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        run_example(tmp_path, tmp_path / "features")
+    message = str(err.value)
+    assert "stage2_effnet_demo/best.pt" in message and "train_stage2_effnet.py --demo" in message
+    assert "stage2_genconvit/vae/best.pt" in message and "\n" not in message
