@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-name", help="optional check against the name the checkpoint records")
     parser.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
     parser.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
+    parser.add_argument("--cache-dir", help="read images through the decoded-image cache in this folder")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: min(4, CPUs))")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     extractor = FeatureExtractor(
         args.model_name, args.checkpoint, args.device, batch_size=args.batch_size, amp=args.amp, workers=args.workers
     )
-    extractor.extract_to_file(args.manifest, args.out, args.data_root, skip_bad_images=args.skip_bad_images)
+    extractor.extract_to_file(args.manifest, args.out, args.data_root, skip_bad_images=args.skip_bad_images,
+                              cache_dir=args.cache_dir)
 
 
 if __name__ == "__main__":

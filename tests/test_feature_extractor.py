@@ -188,6 +188,15 @@ def test_order_follows_the_loader(tmp_path, data, timm_fx):
     assert reversed_labels.tolist() == labels[::-1].tolist()
 
 
+def test_decoded_cache_gives_the_same_features(tmp_path, data, timm_fx):
+    direct, labels, probs = rows_of(timm_fx, data)
+    for _ in range(2):  # the second pass reads a cache that is already complete
+        cached = timm_fx.extract(timm_fx.make_loader(data, cache_dir=tmp_path / "cache"), return_probs=True)
+        np.testing.assert_array_equal(cached[0], direct)
+        np.testing.assert_array_equal(cached[1], labels)
+    assert (tmp_path / "cache" / f"{timm_fx.img_size}px" / "images.u8").stat().st_size > 0
+
+
 def test_plain_image_label_batches(data, timm_fx):
     fx = timm_fx
     expected, labels, _ = rows_of(fx, data)

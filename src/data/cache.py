@@ -131,6 +131,13 @@ class DecodedCache:
         os.replace(tmp, self.index_path)
 
 
+def open_cache(cache_dir: str | Path, img_size: int, paths: Sequence[str], *, workers: int = 1,
+               skip_bad_images: bool = False) -> CacheView:
+    """Bring the cache up to date for `paths` (decoding only what is missing) and map it for reading."""
+    cache = DecodedCache(cache_dir, img_size)
+    return cache.view(cache.prepare(paths, workers=workers, skip_bad_images=skip_bad_images))
+
+
 class CacheView:
     """Read-only access to cached images by dataset row; opened lazily so each worker maps it itself."""
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from src.data.cache import open_cache
 from src.data.dataset import Batch, ManifestDataset, collate
 from src.data.manifest import OPTIONAL_COLUMNS, read_manifest
 from src.data.transforms import DeviceTransform
@@ -287,11 +288,17 @@ class FeatureExtractor:
         data_root: str | os.PathLike | None = None,
         *,
         skip_bad_images: bool = False,
+        cache_dir: str | os.PathLike | None = None,
     ) -> DataLoader:
         """A shuffle-free loader over a manifest (a CSV path or a :func:`read_manifest` frame) at the
-        checkpoint's input size; :meth:`iter_batches` applies its mean/std on the device."""
+        checkpoint's input size; :meth:`iter_batches` applies its mean/std on the device. With `cache_dir`,
+        images come from the decoded cache (see :mod:`src.data.cache`), built first where needed."""
         frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, data_root)
-        dataset = ManifestDataset(frame, self.img_size, skip_bad_images=skip_bad_images)
+        cache = None
+        if cache_dir is not None:
+            cache = open_cache(cache_dir, self.img_size, frame["path"].tolist(), workers=max(self.workers, 1),
+                               skip_bad_images=skip_bad_images)
+        dataset = ManifestDataset(frame, self.img_size, skip_bad_images=skip_bad_images, cache=cache)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -308,6 +315,7 @@ class FeatureExtractor:
         data_root: str | os.PathLike | None = None,
         *,
         skip_bad_images: bool = False,
+        cache_dir: str | os.PathLike | None = None,
     ) -> Path:
         """Stream a manifest's features into a feature file (see :mod:`src.embeddings.store`) batch by batch.
 
@@ -322,7 +330,8 @@ class FeatureExtractor:
             if c in frame
         }
         with NpzStreamWriter(out, dtypes={name: values.dtype for name, values in text.items()}) as writer:
-            for batch in self.iter_batches(self.make_loader(frame, skip_bad_images=skip_bad_images)):
+            loader = self.make_loader(frame, skip_bad_images=skip_bad_images, cache_dir=cache_dir)
+            for batch in self.iter_batches(loader):
                 writer.append(
                     embeddings=batch.embeddings,
                     labels=batch.labels,

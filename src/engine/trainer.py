@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.data.cache import CacheView, DecodedCache
+from src.data.cache import CacheView, open_cache
 from src.data.dataset import ManifestDataset, collate
 from src.data.manifest import read_manifest
 from src.data.transforms import DeviceTransform, build_cpu_transform
@@ -491,15 +491,14 @@ class Trainer:
         """With --cache-dir: rank 0 decodes what is missing, then every rank maps the same file."""
         if not self.cfg.cache_dir:
             return None
-        cache = DecodedCache(self.cfg.cache_dir, img_size)
         paths = frame["path"].tolist()
-        slots = None
         if self.dist.is_main:
-            slots = cache.prepare(paths, workers=self.cfg.workers, skip_bad_images=self.cfg.skip_bad_images)
+            view = open_cache(self.cfg.cache_dir, img_size, paths, workers=self.cfg.workers,
+                              skip_bad_images=self.cfg.skip_bad_images)
         barrier()
-        if slots is None:
-            slots = cache.prepare(paths, skip_bad_images=self.cfg.skip_bad_images)
-        return cache.view(slots)
+        if not self.dist.is_main:  # rank 0 has decoded everything: this only reads the index
+            view = open_cache(self.cfg.cache_dir, img_size, paths, skip_bad_images=self.cfg.skip_bad_images)
+        return view
 
     def _loader(self, dataset: ManifestDataset, sampler: ShardedSampler, drop_last: bool) -> DataLoader:
         workers = self.cfg.workers
