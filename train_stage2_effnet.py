@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.demo:
         # Offline, the demo trains from scratch unless --pretrained-file is given; small and short for a CPU.
         apply_demo(args, parser, model="tf_efficientnetv2_b3", pretrained=args.pretrained_file is not None,
-                   img_size=128, epochs=6, batch_size=32, lr=2e-3, warmup_epochs=0.5, workers=2, aug="light")
+                   img_size=128, epochs=5, batch_size=32, lr=5e-4, warmup_epochs=0.5, workers=2, aug="light")
     cfg = config_from_args(args)
     expert = TimmExpert(
         resolve_model_name(args.model),

@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from src.engine import report
+from src.engine import atomic
 from src.engine.report import (
     MetricsLog,
     format_metrics_table,
@@ -169,7 +169,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         log.append({"epoch": 1, "auc": 0.6})
     assert path.read_bytes() == before

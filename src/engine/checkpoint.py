@@ -8,14 +8,14 @@ progress and RNG states).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from src.engine.atomic import atomic_write
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 
@@ -25,22 +25,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`.
-
-    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX filesystems.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file and a rename: a crash mid-write keeps the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

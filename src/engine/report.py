@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import RocCurveDisplay
+
+from src.engine.atomic import atomic_write
 
 # Panels of the training-curve figure: (title, columns drawn if present, log y-axis).
 _CURVE_PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
@@ -28,19 +28,7 @@ _CURVE_PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers see the old or new file only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def _jsonable(obj: Any) -> Any:
