@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.demo:
         # A small ConvNeXt (convnext_atto) from scratch keeps both variants to CPU minutes.
-        apply_demo(args, parser, init="scratch", backbone="convnext_atto", img_size=128, epochs=3,
+        apply_demo(args, parser, init="scratch", backbone="convnext_atto", img_size=64, epochs=2,
                    stages="frozen:1,full:rest", batch_size=16, lr=1e-3, workers=2, aug="light", latent_channels=8)
     if args.variant == "both" and args.weights:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")

@@ -11,6 +11,7 @@ index), so a run resumed from any checkpoint continues exactly as if it had neve
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -310,7 +311,7 @@ class Trainer:
             if improved:
                 save_checkpoint(self._weights_state(eval_model, epoch + 1, metrics), self.out / "best.pt")
             plot_training_curves(self.history.frame(), self.out / "curves.png")
-            self.expert.epoch_artifacts(eval_model, *self._fixed_val_batch(), epoch + 1, self.out)
+            self.expert.epoch_artifacts(eval_model, *self._fixed_val_batch, epoch + 1, self.out)
             log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s %.4f%s  (%.0fs, %.0f img/s)",
                      epoch + 1, cfg.epochs, train_stats["train_loss"], metrics["val_loss"], cfg.select_metric,
                      value, "  *best*" if improved else "", train_stats["epoch_time"], train_stats["images_per_s"])
@@ -357,10 +358,11 @@ class Trainer:
         metrics["val_skipped"] = float((~s).sum())
         return metrics
 
-    def _fixed_val_batch(self, per_class: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same few val images of each class every epoch, normalised, for visual artefacts."""
+    @functools.cached_property
+    def _fixed_val_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same four val images of each class every epoch, normalised, for visual artefacts."""
         labels = self.val_frame["label"].to_numpy()
-        picks = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:per_class]]
+        picks = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:4]]
         items = [item for item in (self.val_set[i] for i in picks) if item is not None]
         batch = collate(items)
         return self._prepare(self.eval_tf(batch.images.to(self.device))), batch.labels
