@@ -1,0 +1,263 @@
+"""One command for every speed figure of the project: prints a table and writes JSON.
+
+    python -m benchmarks.bench --quick                  # a few minutes on a 2-core CPU
+    python -m benchmarks.bench --json output/bench.json # more runs per figure; adds section 5 on a CUDA box
+
+Sections: 1 input pipeline per worker core (ours vs the classic PIL + transforms v1 recipe vs decode alone),
+2 the same from the decoded cache, 3 CPU training steps through our Trainer vs a plain fp32 loop,
+4 feature extraction vs a bare forward, 5 (CUDA only) bf16/fp32, eager/compile, end-to-end/model-only and
+GPU memory. Each figure is the median images/s of several timed runs after warm-up; the cases compared
+with each other take turns run by run, so load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.data import crop_pngs
+from benchmarks.gpu import GpuPlan, gpu_compile, gpu_effnet, gpu_extraction, gpu_genconvit
+from benchmarks.input_pipeline import input_pipeline
+from benchmarks.timing import Row, fill_ratios, load_average, machine
+from benchmarks.training import cpu_extraction, cpu_training
+
+SECTIONS = ("input", "train", "extract", "gpu")
+
+
+@dataclass(frozen=True)
+class Plan:
+    images: int = 240
+    input_repeats: int = 7
+    train_steps: int = 1
+    train_repeats: int = 5
+    genconvit_repeats: int = 3
+    bf16_repeats: int = 2  # only where --amp auto picks fp32 (no native bf16): emulated bf16 is slow
+    extract_batches: int = 4
+    extract_repeats: int = 5
+    warmup: int = 1
+    gpu: GpuPlan = field(default_factory=GpuPlan)
+
+
+QUICK = Plan(
+    images=120,
+    input_repeats=5,
+    train_repeats=3,
+    genconvit_repeats=2,
+    bf16_repeats=0,
+    extract_batches=3,
+    extract_repeats=3,
+    gpu=GpuPlan(steps=10, e2e_steps=30, repeats=2),
+)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A ratio the issue asks for: row `case` over row `baseline` in `section` (prefix matches)."""
+
+    name: str
+    section: str
+    case: str
+    baseline: str | None
+    target: float  # a ratio, or images/s when baseline is None
+
+
+GOALS = (
+    Goal("input pipeline, full augmentation, per core: ours / classic", "1 input", "ours", "classic recipe", 2.0),
+    Goal(
+        "from the cache, augmentation included, per core: cache + ours / classic",
+        "2 cache",
+        "cache + ours",
+        "classic recipe",
+        5.0,
+    ),
+    Goal(
+        "EfficientNetV2-B3 CPU training step: ours / plain fp32",
+        "3 train CPU EffNetV2",
+        "ours (--amp auto",
+        "plain fp32 NCHW",
+        1.6,
+    ),
+    Goal("extraction / bare forward (CPU)", "4 extract", "FeatureExtractor.extract", "bare forward", 0.9),
+    Goal(
+        "H200: end-to-end (cache) / model-only",
+        "5 GPU train EffNetV2",
+        "end-to-end bf16, cache",
+        "model-only bf16",
+        0.9,
+    ),
+    Goal("H200: end-to-end EfficientNetV2-B3 images/s", "5 GPU train EffNetV2", "end-to-end bf16, cache", None, 4000.0),
+)
+
+
+def _find(rows: list[Row], section: str, case: str) -> Row | None:
+    return next((r for r in rows if r.section.startswith(section) and r.case.startswith(case)), None)
+
+
+def evaluate_goals(rows: list[Row]) -> list[dict[str, Any]]:
+    results = []
+    for goal in GOALS:
+        subject = _find(rows, goal.section, goal.case)
+        base = _find(rows, goal.section, goal.baseline) if goal.baseline else None
+        if subject is None or (goal.baseline and base is None):
+            results.append({"goal": goal.name, "target": goal.target, "value": None, "met": None})
+            continue
+        value = subject.value / base.value if base else subject.value
+        results.append(
+            {"goal": goal.name, "target": goal.target, "value": round(value, 3), "met": bool(value >= goal.target)}
+        )
+    return results
+
+
+def format_table(rows: list[Row]) -> str:
+    lines, section = [], None
+    header = f"{'case':<48} {'img/s':>9} {'runs min-max':>17} {'ratio':>7}  note"
+    for r in rows:
+        if r.section != section:
+            section = r.section
+            lines += ["", f"[{section}]", header]
+        spread = f"{min(r.runs):.1f}-{max(r.runs):.1f}" if r.runs else "derived"
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
+        note = "; ".join(filter(None, [r.note, *(f"{k} {v}" for k, v in r.extra.items())]))
+        lines.append(f"{r.case:<48} {r.value:>9.1f} {spread:>17} {ratio:>7}  {note}")
+    return "\n".join(lines)
+
+
+def format_goals(goals: list[dict[str, Any]]) -> str:
+    lines = ["", "[goals]"]
+    for g in goals:
+        if g["value"] is None:
+            lines.append(f"  n/a   {g['goal']} (target {g['target']:g}; not measured here)")
+        else:
+            mark = "met " if g["met"] else "MISS"
+            lines.append(f"  {mark}  {g['goal']}: {g['value']:g} (target {g['target']:g})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer images, steps and runs (CPU minutes)")
+    parser.add_argument("--json", default="output/benchmarks.json", help="where to write the results")
+    parser.add_argument("--work-dir", help="keep the generated images and caches here (default: a temporary folder)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for sections 3-5 (default: torch's, one per core); sections 1-2 use 1",
+    )
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.bench", *(sys.argv[1:] if argv is None else argv)])
+    plan = QUICK if args.quick else Plan()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built with random weights
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    print(f"$ {command}")
+    print(", ".join(f"{k} {v}" for k, v in info.items()))
+    started, load_start = time.time(), load_average()
+    print(f"load average at start {load_start} (other processes share this machine's cores)", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        frame = crop_pngs(work, plan.images)
+        wanted = set(args.sections.split(","))
+        parts: list[tuple[str, str, Callable[[], list[Row]]]] = [
+            (
+                "input",
+                "1-2 input pipeline",
+                lambda: input_pipeline(frame, work, warmup=plan.warmup, repeats=plan.input_repeats),
+            ),
+            (
+                "train",
+                "3 CPU training",
+                lambda: cpu_training(
+                    frame,
+                    work,
+                    steps=plan.train_steps,
+                    warmup=plan.warmup,
+                    repeats=plan.train_repeats,
+                    genconvit_repeats=plan.genconvit_repeats,
+                    bf16_repeats=plan.bf16_repeats,
+                ),
+            ),
+            (
+                "extract",
+                "4 CPU extraction",
+                lambda: cpu_extraction(
+                    frame, work, n_batches=plan.extract_batches, warmup=plan.warmup, repeats=plan.extract_repeats
+                ),
+            ),
+        ]
+        if torch.cuda.is_available():
+            parts += [
+                ("gpu", f"5 GPU {name}", lambda fn=fn: fn(frame, work, plan.gpu))
+                for name, fn in (
+                    ("training", gpu_effnet),
+                    ("compile", gpu_compile),
+                    ("GenConViT", gpu_genconvit),
+                    ("extraction", gpu_extraction),
+                )
+            ]
+        rows, errors, timings = [], [], {}
+        for key, name, fn in parts:
+            if key not in wanted:
+                continue
+            t0 = time.perf_counter()
+            print(f"running {name} ...", flush=True)
+            try:
+                rows += fn()
+            except Exception as err:  # a failing section must not cost the figures of the others
+                traceback.print_exc()
+                errors.append({"section": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+            timings[name] = round(time.perf_counter() - t0, 1)
+    skipped = [] if torch.cuda.is_available() else ["5 GPU: no CUDA device on this machine"]
+
+    fill_ratios(rows)
+    goals = evaluate_goals(rows)
+    print(format_table(rows))
+    print(format_goals(goals))
+    for message in skipped + [f"{e['section']} failed: {e['error']}" for e in errors]:
+        print(f"note: {message}")
+    result = {
+        "command": command,
+        "quick": args.quick,
+        "machine": info,
+        "load_average": {"start": load_start, "end": load_average()},
+        "seconds": {"total": round(time.time() - started, 1), **timings},
+        "rows": [asdict(r) for r in rows],
+        "goals": goals,
+        "skipped": skipped,
+        "errors": errors,
+    }
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    seconds, load_end = result["seconds"]["total"], result["load_average"]["end"]
+    print(f"wrote {out} ({seconds:.0f} s in all; load average at end {load_end})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Sections 1 and 2: images/s per loader-worker core, ours vs the classic recipe vs decode alone, and the same
+from the decoded cache.
+
+Everything runs in this one process on one thread, which is what one DataLoader worker gets (PyTorch sets
+one thread per worker), so the figures are per core.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
+
+from benchmarks.data import SIZE
+from benchmarks.timing import Row, derived, interleaved, row
+from src.data.cache import DecodedCache
+from src.data.dataset import ManifestDataset, collate, decode_image
+from src.data.transforms import AUG_CONFIGS, DeviceTransform, build_cpu_transform
+
+LEVEL = "standard"
+DEVICE_BATCH = 16
+
+
+class PILJpeg:
+    """JPEG re-compression the way the classic recipes write it: PIL save to memory, open again."""
+
+    def __init__(self, quality: tuple[int, int]):
+        self.quality = quality
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        quality = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
+        image.save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")
+
+
+def classic_transform() -> T.Compose:
+    """The baseline: torchvision transforms v1 on PIL images, with our `standard` strengths and chances."""
+    cfg = AUG_CONFIGS[LEVEL]
+    return T.Compose(
+        [
+            T.RandomHorizontalFlip(cfg.flip),
+            T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation)], p=cfg.jitter_p),
+            T.RandomApply([PILJpeg(cfg.jpeg_quality)], p=cfg.jpeg_p),
+            # Kernel 9 covers +-3 sigma of the largest sigma (1.5), as our batched blur does.
+            T.RandomApply([T.GaussianBlur(9, sigma=cfg.blur_sigma)], p=cfg.blur_p),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
+
+
+def _classic_item(path: str, transform: T.Compose) -> torch.Tensor:
+    with Image.open(path) as image:
+        return transform(image.convert("RGB"))
+
+
+def _pil_decode(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _over(n: int, fn: Callable[[int], object]) -> Callable[[], int]:
+    def run() -> int:
+        for i in range(n):
+            fn(i)
+        return n
+
+    return run
+
+
+def input_pipeline(frame: pd.DataFrame, work: Path, *, warmup: int, repeats: int) -> list[Row]:
+    """Rows of section 1 (from PNG files) and section 2 (from the decoded cache), measured side by side."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(frame, work, warmup, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(frame: pd.DataFrame, work: Path, warmup: int, repeats: int) -> list[Row]:
+    paths, n = frame["path"].tolist(), len(frame)
+    cpu_tf = build_cpu_transform(LEVEL)
+    ours = ManifestDataset(frame, SIZE, transform=cpu_tf, seed=0)
+    classic = classic_transform()
+
+    build_rates, slots = [], None
+    for i in range(max(repeats // 2, 1)):
+        # A fresh folder each time: the build is what a first run pays once per dataset.
+        folder = work / f"cache_build_{i}"
+        shutil.rmtree(folder, ignore_errors=True)
+        start = time.perf_counter()
+        slots = DecodedCache(folder, SIZE).prepare(paths, workers=1)
+        build_rates.append(n / (time.perf_counter() - start))
+    view = DecodedCache(folder, SIZE).view(slots)
+    cached = ManifestDataset(frame, SIZE, cache=view)
+    cached_ours = ManifestDataset(frame, SIZE, transform=cpu_tf, seed=0, cache=view)
+
+    # The device-side half of our augmentation, on this CPU: what a CPU-only box pays on top.
+    device_tf = DeviceTransform(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, LEVEL).train()
+    batches = [
+        collate([cached[j] for j in range(i, min(i + DEVICE_BATCH, n))]).images for i in range(0, n, DEVICE_BATCH)
+    ]
+    generator = torch.Generator().manual_seed(0)
+
+    def device_aug() -> int:
+        for images in batches:
+            device_tf(images, generator=generator)
+        return n
+
+    rates = interleaved(
+        {
+            "decode only (torchvision)": _over(n, lambda i: decode_image(paths[i])),
+            "decode only (PIL)": _over(n, lambda i: _pil_decode(paths[i])),
+            "classic recipe": _over(n, lambda i: _classic_item(paths[i], classic)),
+            "ours": _over(n, ours.__getitem__),
+            "ours: device aug on CPU": device_aug,
+            "cache read only": _over(n, cached.__getitem__),
+            "cache + ours": _over(n, cached_ours.__getitem__),
+        },
+        warmup=warmup,
+        repeats=repeats,
+    )
+    # The classic recipe's figure is repeated in section 2 so each ratio reads against a row of its own table.
+    s1, s2 = "1 input/core", "2 cache/core"
+    classic_row = row(
+        s1,
+        "classic recipe",
+        rates["classic recipe"],
+        note="PIL + transforms v1: flip, jitter, JPEG, blur, ToTensor, Normalize",
+    )
+    device = rates["ours: device aug on CPU"]
+    return [
+        row(s1, "decode only (torchvision)", rates["decode only (torchvision)"], baseline="classic recipe"),
+        row(s1, "decode only (PIL)", rates["decode only (PIL)"], baseline="classic recipe"),
+        classic_row,
+        row(
+            s1,
+            "ours",
+            rates["ours"],
+            baseline="classic recipe",
+            note="worker part: decode + JPEG re-compression (rest runs batched on the device)",
+        ),
+        row(
+            s1,
+            "ours: device aug on CPU",
+            device,
+            baseline="classic recipe",
+            note=f"DeviceTransform('{LEVEL}') on this CPU, batch {DEVICE_BATCH}, per image",
+        ),
+        derived(
+            s1,
+            "ours incl. device aug on CPU",
+            float(np.median(rates["ours"])),
+            float(np.median(device)),
+            baseline="classic recipe",
+            note="a CPU-only box does both on its cores",
+        ),
+        row(s2, "cache build", build_rates, note="decode + resize + write, one worker process"),
+        row(s2, "cache read only", rates["cache read only"], baseline="classic recipe"),
+        row(s2, "classic recipe", rates["classic recipe"], note="same runs as in section 1"),
+        row(
+            s2,
+            "cache + ours",
+            rates["cache + ours"],
+            baseline="classic recipe",
+            note="worker part from the cache: read + JPEG re-compression",
+        ),
+        derived(
+            s2,
+            "cache + ours incl. device aug on CPU",
+            float(np.median(rates["cache + ours"])),
+            float(np.median(device)),
+            baseline="classic recipe",
+        ),
+    ]
