@@ -28,6 +28,7 @@ from src.data.transforms import AUG_CONFIGS, DeviceTransform, build_cpu_transfor
 
 LEVEL = "standard"
 DEVICE_BATCH = 16
+DEVICE = "ours: device aug on CPU"
 
 
 class PILJpeg:
@@ -125,63 +126,38 @@ def _measure(frame: pd.DataFrame, work: Path, warmup: int, repeats: int) -> list
             "decode only (PIL)": _over(n, lambda i: _pil_decode(paths[i])),
             "classic recipe": _over(n, lambda i: _classic_item(paths[i], classic)),
             "ours": _over(n, ours.__getitem__),
-            "ours: device aug on CPU": device_aug,
+            DEVICE: device_aug,
             "cache read only": _over(n, cached.__getitem__),
             "cache + ours": _over(n, cached_ours.__getitem__),
         },
         warmup=warmup,
         repeats=repeats,
     )
-    # The classic recipe's figure is repeated in section 2 so each ratio reads against a row of its own table.
     s1, s2 = "1 input/core", "2 cache/core"
-    classic_row = row(
-        s1,
-        "classic recipe",
-        rates["classic recipe"],
-        note="PIL + transforms v1: flip, jitter, JPEG, blur, ToTensor, Normalize",
-    )
-    device = rates["ours: device aug on CPU"]
+
+    def measured(section: str, case: str, **kwargs) -> Row:
+        baseline = None if case == "classic recipe" else "classic recipe"
+        return row(section, case, rates[case], baseline=baseline, group="input", **kwargs)
+
+    ours_rate, cache_rate, device_rate = (float(np.median(rates[k])) for k in ("ours", "cache + ours", DEVICE))
     return [
-        row(s1, "decode only (torchvision)", rates["decode only (torchvision)"], baseline="classic recipe"),
-        row(s1, "decode only (PIL)", rates["decode only (PIL)"], baseline="classic recipe"),
-        classic_row,
-        row(
-            s1,
-            "ours",
-            rates["ours"],
-            baseline="classic recipe",
-            note="worker part: decode + JPEG re-compression (rest runs batched on the device)",
-        ),
-        row(
-            s1,
-            "ours: device aug on CPU",
-            device,
-            baseline="classic recipe",
-            note=f"DeviceTransform('{LEVEL}') on this CPU, batch {DEVICE_BATCH}, per image",
-        ),
+        measured(s1, "decode only (torchvision)"),
+        measured(s1, "decode only (PIL)"),
+        measured(s1, "classic recipe", note="PIL + transforms v1: flip, jitter, JPEG, blur, ToTensor, Normalize"),
+        measured(s1, "ours", note="worker part: decode + JPEG re-compression (the rest runs batched on the device)"),
+        measured(s1, DEVICE, note=f"DeviceTransform('{LEVEL}') on this CPU, batch {DEVICE_BATCH}, per image"),
         derived(
             s1,
             "ours incl. device aug on CPU",
-            float(np.median(rates["ours"])),
-            float(np.median(device)),
+            ours_rate,
+            device_rate,
             baseline="classic recipe",
             note="a CPU-only box does both on its cores",
         ),
         row(s2, "cache build", build_rates, note="decode + resize + write, one worker process"),
-        row(s2, "cache read only", rates["cache read only"], baseline="classic recipe"),
-        row(s2, "classic recipe", rates["classic recipe"], note="same runs as in section 1"),
-        row(
-            s2,
-            "cache + ours",
-            rates["cache + ours"],
-            baseline="classic recipe",
-            note="worker part from the cache: read + JPEG re-compression",
-        ),
-        derived(
-            s2,
-            "cache + ours incl. device aug on CPU",
-            float(np.median(rates["cache + ours"])),
-            float(np.median(device)),
-            baseline="classic recipe",
-        ),
+        measured(s2, "cache read only"),
+        # Repeated here so that each ratio reads against a row of its own table.
+        measured(s2, "classic recipe", note="the same runs as in section 1"),
+        measured(s2, "cache + ours", note="worker part from the cache: read + JPEG re-compression"),
+        derived(s2, "cache + ours incl. device aug on CPU", cache_rate, device_rate, baseline="classic recipe"),
     ]

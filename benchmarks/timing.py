@@ -28,6 +28,8 @@ class Row:
     baseline: str | None = None  # case name, in the same section, that `ratio` divides by
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Rows of one group were measured turn by turn (see `interleaved`): their runs pair up one to one.
+    group: str | None = None
     ratio: float | None = None
 
 
@@ -60,10 +62,15 @@ def derived(section: str, case: str, *per_image_parts: float, **kwargs: Any) -> 
 
 
 def fill_ratios(rows: list[Row]) -> None:
+    """Each row's ratio to its baseline: the median of run-by-run ratios where the runs pair up (a load spike
+    then moves both runs of a pair, not the ratio), else the ratio of the medians."""
     by_key = {(r.section, r.case): r for r in rows}
     for r in rows:
-        if r.baseline is not None and (r.section, r.baseline) in by_key:
-            r.ratio = r.value / by_key[(r.section, r.baseline)].value
+        base = by_key.get((r.section, r.baseline))
+        if base is None:
+            continue
+        paired = r.group is not None and r.group == base.group and len(r.runs) == len(base.runs)
+        r.ratio = statistics.median(a / b for a, b in zip(r.runs, base.runs)) if paired else r.value / base.value
 
 
 def machine() -> dict[str, Any]:

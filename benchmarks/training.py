@@ -190,12 +190,13 @@ def cpu_training(
             {"plain": plain, "ours": ours.model_only(batch, steps)}, warmup=warmup, repeats=repeats_here
         )
         rows += [
-            row(section, "plain fp32 NCHW", rates["plain"], note=f"{note}; ready float batch"),
+            row(section, "plain fp32 NCHW", rates["plain"], group=section, note=f"{note}; ready float batch"),
             row(
                 section,
                 f"ours (--amp auto: {ours.amp})",
                 rates["ours"],
                 baseline="plain fp32 NCHW",
+                group=section,
                 note=f"{note}; the Trainer's step incl. device aug",
             ),
         ]
@@ -269,12 +270,13 @@ def cpu_extraction(frame: pd.DataFrame, work: Path, *, n_batches: int, warmup: i
     rates = interleaved(cases, warmup=warmup, repeats=repeats)
     section = "4 extract CPU EffNetV2-B3 256px b16"
     return [
-        row(section, "bare forward", rates["bare forward"], note="model(x) on normalised inputs"),
+        row(section, "bare forward", rates["bare forward"], group=section, note="model(x) on normalised inputs"),
         row(
             section,
             "FeatureExtractor.extract",
             rates["FeatureExtractor.extract"],
             baseline="bare forward",
+            group=section,
             note="uint8 batches in; normalise, embeddings + P(fake) out as numpy",
         ),
     ]
