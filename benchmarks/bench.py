@@ -106,6 +106,10 @@ def evaluate_goals(rows: list[Row]) -> list[dict[str, Any]]:
     return results
 
 
+def _num(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def format_table(rows: list[Row]) -> str:
     lines, section = [], None
     header = f"{'case':<48} {'img/s':>9} {'runs min-max':>17} {'ratio':>7}  note"
@@ -113,10 +117,10 @@ def format_table(rows: list[Row]) -> str:
         if r.section != section:
             section = r.section
             lines += ["", f"[{section}]", header]
-        spread = f"{min(r.runs):.1f}-{max(r.runs):.1f}" if r.runs else "derived"
+        spread = f"{_num(min(r.runs))}-{_num(max(r.runs))}" if r.runs else "derived"
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         note = "; ".join(filter(None, [r.note, *(f"{k} {v}" for k, v in r.extra.items())]))
-        lines.append(f"{r.case:<48} {r.value:>9.1f} {spread:>17} {ratio:>7}  {note}")
+        lines.append(f"{r.case:<48} {_num(r.value):>9} {spread:>17} {ratio:>7}  {note}")
     return "\n".join(lines)
 
 
@@ -165,10 +169,10 @@ def markdown(result: dict[str, Any]) -> str:
                 "| case | img/s | runs (min-max) | ratio | note |",
                 "|---|---:|---:|---:|---|",
             ]
-        spread = f"{min(r['runs']):.1f}-{max(r['runs']):.1f}" if r["runs"] else "derived"
+        spread = f"{_num(min(r['runs']))}-{_num(max(r['runs']))}" if r["runs"] else "derived"
         ratio = f"{r['ratio']:.2f}x vs {r['baseline']}" if r["ratio"] is not None else ""
         note = "; ".join(filter(None, [r["note"], *(f"{k} {v}" for k, v in r["extra"].items())]))
-        lines.append(f"| {r['case']} | {r['value']:.1f} | {spread} | {ratio} | {note} |")
+        lines.append(f"| {r['case']} | {_num(r['value'])} | {spread} | {ratio} | {note} |")
     lines += ["", "| goal | target | this run | |", "|---|---:|---:|---|"]
     for g in result["goals"]:
         value = "not measured" if g["value"] is None else f"{g['value']:g}"

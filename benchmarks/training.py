@@ -10,7 +10,7 @@ be model-only; the plain loop gets a ready float batch, so every extra the train
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -117,7 +117,7 @@ class TrainerSteps:
         """Whole epochs through the trainer's own DataLoader (workers restart each epoch, as in training)."""
         return lambda: self._epoch(self.loader, self.steps)
 
-    def _epoch(self, loader, steps: int) -> int:
+    def _epoch(self, loader: Iterable[Batch], steps: int) -> int:
         trainer = self.trainer
         trainer.train_loader, trainer.steps_per_epoch = loader, steps
         trainer._train_epoch(self.epoch, 0, None, self.ctx)
