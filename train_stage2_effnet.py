@@ -29,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pos-weight", default="none",
                        help="BCE weight of fake samples: auto (= n_real / n_fake), none, or a number")
     model.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--demo", action="store_true",
-                        help="train briefly on the built-in synthetic dataset (generated under data/demo)")
     return parser
 
 

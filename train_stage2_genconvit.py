@@ -44,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timm ConvNeXt of the classifier (the official weights need convnext_tiny)")
     model.add_argument("--latent-channels", type=int, default=256,
                        help="VAE latent size / 49 (256 = the official 12544-d latent)")
-    parser.add_argument("--demo", action="store_true",
-                        help="train briefly on the built-in synthetic dataset (generated under data/demo)")
     return parser
 
 

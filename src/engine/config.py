@@ -116,6 +116,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
                      help="steps between progress lines when stdout is not a terminal")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
                      help="fit a temperature on the validation logits of the best epoch")
+    parser.add_argument("--demo", action="store_true",
+                        help="train briefly on the built-in synthetic dataset (generated under data/demo)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
