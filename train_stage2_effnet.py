@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from src.engine.cli import apply_demo, exit_on_error
+from src.engine.cli import exit_on_error, parse_args
 from src.engine.config import add_train_args, config_from_args
 from src.engine.trainer import run
 from src.experts.effnet import TimmExpert
@@ -33,12 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.demo:
-        # Offline, the demo trains from scratch unless --pretrained-file is given; small and short for a CPU.
-        apply_demo(args, parser, model="tf_efficientnetv2_b3", pretrained=args.pretrained_file is not None,
-                   img_size=128, epochs=5, batch_size=32, lr=5e-4, warmup_epochs=0.5, workers=2, aug="light")
+    # The demo trains from scratch (no weights offline), small and short for two CPU cores: 96px, and no stochastic
+    # depth, a regulariser that slows learning from scratch on 420 images (best AUC 0.93 with it, 0.98 without).
+    args = parse_args(build_parser(), argv, model="tf_efficientnetv2_b3", pretrained=False, img_size=96, epochs=10,
+                      batch_size=32, lr=1e-3, warmup_epochs=0.5, drop_path=0.0, workers=2)
     cfg = config_from_args(args)
     expert = TimmExpert(
         resolve_model_name(args.model),

@@ -6,8 +6,9 @@
 Sections: 1 input pipeline per worker core (ours vs the classic PIL + transforms v1 recipe vs decode alone),
 2 the same from the decoded cache, 3 CPU training steps through our Trainer vs a plain fp32 loop,
 4 feature extraction vs a bare forward, 5 (CUDA only) bf16/fp32, eager/compile, end-to-end/model-only and
-GPU memory. Each figure is the median images/s of several timed runs after warm-up; the cases compared
-with each other take turns run by run, so load from other processes hits them alike.
+GPU memory; "learn" (benchmarks/learn.py): what the trainer learns at every --aug level against a plain loop.
+Each speed figure is the median images/s of several timed runs after warm-up; the cases compared with each
+other take turns run by run, so load from other processes hits them alike.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import torch
 from benchmarks.data import crop_pngs
 from benchmarks.gpu import GpuPlan, gpu_compile, gpu_effnet, gpu_extraction, gpu_genconvit
 from benchmarks.input_pipeline import input_pipeline
+from benchmarks.learn import LearnPlan, run_learn
+from benchmarks.learn import markdown as learn_markdown
 from benchmarks.timing import Row, fill_ratios, load_average, machine
 from benchmarks.training import cpu_extraction, cpu_training
 
-SECTIONS = ("input", "train", "extract", "gpu")
+SECTIONS = ("input", "train", "extract", "gpu", "learn")
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,8 @@ def markdown(result: dict[str, Any]) -> str:
         value = "not measured" if g["value"] is None else f"{g['value']:g}"
         verdict = "" if g["met"] is None else "met" if g["met"] else "**missed**"
         lines.append(f"| {g['goal']} | {g['target']:g} | {value} | {verdict} |")
+    if result.get("learn"):
+        lines += ["", "**learn**", "", learn_markdown(result["learn"])]
     return "\n".join(lines) + "\n"
 
 
@@ -268,11 +273,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 traceback.print_exc()
                 errors.append({"section": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
             timings[name] = round(time.perf_counter() - t0, 1)
+        learn = None
+        if "learn" in wanted:
+            t0 = time.perf_counter()
+            print("running learnability ...", flush=True)
+            learn = run_learn(LearnPlan(seeds=(0,) if args.quick else (0, 1, 2)), work)
+            timings["learn"] = round(time.perf_counter() - t0, 1)
     skipped = [] if torch.cuda.is_available() else ["5 GPU: no CUDA device on this machine"]
 
     fill_ratios(rows)
     goals = evaluate_goals(rows)
     print(format_table(rows))
+    if learn is not None:
+        print("\n[learn]\n" + learn_markdown(learn))
     print(format_goals(goals))
     for message in skipped + [f"{e['section']} failed: {e['error']}" for e in errors]:
         print(f"note: {message}")
@@ -284,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {"total": round(time.time() - started, 1), **timings},
         "rows": [asdict(r) for r in rows],
         "goals": goals,
+        "learn": learn,
         "skipped": skipped,
         "errors": errors,
     }

@@ -3,6 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from src.experts.effnet import TimmExpert
 from src.models.factory import PretrainedWeightsError, create_timm_model, resolve_model_name, timm_data_config
 
 
@@ -35,9 +36,9 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path, suffix):
     assert loaded["classifier.weight"].shape == (1, state["classifier.weight"].shape[1])  # new one-logit head
 
 
-def test_offline_download_failure_names_both_flags():
+def test_offline_download_failure_names_the_effnet_trainers_flags():
     with pytest.raises(PretrainedWeightsError) as err:
-        create_timm_model("test_efficientnet", pretrained=True)
+        TimmExpert("test_efficientnet", img_size=32, pretrained=True).build_model()
     message = str(err.value)
     assert "--pretrained-file" in message and "--no-pretrained" in message and "\n" not in message
 

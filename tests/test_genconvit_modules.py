@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.distributions import Normal, kl_divergence
 
 from src.stage2.genconvit import (
@@ -15,6 +16,7 @@ from src.stage2.genconvit import (
     GenConViTLoss,
     GenConViTVAE,
     build_genconvit,
+    init_var_from_mu,
 )
 from src.stage2.genconvit.vae import VAEEncoder
 
@@ -134,13 +136,36 @@ def test_kl_term_is_added_and_reaches_the_var_head(vae_model, images):
     vae_model.zero_grad(set_to_none=True)
 
 
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+    return images * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_reconstruction_target_is_the_input_in_pixels_which_the_decoder_can_reach(variant, ed_model, vae_model):
+    # A normalised crop: most of its values are negative, which the ED decoder's final ReLU cannot output.
+    crop = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
+    images = (crop - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    assert (images < 0).float().mean() > 0.4
+    model = ed_model if variant == "ed" else vae_model
+    with torch.no_grad():
+        out = model(images)
+    loss = GenConViTLoss(recon_weight=1.0, kl_weight=0.0)
+    perfect = out._replace(recon=crop.clone())
+    torch.testing.assert_close(loss(perfect, images, torch.tensor([0, 1]))["recon"], torch.zeros(2))
+    # The best a ReLU output can do is 0 where the target is negative: against pixels that costs nothing.
+    clipped = out._replace(recon=loss.pixels(images).clamp_min(0))
+    assert loss(clipped, images, torch.tensor([0, 1]))["recon"].max() < 1e-10
+
+
 def test_ed_loss_terms(ed_model, images):
     labels = torch.tensor([0, 1])
     with torch.no_grad():
         out = ed_model(images)
     terms = GenConViTLoss(recon_weight=2.0, kl_weight=1.0)(out, images, labels)
     assert terms["loss"].shape == (2,) and (terms["kl"] == 0).all()
-    torch.testing.assert_close(terms["recon"].mean(), F.mse_loss(out.recon, images))
+    torch.testing.assert_close(terms["recon"].mean(), F.mse_loss(out.recon, pixels(images)))
     targets = torch.tensor([1, 0])  # official order: real -> 1, fake -> 0
     torch.testing.assert_close(terms["cls"], F.cross_entropy(out.logits, targets, reduction="none"))
     torch.testing.assert_close(terms["loss"], terms["cls"] + 2.0 * terms["recon"])
@@ -185,3 +210,16 @@ def test_factory():
         build_genconvit("gan")
     with pytest.raises(ValueError, match="arch"):
         build_genconvit("ed", arch="swin")
+
+
+def test_var_from_mu_makes_step_zero_sample_as_upstream_did(vae_model, images):
+    torch.manual_seed(0)
+    model = GenConViTVAE(img_size=IMG, latent_channels=LATENT)
+    init_var_from_mu(model)
+    encoder = model.encoder.train()
+    torch.manual_seed(1)
+    z, mu, logvar = encoder(images)
+    torch.manual_seed(1)
+    eps = torch.randn_like(mu)
+    torch.testing.assert_close(logvar, mu)
+    torch.testing.assert_close(z, mu + eps * torch.exp(0.5 * mu))  # upstream: std from the mu head

@@ -119,6 +119,23 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(effnet_args):
     assert pd.read_csv(_out(effnet_args) / "metrics.csv")["epoch"].tolist() == [1]
 
 
+def test_warmup_reaches_the_peak_lr_exactly(effnet_args):
+    args = [*effnet_args[:-4], "--epochs", "3", "--lr", "3e-4", "--warmup-epochs", "1", *effnet_args[-2:]]
+    train_stage2_effnet.main(args)
+    lrs = pd.read_csv(_out(args) / "metrics.csv")["lr"]
+    assert lrs.iloc[0] == pytest.approx(3e-4)  # the last update of epoch 1 ends the warmup at --lr
+    assert lrs.iloc[1] < 3e-4 and lrs.iloc[2] < lrs.iloc[1]
+
+
+def test_the_new_head_starts_at_p_fake_one_half():
+    model = TimmExpert("tf_efficientnetv2_b0", img_size=64, pretrained=False).build_model().train()
+    logits = model(torch.randn(4, 3, 64, 64))
+    assert torch.equal(logits, torch.zeros_like(logits))
+    # timm's own init of a one-output EfficientNet head draws from U(-1, 1): logits of several units.
+    assert TimmExpert("tf_efficientnetv2_b0", img_size=64, pretrained=False)._create().train()(
+        torch.randn(4, 3, 64, 64)).abs().max() > 0.5
+
+
 def test_pos_weight_auto_balances_the_loss():
     expert = TimmExpert("test_efficientnet", img_size=32, pretrained=False, pos_weight="auto")
     expert.prepare(np.array([0, 0, 0, 1]))

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 
 import train_stage2_genconvit
-from src.experts.genconvit import parse_stages
-from src.stage2.genconvit import GenConViTED
+from src.experts.genconvit import GenConViTExpert, parse_stages
+from src.models.factory import PretrainedWeightsError
+from src.stage2.genconvit import GenConViTED, GenConViTVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +115,60 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     b = torch.load(killed / "ed" / "last.pt", weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(("init", "names"), [("scratch", ["full"]), ("official", ["full"]),
+                                             ("imagenet", ["frozen", "full"])])
+def test_default_stages_train_every_epoch_at_the_recipe_lr(init, names):
+    parser = train_stage2_genconvit.build_parser()
+    args = parser.parse_args(["--init", init])
+    assert (args.lr, args.opt, args.weight_decay, args.batch_size) == (1e-4, "adam", 1e-4, 32)  # upstream's recipe
+    stages = GenConViTExpert("ed", init=init).stages(args.epochs, args.lr)
+    assert [s.name for s in stages] == names and sum(s.epochs for s in stages) == args.epochs
+    assert all(s.lr == args.lr for s in stages)
+
+
+def test_weight_decay_help_says_adam_is_l2():
+    help_text = " ".join(train_stage2_genconvit.build_parser().format_help().split())
+    assert "L2 term added to the gradient with adam" in help_text and "decoupled with adamw" in help_text
+
+
+def test_script_header_explains_the_generative_part():
+    doc = train_stage2_genconvit.__doc__
+    assert doc.index("reconstruction") < doc.index("python train_stage2_genconvit.py")
+
+
+def test_official_vae_starts_with_var_equal_to_mu(tmp_path):
+    reference = GenConViTVAE(img_size=64, latent_channels=4, convnext_name="test_convnext")
+    weights = tmp_path / "genconvit_vae_inference.pth"
+    torch.save(reference.state_dict(), weights)
+    expert = GenConViTExpert("vae", img_size=64, init="official", weights=weights,
+                             model_kwargs={"img_size": 64, "latent_channels": 4, "convnext_name": "test_convnext"})
+    model = expert.build_model()
+    assert not torch.equal(reference.encoder.var.weight, reference.encoder.mu.weight)
+    assert torch.equal(model.encoder.var.weight, reference.encoder.mu.weight)
+    assert torch.equal(model.encoder.var.bias, reference.encoder.mu.bias)
+    assert torch.equal(model.encoder.mu.weight, reference.encoder.mu.weight)
+
+
+def test_hybrid_swin_loads_from_a_local_file_and_offline_errors_name_the_flags(tmp_path):
+    tiny_swin = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4}
+    kwargs = {"img_size": 64, "convnext_name": "test_convnext", "swin_kwargs": tiny_swin}
+    convnext, swin = tmp_path / "convnext.safetensors", tmp_path / "swin.safetensors"
+    save_file(timm.create_model("test_convnext").state_dict(), str(convnext))
+    swin_state = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, **tiny_swin).state_dict()
+    save_file(swin_state, str(swin))
+
+    def build(**files):
+        return GenConViTExpert("ed", img_size=64, arch="hybrid", init="imagenet", model_kwargs=kwargs,
+                               **files).build_model()
+
+    with pytest.raises(PretrainedWeightsError) as err:
+        build(backbone_file=convnext)  # the Swin would have to come from the hub
+    assert "--swin-file" in str(err.value) and "--backbone-file" in str(err.value)
+    assert "--pretrained-file" not in str(err.value) and "\n" not in str(err.value)
+    model = build(backbone_file=convnext, swin_file=swin)
+    assert torch.equal(model.swin.state_dict()["layers.0.blocks.0.attn.qkv.weight"],
+                       swin_state["layers.0.blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="--swin-file"):
+        GenConViTExpert("ed", arch="official", init="scratch", swin_file=swin)

@@ -1,4 +1,4 @@
-"""What both entry scripts do around `run`: the --demo set-up and one-line errors for bad input."""
+"""What both entry scripts do around `run`: parsing (with the --demo defaults) and one-line errors for bad input."""
 
 from __future__ import annotations
 
@@ -23,19 +23,16 @@ DEMO_ROOT = Path("data/demo")
 USER_ERRORS = (ManifestError, ImageDecodeError, CheckpointError, ConfigError, PretrainedWeightsError, ValueError)
 
 
-def apply_demo(args: argparse.Namespace, parser: argparse.ArgumentParser, **overrides: Any) -> None:
-    """Point `args` at the built-in synthetic dataset (generated on first use) with short-run settings.
-
-    `overrides` replace the trainer's defaults only: a flag given on the command line still wins.
-    """
-    train, val = make_demo_dataset(DEMO_ROOT)
-    args.train_manifest, args.val_manifest, args.data_root = str(train), str(val), None
-    args.output_dir = str(Path(args.output_dir).with_name(Path(args.output_dir).name + "_demo"))
-    args.overwrite = args.resume is None
-    for name, value in overrides.items():
-        if getattr(args, name) == parser.get_default(name):
-            setattr(args, name, value)
-    logging.getLogger("src").info("demo: synthetic data in %s, outputs in %s", DEMO_ROOT, args.output_dir)
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: Any) -> argparse.Namespace:
+    """Parse the command line; with --demo, `demo` settings and the built-in dataset become the defaults first,
+    so that a flag given on the command line still wins (even one given at its usual default)."""
+    if parser.parse_known_args(argv)[0].demo:
+        train, val = make_demo_dataset(DEMO_ROOT)
+        output_dir = parser.get_default("output_dir") + "_demo"
+        parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
+                            overwrite=True, **demo)
+        logging.getLogger("src").info("demo: synthetic data in %s", DEMO_ROOT)
+    return parser.parse_args(argv)
 
 
 def exit_on_error(main: Callable[[], object]) -> None:

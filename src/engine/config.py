@@ -83,7 +83,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     opt.add_argument("--min-lr", type=float, default=d["min_lr"], help="cosine floor")
     opt.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"], help="linear warmup length")
     opt.add_argument("--weight-decay", type=float, default=d["weight_decay"],
-                     help="decoupled weight decay (never applied to norms and biases)")
+                     help="weight decay, never applied to norms and biases: decoupled with adamw (and lamb, "
+                          "lion...), an L2 term added to the gradient with adam and sgd")
     opt.add_argument("--opt", default=d["opt"], help="timm optimizer name (adamw, adam, sgd, lamb, ...)")
     opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
     opt.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="max gradient norm; 0 disables")

@@ -178,10 +178,8 @@ class Trainer:
         for name, p in self.model.named_parameters():
             p.requires_grad_(name in self.learnable and (stage.trainable is None or stage.trainable(name)))
         optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=stage.lr, weight_decay=cfg.weight_decay)
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched="cosine", num_epochs=stage.epochs, warmup_epochs=min(cfg.warmup_epochs, stage.epochs),
-            min_lr=cfg.min_lr, warmup_lr=stage.lr * 1e-3, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch)
+        scheduler = _warmup_cosine(optimizer, stage.lr, cfg.min_lr, cfg.warmup_epochs, stage.epochs,
+                                   self.updates_per_epoch)
         if state:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -518,7 +516,8 @@ class Trainer:
         cfg, dc = self.cfg, self.data_config
         n_params = sum(p.numel() for p in self.model.parameters())
         lines = [
-            f"device {self.device} x {self.dist.world_size} rank(s), amp {self.amp_dtype or 'off'}, "
+            f"device {self.device} x {self.dist.world_size} rank(s)"
+            f"{f' (process group {self.dist.backend})' if self.dist.backend else ''}, amp {self.amp_dtype or 'off'}, "
             f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}",
             f"train {len(self.train_set)} images ({int(self.train_frame['label'].sum())} fake) from "
             f"{cfg.train_manifest}; val {len(self.val_set)} from {cfg.val_manifest}",
@@ -552,6 +551,21 @@ def _check_same_model(state: dict[str, Any], meta: dict[str, Any], what: str) ->
     for key, value in meta.items():
         if state.get(key) != value:
             raise ConfigError(f"{what}: checkpoint has {key}={state.get(key)!r} but this run uses {value!r}")
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, warmup_epochs: float, epochs: int,
+                   updates_per_epoch: int) -> Any:
+    """Per-update schedule: linear warmup that reaches `lr` exactly, then a cosine from `lr` to `min_lr`.
+
+    Counted in updates, and with the warmup as a prefix: timm's default starts the cosine at update 0, so a
+    warmup of one epoch in three peaked at 75% of --lr.
+    """
+    total = epochs * updates_per_epoch
+    warmup = min(round(warmup_epochs * updates_per_epoch), total - 1)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=total - warmup, warmup_epochs=warmup,
+                                       warmup_prefix=True, min_lr=min_lr, warmup_lr=lr * 1e-3, step_on_epochs=False,
+                                       updates_per_epoch=1)
+    return scheduler
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

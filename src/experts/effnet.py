@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from src.experts.base import Expert
-from src.models.factory import create_timm_model, timm_data_config
+from src.models.factory import PretrainedWeightsError, create_timm_model, timm_data_config
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,29 @@ class TimmExpert(Expert):
         self.label_smoothing = label_smoothing
 
     def build_model(self) -> nn.Module:
-        return create_timm_model(
-            self.model_name,
-            pretrained=self.pretrained,
-            pretrained_file=self.pretrained_file,
-            num_classes=1,
-            drop_path_rate=self.drop_path_rate,
-        )
+        model = self._create()
+        # The one-logit head is always new. Start it at zero, so every image starts at P(fake) = 0.5 (loss ln 2):
+        # timm's EfficientNet init draws a 1-output head from U(-1, 1), which gave logits of +-5 and a first-epoch
+        # loss of 3 that the demo spent epochs working off, with large gradients into a pretrained backbone.
+        head = model.get_classifier()
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return model
+
+    def _create(self) -> nn.Module:
+        try:
+            return create_timm_model(
+                self.model_name,
+                pretrained=self.pretrained,
+                pretrained_file=self.pretrained_file,
+                num_classes=1,
+                drop_path_rate=self.drop_path_rate,
+            )
+        except PretrainedWeightsError as err:
+            if self.pretrained_file is not None:
+                raise PretrainedWeightsError(f"--pretrained-file: {err}") from err
+            raise PretrainedWeightsError(f"{err}; offline, pass --pretrained-file PATH (safetensors or .pth) or "
+                                         "--no-pretrained") from err
 
     def prepare(self, labels: np.ndarray) -> None:
         if self.pos_weight == "auto":

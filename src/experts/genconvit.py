@@ -19,7 +19,13 @@ from torchvision.utils import make_grid, save_image
 
 from src.experts.base import Expert, Stage
 from src.models.factory import PretrainedWeightsError
-from src.stage2.genconvit import GenConViTLoss, build_genconvit, fake_logit, load_official_checkpoint
+from src.stage2.genconvit import (
+    GenConViTLoss,
+    build_genconvit,
+    fake_logit,
+    init_var_from_mu,
+    load_official_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,10 @@ HF_REPO = "Deressa/GenConViT"
 HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_inference.pth"}
 # Attribute names of the timm backbones inside the GenConViT modules; frozen in a "frozen" stage.
 BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "convnext.", "swin.")
-DEFAULT_STAGES = "frozen:1:1,full:rest:0.1"
+# Every stage trains at --lr (the recipe's Adam 1e-4). From ImageNet backbones, the new autoencoder and heads
+# first learn for an epoch with the backbones frozen, so their random gradients do not disturb the pretrained
+# features; from scratch or from the official weights nothing is new, so everything trains from the start.
+DEFAULT_STAGES = {"official": "full:rest", "imagenet": "frozen:1,full:rest", "scratch": "full:rest"}
 
 
 def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
@@ -81,33 +90,47 @@ class GenConViTExpert(Expert):
         init: str = "official",
         weights: str | Path | None = None,
         backbone_file: str | Path | None = None,
+        swin_file: str | Path | None = None,
         recon_weight: float = 1.0,
         kl_weight: float = 0.5,
         label_smoothing: float = 0.0,
-        stages: str = DEFAULT_STAGES,
+        stages: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ):
         if init not in INIT_MODES:
             raise ValueError(f"--init {init!r}: expected one of {', '.join(INIT_MODES)}")
         if init == "official" and arch != "official":
             raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
+        if swin_file is not None and arch != "hybrid":
+            raise ValueError("--swin-file: only --arch hybrid has a Swin that is used")
         self.variant, self.arch, self.init = variant, arch, init
         self.img_size = img_size
         self.weights = weights
         self.backbone_file = backbone_file
-        self.stage_spec = stages
+        self.swin_file = swin_file
+        self.stage_spec = stages or DEFAULT_STAGES[init]
         self.model_kwargs = dict(model_kwargs or {})
-        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing)
         self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
+                                       self.mean, self.std)
 
     def build_model(self) -> nn.Module:
-        file = None if self.backbone_file is None else str(self.backbone_file)
-        file_arg = "backbone_file" if self.arch == "official" else "convnext_file"
-        backbone = {"backbone_pretrained": self.init == "imagenet", file_arg: file}
-        model = build_genconvit(self.variant, self.arch, **self.model_kwargs, **backbone)
+        files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
+            "convnext_file": _str(self.backbone_file), "swin_file": _str(self.swin_file)}
+        try:
+            model = build_genconvit(self.variant, self.arch, **self.model_kwargs,
+                                    backbone_pretrained=self.init == "imagenet", **files)
+        except PretrainedWeightsError as err:
+            swin = " and --swin-file (Swin)" if self.arch == "hybrid" else ""
+            raise PretrainedWeightsError(f"{err}; offline, pass --backbone-file (ConvNeXt){swin}, or use "
+                                         "--init scratch") from err
         if self.init == "official":
             report = load_official_checkpoint(model, self._official_weights())
             log.info("loaded official GenConViT-%s weights: %s", self.variant.upper(), report)
+            if self.variant == "vae":
+                init_var_from_mu(model)
+                log.info("VAE var head initialised from the mu head: the first steps sample as the official "
+                         "model was trained (std = exp(mu / 2)); see src/stage2/genconvit/vae.py")
         return model
 
     def _official_weights(self) -> str:
@@ -122,7 +145,7 @@ class GenConViTExpert(Expert):
         except Exception as err:
             raise PretrainedWeightsError(
                 f"could not download {HF_REPO}/{HF_FILES[self.variant]} ({type(err).__name__}); offline, pass "
-                "--weights PATH to the official file, or use --init imagenet|scratch") from err
+                "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch") from err
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         size = self.img_size
@@ -151,21 +174,24 @@ class GenConViTExpert(Expert):
     @torch.no_grad()
     def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
                         out_dir: Path) -> None:
-        """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4.
+        """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
+        the [0, 1] pixel space the reconstruction loss is computed in.
 
         Real images come first, then fakes; a detector that works shows brighter differences on fakes.
         """
         model.eval()
-        recon = model(images).recon.float()
-        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = images.new_tensor(self.std).view(1, 3, 1, 1)
-        shown, rebuilt = (images.float() * std + mean).clamp(0, 1), (recon * std + mean).clamp(0, 1)
+        outputs = model(images)
+        shown, rebuilt = self.criterion.pixels(images).clamp(0, 1), outputs.recon.float().clamp(0, 1)
         diff = ((shown - rebuilt).abs() * 4).clamp(0, 1)
         tiles = torch.stack([shown, rebuilt, diff], dim=1).flatten(0, 1)
         path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(make_grid(tiles.cpu(), nrow=3, padding=2), path)
-        per_image = (images.float() - recon).pow(2).flatten(1).mean(1).cpu().numpy()
+        per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
         labels_np = labels.cpu().numpy()
         log.info("recon samples: %s (MSE real %.4f, fake %.4f)", path, float(np.mean(per_image[labels_np == 0])),
                  float(np.mean(per_image[labels_np == 1])))
+
+
+def _str(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)

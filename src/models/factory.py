@@ -54,6 +54,7 @@ def create_timm_model(
 
     `pretrained_file` (safetensors or a torch checkpoint) replaces the hub download, through timm's
     own file override so its checkpoint filters apply; with `pretrained=False` the weights are random.
+    A download or file that fails raises PretrainedWeightsError (the caller names its own flags).
     """
     kwargs: dict[str, Any] = {"num_classes": num_classes, **model_kwargs}
     if drop_rate is not None:
@@ -63,7 +64,7 @@ def create_timm_model(
     if pretrained_file is not None:
         path = Path(pretrained_file)
         if not path.is_file():
-            raise PretrainedWeightsError(f"--pretrained-file {path}: no such file")
+            raise PretrainedWeightsError(f"pretrained weights file {path}: no such file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
         pretrained = True
     try:
@@ -71,13 +72,13 @@ def create_timm_model(
     except Exception as err:
         if pretrained_file is not None:
             raise PretrainedWeightsError(
-                f"--pretrained-file {pretrained_file}: cannot load weights for {name}: {_first_line(err)}"
+                f"pretrained weights file {pretrained_file}: cannot load weights for {name}: {_first_line(err)}"
             ) from err
         if not pretrained:
             raise
+        # The caller adds which of its flags give a local file instead.
         raise PretrainedWeightsError(
-            f"could not download pretrained weights for {name} ({type(err).__name__}: {_first_line(err)}); "
-            "offline, pass --pretrained-file PATH (safetensors or .pth) or --no-pretrained"
+            f"could not download pretrained weights for {name} ({type(err).__name__}: {_first_line(err)})"
         ) from err
 
 

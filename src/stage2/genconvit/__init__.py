@@ -34,7 +34,7 @@ from .official import (
     read_state_dict,
     targets_from_labels,
 )
-from .vae import GenConViTVAE
+from .vae import GenConViTVAE, init_var_from_mu
 
 __all__ = [
     "FAKE_INDEX",
@@ -50,6 +50,7 @@ __all__ = [
     "detect_variant",
     "fake_logit",
     "gaussian_kl",
+    "init_var_from_mu",
     "load_official_checkpoint",
     "read_state_dict",
     "targets_from_labels",

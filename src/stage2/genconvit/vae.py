@@ -7,6 +7,12 @@ Layer names follow the official checkpoint so its weights load strictly (Swin ke
   Here training samples ``z = mu + eps * exp(0.5 * logvar)`` with ``logvar`` from the ``var`` head, and eval
   uses ``z = mu``, so predictions are deterministic.
 - ``mu`` and ``logvar`` are returned so the loss can add the KL term (upstream computed and dropped it).
+
+Fine-tuning the official weights: since upstream never used ``var``, the official file's ``var`` head never
+received a gradient, and a std taken from it would feed the decoder noise of arbitrary scale.
+:func:`init_var_from_mu` copies ``mu`` into ``var`` before training, so step 0 samples exactly as the official
+model was trained (``logvar = mu``, std ``exp(0.5 * mu)``); from there the KL term and the gradients shape
+``var`` into a real log-variance head.
 """
 
 from __future__ import annotations
@@ -148,3 +154,11 @@ class GenConViTVAE(nn.Module):
         features = self.act(fc_out)
         recon = resize_to(decoded, x.shape[-2:])
         return GenConViTOutput(self.fc2(features), fc_out, features, decoded, recon, mu, logvar)
+
+
+def init_var_from_mu(model: nn.Module) -> None:
+    """Copy the VAE encoder's ``mu`` head into its ``var`` head (see the module docstring for why)."""
+    encoder = model.encoder
+    with torch.no_grad():
+        encoder.var.weight.copy_(encoder.mu.weight)
+        encoder.var.bias.copy_(encoder.mu.bias)
