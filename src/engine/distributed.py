@@ -18,6 +18,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    backend: str | None = None  # the process group's, when launched by torchrun
 
     @property
     def is_main(self) -> bool:
@@ -29,7 +30,8 @@ class DistInfo:
 
 
 def setup_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; a plain single process otherwise.
+    """Join the torchrun process group when launched by torchrun (even as its only process, so that a
+    one-GPU `torchrun` exercises the same NCCL path as eight); a plain single process otherwise.
 
     NCCL on CUDA, gloo on CPU. `device` overrides the automatic choice ("cpu", "cuda").
     """
@@ -42,11 +44,14 @@ def setup_distributed(device: str | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-        # One process group for the whole process: `--variant both` trains two models in it.
-        atexit.register(cleanup_distributed)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    backend = None
+    if "LOCAL_RANK" in os.environ:  # set by torchrun
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+            # One process group for the whole process: `--variant both` trains two models in it.
+            atexit.register(cleanup_distributed)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
 
 
 def cleanup_distributed() -> None:
