@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
     parser.add_argument("--manifest", help="CSV with path,label[,video_id,method]")
     parser.add_argument("--out", help="feature file to write (.npz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--model-name", help="optional check against the name the checkpoint records")
     parser.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
     parser.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
             amp=args.amp,
         )
         return
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
     extractor = FeatureExtractor(
         args.model_name, args.checkpoint, args.device, batch_size=args.batch_size, amp=args.amp, workers=args.workers
     )

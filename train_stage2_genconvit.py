@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from src.engine.checkpoint import load_checkpoint
 from src.engine.cli import exit_on_error, parse_args
 from src.engine.config import add_train_args, config_from_args
 from src.engine.trainer import run
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant == "both" and args.weights:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
+    if args.evaluate and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
+        variants = (load_checkpoint(args.evaluate, mmap=True).get("variant", "ed"),)
     for variant in variants:
         weights = args.weights
         if args.weights_dir:

@@ -152,7 +152,7 @@ def resident_batch(frame: pd.DataFrame, img_size: int, batch: int, device: torch
     """`batch` decoded crops (cycling through `frame`) at `img_size`, uint8, already on `device`."""
     dataset = ManifestDataset(frame, img_size)
     out = collate([dataset[i % len(frame)] for i in range(batch)])
-    return Batch(out.images.to(device), out.labels.to(device), out.indices, 0)
+    return Batch(out.images.to(device), out.labels.to(device), out.indices, out.skipped)
 
 
 def normalised(batch: Batch, data_config: dict) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_a_corrupt_file_is_skipped_with_a_warning_when_asked(tmp_path, pngs):
 
     frame = pd.DataFrame({"path": pngs, "label": [0, 1, 0, 1, 0]})
     dataset = ManifestDataset(frame, SIZE, skip_bad_images=True, cache=cache.view(slots))
-    assert dataset[2] is None
+    assert dataset[2] == (None, 0, 2)
     assert torch.equal(dataset[3][0], _expected(pngs[3]))
 
 

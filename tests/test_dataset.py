@@ -181,7 +181,7 @@ def test_bad_image_raises_unless_skipped(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"1\.png"):
         ManifestDataset(frame, 8)[1]
     with pytest.warns(UserWarning, match=r"skipping cannot decode image .*1\.png"):
-        assert ManifestDataset(frame, 8, skip_bad_images=True)[1] is None
+        assert ManifestDataset(frame, 8, skip_bad_images=True)[1] == (None, 1, 1)
 
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
@@ -192,7 +192,7 @@ def test_loader_with_collate_returns_the_good_images_and_counts_the_skipped(tmp_
     loader = DataLoader(dataset, batch_size=3, num_workers=workers, collate_fn=collate)
     batches = list(loader)
     assert all(isinstance(b, Batch) for b in batches)
-    assert [b.skipped for b in batches] == [1, 1]
+    assert [b.skipped.tolist() for b in batches] == [[1], [4]]
     indices = torch.cat([b.indices for b in batches])
     assert indices.tolist() == [0, 2, 3, 5]
     assert torch.cat([b.labels for b in batches]).tolist() == [0, 0, 1, 1]
@@ -203,16 +203,16 @@ def test_loader_with_collate_returns_the_good_images_and_counts_the_skipped(tmp_
 
 def test_collate_stacks_and_types(tmp_path):
     items = [(torch.full((3, 4, 4), i, dtype=torch.uint8), i % 2, i) for i in range(3)]
-    batch = collate([items[0], None, items[1], items[2]])
+    batch = collate([items[0], (None, 1, 7), items[1], items[2]])
     assert batch.images.shape == (3, 3, 4, 4) and batch.images.dtype == torch.uint8
     assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == [0, 1, 0]
     assert batch.indices.dtype == torch.int64 and batch.indices.tolist() == [0, 1, 2]
-    assert batch.skipped == 1
+    assert batch.skipped.tolist() == [7]
 
 
 def test_collate_of_an_all_skipped_batch_is_empty():
-    batch = collate([None, None])
-    assert batch.skipped == 2
+    batch = collate([(None, 0, 3), (None, 1, 4)])
+    assert batch.skipped.tolist() == [3, 4]
     assert batch.images.shape == (0, 3, 0, 0) and batch.images.dtype == torch.uint8
     assert batch.labels.shape == (0,) and batch.labels.dtype == torch.int64
     assert batch.indices.shape == (0,) and batch.indices.dtype == torch.int64

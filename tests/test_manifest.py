@@ -30,13 +30,13 @@ def _error(manifest: Path, **kwargs) -> str:
 
 def test_reads_paths_labels_and_optional_columns(tmp_path):
     _touch(tmp_path, "a.png", "sub/b.png", "c.png")
-    manifest = _csv(tmp_path, "path,label,video_id,method\na.png,0,v1,real\nsub/b.png,fake,v1,\nc.png,1,,deepfakes\n")
+    manifest = _csv(tmp_path, "path,label,video_id,method\na.png,0,v1,real\nsub/b.png,fake,v2,\nc.png,1,,deepfakes\n")
     frame = read_manifest(manifest)
     assert list(frame.columns) == ["path", "label", "video_id", "method"]
     assert list(frame.index) == [0, 1, 2]
     assert frame["path"].tolist() == [str(tmp_path / n) for n in ("a.png", "sub/b.png", "c.png")]
     assert frame["label"].dtype == "int64" and frame["label"].tolist() == [0, 1, 1]
-    assert frame["video_id"].tolist() == ["v1", "v1", ""]
+    assert frame["video_id"].tolist() == ["v1", "v2", ""]
     assert frame["method"].tolist() == ["real", "", "deepfakes"]
     assert frame.attrs["manifest"] == str(manifest)
 

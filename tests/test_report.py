@@ -64,7 +64,7 @@ def test_plot_roc_one_class_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     "history",
     [
-        pd.DataFrame({"epoch": [0], "train_loss": [0.7], "val_loss": [0.6], "auc": [0.8], "lr": [1e-3]}),
+        pd.DataFrame({"epoch": [0], "train_loss": [0.7], "val_loss": [0.6], "auc": [0.8], "lr_last_step": [1e-3]}),
         pd.DataFrame(
             {
                 "epoch": [0, 1, 2],
@@ -72,7 +72,7 @@ def test_plot_roc_one_class_is_an_error(tmp_path):
                 "val_loss": [0.6, 0.55, 0.5],
                 "auc": [0.8, 0.85, 0.9],
                 "ap": [0.7, 0.8, 0.85],
-                "lr": [1e-3, 5e-4, 1e-4],
+                "lr_last_step": [1e-3, 5e-4, 1e-4],
                 "acc": [0.7, 0.75, 0.8],
             }
         ),
@@ -89,7 +89,8 @@ def test_plot_training_curves(tmp_path, history):
 def test_plot_training_curves_panel_count_follows_columns(tmp_path):
     base = {"epoch": [0, 1], "train_loss": [0.7, 0.5]}
     plot_training_curves(pd.DataFrame(base), tmp_path / "one.png")
-    plot_training_curves(pd.DataFrame({**base, "auc": [0.8, 0.9], "lr": [1e-3, 1e-4]}), tmp_path / "three.png")
+    curves = pd.DataFrame({**base, "auc": [0.8, 0.9], "lr_last_step": [1e-3, 1e-4]})
+    plot_training_curves(curves, tmp_path / "three.png")
     assert _open_png(tmp_path / "three.png")[0] == 3 * _open_png(tmp_path / "one.png")[0]
 
 

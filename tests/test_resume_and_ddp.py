@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 import train_stage2_effnet
@@ -93,3 +94,8 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     assert m1["auc"] == m2["auc"] == summary["metrics"]["auc"]
     for key in ("ap", "eer", "acc", "video_auc"):
         assert m1[key] == m2[key], key
+    # What the 2-rank run recorded in best.pt is what a single process measures on that same best.pt: every
+    # rank validated rank 0's weights and BatchNorm statistics.
+    stored = torch.load(out / "best.pt", weights_only=True)["metrics"]
+    for key in ("auc", "ap", "eer", "acc", "val_loss", "log_loss"):
+        assert stored[key] == pytest.approx(m1[key], abs=1e-6), key

@@ -36,7 +36,7 @@ def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet
     history = pd.read_csv(out / "metrics.csv")
     assert history["epoch"].tolist() == [1, 2]
     for column in ["train_loss", "val_loss", "auc", "ap", "eer", "acc", "balanced_acc", "log_loss", "video_auc",
-                   "video_eer", "lr", "epoch_time", "images_per_s"]:
+                   "video_eer", "lr_last_step", "epoch_time", "images_per_s"]:
         assert column in history and history[column].notna().all(), column
     assert any(c.startswith("auc/") for c in history)
 
@@ -122,7 +122,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(effnet_args):
 def test_warmup_reaches_the_peak_lr_exactly(effnet_args):
     args = [*effnet_args[:-4], "--epochs", "3", "--lr", "3e-4", "--warmup-epochs", "1", *effnet_args[-2:]]
     train_stage2_effnet.main(args)
-    lrs = pd.read_csv(_out(args) / "metrics.csv")["lr"]
+    lrs = pd.read_csv(_out(args) / "metrics.csv")["lr_last_step"]
     assert lrs.iloc[0] == pytest.approx(3e-4)  # the last update of epoch 1 ends the warmup at --lr
     assert lrs.iloc[1] < 3e-4 and lrs.iloc[2] < lrs.iloc[1]
 

@@ -32,15 +32,26 @@ warnings.filterwarnings(
 if TYPE_CHECKING:
     from src.data.cache import CacheView
 
-ImageItem = tuple[torch.Tensor, int, int]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ImageItem = tuple[torch.Tensor | None, int, int]  # (image, label, index); image None: undecodable, skipped
 
 
 class ImageDecodeError(RuntimeError):
-    """An image file that cannot be decoded; the message names the file."""
+    """An image file that cannot be decoded; the message names the file.
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cannot decode image {path}: {reason}")
-        self.path = path
+    A DataLoader worker's error reaches the main process re-raised as ``ImageDecodeError(text)``, ``text`` being
+    the worker's whole traceback; the message is then the original one, taken from its last line, so that users
+    get the same one line with ``--workers 0`` and ``--workers 8``.
+    """
+
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        if reason is None:  # re-raised from a worker: `path` holds the worker's traceback
+            last = [line for line in path.strip().splitlines() if line.strip()][-1]
+            message = last.split("ImageDecodeError: ", 1)[-1]
+            self.path = message.removeprefix("cannot decode image ").rsplit(": ", 1)[0]
+        else:
+            message, self.path = f"cannot decode image {path}: {reason}", path
+        super().__init__(message)
 
 
 @contextmanager
@@ -81,6 +92,9 @@ def decode_image(path: str) -> torch.Tensor:
         raise ImageDecodeError(path, err.strerror or type(err).__name__) from None
     if not data:
         raise ImageDecodeError(path, "empty file")
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] != b"IHDR":
+        # Caught here because libpng would also print its own complaint to stderr, around our one-line error.
+        raise ImageDecodeError(path, "corrupt PNG header (no IHDR chunk after the signature)")
     try:
         image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
@@ -110,8 +124,8 @@ def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
 class ManifestDataset(torch.utils.data.Dataset):
     """Images of a manifest frame (see :func:`src.data.manifest.read_manifest`) as uint8 ``[3, S, S]``.
 
-    Items are ``(image, label, index)``; with ``skip_bad_images`` an undecodable file warns and yields None,
-    which :func:`collate` drops and counts. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
+    Items are ``(image, label, index)``; with ``skip_bad_images`` an undecodable file warns and yields image None,
+    which :func:`collate` drops and lists. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
     function of (seed, epoch, index); ``cache`` (a :class:`~src.data.cache.CacheView`) serves images decoded
     and resized beforehand instead of reading the files.
     """
@@ -143,11 +157,11 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> ImageItem | None:
+    def __getitem__(self, index: int) -> ImageItem:
         if self.cache is not None:
             image = self.cache[index]  # already resized; None: skipped (and reported) when the cache was built
             if image is None:
-                return None
+                return None, int(self.labels[index]), int(index)
         else:
             path = str(self.paths[index])
             try:
@@ -156,7 +170,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 if not self.skip_bad_images:
                     raise
                 warnings.warn(f"skipping {err}", stacklevel=2)
-                return None
+                return None, int(self.labels[index]), int(index)
             image = resize_uint8(image, self.img_size)
         if self.transform is not None:
             # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number
@@ -172,17 +186,17 @@ class Batch(NamedTuple):
     images: torch.Tensor  # uint8 [B, 3, S, S]
     labels: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # int64 [B], rows of the manifest frame
-    skipped: int  # items dropped as undecodable
+    skipped: torch.Tensor  # int64 [k], rows dropped as undecodable
 
 
-def collate(items: Sequence[ImageItem | None]) -> Batch:
-    """Stack dataset items into a :class:`Batch`, dropping (and counting) skipped ``None`` items.
+def collate(items: Sequence[ImageItem]) -> Batch:
+    """Stack dataset items into a :class:`Batch`, dropping (and listing) the undecodable ones.
 
     A batch where every item was skipped has zero-length tensors and ``images`` of shape ``[0, 3, 0, 0]``
     (the image size is unknown here); callers should skip batches with ``len(batch.labels) == 0``.
     """
-    kept = [item for item in items if item is not None]
-    skipped = len(items) - len(kept)
+    kept = [item for item in items if item[0] is not None]
+    skipped = torch.tensor([item[2] for item in items if item[0] is None], dtype=torch.int64)
     if not kept:
         empty = torch.empty(0, dtype=torch.int64)
         return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), empty, empty.clone(), skipped)

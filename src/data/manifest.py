@@ -118,6 +118,18 @@ def read_manifest(
             f"{manifest_path} lines {_csv_line(rows[0])} and {_csv_line(rows[1])}: duplicate image path {first}"
         )
 
+    if "video_id" in frame.columns:
+        # Video-level metrics average a video's frames under one label: a video with both is a manifest error.
+        named = frame["video_id"] != ""
+        mixed = labels[named].groupby(frame.loc[named, "video_id"]).nunique()
+        if (mixed > 1).any():
+            video = mixed.index[mixed > 1][0]
+            rows = frame.index[frame["video_id"] == video]
+            real, fake = (rows[labels[rows] == c][0] for c in (0, 1))
+            first, second = sorted((real, fake))
+            raise ManifestError(f"{manifest_path} lines {_csv_line(first)} and {_csv_line(second)}: video "
+                                f"{video!r} has both real and fake frames (give each label its own video_id)")
+
     if require_both_classes and labels.nunique() < 2:
         only = LABEL_NAMES[int(labels.iloc[0])]
         raise ManifestError(f"{manifest_path}: manifest has only '{only}' rows: AUC needs both classes")

@@ -29,19 +29,30 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by this project (weights_only: no arbitrary code runs)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+                    ) -> dict[str, Any]:
+    """Load a checkpoint written by this project (weights_only: no arbitrary code runs). `mmap` maps the
+    tensors instead of reading them, for a cheap look at the metadata."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {reason})") from err
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {_reason(err)})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(state).__name__}")
     return state
+
+
+def _reason(err: Exception) -> str:
+    """The sentence of a torch.load error that says what is wrong: for weights_only refusals that is the
+    unpickler's, which torch puts after a paragraph of advice."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
+        return f"the file holds objects weights_only loading refuses: {detail.split('. ')[0].rstrip('.')}"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def rng_state() -> dict[str, Any]:

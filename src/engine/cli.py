@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from src.data.dataset import ImageDecodeError
 from src.data.demo import make_demo_dataset
 from src.data.manifest import ManifestError
 from src.engine.checkpoint import CheckpointError
-from src.engine.trainer import ConfigError, TrainingDiverged
+from src.engine.trainer import ConfigError, StopRequested, TrainingDiverged
 from src.models.factory import PretrainedWeightsError
 
 DEMO_ROOT = Path("data/demo")
@@ -21,6 +22,8 @@ DEMO_ROOT = Path("data/demo")
 # Bad input and a diverged run end with one line and a non-zero exit; anything else is a bug
 # and keeps its traceback.
 USER_ERRORS = (ManifestError, ImageDecodeError, CheckpointError, ConfigError, PretrainedWeightsError, ValueError)
+# A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: Any) -> argparse.Namespace:
@@ -36,12 +39,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: 
 
 
 def exit_on_error(main: Callable[[], object]) -> None:
-    """Run `main`; turn bad input into `error: ...` on stderr with exit code 2 (3 for a diverged run)."""
+    """Run `main`; turn bad input into `error: ...` on stderr with exit code 2, a diverged run into exit code 3,
+    and a stop by signal (after last.pt was written) into 128 + the signal number, as shells report it."""
     try:
         main()
+    except StopRequested as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         sys.exit(2)

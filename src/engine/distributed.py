@@ -66,11 +66,32 @@ def barrier() -> None:
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when any rank says True (so all ranks stop together)."""
+    return broadcast_flags(flag, device=device)[0]
+
+
+def broadcast_flags(*flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """Each flag True on every rank when any rank says True; one collective for all of them."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), which each rank updates on its own shard."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def gather_objects(items: list) -> list:
+    """The concatenation of every rank's `items` (small Python lists), on every rank."""
+    if not dist.is_initialized():
+        return list(items)
+    gathered: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,11 @@ from src.engine.atomic import atomic_write
 _CURVE_PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("loss", ("train_loss", "val_loss"), False),
     ("validation", ("auc", "ap", "video_auc"), False),
-    ("learning rate", ("lr",), True),
+    ("learning rate", ("lr_last_step",), True),
 )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 
 
@@ -48,7 +48,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically; NaN/inf are written as null."""
-    _atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def plot_roc(
@@ -74,8 +74,7 @@ def plot_roc(
         RocCurveDisplay.from_predictions(y, p, name=name, ax=ax, plot_chance_level=i == 0)
     ax.set_title(title)
     ax.legend(loc="lower right")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
@@ -102,8 +101,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.legend()
         ax.grid(alpha=0.3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def _format_value(value: float) -> str:
@@ -174,4 +172,4 @@ class MetricsLog:
         self._write()
 
     def _write(self) -> None:
-        _atomic_write_text(self.path, self._rows.to_csv(index=False))
+        write_text_atomic(self.path, self._rows.to_csv(index=False))

@@ -16,9 +16,12 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.data.cache import CacheView, open_cache
-from src.data.dataset import ManifestDataset, collate
+from src.data.dataset import Batch, ManifestDataset, collate
 from src.data.manifest import read_manifest
 from src.data.transforms import DeviceTransform, build_cpu_transform
 from src.engine.calibration import calibration_report, fit_temperature
@@ -46,8 +49,11 @@ from src.engine.distributed import (
     ShardedSampler,
     all_reduce_sum,
     barrier,
+    broadcast_buffers,
     broadcast_flag,
+    broadcast_flags,
     gather_by_index,
+    gather_objects,
     setup_distributed,
 )
 from src.engine.metrics import binary_metrics, is_better, metric_direction
@@ -57,6 +63,7 @@ from src.engine.report import (
     plot_roc,
     plot_training_curves,
     write_json_atomic,
+    write_text_atomic,
 )
 from src.experts.base import Expert, Stage
 from src.models.factory import model_from_checkpoint
@@ -65,7 +72,16 @@ log = logging.getLogger("src")
 
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "eval.json",
-               "recon_samples")
+               "bad_images.txt", "recon_samples")
+
+# What a resumed run may change (README, "Resuming"). The schedule is a function of these and of where the run
+# stands, so a change re-plans it from there: a longer --epochs continues on the cosine of the new length, a new
+# --lr scales the rest of it. Everything else in TrainConfig, the model and its loss settings, must stay as the
+# run started: a different batch size, seed, image size or data would silently mix two runs.
+RESUME_REPLANS = ("epochs", "lr", "min_lr", "warmup_epochs")
+RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "amp", "channels_last", "compile", "device", "deterministic",
+               "clip_grad", "ema_decay", "output_dir", "resume", "overwrite", "save_every_minutes", "evaluate",
+               "log_every", "calibrate")
 
 
 class ConfigError(ValueError):
@@ -73,7 +89,15 @@ class ConfigError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss, a weight or a statistic became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class StopRequested(RuntimeError):
+    """SIGTERM or Ctrl-C: the run stopped at a step boundary after writing last.pt."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -99,8 +123,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.resume_path = None if cfg.evaluate else self._prepare_output_dir()
         _setup_logging(self.out / "train.log" if dist.is_main and not cfg.evaluate else None, dist.is_main)
+        self.resume = self._read_resume_state() if self.resume_path else None
         _set_determinism(cfg.deterministic)
         torch.manual_seed(cfg.seed)
+        self.workers = min(cfg.workers, _usable_cores())
+        self.bad_images: dict[str, set[str]] = {"train": set(), "val": set()}
+        self.stop_signal: int | None = None
 
         self.val_frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
         try:
@@ -111,6 +139,11 @@ class Trainer:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
         if cfg.evaluate:
             checkpoint = load_checkpoint(cfg.evaluate)
+            meta = expert.checkpoint_meta()
+            for key in ("family", "variant"):
+                if checkpoint.get(key) != meta.get(key):
+                    raise ConfigError(f"--evaluate {cfg.evaluate}: holds {checkpoint.get('model_name', 'no model')} "
+                                      f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
             self.model = model_from_checkpoint(checkpoint)
             self.data_config = checkpoint["data_config"]
         else:
@@ -129,6 +162,7 @@ class Trainer:
         self.val_loader = self._loader(self.val_set, ShardedSampler(
             len(self.val_set), shuffle=False, rank=dist.rank, world_size=dist.world_size), drop_last=False)
         self.amp_dtype = _autocast_dtype(cfg.amp, self.device)
+        self._check_val_images()
         if cfg.evaluate:
             return
 
@@ -156,20 +190,24 @@ class Trainer:
     def fit(self) -> dict[str, Any] | None:
         cfg = self.cfg
         stages = self.expert.stages(cfg.epochs, cfg.lr)
-        resume = self._load_resume_state() if self.resume_path else None
+        resume = self.resume
+        if resume:
+            self._restore(resume)
         start_epoch, start_step = (resume["next_epoch"], resume["step"]) if resume else (0, 0)
         self._log_settings(stages)
         if self.dist.is_main:
+            # What this run uses; on a resume, the flags that may change are the new ones (see RESUME_FREE).
             write_json_atomic(self.out / "args.json", {**cfg.to_dict(), **self.expert.describe()})
 
-        stage_start = 0
-        for stage_index, stage in enumerate(stages):
-            stage_end = stage_start + stage.epochs
-            if start_epoch < stage_end:
-                state = resume if resume and resume["stage"] == stage_index else None
-                self._run_stage(stage_index, stage, stage_start, max(start_epoch, stage_start),
-                                start_step if state else 0, state)
-            stage_start = stage_end
+        with _stop_signals(self):
+            stage_start = 0
+            for stage_index, stage in enumerate(stages):
+                stage_end = stage_start + stage.epochs
+                if start_epoch < stage_end:
+                    state = resume if resume and resume["stage"] == stage_index else None
+                    self._run_stage(stage_index, stage, stage_start, max(start_epoch, stage_start),
+                                    start_step if state else 0, state)
+                stage_start = stage_end
         return self._finish()
 
     def _run_stage(self, index: int, stage: Stage, first_epoch: int, start_epoch: int, start_step: int,
@@ -181,8 +219,9 @@ class Trainer:
         scheduler = _warmup_cosine(optimizer, stage.lr, cfg.min_lr, cfg.warmup_epochs, stage.epochs,
                                    self.updates_per_epoch)
         if state:
+            # The schedule is not restored: it follows from the flags and the position below, so a resume with a
+            # new --epochs or --lr re-plans it (the optimizer's own lr is overwritten by the first step_update).
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -203,6 +242,8 @@ class Trainer:
             sums = state["train_sums"] if resumed_mid_epoch else None
             train_stats = self._train_epoch(epoch, start_step if resumed_mid_epoch else 0, sums, ctx)
             self._end_epoch(epoch, train_stats, ctx)
+            if self._stop_requested():
+                raise self._stopped(epoch + 1, 0)
 
     # ------------------------------------------------------------------ training
     def _train_epoch(self, epoch: int, start_step: int, sums: dict[str, torch.Tensor] | None,
@@ -218,8 +259,8 @@ class Trainer:
         bar = tqdm(total=n_steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not interactive, dynamic_ncols=True, leave=False)
         t0, images_seen, last_save = time.perf_counter(), 0, time.monotonic()
-        step = start_step
-        for step, batch in enumerate(self.train_loader, start=start_step):
+        step, done, bad_rows = start_step, start_step, []
+        for step, batch in enumerate(self._batches(), start=start_step):
             labels = batch.labels.to(self.device, non_blocking=True)
             images = batch.images.to(self.device, non_blocking=True)
             seed = _step_seed(cfg.seed, epoch, step, dist.rank)
@@ -238,43 +279,69 @@ class Trainer:
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             batch_sums = {k: v.detach().float().sum() for k, v in terms.items()}
             batch_sums["n"] = torch.tensor(float(labels.numel()), device=self.device)
-            batch_sums["skipped"] = torch.tensor(float(batch.skipped), device=self.device)
+            batch_sums["skipped"] = torch.tensor(float(batch.skipped.numel()), device=self.device)
+            bad_rows += batch.skipped.tolist()
             sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
             images_seen += labels.numel()
             if update:
                 self._optimizer_step(ctx)
                 done = step + 1
                 if (done % cfg.log_every == 0 or done == n_steps) and self._diverged(sums):
-                    raise TrainingDiverged(
-                        f"non-finite loss in epoch {epoch + 1} by step {done}: stopped; the last good "
-                        f"checkpoint is {self.out / 'last.pt'}")
+                    raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped; "
+                                           f"{self._last_good()}")
                 if dist.is_main and done % cfg.log_every == 0:
                     msg = (f"loss {float(sums['loss'] / sums['n']):.4f} lr {ctx.lr:.3g} "
                            f"{images_seen * dist.world_size / (time.perf_counter() - t0):.0f} img/s")
                     bar.set_postfix_str(msg, refresh=False)
                     if not interactive:
                         log.info("epoch %d/%d step %d/%d %s", epoch + 1, cfg.epochs, done, n_steps, msg)
-                if (cfg.save_every_minutes > 0 and done < n_steps
-                        and time.monotonic() - last_save > cfg.save_every_minutes * 60):
-                    if self._diverged(sums):
-                        raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1}: stopped before saving")
-                    self._save_last(ctx, epoch, done, sums)
-                    last_save = time.monotonic()
+                if done < n_steps:
+                    # Every rank takes the same decision: the save below runs collectives.
+                    stop, due = broadcast_flags(
+                        self.stop_signal is not None,
+                        cfg.save_every_minutes > 0 and time.monotonic() - last_save > cfg.save_every_minutes * 60,
+                        device=self.device)
+                    if stop or due:
+                        if self._diverged(sums):
+                            raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped "
+                                                   f"before saving; {self._last_good()}")
+                        self._save_last(ctx, epoch, done, sums)
+                        last_save = time.monotonic()
+                    if stop:
+                        raise self._stopped(epoch, done)
             bar.update(1)
         bar.close()
+        if self.stop_signal is not None and done < n_steps:  # the signal also ended the loader's workers
+            self._save_last(ctx, epoch, done, sums)
+            raise self._stopped(epoch, done)
         if sums is None:
             raise ConfigError(f"{cfg.train_manifest}: no training batch in epoch {epoch + 1}")
         if self._diverged(sums):
-            raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1}: stopped; the last good checkpoint is "
-                                   f"{self.out / 'last.pt'}")
+            raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1}: stopped; {self._last_good()}")
+        self._note_bad_images("train", self.train_frame, bad_rows)
         elapsed = time.perf_counter() - t0
         keys = list(sums)
         totals = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist(), strict=True))
         n, skipped = totals.pop("n"), totals.pop("skipped")
         stats = {f"train_{k}": v / n for k, v in totals.items()}
         images = all_reduce_sum(torch.tensor(float(images_seen), device=self.device)).item()
-        return {**stats, "train_skipped": skipped, "lr": ctx.lr, "epoch_time": elapsed,
+        return {**stats, "train_skipped": skipped, "lr_last_step": ctx.lr, "epoch_time": elapsed,
                 "images_per_s": images / elapsed}
+
+    def _batches(self) -> Iterator[Batch]:
+        """The train loader's batches. A SIGTERM sent to the whole process group (as some schedulers do) also
+        ends the loader's workers; the epoch then ends quietly after the last complete step and the loop
+        stops there."""
+        batches = iter(self.train_loader)
+        while True:
+            try:
+                yield next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:
+                if self.stop_signal is None:
+                    raise
+                return
 
     def _optimizer_step(self, ctx: _StageContext) -> None:
         if self.cfg.clip_grad:
@@ -291,11 +358,50 @@ class Trainer:
     def _diverged(self, sums: dict[str, torch.Tensor]) -> bool:
         return broadcast_flag(not bool(torch.isfinite(sums["loss"])), self.device)
 
+    def _check_finite(self, model: nn.Module, when: str) -> None:
+        """Stop (on every rank) before a non-finite weight or statistic can reach a checkpoint or a metric.
+
+        The loss can stay finite while, say, a BatchNorm running_var overflows to inf; that model must not
+        replace the last good last.pt.
+        """
+        bad = next((name for name, t in (*model.named_parameters(), *model.named_buffers())
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if broadcast_flag(bad is not None, self.device):
+            raise TrainingDiverged(f"non-finite values in {bad or 'a tensor on another rank'} {when}: stopped; "
+                                   f"{self._last_good()}")
+
+    def _last_good(self) -> str:
+        last = self.out / "last.pt"
+        return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+
+    def _stop_requested(self) -> bool:
+        return broadcast_flag(self.stop_signal is not None, self.device)
+
+    def _stopped(self, next_epoch: int, step: int) -> StopRequested:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
+        where = f"epoch {next_epoch + 1} step {step}" if step else f"the end of epoch {next_epoch}"
+        log.warning("%s: stopped at %s, last.pt written", name, where)
+        return StopRequested(self.stop_signal or signal.SIGTERM,
+                             f"stopped by {name} at {where}; {self.out / 'last.pt'} holds the run: resume it by "
+                             "running the same command with --resume")
+
+    def _note_bad_images(self, split: str, frame: pd.DataFrame, rows: list[int]) -> None:
+        """Collect undecodable images (every rank's) and list them all in OUTPUT_DIR/bad_images.txt."""
+        found = {str(frame["path"].iloc[i]) for i in gather_objects(rows)}
+        if found - self.bad_images[split]:
+            self.bad_images[split] |= found
+            if self.dist.is_main:
+                lines = [f"{kind}\t{path}" for kind in self.bad_images for path in sorted(self.bad_images[kind])]
+                write_text_atomic(self.out / "bad_images.txt", "\n".join(lines) + "\n")
+                log.warning("%d undecodable %s images skipped so far, listed in %s", len(self.bad_images[split]),
+                            split, self.out / "bad_images.txt")
+
     # ------------------------------------------------------------------ validation
     def _end_epoch(self, epoch: int, train_stats: dict[str, float], ctx: _StageContext) -> None:
         cfg = self.cfg
         eval_model = self.ema.module if self.ema is not None else self.model
-        result = self.evaluate(eval_model)
+        result = self.evaluate(eval_model, when=f"after epoch {epoch + 1}")
+        self._note_bad_images("val", self.val_frame, np.flatnonzero(~result.seen).tolist())
         metrics = self._metrics(result)
         if cfg.select_metric not in metrics:
             raise ConfigError(f"--select-metric {cfg.select_metric}: not among the validation metrics "
@@ -315,8 +421,15 @@ class Trainer:
                      value, "  *best*" if improved else "", train_stats["epoch_time"], train_stats["images_per_s"])
         self._save_last(ctx, epoch + 1, 0, None)
 
-    def evaluate(self, model: nn.Module) -> EvalResult:
-        """Run the whole val set (sharded over ranks) and gather it in dataset order on every rank."""
+    def evaluate(self, model: nn.Module, when: str = "") -> EvalResult:
+        """Run the whole val set (sharded over ranks) and gather it in dataset order on every rank.
+
+        Every rank scores rank 0's weights *and* buffers (BatchNorm statistics drift apart between DDP ranks
+        during an epoch), so the metrics describe exactly the model rank 0 saves. `when` names the moment in
+        a divergence message.
+        """
+        broadcast_buffers(model)
+        self._check_finite(model, when)
         model.eval()
         names: list[str] = []
         indices, rows = [], []
@@ -336,6 +449,8 @@ class Trainer:
             raise ConfigError(f"{self.cfg.val_manifest}: no validation image could be decoded")
         seen, gathered = gather_by_index(torch.cat(indices), torch.cat(rows), len(self.val_set))
         seen_np, values = seen.cpu().numpy(), gathered.cpu().numpy()
+        if not np.isfinite(values[seen_np, 1]).all():
+            raise TrainingDiverged(f"non-finite validation scores {when}: stopped; {self._last_good()}")
         return EvalResult(seen=seen_np, labels=values[:, 0].astype(np.int64), logits=values[:, 1],
                           terms={k: values[:, 2 + i] for i, k in enumerate(names)})
 
@@ -379,15 +494,19 @@ class Trainer:
 
     def _save_last(self, ctx: _StageContext, next_epoch: int, step: int,
                    sums: dict[str, torch.Tensor] | None) -> None:
-        """Everything a resume needs; `step` > 0 marks a checkpoint taken mid-epoch."""
+        """Everything a resume needs; `step` > 0 marks a checkpoint taken mid-epoch. Called on every rank."""
+        where = f"at epoch {next_epoch + 1} step {step}" if step else f"after epoch {next_epoch}"
+        self._check_finite(self.model, where)
+        if self.ema is not None:
+            self._check_finite(self.ema.module, where)
         if not self.dist.is_main:
             return
         state = self._weights_state(self.model, next_epoch, {})
         state.update({
             "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.module.state_dict().items()},
             "optimizer": ctx.optimizer.state_dict(),
-            "scheduler": ctx.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "recipe": self.expert.recipe(),
             "stage": ctx.index,
             "next_epoch": next_epoch,
             "step": step,
@@ -398,11 +517,34 @@ class Trainer:
         })
         save_checkpoint(state, self.out / "last.pt")
 
-    def _load_resume_state(self) -> dict[str, Any]:
+    def _read_resume_state(self) -> dict[str, Any]:
+        """Load last.pt and check, before anything is built, that this command may continue that run."""
         state = load_checkpoint(self.resume_path)
+        what = f"--resume {self.resume_path}"
         if "optimizer" not in state:
-            raise ConfigError(f"--resume {self.resume_path}: not a last.pt (it holds no optimizer state)")
-        _check_same_model(state, self.expert.checkpoint_meta(), f"--resume {self.resume_path}")
+            raise ConfigError(f"{what}: not a last.pt (it holds no optimizer state)")
+        _check_same_model(state, self.expert.checkpoint_meta(), what)
+        recipe = self.expert.recipe()
+        for key, value in (state.get("recipe") or {}).items():
+            if recipe.get(key) != value:
+                raise ConfigError(f"{what}: the run was trained with {key}={value!r}, this command says "
+                                  f"{recipe.get(key)!r}; it cannot change on resume (start a new run)")
+        before, now = state.get("args") or {}, self.cfg.to_dict()
+        for key in now:
+            if key in before and before[key] != now[key]:
+                flag = "--" + key.replace("_", "-")
+                if key not in RESUME_REPLANS + RESUME_FREE:
+                    raise ConfigError(f"{what}: the run was trained with {flag} {before[key]}, this command says "
+                                      f"{now[key]}; it cannot change on resume (start a new run)")
+                if key not in ("resume", "overwrite", "output_dir"):
+                    how = "the schedule is re-planned from here" if key in RESUME_REPLANS else "applies from here"
+                    log.info("resume: %s %s -> %s (%s)", flag, before[key], now[key], how)
+        trained = state["next_epoch"] + (1 if state["step"] else 0)
+        if self.cfg.epochs < trained:
+            raise ConfigError(f"{what}: --epochs {self.cfg.epochs}, but the run has already reached epoch {trained}")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -437,7 +579,7 @@ class Trainer:
             save_checkpoint(best, self.out / "best.pt")
         frame = self.val_frame.assign(p_fake=_sigmoid(result.logits),
                                       p_fake_calibrated=_sigmoid(result.logits / temperature))[s]
-        frame.to_csv(self.out / "val_predictions.csv", index=False)
+        write_text_atomic(self.out / "val_predictions.csv", frame.to_csv(index=False))
         plot_roc(result.labels[s], _sigmoid(result.logits[s]), self.out / "roc.png",
                  title=f"{self.expert.describe().get('model', '')} - best epoch {best['epoch']}")
         write_json_atomic(self.out / "summary.json", summary)
@@ -501,10 +643,19 @@ class Trainer:
         return view
 
     def _loader(self, dataset: ManifestDataset, sampler: ShardedSampler, drop_last: bool) -> DataLoader:
-        workers = self.cfg.workers
+        workers = self.workers
         return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                          prefetch_factor=4 if workers > 0 else None)
+                          prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_ctrl_c)
+
+    def _check_val_images(self) -> None:
+        """Decode every val image once before training, so that a corrupt one stops the run now (naming it)
+        rather than after a whole training epoch; with --skip-bad-images they are listed instead."""
+        if self.cfg.cache_dir:
+            return  # building the cache decoded, and checked, every image
+        rows = [i for batch in self.val_loader for i in batch.skipped.tolist()]
+        if rows:
+            self._note_bad_images("val", self.val_frame, rows)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
@@ -522,7 +673,9 @@ class Trainer:
             f"train {len(self.train_set)} images ({int(self.train_frame['label'].sum())} fake) from "
             f"{cfg.train_manifest}; val {len(self.val_set)} from {cfg.val_manifest}",
             f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}, "
-            f"workers {cfg.workers}",
+            f"workers {self.workers}"
+            + (f" (--workers {cfg.workers} capped to the {self.workers} cores this process may use)"
+               if self.workers < cfg.workers else ""),
             f"epochs {cfg.epochs}, batch {cfg.batch_size}/rank x accum {cfg.grad_accum}, {cfg.opt} lr {cfg.lr:g} "
             f"(warmup {cfg.warmup_epochs:g} ep, cosine to {cfg.min_lr:g}), wd {cfg.weight_decay:g}, "
             f"clip {cfg.clip_grad}, ema {cfg.ema_decay if cfg.ema else 'off'}",
@@ -574,6 +727,39 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_009 + rank) % (2**63)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C (which reaches every process of the terminal's group) to the main process,
+    which stops the run cleanly and then shuts them down. SIGTERM stays theirs: the loader stops its workers
+    with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _stop_signals(trainer: Trainer) -> Iterator[None]:
+    """While training, SIGTERM and the first Ctrl-C only ask the loop to stop at the next step boundary (it
+    then writes last.pt); a second Ctrl-C interrupts at once."""
+
+    def request(signum: int, _frame: object) -> None:
+        # No logging here: a handler that runs while the log stream is mid-write would re-enter it.
+        if signum == signal.SIGINT and trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _balanced_weights(labels: np.ndarray) -> torch.Tensor:

@@ -51,8 +51,12 @@ class Expert:
         raise NotImplementedError
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What a checkpoint must record to rebuild the model (see src.models.factory.model_from_meta)."""
+        """What a checkpoint must record to rebuild the model (see src.models.factory.model_from_checkpoint)."""
         raise NotImplementedError
+
+    def recipe(self) -> dict[str, Any]:
+        """Loss and regularisation settings a resumed run must keep (recorded in last.pt)."""
+        return {}
 
     def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample loss terms, each [B]; "loss" is the total that is optimised (its batch mean)."""

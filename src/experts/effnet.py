@@ -40,6 +40,7 @@ class TimmExpert(Expert):
         self.pretrained_file = pretrained_file
         self.drop_path_rate = drop_path_rate
         self.pos_weight = _parse_pos_weight(pos_weight)
+        self.pos_weight_setting = self.pos_weight  # before "auto" is resolved from the training labels
         self.label_smoothing = label_smoothing
 
     def build_model(self) -> nn.Module:
@@ -90,6 +91,10 @@ class TimmExpert(Expert):
 
     def fake_logit(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.squeeze(1).float()
+
+    def recipe(self) -> dict[str, Any]:
+        return {"pos_weight": self.pos_weight_setting, "label_smoothing": self.label_smoothing,
+                "drop_path": self.drop_path_rate}
 
     def describe(self) -> dict[str, Any]:
         source = self.pretrained_file or ("hub" if self.pretrained else "none (random init)")

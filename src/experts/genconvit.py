@@ -166,6 +166,10 @@ class GenConViTExpert(Expert):
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return parse_stages(self.stage_spec, epochs, lr)
 
+    def recipe(self) -> dict[str, Any]:
+        return {"recon_weight": self.criterion.recon_weight, "kl_weight": self.criterion.kl_weight,
+                "label_smoothing": self.criterion.label_smoothing, "stages": self.stage_spec}
+
     def describe(self) -> dict[str, Any]:
         return {"model": self.checkpoint_meta()["model_name"], "init": self.init,
                 "weights": self.weights or self.backbone_file, "recon_weight": self.criterion.recon_weight,

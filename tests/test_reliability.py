@@ -1,0 +1,346 @@
+"""What an overnight run must survive: changed flags on resume, broken statistics, bad data found early, signals,
+full disks, and the smaller ways a run or an export could go quietly wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import feature_extractor
+import train_stage2_effnet
+import train_stage2_genconvit
+from src.data.manifest import read_manifest
+from src.engine.atomic import FILE_MODE
+from src.engine.checkpoint import CheckpointError, load_checkpoint
+from src.engine.config import config_from_args
+from src.engine.report import plot_roc
+from src.engine.trainer import TrainingDiverged, run
+from src.experts.effnet import TimmExpert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def _out(args: list[str]) -> Path:
+    return Path(args[args.index("--output-dir") + 1])
+
+
+def _fails(main, args: list[str], capsys, code: int = 2) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train_stage2_effnet.exit_on_error(lambda: main(args))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == code, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+# ---------------------------------------------------------------- 1. resume with changed flags
+def test_resume_with_more_epochs_replans_the_schedule_and_records_what_it_used(effnet_args):
+    train_stage2_effnet.main(effnet_args)  # 2 epochs
+    before = pd.read_csv(_out(effnet_args) / "metrics.csv")["lr_last_step"].tolist()
+    longer = [*_set(effnet_args, "--epochs", "4"), "--resume"]
+    train_stage2_effnet.main(longer)
+    history = pd.read_csv(_out(effnet_args) / "metrics.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    lrs = history["lr_last_step"].tolist()
+    assert lrs[:2] == pytest.approx(before)
+    # Epoch 2 ended on the 2-epoch cosine's floor; the re-planned 4-epoch cosine continues from its middle.
+    assert lrs[2] > 10 * lrs[1] and lrs[3] < lrs[2]
+    assert json.loads((_out(effnet_args) / "args.json").read_text())["epochs"] == 4
+
+
+def test_resume_with_a_new_lr_uses_it(effnet_args):
+    args = _set(effnet_args, "--epochs", "3")
+    train_stage2_effnet.main(_set(args, "--epochs", "1"))
+    train_stage2_effnet.main([*_set(args, "--lr", "1e-2"), "--resume"])
+    lrs = pd.read_csv(_out(args) / "metrics.csv")["lr_last_step"].tolist()
+    assert lrs[0] < 3e-4 < lrs[1]  # the default 3e-4 plan, then the 1e-2 one
+    assert json.loads((_out(args) / "args.json").read_text())["lr"] == 1e-2
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--batch-size", "4"), ("--img-size", "48"), ("--seed", "7"),
+                                             ("--aug", "strong"), ("--label-smoothing", "0.1"),
+                                             ("--model", "resnet10t")])
+def test_resume_refuses_a_change_that_would_mix_two_runs(effnet_args, capsys, flag, value):
+    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    last = (_out(effnet_args) / "last.pt").read_bytes()
+    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, flag, value), "--resume"], capsys)
+    assert "--resume" in err and (flag in err or flag.removeprefix("--").replace("-", "_") in err)
+    assert (_out(effnet_args) / "last.pt").read_bytes() == last
+
+
+def test_resume_refuses_fewer_epochs_than_already_trained(effnet_args, capsys):
+    train_stage2_effnet.main(effnet_args)
+    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, "--epochs", "1"), "--resume"], capsys)
+    assert "--epochs 1" in err and "epoch 2" in err
+
+
+# ---------------------------------------------------------------- 2. non-finite statistics never reach a checkpoint
+class _InfStatisticMidEpoch2(TimmExpert):
+    """Overflows one BatchNorm running_var (the loss stays finite) in the second epoch."""
+
+    def build_model(self):
+        self.model = super().build_model()
+        self.calls = 0
+        return self.model
+
+    def loss(self, outputs, images, labels):
+        if outputs.requires_grad:
+            self.calls += 1
+            if self.calls == 6:  # 4 steps per epoch: epoch 2, step 2
+                self.model.bn1.running_var.data.fill_(float("inf"))  # .data: autograd must not notice
+        return super().loss(outputs, images, labels)
+
+
+def test_a_broken_statistic_stops_the_run_and_never_replaces_the_good_last_pt(effnet_args):
+    args = [*effnet_args, "--save-every-minutes", "1e-9"]
+    cfg = config_from_args(train_stage2_effnet.build_parser().parse_args(args))
+    expert = _InfStatisticMidEpoch2("test_efficientnet", img_size=32, pretrained=False)
+    with pytest.raises(TrainingDiverged, match=r"non-finite values in bn1\.running_var .*the last good checkpoint"):
+        run(cfg, expert)
+    last = load_checkpoint(_out(args) / "last.pt")
+    assert (last["next_epoch"], last["step"]) == (1, 1)  # the mid-epoch save just before it broke
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_divergence_before_any_checkpoint_says_so(effnet_args, capsys):
+    args = [*effnet_args, "--opt", "sgd", "--clip-grad", "0", "--lr", "1e4", "--warmup-epochs", "0"]
+    err = _fails(train_stage2_effnet.main, args, capsys, code=3)
+    assert "no checkpoint was written yet" in err and not (_out(args) / "last.pt").exists()
+
+
+# ---------------------------------------------------------------- 4. data problems before the first epoch
+def test_a_video_with_real_and_fake_frames_is_refused_at_start(effnet_args, tiny_data, tmp_path, capsys):
+    val = pd.read_csv(tiny_data[1])
+    fake_video = val.loc[val["label"] == 1, "video_id"].iloc[0]
+    val.loc[val.index[val["label"] == 0][0], "video_id"] = fake_video
+    mixed = tiny_data[1].parent / "val_mixed.csv"
+    val.to_csv(mixed, index=False)
+    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--val-manifest", str(mixed)), capsys)
+    assert "val_mixed.csv" in err and fake_video in err and "lines" in err
+    assert not (_out(effnet_args) / "metrics.csv").exists()
+
+
+def _with_corrupt_val_image(tiny_data, tmp_path) -> tuple[Path, str]:
+    val = read_manifest(tiny_data[1])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    val.loc[0, "path"] = str(bad)
+    manifest = tmp_path / "val_corrupt.csv"
+    val.to_csv(manifest, index=False)
+    return manifest, str(bad)
+
+
+def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_data, tmp_path, capsys):
+    manifest, bad = _with_corrupt_val_image(tiny_data, tmp_path)
+    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--val-manifest", str(manifest)), capsys)
+    assert bad in err
+    assert not (_out(effnet_args) / "metrics.csv").exists() and not (_out(effnet_args) / "last.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:skipping cannot decode image")
+def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp_path):
+    manifest, bad = _with_corrupt_val_image(tiny_data, tmp_path)
+    args = [*_set(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
+    train_stage2_effnet.main(args)
+    assert (_out(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
+    assert (pd.read_csv(_out(args) / "metrics.csv")["val_skipped"] == 1).all()
+
+
+# ---------------------------------------------------------------- 5. a worker's decode error is one line
+def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extractor(effnet_args, tiny_data,
+                                                                                   tmp_path):
+    train = read_manifest(tiny_data[0])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    train.loc[3, "path"] = str(bad)
+    manifest = tmp_path / "train_corrupt.csv"
+    train.to_csv(manifest, index=False)
+    effnet = [*_set(_set(effnet_args, "--train-manifest", str(manifest)), "--workers", "2")]
+    genconvit = ["--train-manifest", str(manifest), "--val-manifest", str(tiny_data[1]), "--init", "scratch",
+                 "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4", "--epochs", "1",
+                 "--batch-size", "8", "--workers", "2", "--variant", "ed", "--output-dir", str(tmp_path / "gc")]
+    extractor = ["--checkpoint", str(tmp_path / "best.pt"), "--manifest", str(manifest), "--out",
+                 str(tmp_path / "f.npz"), "--workers", "2"]
+    train_stage2_effnet.main(_set(_set(effnet_args, "--epochs", "1"), "--output-dir", str(tmp_path / "ok")))
+    (tmp_path / "ok" / "best.pt").rename(tmp_path / "best.pt")
+    for script, args in (("train_stage2_effnet.py", effnet), ("train_stage2_genconvit.py", genconvit),
+                         ("feature_extractor.py", extractor)):
+        ran = subprocess.run([sys.executable, str(ROOT / script), *args], env=_env(), capture_output=True,
+                             text=True, cwd=ROOT, timeout=300)
+        err = ran.stderr.strip().splitlines()
+        assert ran.returncode == 2, (script, ran.stderr[-2000:])
+        assert len(err) == 1 and err[0].startswith("error: cannot decode image") and str(bad) in err[0], script
+
+
+# ---------------------------------------------------------------- 6. clean stops
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum, group):
+    args = [*_set(_set(effnet_args, "--epochs", "3"), "--workers", "2"), "--log-every", "1"]
+    cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *args]
+    # Ctrl-C reaches the terminal's whole process group (the loader's workers too); SIGTERM only the main one.
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/3 step 2/"):
+            os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stopped: stopped by SIG") and "--resume" in err[0], stderr[-2000:]
+    last = load_checkpoint(_out(args) / "last.pt")
+    assert last["next_epoch"] == 1 and last["step"] >= 2
+    resumed = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert pd.read_csv(_out(args) / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args):
+    args = [*_set(effnet_args, "--epochs", "3"), "--log-every", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 2/3 step 1/"):
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+            break
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    # Two steps per rank and epoch: the stop comes at the end of epoch 2, written by rank 0 for both.
+    assert load_checkpoint(_out(args) / "last.pt")["next_epoch"] == 2, "".join(seen[-30:])
+    assert sum("stopped: stopped by SIGTERM at the end of epoch 2" in line for line in seen) == 2, "".join(seen[-30:])
+
+
+# ---------------------------------------------------------------- 7. the smaller ones
+def test_extractor_never_replaces_an_existing_file_or_writes_onto_a_folder(effnet_args, tiny_data, tmp_path, capsys):
+    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    manifest_copy = tmp_path / "keep.csv"
+    manifest_copy.write_text("path,label\n")
+    base = ["--checkpoint", str(_out(effnet_args) / "best.pt"), "--manifest", str(tiny_data[1]), "--workers", "0"]
+    for out, words in ((manifest_copy, "--overwrite"), (tmp_path, "a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            feature_extractor.exit_on_error(lambda o=out: feature_extractor.main([*base, "--out", str(o)]))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and words in err and len(err.splitlines()) == 1
+    assert manifest_copy.read_text() == "path,label\n"
+    feature_extractor.main([*base, "--out", str(manifest_copy), "--overwrite"])
+    assert manifest_copy.read_bytes()[:2] == b"PK"
+
+
+def test_evaluate_with_the_other_familys_checkpoint_is_one_line(effnet_args, tiny_data, tmp_path, capsys):
+    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    args = ["--val-manifest", str(tiny_data[1]), "--evaluate", str(_out(effnet_args) / "best.pt"), "--variant", "ed",
+            "--output-dir", str(tmp_path / "gc"), "--workers", "0"]
+    err = _fails(train_stage2_genconvit.main, args, capsys)
+    assert "--evaluate" in err and "timm" in err and "genconvit" in err
+
+
+def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_path):
+    train, val = tiny_data
+    common = ["--val-manifest", str(val), "--img-size", "64", "--workers", "0", "--amp", "off"]
+    train_stage2_genconvit.main([*common, "--train-manifest", str(train), "--init", "scratch", "--backbone",
+                                 "test_convnext", "--latent-channels", "4", "--epochs", "1", "--batch-size", "8",
+                                 "--variant", "vae", "--output-dir", str(tmp_path / "run")])
+    out = tmp_path / "eval"
+    train_stage2_genconvit.main([*common, "--evaluate", str(tmp_path / "run" / "vae" / "best.pt"), "--output-dir",
+                                 str(out)])  # --variant left at "both"
+    assert (out / "vae" / "eval.json").is_file() and not (out / "ed").exists()
+
+
+def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):
+    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--output-dir", "/sys/stage2_run"), capsys)
+    assert "/sys/stage2_run" in err
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_file(effnet_args, capsys, monkeypatch):
+    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    best = _out(effnet_args) / "best.pt"
+    before = best.read_bytes()
+
+    def full(_fd: int) -> None:  # what fsync reports when the disk filled up during the write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, "--epochs", "2"), "--resume"], capsys)
+    assert "No space left on device" in err and str(_out(effnet_args)) in err
+    monkeypatch.undo()
+    assert best.read_bytes() == before
+    assert not [p for p in _out(effnet_args).iterdir() if p.name.endswith(".tmp")]
+
+
+def test_checkpoint_errors_say_what_is_wrong_in_one_whole_line(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"model": Path("not a tensor")}, path)  # a class weights_only refuses to unpickle
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert "Unsupported global: GLOBAL pathlib.PosixPath was not an allowed global by default" in message
+    assert "\n" not in message and message.endswith(")")
+
+
+def test_run_files_get_the_normal_umask_mode(effnet_args):
+    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    for name in ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json", "roc.png", "curves.png",
+                 "val_predictions.csv"):
+        assert (_out(effnet_args) / name).stat().st_mode & 0o777 == FILE_MODE, name
+
+
+def test_plots_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "roc.png"
+    plot_roc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], path, title="first")
+    first = path.read_bytes()
+    from matplotlib.figure import Figure
+
+    def crash(self, target, **kwargs):
+        target.write(b"half a png")
+        raise RuntimeError("crashed mid-write")
+
+    monkeypatch.setattr(Figure, "savefig", crash)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        plot_roc([0, 1, 0, 1], [0.9, 0.1, 0.8, 0.2], path, title="second")
+    assert path.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["roc.png"]
+
+
+def test_workers_are_capped_by_the_cores_and_the_settings_say_so(effnet_args, recwarn):
+    args = _set(_set(effnet_args, "--workers", "64"), "--epochs", "1")
+    train_stage2_effnet.main(args)
+    log_text = (_out(args) / "train.log").read_text()
+    assert "--workers 64 capped to the" in log_text
+    assert not [w for w in recwarn if "worker processes in total" in str(w.message)]
+
+
+def test_a_video_id_shared_by_real_and_fake_train_frames_names_the_lines(tmp_path):
+    from src.data.manifest import ManifestError
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "m.csv").write_text("path,label,video_id\na.png,0,v1\nb.png,1,v1\n")
+    with pytest.raises(ManifestError, match=r"m\.csv lines 2 and 3: video 'v1' has both real and fake frames"):
+        read_manifest(tmp_path / "m.csv")
