@@ -21,12 +21,24 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from src.embeddings import FeatureExtractor, join_features, load_features
-from src.embeddings.example import run_example
 from src.engine.cli import exit_on_error
 
+if TYPE_CHECKING:
+    from src.embeddings import FeatureExtractor, join_features, load_features
+
 __all__ = ["FeatureExtractor", "join_features", "load_features", "main"]
+_LAZY = ("FeatureExtractor", "join_features", "load_features")
+
+
+def __getattr__(name: str) -> Any:
+    """`from feature_extractor import FeatureExtractor` loads torch then, not at import: --help answers at once."""
+    if name in _LAZY:
+        import src.embeddings
+
+        return getattr(src.embeddings, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     logging.getLogger("src").setLevel(logging.INFO)
+    from src.embeddings import FeatureExtractor
+    from src.embeddings.stacking_preview import run_example
+
     if args.example:
         run_example(
             Path(args.output_root),
@@ -84,5 +99,10 @@ def main(argv: list[str] | None = None) -> None:
                               cache_dir=args.cache_dir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `stage2-extract` command."""
     exit_on_error(main)
+
+
+if __name__ == "__main__":
+    cli()

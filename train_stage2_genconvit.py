@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from src.engine.checkpoint import load_checkpoint
 from src.engine.cli import exit_on_error, parse_args
 from src.engine.config import add_train_args, config_from_args
-from src.engine.trainer import run
-from src.experts.genconvit import DEFAULT_STAGES, HF_FILES, INIT_MODES, GenConViTExpert
-from src.stage2.genconvit.ed import CONVNEXT_NAME
+from src.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--variant", choices=("ed", "vae", "both"), default="both")
     model.add_argument("--arch", choices=("official", "hybrid"), default="official",
                        help="official: weight-compatible (Swin inert); hybrid: ConvNeXt + Swin features")
-    model.add_argument("--init", choices=INIT_MODES, default="official",
+    model.add_argument("--init", choices=GENCONVIT_INIT_MODES, default="official",
                        help="official weights, ImageNet backbones, or random")
     model.add_argument("--weights", help="official checkpoint file (one variant)")
-    model.add_argument("--weights-dir", help=f"folder holding {' and '.join(HF_FILES.values())} (--variant both)")
+    model.add_argument("--weights-dir",
+                       help=f"folder holding {' and '.join(GENCONVIT_HF_FILES.values())} (--variant both)")
     model.add_argument("--backbone-file", help="local ImageNet ConvNeXt weights for --init imagenet")
     model.add_argument("--swin-file", help="local ImageNet Swin weights for --arch hybrid --init imagenet")
     model.add_argument("--recon-weight", type=float, default=1.0, help="weight of the reconstruction MSE")
@@ -50,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--label-smoothing", type=float, default=0.0)
     model.add_argument("--stages",
                        help="NAME:EPOCHS[:LR_SCALE],... with NAME frozen (backbones frozen) or full; EPOCHS may be "
-                            "'rest' (default: " + "; ".join(f"{k} {v}" for k, v in DEFAULT_STAGES.items()) + ")")
+                            "'rest' (default: full:rest; with --init imagenet frozen:1,full:rest)")
     model.add_argument("--backbone", default=CONVNEXT_NAME,
                        help="timm ConvNeXt of the classifier (the official weights need convnext_tiny)")
     model.add_argument("--latent-channels", type=int, default=256,
@@ -64,34 +62,32 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=16, lr=1e-3, workers=2, latent_channels=8)
     if args.variant == "both" and args.weights:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")
+    # Imported after parsing, so that --help and argument errors answer before torch and timm load.
+    from src.engine.checkpoint import load_checkpoint
+    from src.engine.trainer import run
+    from src.experts.genconvit import GenConViTExpert
+
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
-    if args.evaluate and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
-        variants = (load_checkpoint(args.evaluate, mmap=True).get("variant", "ed"),)
+    if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
+        variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
     for variant in variants:
         weights = args.weights
         if args.weights_dir:
-            weights = str(Path(args.weights_dir) / HF_FILES[variant])
+            weights = str(Path(args.weights_dir) / GENCONVIT_HF_FILES[variant])
         expert = GenConViTExpert(
             variant, img_size=args.img_size, arch=args.arch, init=args.init, weights=weights,
             backbone_file=args.backbone_file, swin_file=args.swin_file,
             recon_weight=args.recon_weight, kl_weight=args.kl_weight, label_smoothing=args.label_smoothing,
-            stages=args.stages, model_kwargs=_model_kwargs(args, variant))
-        cfg = config_from_args(args)
+            stages=args.stages, backbone=args.backbone, latent_channels=args.latent_channels)
+        cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
         cfg.output_dir = str(Path(args.output_dir) / variant)
         run(cfg, expert)
 
 
-def _model_kwargs(args: argparse.Namespace, variant: str) -> dict[str, object]:
-    """Constructor arguments beyond the official defaults; recorded in checkpoints to rebuild the model."""
-    kwargs: dict[str, object] = {}
-    if args.backbone != CONVNEXT_NAME:
-        kwargs["convnext_name"] = args.backbone
-    if variant == "vae" or args.arch == "hybrid":  # ED's official module is fully convolutional
-        kwargs["img_size"] = args.img_size
-    if variant == "vae":
-        kwargs["latent_channels"] = args.latent_channels
-    return kwargs
+def cli() -> None:
+    """The `stage2-train-genconvit` command."""
+    exit_on_error(main)
 
 
 if __name__ == "__main__":
-    exit_on_error(main)
+    cli()

@@ -23,7 +23,8 @@ from torchvision import transforms as T
 from benchmarks.data import SIZE
 from benchmarks.timing import Row, derived, interleaved, row
 from src.data.cache import DecodedCache
-from src.data.dataset import ManifestDataset, collate, decode_image
+from src.data.dataset import ManifestDataset, collate
+from src.data.decode import decode_image
 from src.data.perturb import parse_perturbations
 from src.data.transforms import AUG_CONFIGS, DeviceTransform, build_cpu_transform
 

@@ -45,7 +45,7 @@ from src.data.perturb import Perturbation, parse_perturbations
 from src.data.transforms import AUG_LEVELS, DeviceTransform
 from src.engine.checkpoint import load_checkpoint
 from src.engine.config import TrainConfig
-from src.models.factory import model_from_checkpoint
+from src.models.families import model_from_checkpoint
 
 PERTURBATIONS = "jpeg:50-70,down:0.5,blur:1.0,noise:0.02"
 PLAIN = "plain loop (flip only)"

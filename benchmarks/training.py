@@ -1,6 +1,6 @@
 """Sections 3 and 4: training steps through our Trainer vs a plain fp32 loop, and extraction vs a bare forward.
 
-"Ours" is the trainer's own step code: `Trainer._train_epoch` run on a Trainer built from a TrainConfig, so
+"Ours" is the trainer's own step code: `Trainer.train_epoch` run on a Trainer built from a TrainConfig, so
 the figure includes everything the real loop does per step (device-side augmentation and normalisation,
 channels_last, autocast as `--amp` resolves it, per-sample loss, gradient clipping, the timm optimizer and
 schedule, per-step reseeding). Only the loader is swapped for one resident batch when a figure is meant to
@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from benchmarks.data import write_manifests
@@ -27,11 +25,11 @@ from src.data.transforms import DeviceTransform
 from src.engine.checkpoint import save_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.distributed import setup_distributed
-from src.engine.trainer import Trainer, _StageContext
+from src.engine.trainer import Trainer
 from src.experts.base import Expert
 from src.experts.effnet import TimmExpert
 from src.experts.genconvit import GenConViTExpert
-from src.models.factory import timm_data_config
+from src.models.timm_models import timm_data_config
 
 EFFNET = "tf_efficientnetv2_b3"
 
@@ -83,26 +81,12 @@ def build_trainer(
 
 
 class TrainerSteps:
-    """Epochs of `Trainer._train_epoch` with the state `Trainer._run_stage` sets up for the first stage."""
+    """Epochs of `Trainer.train_epoch` in the first stage `Trainer.start_stage` sets up, as training runs them."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        cfg, model = trainer.cfg, trainer.model
-        stage = trainer.expert.stages(cfg.epochs, cfg.lr)[0]
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in trainer.learnable and (stage.trainable is None or stage.trainable(name)))
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=stage.lr, weight_decay=cfg.weight_decay)
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched="cosine",
-            num_epochs=stage.epochs,
-            min_lr=cfg.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=trainer.updates_per_epoch,
-        )
-        train_model = torch.compile(model) if cfg.compile else model
-        self.ctx = _StageContext(0, stage, optimizer, scheduler, train_model)
-        self.loader, self.steps = trainer.train_loader, trainer.steps_per_epoch
+        stage = trainer.expert.stages(trainer.cfg.epochs, trainer.cfg.lr)[0]
+        self.ctx = trainer.start_stage(0, stage)
         self.epoch = 0
 
     @property
@@ -115,14 +99,12 @@ class TrainerSteps:
 
     def real_loader(self) -> Callable[[], int]:
         """Whole epochs through the trainer's own DataLoader (workers restart each epoch, as in training)."""
-        return lambda: self._epoch(self.loader, self.steps)
+        return lambda: self._epoch(None, self.trainer.steps_per_epoch)
 
-    def _epoch(self, loader: Iterable[Batch], steps: int) -> int:
-        trainer = self.trainer
-        trainer.train_loader, trainer.steps_per_epoch = loader, steps
-        trainer._train_epoch(self.epoch, 0, None, self.ctx)
+    def _epoch(self, batches: Iterable[Batch] | None, steps: int) -> int:
+        self.trainer.train_epoch(self.epoch, self.ctx, batches=batches, steps=steps)
         self.epoch += 1
-        return steps * trainer.cfg.batch_size
+        return steps * self.trainer.cfg.batch_size
 
 
 def plain_steps(

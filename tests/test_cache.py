@@ -13,8 +13,10 @@ from PIL import Image
 import train_stage2_effnet
 from src.data import cache as cache_module
 from src.data.cache import DecodedCache
-from src.data.dataset import ImageDecodeError, ManifestDataset, decode_image, resize_uint8
+from src.data.dataset import ManifestDataset
+from src.data.decode import decode_image, resize_uint8
 from src.data.transforms import build_cpu_transform
+from src.errors import ImageDecodeError
 
 SIZE = 32
 

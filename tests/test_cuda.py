@@ -21,7 +21,7 @@ import torch
 import train_stage2_effnet
 import train_stage2_genconvit
 from src.embeddings import FeatureExtractor
-from src.stage2.genconvit import GenConViTLoss, GenConViTVAE
+from src.models.genconvit import GenConViTLoss, GenConViTVAE
 
 pytestmark = [
     pytest.mark.cuda,

@@ -11,7 +11,9 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from src.data.dataset import Batch, ImageDecodeError, ManifestDataset, collate, decode_image, resize_uint8
+from src.data.dataset import Batch, ManifestDataset, collate
+from src.data.decode import decode_image, resize_uint8
+from src.errors import ImageDecodeError
 
 H, W = 13, 21  # odd, non-square
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from src.data import demo
-from src.data.dataset import decode_image
+from src.data.decode import decode_image
 from src.data.demo import FAKE_METHODS, make_demo_dataset
 from src.data.manifest import read_manifest
 

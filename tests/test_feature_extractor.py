@@ -23,11 +23,13 @@ from src.embeddings import (
     join_features,
     load_features,
 )
-from src.embeddings.example import run_example
-from src.engine.checkpoint import CheckpointError, save_checkpoint
+from src.embeddings.stacking_preview import run_example
+from src.engine.checkpoint import save_checkpoint
 from src.engine.cli import exit_on_error
-from src.models.factory import create_timm_model, timm_data_config
-from src.stage2.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
+from src.errors import CheckpointError
+from src.models.families import FAMILIES
+from src.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
+from src.models.timm_models import create_timm_model, timm_data_config
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = 64
@@ -217,7 +219,7 @@ def test_official_genconvit_files(tmp_path, genconvit_experts):
     torch.save({"state_dict": state, "epoch": 3}, wrapped)
 
     fx = extractor(raw, model_name="genconvit_ed", batch_size=2)
-    assert (fx.model_name, fx.family, fx.temperature, fx.data_config["input_size"]) == (
+    assert (fx.model_name, fx.family.name, fx.temperature, fx.data_config["input_size"]) == (
         "genconvit_ed",
         "genconvit",
         1.0,
@@ -240,15 +242,16 @@ def test_official_genconvit_files(tmp_path, genconvit_experts):
 
 
 def test_model_name_checks(timm_expert):
-    check_model_name("efficientnetv2_b3.in21k_ft_in1k", "tf_efficientnetv2_b3", "timm", "ckpt")
-    check_model_name("test_efficientnet.r160_in1k", "test_efficientnet", "timm", "ckpt")
+    timm = FAMILIES["timm"]
+    check_model_name("efficientnetv2_b3.in21k_ft_in1k", "tf_efficientnetv2_b3", timm, "ckpt")
+    check_model_name("test_efficientnet.r160_in1k", "test_efficientnet", timm, "ckpt")
     for requested, recorded, family in [
         ("resnet18", "test_efficientnet", "timm"),
         ("no_such_model", "test_efficientnet", "timm"),
         ("genconvit_vae", "genconvit_ed", "genconvit"),
     ]:
         with pytest.raises(CheckpointError, match=f"'{requested}' does not match ckpt, which holds '{recorded}'"):
-            check_model_name(requested, recorded, family, "ckpt")
+            check_model_name(requested, recorded, FAMILIES[family], "ckpt")
     with pytest.raises(CheckpointError, match="holds 'test_efficientnet'"):
         extractor(timm_expert[0], model_name="resnet18")
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.distributions import Normal, kl_divergence
 
-from src.stage2.genconvit import (
+from src.models.genconvit import (
     GenConViTED,
     GenConViTHybrid,
     GenConViTLoss,
@@ -18,7 +18,7 @@ from src.stage2.genconvit import (
     build_genconvit,
     init_var_from_mu,
 )
-from src.stage2.genconvit.vae import VAEEncoder
+from src.models.genconvit.vae import VAEEncoder
 
 # Small inputs keep the suite fast; the official 224x224 sizes are covered by test_genconvit_official.py.
 IMG = 64

@@ -13,19 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.stage2.genconvit import (
+from src.errors import OfficialCheckpointError
+from src.models.genconvit import (
     FAKE_INDEX,
     REAL_INDEX,
     GenConViTED,
     GenConViTLoss,
     GenConViTVAE,
-    OfficialCheckpointError,
     detect_variant,
     fake_logit,
     load_official_checkpoint,
     targets_from_labels,
 )
-from src.stage2.genconvit.official import SWIN_PREFIXES
+from src.models.genconvit.official import SWIN_PREFIXES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "genconvit"
 ATOL = 1e-4
@@ -150,7 +150,7 @@ def test_loads_raw_and_wrapped_with_or_without_swin(ed_model, ed_state, tmp_path
     with torch.no_grad():
         ed_model.fc2.weight.zero_()
 
-    with caplog.at_level(logging.INFO, logger="src.stage2.genconvit.official"):
+    with caplog.at_level(logging.INFO, logger="src.models.genconvit.official"):
         report = load_official_checkpoint(ed_model, source)
 
     dropped = 382 if with_swin else 0

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from src.data.manifest import ManifestError, read_manifest
+from src.data.manifest import read_manifest
+from src.errors import ManifestError
 
 
 def _csv(folder: Path, text: str, name: str = "train.csv") -> Path:

@@ -18,12 +18,13 @@ from PIL import Image
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
+from src.atomic import FILE_MODE
 from src.data.manifest import read_manifest
-from src.engine.atomic import FILE_MODE
-from src.engine.checkpoint import CheckpointError, load_checkpoint
+from src.engine.checkpoint import load_checkpoint
 from src.engine.config import config_from_args
 from src.engine.report import plot_roc
-from src.engine.trainer import TrainingDiverged, run
+from src.engine.trainer import run
+from src.errors import CheckpointError, TrainingDiverged
 from src.experts.effnet import TimmExpert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,7 +337,7 @@ def test_workers_are_capped_by_the_cores_and_the_settings_say_so(effnet_args, re
 
 
 def test_a_video_id_shared_by_real_and_fake_train_frames_names_the_lines(tmp_path):
-    from src.data.manifest import ManifestError
+    from src.errors import ManifestError
 
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)

@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from src.engine import atomic
+from src import atomic
 from src.engine.report import (
     MetricsLog,
     format_metrics_table,

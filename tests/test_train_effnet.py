@@ -13,9 +13,10 @@ from src.data.manifest import read_manifest
 from src.data.transforms import DeviceTransform
 from src.engine.checkpoint import load_checkpoint
 from src.engine.config import config_from_args
-from src.engine.trainer import TrainingDiverged, run
+from src.engine.trainer import run
+from src.errors import TrainingDiverged
 from src.experts.effnet import TimmExpert
-from src.models.factory import model_from_checkpoint
+from src.models.families import model_from_checkpoint
 
 RUN_OUTPUTS = ["best.pt", "last.pt", "args.json", "metrics.csv", "summary.json", "roc.png", "curves.png",
                "train.log", "val_predictions.csv"]

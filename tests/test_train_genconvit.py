@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
+from src.errors import PretrainedWeightsError
 from src.experts.genconvit import GenConViTExpert, parse_stages
-from src.models.factory import PretrainedWeightsError
-from src.stage2.genconvit import GenConViTED, GenConViTVAE
+from src.models.genconvit import GenConViTED, GenConViTVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 

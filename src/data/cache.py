@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from src.data.dataset import ImageDecodeError, decode_image, resize_uint8
+from src.data.decode import decode_image, resize_uint8
+from src.errors import ImageDecodeError
 
 log = logging.getLogger(__name__)
 

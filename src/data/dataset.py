@@ -1,4 +1,4 @@
-"""Image decoding and the manifest-backed dataset.
+"""The manifest-backed dataset and its batches.
 
 Workers only decode, resize and run an optional uint8 transform; images stay uint8 so batches are small to
 move, and float conversion/normalisation happens on the device.
@@ -6,119 +6,19 @@ move, and float conversion/normalisation happens on the device.
 
 from __future__ import annotations
 
-import io
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageFile, UnidentifiedImageError
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as tv_decode_image
 
-# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec, not installed here) and warns on
-# every call; the fast path is chosen on purpose, so silence exactly that warning rather than flood the logs.
-warnings.filterwarnings(
-    "ignore",
-    message="The image decoding and encoding capabilities of TorchVision are deprecated",
-    category=DeprecationWarning,
-    module="torchvision.io.image",
-)
+from src.data.cache import CacheView
+from src.data.decode import decode_image, resize_uint8
+from src.errors import ImageDecodeError
 
-if TYPE_CHECKING:
-    from src.data.cache import CacheView
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ImageItem = tuple[torch.Tensor | None, int, int]  # (image, label, index); image None: undecodable, skipped
-
-
-class ImageDecodeError(RuntimeError):
-    """An image file that cannot be decoded; the message names the file.
-
-    A DataLoader worker's error reaches the main process re-raised as ``ImageDecodeError(text)``, ``text`` being
-    the worker's whole traceback; the message is then the original one, taken from its last line, so that users
-    get the same one line with ``--workers 0`` and ``--workers 8``.
-    """
-
-    def __init__(self, path: str, reason: str | None = None) -> None:
-        if reason is None:  # re-raised from a worker: `path` holds the worker's traceback
-            last = [line for line in path.strip().splitlines() if line.strip()][-1]
-            message = last.split("ImageDecodeError: ", 1)[-1]
-            self.path = message.removeprefix("cannot decode image ").rsplit(": ", 1)[0]
-        else:
-            message, self.path = f"cannot decode image {path}: {reason}", path
-        super().__init__(message)
-
-
-@contextmanager
-def _strict_truncation() -> Iterator[None]:
-    # With ImageFile.LOAD_TRUNCATED_IMAGES set (other libraries flip it globally) PIL pads a truncated file
-    # with grey instead of failing; force it off here so a damaged file is always an error.
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-def _pil_decode(data: bytes) -> torch.Tensor:
-    with _strict_truncation(), Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.mode.startswith("I"):
-            # 16-bit grey (I;16*, or I as some plugins report it): convert("RGB") would clip at 255.
-            grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
-            tensor = TF.to_dtype(torch.from_numpy(grey), torch.uint8, scale=True)
-            return tensor.expand(3, -1, -1).contiguous()
-        # Alpha (RGBA, LA, P with transparency) is dropped, as the torchvision path does.
-        rgb = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
-
-
-def decode_image(path: str) -> torch.Tensor:
-    """Decode an image file to uint8 RGB ``[3, H, W]``; alpha is dropped, 16-bit samples are scaled to 8-bit.
-
-    torchvision's decoder (faster than PIL) handles PNG/JPEG/WebP/GIF; anything it rejects is retried with PIL.
-    A missing, empty, corrupt or truncated file raises :class:`ImageDecodeError`.
-    """
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as err:
-        raise ImageDecodeError(path, err.strerror or type(err).__name__) from None
-    if not data:
-        raise ImageDecodeError(path, "empty file")
-    if data.startswith(_PNG_SIGNATURE) and data[12:16] != b"IHDR":
-        # Caught here because libpng would also print its own complaint to stderr, around our one-line error.
-        raise ImageDecodeError(path, "corrupt PNG header (no IHDR chunk after the signature)")
-    try:
-        image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        try:
-            return _pil_decode(data)
-        except UnidentifiedImageError:
-            raise ImageDecodeError(path, "not a recognised image format (or a corrupt header)") from None
-        # PIL's format plugins raise many unrelated types (OSError, SyntaxError, ValueError, struct.error...)
-        # on damaged data; all of them mean the same thing here.
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ImageDecodeError(path, reason) from None
-    if image.ndim == 4:  # animated GIF: first frame
-        image = image[0]
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = TF.to_dtype(image, torch.uint8, scale=True)
-    return image
-
-
-def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Square antialiased bilinear resize of a uint8 ``[..., H, W]`` image; no-op when already that size."""
-    if img.shape[-2:] == (size, size):
-        return img
-    return TF.resize(img, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
 class ManifestDataset(torch.utils.data.Dataset):

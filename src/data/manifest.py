@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from src.errors import ManifestError
+
 PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order of preference
 OPTIONAL_COLUMNS = ("video_id", "method")
 LABEL_NAMES = {0: "real", 1: "fake"}
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1}
 _MAX_LISTED = 5
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message is one line naming the file (and CSV line)."""
 
 
 def _parse_label(cell: str) -> int | None:

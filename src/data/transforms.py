@@ -28,9 +28,8 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from src.data.levels import AUG_LEVELS
 from src.data.perturb import parse_perturbations
-
-AUG_LEVELS = ("none", "light", "standard", "strong")
 
 # The degradations `standard` draws from, strengths drawn per image; `strong` goes further.
 DEGRADATIONS = "jpeg:50-95,noise:0.005-0.03"

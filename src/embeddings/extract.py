@@ -18,27 +18,21 @@ import numpy as np
 import pandas as pd
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import get_arch_name
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from src.data.cache import open_cache
-from src.data.dataset import Batch, ManifestDataset, collate
+from src.data.dataset import Batch
+from src.data.loaders import manifest_loader
 from src.data.manifest import OPTIONAL_COLUMNS, read_manifest
 from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
-from src.engine.checkpoint import CheckpointError, load_checkpoint
-from src.models.factory import model_from_checkpoint, resolve_model_name
-from src.stage2.genconvit import (
-    GenConViTED,
-    GenConViTVAE,
-    OfficialCheckpointError,
-    detect_variant,
-    fake_logit,
-    load_official_checkpoint,
-    read_state_dict,
-)
+from src.engine.checkpoint import load_checkpoint
+from src.engine.precision import autocast, autocast_dtype, memory_format
+from src.errors import CheckpointError, OfficialCheckpointError
+from src.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
+from src.models.genconvit import GenConViTED, GenConViTVAE, detect_variant, load_official_checkpoint, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +47,7 @@ OFFICIAL_DATA_CONFIG = {
 
 class LoadedExpert(NamedTuple):
     model: nn.Module
-    family: str  # "timm" | "genconvit"
+    family: ModelFamily
     model_name: str
     data_config: dict[str, Any]
     temperature: float
@@ -67,20 +61,10 @@ class FeatureBatch(NamedTuple):
     indices: np.ndarray  # int64 [B]: manifest rows (project batches) or positions in the loader's order
 
 
-def check_model_name(requested: str | None, recorded: str, family: str, where: str) -> None:
-    """Reject a requested model name that is not the architecture the checkpoint holds.
-
-    timm names compare by architecture, so aliases (``efficientnetv2_b3.in21k_ft_in1k``) and pretrained tags
-    (``.in21k_ft_in1k``: where training started, irrelevant once the checkpoint's own weights are loaded) match.
-    """
-    if requested is None or requested == recorded:
+def check_model_name(requested: str | None, recorded: str, family: ModelFamily, where: str) -> None:
+    """Reject a requested model name that is not the model the checkpoint holds (as its family compares names)."""
+    if requested is None or family.same_model(requested, recorded):
         return
-    if family == "timm":
-        try:
-            if get_arch_name(resolve_model_name(requested)) == get_arch_name(recorded):
-                return
-        except ValueError:
-            pass
     raise CheckpointError(f"model name {requested!r} does not match {where}, which holds {recorded!r}")
 
 
@@ -97,7 +81,11 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
     recorded = state.get("model_name") or model_name
     if recorded is None:
         raise CheckpointError(f"checkpoint {path} records no model name: pass model_name / --model-name")
-    check_model_name(model_name, recorded, state["family"], f"checkpoint {path}")
+    try:
+        family = family_of(state)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    check_model_name(model_name, recorded, family, f"checkpoint {path}")
     if "model" not in state or "data_config" not in state:
         raise CheckpointError(f"checkpoint {path}: lacks 'model' or 'data_config' (not written by the trainers?)")
     try:
@@ -106,7 +94,7 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {_first_line(err)}") from err
     return LoadedExpert(
         model.eval(),
-        state["family"],
+        family,
         recorded,
         state["data_config"],
         float(state.get("temperature", 1.0)),
@@ -123,7 +111,8 @@ def _from_official_file(state: dict[str, Any], path: Path, model_name: str | Non
             f"checkpoint {path}: neither a trainer checkpoint (no 'family' key) nor an official GenConViT file ({err})"
         ) from None
     recorded = f"genconvit_{variant}"
-    check_model_name(model_name, recorded, "genconvit", f"official GenConViT file {path}")
+    family = FAMILIES["genconvit"]
+    check_model_name(model_name, recorded, family, f"official GenConViT file {path}")
     data_config = dict(OFFICIAL_DATA_CONFIG)
     kwargs: dict[str, int] = {}
     if variant == "vae":
@@ -136,7 +125,7 @@ def _from_official_file(state: dict[str, Any], path: Path, model_name: str | Non
         load_official_checkpoint(model, weights, assign=True)
     except OfficialCheckpointError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
-    return LoadedExpert(model.eval(), "genconvit", recorded, data_config, 1.0, {})
+    return LoadedExpert(model.eval(), family, recorded, data_config, 1.0, {})
 
 
 def _official_vae_sizes(weights: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -190,13 +179,12 @@ class FeatureExtractor:
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
         on_gpu = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if amp and on_gpu else None
+        self.amp_dtype = autocast_dtype("bf16" if amp and on_gpu else "off", self.device)
         self.channels_last = on_gpu
         self.model = expert.model.to(self.device).eval()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.classifier: nn.Linear = self.model.get_classifier() if self.family == "timm" else self.model.classifier
-        self.embed_dim = self.classifier.in_features
+        self.embed_dim = self.family.classifier(self.model).in_features
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
         self.transform = DeviceTransform(mean, std).to(self.device).eval()
         log.info(
@@ -211,13 +199,8 @@ class FeatureExtractor:
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float batch -> (embeddings [B, D], fake logits [B]), float32; call under inference_mode."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if self.family == "timm":
-                embeddings = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-                logits = self.classifier(embeddings).squeeze(1)
-            else:
-                out = self.model(x)
-                embeddings, logits = out.features, fake_logit(out.logits)
+        with autocast(self.device, self.amp_dtype):
+            embeddings, logits = self.family.embed(self.model, x)
         return embeddings.float(), logits.float()
 
     def p_fake(self, logits: torch.Tensor) -> torch.Tensor:
@@ -238,7 +221,7 @@ class FeatureExtractor:
             total=total,
             desc=f"features {self.model_name}",
             unit="batch",
-            disable=None if self.progress else True,
+            disable=None if self.progress else True,  # None: on a terminal or in a notebook (tqdm.auto)
             dynamic_ncols=True,
         )
         position = 0
@@ -267,7 +250,7 @@ class FeatureExtractor:
             x = self.transform(x)
         elif not x.is_floating_point():
             raise TypeError(f"images must be uint8 (raw) or float (preprocessed), got {x.dtype}")
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return memory_format(x, self.channels_last)
 
     def extract(
         self, dataloader: Iterable[Any], return_probs: bool = False
@@ -298,15 +281,8 @@ class FeatureExtractor:
         if cache_dir is not None:
             cache = open_cache(cache_dir, self.img_size, frame["path"].tolist(), workers=max(self.workers, 1),
                                skip_bad_images=skip_bad_images)
-        dataset = ManifestDataset(frame, self.img_size, skip_bad_images=skip_bad_images, cache=cache)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.workers,
-            collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-        )
+        return manifest_loader(frame, self.img_size, batch_size=self.batch_size, workers=self.workers,
+                               skip_bad_images=skip_bad_images, cache=cache, pin_memory=self.device.type == "cuda")
 
     def extract_to_file(
         self,
@@ -344,7 +320,7 @@ class FeatureExtractor:
             path = writer.close(
                 {
                     "model_name": self.model_name,
-                    "family": self.family,
+                    "family": self.family.name,
                     "checkpoint": os.path.abspath(self.checkpoint_path),
                     "manifest": os.path.abspath(manifest),
                     "temperature": self.temperature,

@@ -19,14 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from src.errors import FeatureFileError
+
 ROW_KEYS = ("embeddings", "labels", "p_fake", "paths", "index")
 OPTIONAL_ROW_KEYS = ("video_id", "method")
 META_KEYS = ("model_name", "family", "checkpoint", "manifest", "temperature")
 _COPY_BLOCK = 16 << 20  # bytes held in memory at a time while a member is copied into the zip
-
-
-class FeatureFileError(ValueError):
-    """A feature file that cannot be read, or feature files that do not describe the same images."""
 
 
 class NpzStreamWriter:

@@ -15,13 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.engine.atomic import atomic_write
-
-RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, or lacks what the caller needs."""
+from src.atomic import atomic_write
+from src.engine.distributed import broadcast_flag
+from src.errors import CheckpointError, TrainingDiverged
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -53,6 +49,23 @@ def _reason(err: Exception) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
         return f"the file holds objects weights_only loading refuses: {detail.split('. ')[0].rstrip('.')}"
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def ensure_finite(model: torch.nn.Module, device: torch.device, when: str, last_good: Path) -> None:
+    """Stop (on every rank) before a non-finite weight or statistic can reach a checkpoint or a metric.
+
+    The loss can stay finite while, say, a BatchNorm running_var overflows to inf; that model must not replace
+    the last good last.pt. Raises TrainingDiverged naming the tensor and the checkpoint left as it was.
+    """
+    bad = next((name for name, t in (*model.named_parameters(), *model.named_buffers())
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if broadcast_flag(bad is not None, device):
+        raise TrainingDiverged(f"non-finite values in {bad or 'a tensor on another rank'} {when}: stopped; "
+                               f"{last_good_note(last_good)}")
+
+
+def last_good_note(last: Path) -> str:
+    return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
 
 
 def rng_state() -> dict[str, Any]:

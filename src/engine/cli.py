@@ -1,41 +1,80 @@
-"""What both entry scripts do around `run`: parsing (with the --demo defaults) and one-line errors for bad input."""
+"""What the entry scripts do around their work: parsing (with --config and --demo defaults) and one-line errors.
+
+Torch-free at import, like the parsers: `--help` and argument errors answer at once, before any heavy import.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from src.data.dataset import ImageDecodeError
-from src.data.demo import make_demo_dataset
-from src.data.manifest import ManifestError
-from src.engine.checkpoint import CheckpointError
-from src.engine.trainer import ConfigError, StopRequested, TrainingDiverged
-from src.models.factory import PretrainedWeightsError
+from src.engine.config import NOT_REPLAYED
+from src.errors import USER_ERRORS, StopRequested, TrainingDiverged
 
 DEMO_ROOT = Path("data/demo")
-
-# Bad input and a diverged run end with one line and a non-zero exit; anything else is a bug
-# and keeps its traceback.
-USER_ERRORS = (ManifestError, ImageDecodeError, CheckpointError, ConfigError, PretrainedWeightsError, ValueError)
 # A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: Any) -> argparse.Namespace:
-    """Parse the command line; with --demo, `demo` settings and the built-in dataset become the defaults first,
-    so that a flag given on the command line still wins (even one given at its usual default)."""
-    if parser.parse_known_args(argv)[0].demo:
+    """Parse the command line. Defaults come, weakest first, from the parser, from `demo` (with --demo, which
+    also generates the built-in dataset), then from the --config file; a flag given on the command line wins
+    over all of them, even one given at its usual default."""
+    given = parser.parse_known_args(argv)[0]
+    if given.demo:
+        from src.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
+
         train, val = make_demo_dataset(DEMO_ROOT)
         output_dir = parser.get_default("output_dir") + "_demo"
         parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
                             overwrite=True, **demo)
         logging.getLogger("src").info("demo: synthetic data in %s", DEMO_ROOT)
+    if given.config:
+        parser.set_defaults(**config_defaults(parser, Path(given.config)))
     return parser.parse_args(argv)
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """Settings from a YAML or JSON file (a run's args.json replays that run) as parser defaults.
+
+    Keys are flag names with or without the dashes (`batch-size`, `batch_size`); an unknown key is an error.
+    What describes an invocation rather than a run (--resume, --overwrite, --evaluate, --demo) is not taken.
+    """
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # json and yaml raise their own many kinds; all mean "not a config file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({first})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
+    dests = {action.dest for action in parser._actions}  # argparse keeps no public list of its options
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest == "evaluate":
+            dest = "evaluate_checkpoint"
+        if dest == "expert":  # what args.json records about the model, for reading
+            continue
+        if dest not in dests:
+            raise ValueError(f"--config {path}: unknown setting {key!r}")
+        if dest not in NOT_REPLAYED:
+            defaults[dest] = value
+    return defaults
 
 
 def exit_on_error(main: Callable[[], object]) -> None:

@@ -7,10 +7,15 @@ and turns the parsed namespace into a `TrainConfig` with `config_from_args`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from src.data.transforms import AUG_LEVELS
+from src.data.levels import AUG_LEVELS
+
+# torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
+TRACKERS = ("tensorboard",)
+# Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
+NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
 
 @dataclass
@@ -50,9 +55,12 @@ class TrainConfig:
     resume: str | None = None
     overwrite: bool = False
     save_every_minutes: float = 20.0
-    evaluate: str | None = None
+    evaluate_checkpoint: str | None = None
     log_every: int = 50
     calibrate: bool = True
+    log_to: str | None = None
+    # Every flag of the command line as parsed (replayable with --config); written to args.json.
+    cli_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,18 +119,26 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     out.add_argument("--save-every-minutes", type=float, default=d["save_every_minutes"],
                      help="also write last.pt mid-epoch this often (0: only at epoch ends)")
-    out.add_argument("--evaluate", metavar="CHECKPOINT", default=d["evaluate"],
+    out.add_argument("--evaluate", metavar="CHECKPOINT", dest="evaluate_checkpoint",
+                     default=d["evaluate_checkpoint"],
                      help="only evaluate this checkpoint on --val-manifest and write eval.json")
     out.add_argument("--log-every", type=int, default=d["log_every"],
                      help="steps between progress lines when stdout is not a terminal")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
                      help="fit a temperature on the validation logits of the best epoch")
+    out.add_argument("--log-to", choices=TRACKERS, default=d["log_to"],
+                     help="also log per-step loss and lr, per-epoch metrics and images to a tracker "
+                          "(OUTPUT_DIR/tensorboard); metrics.csv stays the record")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON (a run's args.json) whose values become the defaults; flags given on the "
+                             "command line win")
     parser.add_argument("--demo", action="store_true",
                         help="train briefly on the built-in synthetic dataset (generated under data/demo)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["cli_args"] = {k: v for k, v in vars(args).items() if k not in NOT_REPLAYED}
     if not values.get("clip_grad"):
         values["clip_grad"] = None
     return TrainConfig(**values)

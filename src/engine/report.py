@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import RocCurveDisplay
 
-from src.engine.atomic import atomic_write
+from src.atomic import atomic_write
 
 # Panels of the training-curve figure: (title, columns drawn if present, log y-axis).
 _CURVE_PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (

@@ -1,9 +1,9 @@
 """What the shared training loop needs to know about one expert model.
 
 The loop in `src.engine.trainer` is model-agnostic: everything that differs between the
-EfficientNet and GenConViT experts (model construction, loss terms, how to read P(fake) off the
-outputs, training stages, per-epoch artefacts) enters through an `Expert`, never through
-`if model == ...` branches inside the loop.
+EfficientNet and GenConViT experts (model construction and initialisation, loss terms, training
+stages, per-epoch artefacts) enters through an `Expert`, and how a model is rebuilt and read through
+its `ModelFamily`, never through `if model == ...` branches inside the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from src.models.families import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Expert:
     per_class_terms: tuple[str, ...] = ()
     #: DDP must be told when some parameters get no gradient (unused upstream layers).
     find_unused_parameters: bool = False
+    #: How its models are rebuilt from a checkpoint and read (src.models.families).
+    family: ModelFamily
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -51,7 +55,7 @@ class Expert:
         raise NotImplementedError
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What a checkpoint must record to rebuild the model (see src.models.factory.model_from_checkpoint)."""
+        """What a checkpoint must record to rebuild the model (see src.models.families.model_from_checkpoint)."""
         raise NotImplementedError
 
     def recipe(self) -> dict[str, Any]:
@@ -63,8 +67,8 @@ class Expert:
         raise NotImplementedError
 
     def fake_logit(self, outputs: Any) -> torch.Tensor:
-        """Log-odds of "fake" per sample, [B]: P(fake) = sigmoid(fake_logit)."""
-        raise NotImplementedError
+        """Log-odds of "fake" per sample, [B]: P(fake) = sigmoid(fake_logit); its model family reads it."""
+        return self.family.fake_logit(outputs)
 
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return [Stage("train", epochs, lr)]
@@ -80,5 +84,7 @@ class Expert:
         labels: torch.Tensor,
         epoch: int,
         out_dir: Path,
-    ) -> None:
-        """Hook run on rank 0 after each validation with a fixed batch of normalised val images."""
+    ) -> dict[str, Path]:
+        """Hook run on rank 0 after each validation with a fixed batch of normalised val images; returns the
+        images it wrote ({tag: path}), which a tracker (--log-to) shows."""
+        return {}

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.errors import PretrainedWeightsError
 from src.experts.base import Expert
-from src.models.factory import PretrainedWeightsError, create_timm_model, timm_data_config
+from src.models.families import FAMILIES
+from src.models.timm_models import create_timm_model, timm_data_config
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ class TimmExpert(Expert):
     `pos_weight` ("auto", None or a number) scales the loss of fake (positive) samples, e.g. n_real / n_fake for an
     imbalanced manifest; `label_smoothing` pulls targets towards 0.5 by that amount.
     """
+
+    family = FAMILIES["timm"]
 
     def __init__(
         self,
@@ -78,7 +82,7 @@ class TimmExpert(Expert):
         return timm_data_config(model, self.img_size)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"family": "timm", "model_name": self.model_name, "num_classes": 1}
+        return {"family": self.family.name, "model_name": self.model_name, "num_classes": 1}
 
     def loss(self, outputs: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = outputs.squeeze(1).float()
@@ -88,9 +92,6 @@ class TimmExpert(Expert):
         pos_weight = None if weight is None else logits.new_tensor(weight)
         bce = nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
         return {"loss": bce}
-
-    def fake_logit(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.squeeze(1).float()
 
     def recipe(self) -> dict[str, Any]:
         return {"pos_weight": self.pos_weight_setting, "label_smoothing": self.label_smoothing,

@@ -17,21 +17,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
+from src.atomic import atomic_write
+from src.errors import PretrainedWeightsError
 from src.experts.base import Expert, Stage
-from src.models.factory import PretrainedWeightsError
-from src.stage2.genconvit import (
-    GenConViTLoss,
-    build_genconvit,
-    fake_logit,
-    init_var_from_mu,
-    load_official_checkpoint,
-)
+from src.models.families import FAMILIES
+from src.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
+from src.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_HF_REPO, GENCONVIT_INIT_MODES
 
 log = logging.getLogger(__name__)
 
-INIT_MODES = ("official", "imagenet", "scratch")
-HF_REPO = "Deressa/GenConViT"
-HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_inference.pth"}
 # Attribute names of the timm backbones inside the GenConViT modules; frozen in a "frozen" stage.
 BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "convnext.", "swin.")
 # Every stage trains at --lr (the recipe's Adam 1e-4). From ImageNet backbones, the new autoencoder and heads
@@ -80,6 +74,7 @@ class GenConViTExpert(Expert):
     so that fine-tuning from the official weights and training from scratch read P(fake) the same way."""
 
     per_class_terms = ("recon",)
+    family = FAMILIES["genconvit"]
 
     def __init__(
         self,
@@ -95,10 +90,12 @@ class GenConViTExpert(Expert):
         kl_weight: float = 0.5,
         label_smoothing: float = 0.0,
         stages: str | None = None,
+        backbone: str = CONVNEXT_NAME,
+        latent_channels: int = 256,
         model_kwargs: dict[str, Any] | None = None,
     ):
-        if init not in INIT_MODES:
-            raise ValueError(f"--init {init!r}: expected one of {', '.join(INIT_MODES)}")
+        if init not in GENCONVIT_INIT_MODES:
+            raise ValueError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
         if init == "official" and arch != "official":
             raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
         if swin_file is not None and arch != "hybrid":
@@ -109,7 +106,16 @@ class GenConViTExpert(Expert):
         self.backbone_file = backbone_file
         self.swin_file = swin_file
         self.stage_spec = stages or DEFAULT_STAGES[init]
-        self.model_kwargs = dict(model_kwargs or {})
+        # Constructor arguments beyond the official defaults, recorded in checkpoints to rebuild the model;
+        # `model_kwargs` adds others (the tests' tiny Swin sizes).
+        self.model_kwargs: dict[str, Any] = {}
+        if backbone != CONVNEXT_NAME:
+            self.model_kwargs["convnext_name"] = backbone
+        if variant == "vae" or arch == "hybrid":  # ED's official module is fully convolutional
+            self.model_kwargs["img_size"] = img_size
+        if variant == "vae":
+            self.model_kwargs["latent_channels"] = latent_channels
+        self.model_kwargs.update(model_kwargs or {})
         self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
                                        self.mean, self.std)
@@ -130,7 +136,7 @@ class GenConViTExpert(Expert):
             if self.variant == "vae":
                 init_var_from_mu(model)
                 log.info("VAE var head initialised from the mu head: the first steps sample as the official "
-                         "model was trained (std = exp(mu / 2)); see src/stage2/genconvit/vae.py")
+                         "model was trained (std = exp(mu / 2)); see src/models/genconvit/vae.py")
         return model
 
     def _official_weights(self) -> str:
@@ -141,10 +147,11 @@ class GenConViTExpert(Expert):
         from huggingface_hub import hf_hub_download
 
         try:
-            return hf_hub_download(HF_REPO, HF_FILES[self.variant])
+            return hf_hub_download(GENCONVIT_HF_REPO, GENCONVIT_HF_FILES[self.variant])
         except Exception as err:
             raise PretrainedWeightsError(
-                f"could not download {HF_REPO}/{HF_FILES[self.variant]} ({type(err).__name__}); offline, pass "
+                f"could not download {GENCONVIT_HF_REPO}/{GENCONVIT_HF_FILES[self.variant]} ({type(err).__name__}); "
+                "offline, pass "
                 "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch") from err
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
@@ -154,14 +161,11 @@ class GenConViTExpert(Expert):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         suffix = "" if self.arch == "official" else f"_{self.arch}"
-        return {"family": "genconvit", "model_name": f"genconvit_{self.variant}{suffix}", "variant": self.variant,
+        return {"family": self.family.name, "model_name": f"genconvit_{self.variant}{suffix}", "variant": self.variant,
                 "arch": self.arch, "model_kwargs": self.model_kwargs}
 
     def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.criterion(outputs, images, labels)
-
-    def fake_logit(self, outputs: Any) -> torch.Tensor:
-        return fake_logit(outputs.logits.float())
 
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return parse_stages(self.stage_spec, epochs, lr)
@@ -177,7 +181,7 @@ class GenConViTExpert(Expert):
 
     @torch.no_grad()
     def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
-                        out_dir: Path) -> None:
+                        out_dir: Path) -> dict[str, Path]:
         """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
         the [0, 1] pixel space the reconstruction loss is computed in.
 
@@ -189,12 +193,13 @@ class GenConViTExpert(Expert):
         diff = ((shown - rebuilt).abs() * 4).clamp(0, 1)
         tiles = torch.stack([shown, rebuilt, diff], dim=1).flatten(0, 1)
         path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_grid(tiles.cpu(), nrow=3, padding=2), path)
+        grid = make_grid(tiles.cpu(), nrow=3, padding=2)
+        atomic_write(path, lambda f: save_image(grid, f, format="png"))
         per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
         labels_np = labels.cpu().numpy()
         log.info("recon samples: %s (MSE real %.4f, fake %.4f)", path, float(np.mean(per_image[labels_np == 0])),
                  float(np.mean(per_image[labels_np == 1])))
+        return {"recon_samples": path}
 
 
 def _str(path: str | Path | None) -> str | None:

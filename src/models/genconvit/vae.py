@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.factory import create_timm_model
+from src.models.names import CONVNEXT_NAME
+from src.models.timm_models import create_timm_model
 
-from .ed import CONVNEXT_NAME, EMBED_DIM, GenConViTOutput
+from .ed import EMBED_DIM, GenConViTOutput
 
 ENCODER_CHANNELS = (3, 16, 32, 64, 128)
 DECODER_CHANNELS = (64, 32, 16, 3)  # after the latent channels

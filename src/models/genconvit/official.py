@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from src.errors import OfficialCheckpointError
+
 logger = logging.getLogger(__name__)
 
 # Official logits follow torchvision ImageFolder order over `fake/`, `real/`; project labels use 1 = fake.
@@ -25,10 +27,6 @@ FAKE_INDEX = 0
 REAL_INDEX = 1
 
 SWIN_PREFIXES = ("embedder.", "backbone.patch_embed.", "convnext_backbone.patch_embed.")
-
-
-class OfficialCheckpointError(RuntimeError):
-    """An official checkpoint that cannot be read or does not match the model."""
 
 
 @dataclass(frozen=True)

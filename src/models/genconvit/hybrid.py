@@ -13,12 +13,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from src.models.factory import create_timm_model
+from src.models.names import CONVNEXT_NAME, SWIN_NAME
+from src.models.timm_models import create_timm_model
 
-from .ed import CONVNEXT_NAME, EMBED_DIM, EDDecoder, EDEncoder, GenConViTOutput
+from .ed import EMBED_DIM, EDDecoder, EDEncoder, GenConViTOutput
 from .vae import VAEDecoder, VAEEncoder, check_img_size, resize_to
-
-SWIN_NAME = "swin_tiny_patch4_window7_224"
 
 
 class GenConViTHybrid(nn.Module):

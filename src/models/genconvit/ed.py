@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from src.models.factory import create_timm_model
+from src.models.names import CONVNEXT_NAME
+from src.models.timm_models import create_timm_model
 
-CONVNEXT_NAME = "convnext_tiny"
 EMBED_DIM = 500  # width of ``fc``; fixed by the official checkpoints
 
 

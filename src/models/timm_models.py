@@ -1,4 +1,4 @@
-"""Model construction by name, with offline-friendly pretrained weights and the data config.
+"""timm models by name, with offline-friendly pretrained weights and the data config.
 
 Any timm model name works; the design notes' `efficientnetv2_b3.in21k_ft_in1k` is accepted as an
 alias of timm's real name. Pretrained weights come from the hub when online, or from a local file
@@ -14,19 +14,10 @@ from typing import Any
 import timm
 from torch import nn
 
+from src.errors import PretrainedWeightsError
+from src.models.names import MODEL_ALIASES
+
 log = logging.getLogger(__name__)
-
-DEFAULT_EFFNET = "tf_efficientnetv2_b3.in21k_ft_in1k"
-
-# Names used in the design notes that timm does not have, mapped to the timm model they mean.
-MODEL_ALIASES = {
-    "efficientnetv2_b3.in21k_ft_in1k": DEFAULT_EFFNET,
-    "efficientnetv2_b3": DEFAULT_EFFNET,
-}
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights could not be obtained (offline hub, missing or unreadable local file)."""
 
 
 def resolve_model_name(name: str) -> str:
@@ -96,18 +87,3 @@ def timm_data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:300]
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a trainer checkpoint describes and load its weights (no download)."""
-    family = checkpoint.get("family")
-    if family == "timm":
-        model = create_timm_model(checkpoint["model_name"], pretrained=False, num_classes=checkpoint["num_classes"])
-    elif family == "genconvit":
-        from src.stage2.genconvit import build_genconvit
-
-        model = build_genconvit(checkpoint["variant"], checkpoint["arch"], **checkpoint.get("model_kwargs", {}))
-    else:
-        raise ValueError(f"checkpoint names an unknown model family {family!r}")
-    model.load_state_dict(checkpoint["model"])
-    return model

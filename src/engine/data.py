@@ -1,0 +1,58 @@
+"""A run's data: its manifests' loaders, sharded over the ranks, read from the files or the decoded cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from src.data.cache import CacheView, open_cache
+from src.data.loaders import manifest_loader
+from src.data.transforms import build_cpu_transform
+from src.engine.config import TrainConfig
+from src.engine.distributed import DistInfo, ShardedSampler, barrier
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
+                 ) -> CacheView | None:
+    """With --cache-dir: rank 0 decodes what is missing, then every rank maps the same file."""
+    if not cfg.cache_dir:
+        return None
+    paths = frame["path"].tolist()
+    if dist.is_main:
+        view = open_cache(cfg.cache_dir, img_size, paths, workers=max(workers, 1), skip_bad_images=cfg.skip_bad_images)
+    barrier()
+    if not dist.is_main:  # rank 0 has decoded everything: this only reads the index
+        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images)
+    return view
+
+
+def val_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int) -> DataLoader:
+    """The val set in order, each rank its shard (padded to equal length; evaluation drops the duplicates)."""
+    sampler = ShardedSampler(len(frame), shuffle=False, rank=dist.rank, world_size=dist.world_size)
+    return manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
+                           skip_bad_images=cfg.skip_bad_images, cache=shared_cache(cfg, frame, img_size, dist, workers),
+                           pin_memory=dist.device.type == "cuda")
+
+
+def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
+                 ) -> tuple[DataLoader, ShardedSampler, int]:
+    """The shuffled (or class-balanced) training batches of this rank, its sampler, and the steps per epoch."""
+    labels = frame["label"].to_numpy()
+    weights = torch.from_numpy(1.0 / np.bincount(labels, minlength=2)[labels]) if cfg.balanced_sampler else None
+    sampler = ShardedSampler(len(frame), shuffle=True, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                             weights=weights)
+    drop_last = sampler.per_rank >= cfg.batch_size
+    loader = manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
+                             transform=build_cpu_transform(cfg.aug), seed=cfg.seed,
+                             skip_bad_images=cfg.skip_bad_images,
+                             cache=shared_cache(cfg, frame, img_size, dist, workers),
+                             pin_memory=dist.device.type == "cuda", drop_last=drop_last)
+    return loader, sampler, sampler.per_rank // cfg.batch_size if drop_last else 1

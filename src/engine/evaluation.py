@@ -1,0 +1,165 @@
+"""Scoring a model on a run's val set: sharded over ranks, gathered in dataset order, the same for any number of
+ranks; and `--evaluate`, which builds only what scoring a checkpoint needs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.data.dataset import collate
+from src.data.manifest import read_manifest
+from src.data.transforms import DeviceTransform
+from src.engine.checkpoint import last_good_note, load_checkpoint
+from src.engine.config import TrainConfig
+from src.engine.data import usable_cores, val_loader
+from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index
+from src.engine.metrics import binary_metrics, metric_direction
+from src.engine.precision import autocast, autocast_dtype, memory_format
+from src.engine.report import format_metrics_table, write_json_atomic
+from src.engine.run_dir import BadImages, setup_logging
+from src.errors import ConfigError, TrainingDiverged
+from src.experts.base import Expert
+from src.models.families import model_from_checkpoint
+
+log = logging.getLogger("src")
+
+
+@dataclass
+class EvalResult:
+    """Validation outputs in dataset order; `seen` is False for images skipped as undecodable."""
+
+    seen: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray
+    terms: dict[str, np.ndarray]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+class Evaluator:
+    """A run's val set (checked, decoded once up front) and how a model is scored on it.
+
+    `last` is the run's last.pt, named in the message if the model turns out to give non-finite scores.
+    """
+
+    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, data_config: dict[str, Any], *,
+                 bad_images: BadImages, last: Path | None = None) -> None:
+        self.cfg, self.expert, self.dist, self.last = cfg, expert, dist, last
+        self.device = dist.device
+        self.frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
+        try:
+            metric_direction(cfg.select_metric)
+        except ValueError as err:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
+        if cfg.select_metric.startswith("video_") and "video_id" not in self.frame:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
+        img_size = data_config["input_size"][-1]
+        self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
+        self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()))
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.bad_images = bad_images
+        if not cfg.cache_dir:  # building the cache decoded, and checked, every image already
+            self._check_images()
+
+    def _check_images(self) -> None:
+        """Decode every val image once, so that a corrupt one stops the run now (naming it) rather than after a
+        whole training epoch; with --skip-bad-images they are listed instead."""
+        rows = [i for batch in self.loader for i in batch.skipped.tolist()]
+        if rows:
+            self.bad_images.note("val", self.frame, rows)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the normalised batch the model takes, on the device."""
+        x = self.normalise(images.to(self.device, non_blocking=True))
+        return memory_format(x, self.cfg.channels_last)
+
+    def evaluate(self, model: nn.Module, when: str = "") -> EvalResult:
+        """Run the whole val set (sharded over ranks) and gather it in dataset order on every rank.
+
+        Every rank scores rank 0's weights *and* buffers (BatchNorm statistics drift apart between DDP ranks
+        during an epoch), so the metrics describe exactly the model rank 0 saves. `when` names the moment in
+        a divergence message.
+        """
+        broadcast_buffers(model)
+        model.eval()
+        names: list[str] = []
+        indices, rows = [], []
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            for batch in self.loader:
+                if batch.labels.numel() == 0:
+                    continue
+                labels = batch.labels.to(self.device, non_blocking=True)
+                x = self.prepare(batch.images)
+                outputs = model(x)
+                terms = self.expert.loss(outputs, x, labels)
+                names = list(terms)
+                columns = [labels.float(), self.expert.fake_logit(outputs).float(), *(terms[k].float() for k in names)]
+                indices.append(batch.indices.to(self.device))
+                rows.append(torch.stack(columns, dim=1))
+        if not rows:
+            raise ConfigError(f"{self.cfg.val_manifest}: no validation image could be decoded")
+        seen, gathered = gather_by_index(torch.cat(indices), torch.cat(rows), len(self.frame))
+        seen_np, values = seen.cpu().numpy(), gathered.cpu().numpy()
+        if not np.isfinite(values[seen_np, 1]).all():
+            note = f"; {last_good_note(self.last)}" if self.last else ""
+            raise TrainingDiverged(f"non-finite validation scores {when}: stopped{note}")
+        return EvalResult(seen=seen_np, labels=values[:, 0].astype(np.int64), logits=values[:, 1],
+                          terms={k: values[:, 2 + i] for i, k in enumerate(names)})
+
+    def metrics(self, result: EvalResult) -> dict[str, float]:
+        s = result.seen
+        frame = self.frame[s]
+        labels, probs = result.labels[s], sigmoid(result.logits[s])
+        metrics = binary_metrics(
+            labels, probs,
+            video_ids=frame["video_id"].tolist() if "video_id" in frame else None,
+            methods=frame["method"].tolist() if "method" in frame else None)
+        for name, values in result.terms.items():
+            metrics[f"val_{name}"] = float(values[s].mean())
+        for name in self.expert.per_class_terms:
+            values = result.terms[name][s]
+            metrics[f"val_{name}_real"] = float(values[labels == 0].mean())
+            metrics[f"val_{name}_fake"] = float(values[labels == 1].mean())
+        metrics["val_skipped"] = float((~s).sum())
+        return metrics
+
+    @functools.cached_property
+    def fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same four val images of each class every epoch, normalised, for visual artefacts."""
+        labels = self.frame["label"].to_numpy()
+        picks = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:4]]
+        batch = collate([self.loader.dataset[i] for i in picks])
+        return self.prepare(batch.images), batch.labels
+
+
+def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dict[str, Any] | None:
+    """--evaluate: a checkpoint's metrics on the val manifest into OUTPUT_DIR/eval.json (rank 0 returns them)."""
+    out = Path(cfg.output_dir)
+    setup_logging(None, dist.is_main)
+    path = Path(cfg.evaluate_checkpoint)
+    checkpoint = load_checkpoint(path)
+    meta = expert.checkpoint_meta()
+    for key in ("family", "variant"):
+        if checkpoint.get(key) != meta.get(key):
+            raise ConfigError(f"--evaluate {path}: holds {checkpoint.get('model_name', 'no model')} "
+                              f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    model = model_from_checkpoint(checkpoint).to(dist.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=BadImages(out, dist.is_main))
+    metrics = evaluator.metrics(evaluator.evaluate(model))
+    if not dist.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "eval.json", {"checkpoint": str(path), "metrics": metrics})
+    log.info("\n%s", format_metrics_table(metrics, title=f"{path} on {cfg.val_manifest}"))
+    return {"metrics": metrics}

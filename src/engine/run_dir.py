@@ -1,0 +1,92 @@
+"""The run folder: what a run writes there, the fresh / resume / overwrite decision, logging to train.log, and
+the list of images skipped as undecodable."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from src.engine.distributed import barrier, gather_objects
+from src.engine.report import write_text_atomic
+from src.errors import ConfigError
+
+log = logging.getLogger("src")
+
+# The files that make a folder hold a run (and that --overwrite must be asked for).
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
+# Everything a run writes into its folder; --overwrite removes exactly these.
+RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "eval.json",
+               "bad_images.txt", "recon_samples")
+
+
+def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
+    """Decide between a fresh run, a resume and an overwrite; never lose a previous best.pt silently.
+
+    Returns the checkpoint to resume from, if any. `resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
+    run when the folder holds none).
+    """
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        path = out / "last.pt" if resume == "auto" else Path(resume)
+        if path.is_file():
+            return path
+        if resume == "auto" and not existing:
+            return None
+        raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
+    if existing and not overwrite:
+        raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}): pass --resume to continue "
+                          "it, --overwrite to replace it, or choose another --output-dir")
+    barrier()
+    if existing and is_main:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return None
+
+
+def setup_logging(log_file: Path | None, is_main: bool) -> None:
+    """Project messages to stdout (rank 0 only) and to OUTPUT_DIR/train.log; warnings from every rank."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_file, mode="a")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(file)
+    logging.captureWarnings(True)
+
+
+class BadImages:
+    """Images skipped as undecodable (with --skip-bad-images), listed in OUTPUT_DIR/bad_images.txt."""
+
+    def __init__(self, out: Path, is_main: bool) -> None:
+        self.path, self.is_main = out / "bad_images.txt", is_main
+        self.found: dict[str, set[str]] = {"train": set(), "val": set()}
+
+    def note(self, split: str, frame: pd.DataFrame, rows: list[int]) -> None:
+        """Add `frame`'s `rows` (this rank's; every rank must call) and rewrite the list if it grew."""
+        found = {str(frame["path"].iloc[i]) for i in gather_objects(rows)}
+        if not found - self.found[split]:
+            return
+        self.found[split] |= found
+        if self.is_main:
+            lines = [f"{kind}\t{path}" for kind in self.found for path in sorted(self.found[kind])]
+            write_text_atomic(self.path, "\n".join(lines) + "\n")
+            log.warning("%d undecodable %s images skipped so far, listed in %s", len(self.found[split]), split,
+                        self.path)

@@ -1,0 +1,109 @@
+"""Model families: how each kind of expert model is rebuilt from a checkpoint and how its outputs are read.
+
+A checkpoint records its family ("timm" or "genconvit") and the arguments that rebuild its model. The trainer,
+the feature extractor, the exporters and the benchmarks ask that family, never switch on a model name: another
+kind of expert adds a family here and an Expert (its training recipe) in ``src/experts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from timm.models import get_arch_name
+from torch import nn
+
+from src.errors import CheckpointError
+from src.models.genconvit import build_genconvit, fake_logit
+from src.models.timm_models import create_timm_model, resolve_model_name
+
+
+class ModelFamily:
+    """What every family provides; `embed` and `fake_logit` agree: embed's logit is the fake logit."""
+
+    name: str
+
+    def build(self, meta: Mapping[str, Any]) -> nn.Module:
+        """The (randomly initialised) model a checkpoint's metadata describes; nothing is downloaded."""
+        raise NotImplementedError
+
+    def fake_logit(self, outputs: Any) -> torch.Tensor:
+        """Log-odds of "fake" per sample, [B], from the model's forward output: P(fake) = sigmoid of it."""
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [B, D], fake logits [B]): the activation the last linear layer reads, and what it gives."""
+        raise NotImplementedError
+
+    def classifier(self, model: nn.Module) -> nn.Linear:
+        """The last linear layer (its input is the embedding)."""
+        raise NotImplementedError
+
+    def same_model(self, requested: str, recorded: str) -> bool:
+        """Whether a model name someone asks for names the model a checkpoint records."""
+        return requested == recorded
+
+
+class TimmFamily(ModelFamily):
+    """Any timm classifier with a one-logit head (EfficientNetV2-B3 by default)."""
+
+    name = "timm"
+
+    def build(self, meta: Mapping[str, Any]) -> nn.Module:
+        return create_timm_model(meta["model_name"], pretrained=False, num_classes=meta["num_classes"])
+
+    def fake_logit(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.squeeze(1).float()
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # timm's pooled pre-logits features: what num_classes=0 would return (1536-d for EfficientNetV2-B3).
+        embeddings = model.forward_head(model.forward_features(x), pre_logits=True)
+        return embeddings, self.classifier(model)(embeddings).squeeze(1)
+
+    def classifier(self, model: nn.Module) -> nn.Linear:
+        return model.get_classifier()
+
+    def same_model(self, requested: str, recorded: str) -> bool:
+        """By architecture: aliases (``efficientnetv2_b3.in21k_ft_in1k``) and pretrained tags (where training
+        started, irrelevant once the checkpoint's own weights are loaded) match."""
+        try:
+            return get_arch_name(resolve_model_name(requested)) == get_arch_name(recorded)
+        except ValueError:
+            return False
+
+
+class GenConViTFamily(ModelFamily):
+    """GenConViT ED, VAE and the Swin hybrid; two logits in the official order (fake first)."""
+
+    name = "genconvit"
+
+    def build(self, meta: Mapping[str, Any]) -> nn.Module:
+        return build_genconvit(meta["variant"], meta["arch"], **meta.get("model_kwargs", {}))
+
+    def fake_logit(self, outputs: Any) -> torch.Tensor:
+        return fake_logit(outputs.logits.float())
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(x)  # `features` is the 500-d activation that feeds the classifier (fc2)
+        return out.features, fake_logit(out.logits)
+
+    def classifier(self, model: nn.Module) -> nn.Linear:
+        return model.classifier
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (TimmFamily(), GenConViTFamily())}
+
+
+def family_of(meta: Mapping[str, Any]) -> ModelFamily:
+    name = meta.get("family")
+    if name not in FAMILIES:
+        raise CheckpointError(f"checkpoint names an unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the model a trainer checkpoint describes and load its weights (no download)."""
+    model = family_of(checkpoint).build(checkpoint)
+    model.load_state_dict(checkpoint["model"])
+    return model

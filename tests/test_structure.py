@@ -1,0 +1,152 @@
+"""The shape of the code and the conventions around it: one-way imports, an instant command line, a package
+that installs, runs replayable from their args.json, and optional TensorBoard tracking."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_stage2_effnet
+from src.engine.cli import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Edges module -> the modules of `src` it imports (absolute and relative), read from the source."""
+    files = {_module_name(p): p for p in (ROOT / "src").rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_src_imports_have_no_cycle():
+    graph = _import_graph()
+    assert "src.engine.evaluation" in graph["src.engine.trainer"]  # the graph is read, relative imports too:
+    assert "src.models.genconvit.ed" in graph["src.models.genconvit.hybrid"]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+@pytest.mark.parametrize("script", ["train_stage2_effnet.py", "train_stage2_genconvit.py", "feature_extractor.py"])
+def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
+    for args, code in ((["--help"], 0), (["--batch-size", "many"] if "train" in script else ["--workers", "x"], 2)):
+        ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60)
+        assert ran.returncode == code, ran.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
+        assert not imported & {"torch", "timm", "torchvision", "pandas"}, (script, args)
+    assert "usage:" in subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                                      cwd=ROOT, timeout=60).stdout
+
+
+def test_the_package_installs_and_its_commands_run(tmp_path):
+    # A copy of what the package is built from, so that the build leaves nothing in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "train_stage2_effnet.py", "train_stage2_genconvit.py",
+                 "feature_extractor.py"):
+        shutil.copy(ROOT / name, source / name)
+    # No pip of its own: this one's (run for the venv's interpreter) builds with the setuptools the project has.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                          "--no-deps", "--no-build-isolation", "--quiet", str(source)], capture_output=True, text=True,
+                         timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for command in ("stage2-train-effnet", "stage2-train-genconvit", "stage2-extract"):
+        ran = subprocess.run([str(venv / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
+                             timeout=60)
+        assert ran.returncode == 0 and "usage:" in ran.stdout, (command, ran.stderr[-2000:])
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import src.engine.trainer, feature_extractor; "
+                            "print(src.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
+                           timeout=120)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert str(venv) in where.stdout
+
+
+def test_a_run_replays_from_its_args_json_and_flags_win(effnet_args, tmp_path):
+    train_stage2_effnet.main([*effnet_args, "--lr", "5e-4", "--aug", "light"])
+    recorded = Path(effnet_args[effnet_args.index("--output-dir") + 1]) / "args.json"
+    replay = parse_args(train_stage2_effnet.build_parser(), ["--config", str(recorded), "--output-dir",
+                                                             str(tmp_path / "replay"), "--epochs", "1"])
+    first = json.loads(recorded.read_text())
+    assert (replay.lr, replay.aug, replay.model, replay.img_size) == (5e-4, "light", "test_efficientnet", 32)
+    assert (replay.epochs, replay.output_dir) == (1, str(tmp_path / "replay"))  # given on the command line: they win
+    train_stage2_effnet.main(["--config", str(recorded), "--output-dir", str(tmp_path / "replay")])
+    second = json.loads((tmp_path / "replay" / "args.json").read_text())
+    assert {k: v for k, v in second.items() if k != "output_dir"} == {k: v for k, v in first.items()
+                                                                      if k != "output_dir"}
+
+
+def test_a_yaml_config_sets_defaults_and_unknown_keys_are_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("batch-size: 4\nlr: 0.002\nmodel: resnet10t\n")
+    args = parse_args(train_stage2_effnet.build_parser(), ["--config", str(config), "--lr", "0.01"])
+    assert (args.batch_size, args.lr, args.model) == (4, 0.01, "resnet10t")
+    config.write_text("learning_rate: 0.002\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(["--config", str(config)]))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "unknown setting 'learning_rate'" in err and len(err.splitlines()) == 1
+
+
+def test_tensorboard_gets_steps_epochs_and_images(effnet_args, tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train_stage2_genconvit
+
+    train_stage2_effnet.main([*effnet_args, "--log-to", "tensorboard", "--log-every", "1"])
+    train, val = tiny_data
+    train_stage2_genconvit.main([
+        "--train-manifest", str(train), "--val-manifest", str(val), "--init", "scratch", "--backbone", "test_convnext",
+        "--img-size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--amp", "off", "--variant", "ed",
+        "--output-dir", str(tmp_path / "gc"), "--log-to", "tensorboard", "--log-every", "1"])
+    for run, image in ((Path(effnet_args[effnet_args.index("--output-dir") + 1]), "roc"),
+                       (tmp_path / "gc" / "ed", "recon_samples")):
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        tags = events.Tags()
+        assert {"step/train_loss", "step/lr", "epoch/auc", "epoch/val_loss"} <= set(tags["scalars"]), run
+        assert image in tags["images"], run
+        assert len(events.Scalars("epoch/auc")) == (2 if image == "roc" else 1)
