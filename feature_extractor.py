@@ -1,23 +1,26 @@
-"""Export stage-two embeddings and P(fake) for stage three's stacking model.
+"""Embeddings and P(fake) of the stage-two experts, for stage three: feature files, predictions, exports.
 
     python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --manifest val_manifest.csv \\
-        --out features/effnet_val.npz
-    python feature_extractor.py --checkpoint genconvit_ed_inference.pth --manifest val_manifest.csv \\
-        --out features/genconvit_ed_val.npz                  # official GenConViT files load directly
+        --out features/effnet_val.npz                        # labelled or not: a manifest needs only `path`
+    python feature_extractor.py --checkpoint genconvit_ed_inference.pth --images crops/ \\
+        --out features/genconvit_ed_crops.npz                # every PNG/JPEG below a folder; official files load
+    python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --export exported/effnet
     python feature_extractor.py --example                    # after the trainers' --demo runs (see README)
 
---example extracts the validation features of both experts from the checkpoints under output/ and prints
-the cross-validated AUC of a logistic regression on each expert's embeddings and on both together.
+A feature file (.npz) holds, row for row: embeddings, calibrated P(fake), paths, the manifest row, labels (-1 where
+unlabeled) and video_id/method where known. --export writes ONNX (every expert) and safetensors + config.json that
+timm loads (timm experts); see src/embeddings/export.py. From Python, as --example does below:
 
-From Python:
     from feature_extractor import FeatureExtractor
     fx = FeatureExtractor(checkpoint_path="output/stage2_effnet/best.pt")
     embeddings, labels = fx.extract(fx.make_loader("val_manifest.csv"))
+    p_fake = fx.predict("crops/")                            # a frame: path, p_fake (calibrated)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +31,7 @@ from src.engine.cli import exit_on_error
 if TYPE_CHECKING:
     from src.embeddings import FeatureExtractor, join_features, load_features
 
-__all__ = ["FeatureExtractor", "join_features", "load_features", "main"]
+__all__ = ["FeatureExtractor", "join_features", "load_features", "example", "main"]
 _LAZY = ("FeatureExtractor", "join_features", "load_features")
 
 
@@ -41,12 +44,37 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def example(output_root: str | Path = "output", features_dir: str | Path = "features", **options: Any) -> list:
+    """Stage three's input, end to end: the validation features of both experts (the EfficientNetV2-B3 run and
+    the GenConViT ones found under `output_root`), one feature file each, then a stacking preview.
+
+    `options` go to FeatureExtractor (device, batch_size, workers, amp).
+    """
+    from src.embeddings import FeatureExtractor, load_features
+    from src.embeddings.stacking_preview import find_checkpoints, print_preview
+
+    features = {}
+    for name, checkpoint in find_checkpoints(Path(output_root)).items():  # effnet, genconvit_ed, genconvit_vae
+        fx = FeatureExtractor(checkpoint_path=checkpoint, **options)
+        # Each checkpoint records the val manifest it was selected on; all experts' rows are the same images.
+        val_manifest, data_root = fx.train_args["val_manifest"], fx.train_args.get("data_root")
+        path = fx.extract_to_file(val_manifest, Path(features_dir) / f"{name}_val.npz", data_root)
+        features[name] = load_features(path)  # embeddings [N, D], labels, p_fake, paths, video_id, method
+        del fx
+        gc.collect()  # one expert in memory at a time (the official VAE alone is 2.8 GB)
+    return print_preview(features)  # joins the files row for row, checked, and cross-validates a stacker
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
-    parser.add_argument("--manifest", help="CSV with path,label[,video_id,method]")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--manifest", help="CSV with a path column (label, video_id, method: used when present)")
+    source.add_argument("--images", metavar="DIR", help="every PNG/JPEG below this folder, sorted by path")
     parser.add_argument("--out", help="feature file to write (.npz)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--export", metavar="DIR", help="write the checkpoint as ONNX (+ safetensors and config.json "
+                                                        "for timm experts) into DIR, checked against PyTorch")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out (or --export's files) if they exist")
     parser.add_argument("--model-name", help="optional check against the name the checkpoint records")
     parser.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
     parser.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
@@ -55,18 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: min(4, CPUs))")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on the GPU")
-    parser.add_argument(
-        "--example",
-        action="store_true",
-        help="extract val features of both experts from --output-root, then a stacking preview",
-    )
+    parser.add_argument("--example", action="store_true",
+                        help="extract val features of both experts from --output-root, then a stacking preview")
     parser.add_argument("--output-root", default="output", help="where --example looks for the trainers' runs")
     parser.add_argument("--features-dir", default="features", help="where --example writes its feature files")
     args = parser.parse_args(argv)
-    if not args.example:
-        missing = [f"--{name}" for name in ("checkpoint", "manifest", "out") if getattr(args, name) is None]
+    if args.export and not args.checkpoint:
+        parser.error("--export needs --checkpoint")
+    if not (args.example or args.export):
+        missing = [flag for flag, ok in (("--checkpoint", args.checkpoint), ("--manifest or --images",
+                                                                             args.manifest or args.images),
+                                         ("--out", args.out)) if not ok]
         if missing:
-            parser.error(f"{', '.join(missing)} required (or --example)")
+            parser.error(f"{', '.join(missing)} required (or --export DIR, or --example)")
     return args
 
 
@@ -74,29 +103,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     logging.getLogger("src").setLevel(logging.INFO)
-    from src.embeddings import FeatureExtractor
-    from src.embeddings.stacking_preview import run_example
-
     if args.example:
-        run_example(
-            Path(args.output_root),
-            Path(args.features_dir),
-            device=args.device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            amp=args.amp,
-        )
+        example(args.output_root, args.features_dir, device=args.device, batch_size=args.batch_size,
+                workers=args.workers, amp=args.amp)
+        return
+    if args.export:
+        from src.embeddings.export import export_expert
+
+        export_expert(args.checkpoint, args.export, overwrite=args.overwrite)
         return
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
+    from src.embeddings import FeatureExtractor
+
     extractor = FeatureExtractor(
         args.model_name, args.checkpoint, args.device, batch_size=args.batch_size, amp=args.amp, workers=args.workers
     )
-    extractor.extract_to_file(args.manifest, args.out, args.data_root, skip_bad_images=args.skip_bad_images,
-                              cache_dir=args.cache_dir)
+    extractor.extract_to_file(args.manifest or args.images, args.out, args.data_root,
+                              skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
 
 
 def cli() -> None:
@@ -105,4 +132,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    cli()  # with --example: example() above, the few lines that feed stage three from both experts

@@ -23,7 +23,6 @@ from src.embeddings import (
     join_features,
     load_features,
 )
-from src.embeddings.stacking_preview import run_example
 from src.engine.checkpoint import save_checkpoint
 from src.engine.cli import exit_on_error
 from src.errors import CheckpointError
@@ -396,7 +395,7 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
     timm_meta = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
     save_trainer_checkpoint(output / "stage2_effnet_demo/best.pt", timm_expert[1], timm_meta, 1.0, **args)
     with pytest.raises(CheckpointError, match=r"stage2_genconvit_demo/ed/best.pt .*train_stage2_genconvit.py --demo"):
-        run_example(output, tmp_path / "features", device="cpu", workers=0)
+        feature_extractor.example(output, tmp_path / "features", device="cpu", workers=0)
     # The hybrid with tiny backbones keeps this fast; it goes through the same GenConViT code path.
     kwargs = {
         "img_size": IMG,
@@ -413,7 +412,7 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
     model = build_genconvit("ed", "hybrid", **kwargs)
     save_trainer_checkpoint(output / "stage2_genconvit_demo/ed/best.pt", model, ed_meta, 1.0, **args)
 
-    rows = run_example(output, tmp_path / "features", device="cpu", workers=0)
+    rows = feature_extractor.example(output, tmp_path / "features", device="cpu", workers=0)
 
     assert [(name, dims) for name, dims, _, _ in rows] == [
         ("effnet", 256),
@@ -429,7 +428,7 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
 
 def test_example_names_the_missing_checkpoints(tmp_path):
     with pytest.raises(CheckpointError) as err:
-        run_example(tmp_path, tmp_path / "features")
+        feature_extractor.example(tmp_path, tmp_path / "features")
     message = str(err.value)
     assert "stage2_effnet_demo/best.pt" in message and "train_stage2_effnet.py --demo" in message
     assert "stage2_genconvit/vae/best.pt" in message and "\n" not in message

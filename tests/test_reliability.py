@@ -271,7 +271,7 @@ def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_p
     out = tmp_path / "eval"
     train_stage2_genconvit.main([*common, "--evaluate", str(tmp_path / "run" / "vae" / "best.pt"), "--output-dir",
                                  str(out)])  # --variant left at "both"
-    assert (out / "vae" / "eval.json").is_file() and not (out / "ed").exists()
+    assert (out / "vae" / "eval_val.json").is_file() and not (out / "ed").exists()
 
 
 def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):

@@ -88,8 +88,8 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     ran = subprocess.run([*torchrun, script, *evaluate, "--output-dir", str(two)], env=_env(), capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    m1 = json.loads((one / "eval.json").read_text())["metrics"]
-    m2 = json.loads((two / "eval.json").read_text())["metrics"]
+    m1 = json.loads((one / "eval_val_odd.json").read_text())["metrics"]
+    m2 = json.loads((two / "eval_val_odd.json").read_text())["metrics"]
     assert m1["n"] == m2["n"] == 11
     assert m1["auc"] == m2["auc"] == summary["metrics"]["auc"]
     for key in ("ap", "eer", "acc", "video_auc"):

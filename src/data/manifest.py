@@ -1,7 +1,8 @@
 """CSV manifests: one row per face crop with its image path and real/fake label.
 
-Required columns: an image path column (``path``, or ``filepath``/``image_path``/``image``/``file``) and
-``label`` (0/1 or real/fake; 1 = fake). Optional: ``video_id`` (enables video-level metrics) and ``method``
+Required columns: an image path column (``path``, or ``filepath``/``image_path``/``image``/``file``) and, for
+training and evaluation, ``label`` (0/1 or real/fake; 1 = fake). Inference reads manifests without it: every
+row's label is then ``UNLABELED`` (-1). Optional: ``video_id`` (enables video-level metrics) and ``method``
 (manipulation method). Headers match case-insensitively. Every problem is reported as a one-line
 :class:`ManifestError` naming the manifest and, where it applies, the CSV line.
 """
@@ -18,6 +19,8 @@ from src.errors import ManifestError
 PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order of preference
 OPTIONAL_COLUMNS = ("video_id", "method")
 LABEL_NAMES = {0: "real", 1: "fake"}
+UNLABELED = -1  # the label of every row of a manifest without a label column (inference), and of --images files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1}
 _MAX_LISTED = 5
 
@@ -25,6 +28,8 @@ _MAX_LISTED = 5
 def _parse_label(cell: str) -> int | None:
     """0/1 as int, float or word (real/fake, any case); None for anything else."""
     value = cell.strip().lower()
+    if value == str(UNLABELED):
+        return UNLABELED
     if value in _LABEL_WORDS:
         return _LABEL_WORDS[value]
     try:
@@ -58,9 +63,10 @@ def _load_csv(manifest: Path) -> pd.DataFrame:
     return frame[(frame != "").any(axis=1)]
 
 
-def _pick_columns(frame: pd.DataFrame, manifest: Path) -> str:
+def _pick_columns(frame: pd.DataFrame, manifest: Path, require_labels: bool) -> str:
     path_col = next((c for c in PATH_COLUMNS if c in frame.columns), None)
-    missing = [name for name, ok in (("path", path_col), ("label", "label" in frame.columns)) if not ok]
+    needed = (("path", path_col), ("label", "label" in frame.columns or not require_labels))
+    missing = [name for name, ok in needed if not ok]
     if missing:
         raise ManifestError(
             f"{manifest}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)}; "
@@ -80,6 +86,7 @@ def read_manifest(
     *,
     check_files: bool = True,
     require_both_classes: bool = False,
+    require_labels: bool = True,
 ) -> pd.DataFrame:
     """Read and validate a manifest CSV.
 
@@ -89,7 +96,7 @@ def read_manifest(
     """
     manifest_path = Path(manifest).expanduser()
     frame = _load_csv(manifest_path)
-    path_col = _pick_columns(frame, manifest_path)
+    path_col = _pick_columns(frame, manifest_path, require_labels)
     if frame.empty:
         raise ManifestError(f"{manifest_path}: manifest has no data rows")
 
@@ -97,6 +104,8 @@ def read_manifest(
     if len(empty):
         raise ManifestError(f"{manifest_path} line {_csv_line(empty[0])}: empty image path ('{path_col}')")
 
+    if "label" not in frame.columns:  # unlabeled (inference): every label is UNLABELED
+        frame = frame.assign(label=str(UNLABELED))
     labels = frame["label"].map(_parse_label)
     unknown = frame.index[labels.isna()]
     if len(unknown):
@@ -128,6 +137,10 @@ def read_manifest(
             raise ManifestError(f"{manifest_path} lines {_csv_line(first)} and {_csv_line(second)}: video "
                                 f"{video!r} has both real and fake frames (give each label its own video_id)")
 
+    if require_labels and (labels == UNLABELED).any():
+        row = labels.index[labels == UNLABELED][0]
+        raise ManifestError(f"{manifest_path} line {_csv_line(row)}: no label (-1), but this needs labelled rows")
+
     if require_both_classes and labels.nunique() < 2:
         only = LABEL_NAMES[int(labels.iloc[0])]
         raise ManifestError(f"{manifest_path}: manifest has only '{only}' rows: AUC needs both classes")
@@ -146,3 +159,16 @@ def read_manifest(
             out[col] = frame[col].to_numpy(dtype=str)
     out.attrs["manifest"] = str(manifest)
     return out
+
+
+def frame_from_images(folder: str | Path) -> pd.DataFrame:
+    """Every PNG/JPEG under `folder` (recursively, sorted by path) as an unlabeled manifest frame."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ManifestError(f"--images {root}: not a folder")
+    paths = sorted(os.path.abspath(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ManifestError(f"--images {root}: no {'/'.join(IMAGE_SUFFIXES)} files in it or below")
+    frame = pd.DataFrame({"path": paths, "label": UNLABELED})
+    frame.attrs["manifest"] = str(root)
+    return frame

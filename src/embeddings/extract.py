@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from src.data.cache import open_cache
 from src.data.dataset import Batch
 from src.data.loaders import manifest_loader
-from src.data.manifest import OPTIONAL_COLUMNS, read_manifest
+from src.data.manifest import OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
 from src.engine.checkpoint import load_checkpoint
@@ -52,6 +52,10 @@ class LoadedExpert(NamedTuple):
     data_config: dict[str, Any]
     temperature: float
     train_args: dict[str, Any]  # the trainer's settings (val_manifest, data_root, ...); {} for official files
+
+
+# What to extract: a manifest (labelled or not), a folder of images, a list of image paths, or a manifest frame.
+Source = str | os.PathLike | list | pd.DataFrame
 
 
 class FeatureBatch(NamedTuple):
@@ -267,16 +271,17 @@ class FeatureExtractor:
 
     def make_loader(
         self,
-        manifest: str | os.PathLike | pd.DataFrame,
+        source: Source,
         data_root: str | os.PathLike | None = None,
         *,
         skip_bad_images: bool = False,
         cache_dir: str | os.PathLike | None = None,
     ) -> DataLoader:
-        """A shuffle-free loader over a manifest (a CSV path or a :func:`read_manifest` frame) at the
-        checkpoint's input size; :meth:`iter_batches` applies its mean/std on the device. With `cache_dir`,
-        images come from the decoded cache (see :mod:`src.data.cache`), built first where needed."""
-        frame = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest, data_root)
+        """A shuffle-free loader over `source` (see :func:`source_frame`: a manifest, labelled or not, a folder of
+        images, a list of image paths or a frame) at the checkpoint's input size; :meth:`iter_batches` applies
+        its mean/std on the device. With `cache_dir`, images come from the decoded cache (see
+        :mod:`src.data.cache`), built first where needed."""
+        frame = source_frame(source, data_root)
         cache = None
         if cache_dir is not None:
             cache = open_cache(cache_dir, self.img_size, frame["path"].tolist(), workers=max(self.workers, 1),
@@ -286,19 +291,20 @@ class FeatureExtractor:
 
     def extract_to_file(
         self,
-        manifest: str | os.PathLike,
+        source: str | os.PathLike,
         out: str | os.PathLike,
         data_root: str | os.PathLike | None = None,
         *,
         skip_bad_images: bool = False,
         cache_dir: str | os.PathLike | None = None,
     ) -> Path:
-        """Stream a manifest's features into a feature file (see :mod:`src.embeddings.store`) batch by batch.
+        """Stream the features of a manifest (labelled or not) or of a folder of images into a feature file (see
+        :mod:`src.embeddings.store`) batch by batch, in bounded memory.
 
-        Rows follow the manifest; with ``skip_bad_images`` undecodable images are left out (``index`` says
-        which manifest rows remain).
+        Rows follow the manifest (a folder: its images sorted by path); with ``skip_bad_images`` undecodable
+        images are left out (``index`` says which rows remain). Unlabeled rows have label -1.
         """
-        frame = read_manifest(manifest, data_root)
+        frame = source_frame(source, data_root)
         # Fixed-width strings for the whole column, so every block is written with the same dtype.
         text = {
             ("paths" if c == "path" else c): frame[c].to_numpy(dtype=str)
@@ -316,13 +322,13 @@ class FeatureExtractor:
                     **{name: values[batch.indices] for name, values in text.items()},
                 )
             if not writer.rows:
-                raise ValueError(f"{manifest}: no image could be decoded")
+                raise ValueError(f"{source}: no image could be decoded")
             path = writer.close(
                 {
                     "model_name": self.model_name,
                     "family": self.family.name,
                     "checkpoint": os.path.abspath(self.checkpoint_path),
-                    "manifest": os.path.abspath(manifest),
+                    "manifest": os.path.abspath(source),
                     "temperature": self.temperature,
                 }
             )
@@ -336,6 +342,45 @@ class FeatureExtractor:
                 len(frame),
             )
         return path
+
+
+    def predict(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any) -> pd.DataFrame:
+        """Calibrated P(fake) per image of `source` (a folder, a list of paths, a manifest): a frame with the
+        source's columns (path, label: -1 when unlabeled, video_id/method when known) and ``p_fake``."""
+        frame = source_frame(source, data_root)
+        rows, scores = [], []
+        for batch in self.iter_batches(self.make_loader(frame, **loader)):
+            rows.append(batch.indices)
+            scores.append(batch.p_fake)
+        kept = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        return frame.iloc[kept].assign(p_fake=np.concatenate(scores) if scores else []).reset_index(drop=True)
+
+    def extract_paths(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(embeddings [N, D], calibrated p_fake [N], paths [N])`` of `source`, which needs no labels: a folder
+        (every PNG/JPEG below it, sorted), a list of image paths, or a manifest with or without labels."""
+        frame = source_frame(source, data_root)
+        batches = list(self.iter_batches(self.make_loader(frame, **loader)))
+        if not batches:
+            raise ValueError(f"{self.model_name}: no image of {frame.attrs.get('manifest', 'the paths')} decoded")
+        embeddings, _, p_fake, indices = (np.concatenate(parts) for parts in zip(*batches))
+        return embeddings, p_fake, frame["path"].to_numpy(dtype=str)[indices]
+
+
+def source_frame(source: Source, data_root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """What to extract as a manifest frame: a frame as it is; a folder: its PNG/JPEG files (sorted, recursive,
+    unlabeled); a list: those image paths (unlabeled); else a CSV manifest, with or without a label column."""
+    if isinstance(source, pd.DataFrame):
+        return source
+    if isinstance(source, list):
+        frame = pd.DataFrame({"path": [os.path.abspath(p) for p in source], "label": UNLABELED})
+        missing = [p for p in frame["path"] if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(frame)} image paths not found (first: {missing[0]})")
+        return frame
+    if Path(source).is_dir():
+        return frame_from_images(source)
+    return read_manifest(source, data_root, require_labels=False)
 
 
 def _unpack_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

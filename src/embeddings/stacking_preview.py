@@ -1,4 +1,5 @@
-"""``feature_extractor.py --example``: both experts' validation features, then a preview of stage three.
+"""A preview of stage three (``feature_extractor.py --example``): how well the experts' embeddings separate real from
+fake, alone and stacked.
 
 The preview fits a logistic regression on standardised embeddings with cross-validation (folds grouped by
 video when the manifest has ``video_id``, so frames of one video never sit on both sides of a split) on each
@@ -7,7 +8,6 @@ expert alone and on all of them side by side, and prints the out-of-fold AUC of 
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +19,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from src.embeddings.extract import FeatureExtractor
-from src.embeddings.store import FeatureSet, join_features, load_features
-from src.engine.checkpoint import CheckpointError
+from src.embeddings.store import FeatureSet, join_features
+from src.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +110,8 @@ def stacking_preview(sets: dict[str, FeatureSet]) -> list[tuple[str, int, float,
     return rows
 
 
-def run_example(
-    output_root: Path,
-    features_dir: Path,
-    *,
-    device: str | None = None,
-    batch_size: int = 32,
-    workers: int | None = None,
-    amp: bool = True,
-) -> list[tuple[str, int, float, float | None]]:
-    """Extract each found expert's validation features into ``features_dir``, then print the preview."""
-    checkpoints = find_checkpoints(output_root)
-    sets: dict[str, FeatureSet] = {}
-    for name, checkpoint in checkpoints.items():
-        extractor = FeatureExtractor(
-            checkpoint_path=checkpoint, device=device, batch_size=batch_size, amp=amp, workers=workers
-        )
-        manifest = extractor.train_args.get("val_manifest")
-        if manifest is None:
-            raise CheckpointError(f"checkpoint {checkpoint}: records no val_manifest in its args")
-        out = extractor.extract_to_file(
-            manifest, features_dir / f"{name}_val.npz", extractor.train_args.get("data_root")
-        )
-        log.info("%s: %s", name, out)
-        sets[name] = load_features(out)
-        del extractor
-        gc.collect()  # one expert in memory at a time (the official VAE alone is 2.8 GB)
+def print_preview(sets: dict[str, FeatureSet]) -> list[tuple[str, int, float, float | None]]:
+    """Print (and return) :func:`stacking_preview` of the experts' feature files, as `--example` shows it."""
     rows = stacking_preview(sets)
     first = next(iter(sets.values()))
     grouping = "grouped by video_id" if first.video_id is not None else "stratified"

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from src.data.levels import AUG_LEVELS
+from src.errors import ConfigError
 
 # torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
 TRACKERS = ("tensorboard",)
@@ -56,6 +57,8 @@ class TrainConfig:
     overwrite: bool = False
     save_every_minutes: float = 20.0
     evaluate_checkpoint: str | None = None
+    eval_manifests: list[str] = field(default_factory=list)  # with --evaluate: every --val-manifest given
+    perturb: str | None = None
     log_every: int = 50
     calibrate: bool = True
     log_to: str | None = None
@@ -71,7 +74,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     d = {**TrainConfig().to_dict(), **defaults}
     data = parser.add_argument_group("data")
     data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")
-    data.add_argument("--val-manifest", default=d["val_manifest"], help="validation CSV (selects the best epoch)")
+    data.add_argument("--val-manifest", nargs="+", default=d["val_manifest"], metavar="CSV",
+                      help="validation CSV (selects the best epoch); with --evaluate one or more test manifests")
     data.add_argument("--data-root", default=d["data_root"],
                       help="base folder for relative image paths (default: each manifest's folder)")
     data.add_argument("--skip-bad-images", action="store_true",
@@ -121,7 +125,10 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
                      help="also write last.pt mid-epoch this often (0: only at epoch ends)")
     out.add_argument("--evaluate", metavar="CHECKPOINT", dest="evaluate_checkpoint",
                      default=d["evaluate_checkpoint"],
-                     help="only evaluate this checkpoint on --val-manifest and write eval.json")
+                     help="only evaluate this checkpoint on each --val-manifest (eval_NAME.json, predictions_NAME.csv)")
+    out.add_argument("--perturb", metavar="SPEC",
+                     help="with --evaluate: also score each manifest under these perturbations, e.g. "
+                          "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest)")
     out.add_argument("--log-every", type=int, default=d["log_every"],
                      help="steps between progress lines when stdout is not a terminal")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
@@ -139,6 +146,13 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["cli_args"] = {k: v for k, v in vars(args).items() if k not in NOT_REPLAYED}
+    manifests = [args.val_manifest] if isinstance(args.val_manifest, str) else list(args.val_manifest)
+    if not args.evaluate_checkpoint:
+        if len(manifests) > 1:
+            raise ConfigError("--val-manifest: a training run validates on one manifest; several are for --evaluate")
+        if args.perturb:
+            raise ConfigError("--perturb: only with --evaluate CHECKPOINT")
+    values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
     if not values.get("clip_grad"):
         values["clip_grad"] = None
     return TrainConfig(**values)

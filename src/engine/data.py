@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -34,10 +35,13 @@ def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
     return view
 
 
-def val_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int) -> DataLoader:
-    """The val set in order, each rank its shard (padded to equal length; evaluation drops the duplicates)."""
+def val_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int,
+               transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DataLoader:
+    """The val set in order, each rank its shard (padded to equal length; evaluation drops the duplicates);
+    `transform` (a perturbation) is seeded per image, so a perturbed set is the same every time."""
     sampler = ShardedSampler(len(frame), shuffle=False, rank=dist.rank, world_size=dist.world_size)
     return manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
+                           transform=transform,
                            skip_bad_images=cfg.skip_bad_images, cache=shared_cache(cfg, frame, img_size, dist, workers),
                            pin_memory=dist.device.type == "cuda")
 

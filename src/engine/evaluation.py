@@ -10,19 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from src.data.dataset import collate
 from src.data.manifest import read_manifest
+from src.data.perturb import Perturbation, parse_perturbations
 from src.data.transforms import DeviceTransform
 from src.engine.checkpoint import last_good_note, load_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.data import usable_cores, val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index
-from src.engine.metrics import binary_metrics, metric_direction
+from src.engine.metrics import binary_metrics, operating_points, video_scores
 from src.engine.precision import autocast, autocast_dtype, memory_format
-from src.engine.report import format_metrics_table, write_json_atomic
+from src.engine.report import format_metrics_table, plot_robustness, write_json_atomic, write_text_atomic
 from src.engine.run_dir import BadImages, setup_logging
 from src.errors import ConfigError, TrainingDiverged
 from src.experts.base import Expert
@@ -46,28 +48,26 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class Evaluator:
-    """A run's val set (checked, decoded once up front) and how a model is scored on it.
+    """A labelled set (a run's val manifest by default; checked and decoded once up front) and how a model is
+    scored on it.
 
-    `last` is the run's last.pt, named in the message if the model turns out to give non-finite scores.
+    `perturbation` (src.data.perturb) scores perturbed copies of the images instead. `last` is the run's last.pt,
+    named in the message if the model turns out to give non-finite scores.
     """
 
     def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, data_config: dict[str, Any], *,
-                 bad_images: BadImages, last: Path | None = None) -> None:
+                 bad_images: BadImages, manifest: str | None = None, perturbation: Perturbation | None = None,
+                 last: Path | None = None) -> None:
         self.cfg, self.expert, self.dist, self.last = cfg, expert, dist, last
         self.device = dist.device
-        self.frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
-        try:
-            metric_direction(cfg.select_metric)
-        except ValueError as err:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
-        if cfg.select_metric.startswith("video_") and "video_id" not in self.frame:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
+        self.manifest = manifest or cfg.val_manifest
+        self.frame = read_manifest(self.manifest, cfg.data_root, require_both_classes=True)
         img_size = data_config["input_size"][-1]
         self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
-        self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()))
+        self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.bad_images = bad_images
-        if not cfg.cache_dir:  # building the cache decoded, and checked, every image already
+        if not cfg.cache_dir and perturbation is None:  # a cache build, or the clean pass, decoded every image
             self._check_images()
 
     def _check_images(self) -> None:
@@ -106,7 +106,7 @@ class Evaluator:
                 indices.append(batch.indices.to(self.device))
                 rows.append(torch.stack(columns, dim=1))
         if not rows:
-            raise ConfigError(f"{self.cfg.val_manifest}: no validation image could be decoded")
+            raise ConfigError(f"{self.manifest}: no validation image could be decoded")
         seen, gathered = gather_by_index(torch.cat(indices), torch.cat(rows), len(self.frame))
         seen_np, values = seen.cpu().numpy(), gathered.cpu().numpy()
         if not np.isfinite(values[seen_np, 1]).all():
@@ -142,10 +142,25 @@ class Evaluator:
 
 
 def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dict[str, Any] | None:
-    """--evaluate: a checkpoint's metrics on the val manifest into OUTPUT_DIR/eval.json (rank 0 returns them)."""
+    """--evaluate: a checkpoint on every --val-manifest (and under each --perturb perturbation).
+
+    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake)), predictions_NAME.csv
+    (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb, robustness_NAME.csv and
+    .png; then eval_summary.csv across manifests. Existing files are never replaced without --overwrite.
+    Returns {name: metrics} on rank 0.
+    """
     out = Path(cfg.output_dir)
     setup_logging(None, dist.is_main)
     path = Path(cfg.evaluate_checkpoint)
+    manifests = cfg.eval_manifests or [cfg.val_manifest]
+    names = _report_names(manifests)
+    perturbations = parse_perturbations(cfg.perturb) if cfg.perturb else []
+    planned = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
+    planned += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")] if perturbations else []
+    existing = [name for name in [*planned, "eval_summary.csv"] if (out / name).exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {out} already holds {', '.join(existing[:3])}"
+                          f"{' and more' if len(existing) > 3 else ''}: pass --overwrite or choose another folder")
     checkpoint = load_checkpoint(path)
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
@@ -155,11 +170,66 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
     model = model_from_checkpoint(checkpoint).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=BadImages(out, dist.is_main))
-    metrics = evaluator.metrics(evaluator.evaluate(model))
+    temperature = float(checkpoint.get("temperature", 1.0))
+    bad_images = BadImages(out, dist.is_main)
+    results, rows = {}, []
+    for manifest, name in zip(manifests, names):
+        evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+        result = evaluator.evaluate(model)
+        metrics = evaluator.metrics(result)
+        robustness = [{"perturbation": "none", **_headline(metrics)}]
+        for perturbation in perturbations:
+            perturbed = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images,
+                                  manifest=manifest, perturbation=perturbation)
+            robustness.append({"perturbation": perturbation.name,
+                               **_headline(perturbed.metrics(perturbed.evaluate(model)))})
+        if not dist.is_main:
+            continue
+        seen = result.seen
+        calibrated = sigmoid(result.logits / temperature)
+        frame = evaluator.frame[seen]
+        report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
+                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame)}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / f"eval_{name}.json", report)
+        predictions = evaluator.frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
+        write_text_atomic(out / f"predictions_{name}.csv", predictions.to_csv(index=False))
+        if perturbations:
+            table = pd.DataFrame(robustness)
+            write_text_atomic(out / f"robustness_{name}.csv", table.to_csv(index=False))
+            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}")
+            log.info("\nrobustness on %s:\n%s", name, table.to_string(index=False, float_format="%.4f"))
+        log.info("\n%s", format_metrics_table(metrics, title=f"{path} on {manifest}"))
+        results[name] = metrics
+        rows.append({"manifest": name, **_headline(metrics)})
     if not dist.is_main:
         return None
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", {"checkpoint": str(path), "metrics": metrics})
-    log.info("\n%s", format_metrics_table(metrics, title=f"{path} on {cfg.val_manifest}"))
-    return {"metrics": metrics}
+    summary = pd.DataFrame(rows)
+    write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
+    log.info("\n%s across manifests:\n%s", path, summary.to_string(index=False, float_format="%.4f"))
+    return results
+
+
+def calibrated_operating_points(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> dict[str, Any]:
+    """Frame- and video-level operating points on calibrated P(fake): the thresholds a cascade applies."""
+    points: dict[str, Any] = {"frame": operating_points(labels, p_fake)}
+    if "video_id" in frame and (frame["video_id"] != "").all():
+        _, v_labels, v_probs = video_scores(labels, p_fake, frame["video_id"].to_numpy())
+        points["video"] = operating_points(v_labels, v_probs)
+    return points
+
+
+HEADLINE = ("n", "auc", "ap", "eer", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "log_loss", "video_auc", "video_eer")
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: metrics[key] for key in HEADLINE if key in metrics}
+
+
+def _report_names(manifests: list[str]) -> list[str]:
+    """A file-name part per manifest: its stem, with its folder's name where two stems are alike."""
+    stems = [Path(m).stem for m in manifests]
+    names = [f"{Path(m).parent.name}_{s}" if stems.count(s) > 1 else s for m, s in zip(manifests, stems)]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--val-manifest: manifests {', '.join(manifests)} would write over each other's reports")
+    return names

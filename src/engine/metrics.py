@@ -67,6 +67,32 @@ def eer(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
 
 
+# The false-positive rates a cascade stage is tuned at; keys read tpr_at_fpr_1pct, thr_at_fpr_1pct, ...
+FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
+
+
+def operating_points(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """TPR at each target FPR with the threshold that reaches it, and the EER threshold. NaN with one class.
+
+    A threshold t means "call it fake when score >= t". At a target FPR the point is the ROC point with the
+    highest TPR whose FPR does not exceed the target; inf when no threshold keeps any false positive out
+    while flagging a fake (then TPR is 0). Thresholds are in the scale of `scores`: pass calibrated P(fake)
+    to read thresholds a deployed stage applies to calibrated outputs.
+    """
+    labels, scores = _check_binary(labels, scores, "operating_points")
+    keys = [k for name in FPR_TARGETS for k in (f"tpr_at_fpr_{name}", f"thr_at_fpr_{name}")] + ["eer_threshold"]
+    if not _has_both_classes(labels):
+        return dict.fromkeys(keys, math.nan)
+    fpr, tpr, thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)
+    out: dict[str, float] = {}
+    for name, target in FPR_TARGETS.items():
+        i = int(np.flatnonzero(fpr <= target)[-1])
+        out[f"tpr_at_fpr_{name}"], out[f"thr_at_fpr_{name}"] = float(tpr[i]), float(thresholds[i])
+    # The first ROC point at or past FPR == FNR, as in eer(): its threshold is the EER operating point.
+    out["eer_threshold"] = float(thresholds[int(np.argmax(fpr - (1.0 - tpr) >= 0))])
+    return out
+
+
 def video_scores(
     labels: np.ndarray, probs: np.ndarray, video_ids: Sequence[str] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,10 +140,11 @@ def binary_metrics(
 ) -> dict[str, float]:
     """Frame-level metrics, plus video-level ones given `video_ids` and per-method AUCs given `methods`.
 
-    Keys: auc, ap, eer, acc and balanced_acc (predicting fake when P(fake) >= threshold), log_loss, n;
-    with video ids: video_auc, video_eer, n_videos (over frames whose video id is not blank; skipped when all
-    are blank); with methods: auc/<method> for every manipulation method named on a fake row, i.e. AUC of all
-    real rows against that method's fake rows.
+    Keys: auc, ap, eer, acc and balanced_acc (predicting fake when P(fake) >= threshold), log_loss, the operating
+    points (tpr_at_fpr_1pct, thr_at_fpr_1pct, tpr_at_fpr_0.1pct, thr_at_fpr_0.1pct, eer_threshold), n;
+    with video ids: video_auc, video_eer, the same operating points prefixed video_, n_videos (over frames whose
+    video id is not blank; skipped when all are blank); with methods: auc/<method> for every manipulation method
+    named on a fake row, i.e. AUC of all real rows against that method's fake rows.
     """
     labels, probs = _check_binary(labels, probs, "binary_metrics")
     if labels.size == 0:
@@ -133,6 +160,7 @@ def binary_metrics(
         "acc": float(skm.accuracy_score(labels, preds)),
         "balanced_acc": float(skm.balanced_accuracy_score(labels, preds)) if both else math.nan,
         "log_loss": float(skm.log_loss(labels, np.clip(probs, _PROB_EPS, 1 - _PROB_EPS), labels=[0, 1])),
+        **operating_points(labels, probs),
         "n": int(labels.size),
     }
     if video_ids is not None:
@@ -141,6 +169,7 @@ def binary_metrics(
             _, v_labels, v_probs = video_scores(labels[keep], probs[keep], np.asarray(video_ids)[keep])
             out["video_auc"] = _auc_or_nan(v_labels, v_probs)
             out["video_eer"] = eer(v_labels, v_probs)
+            out.update({f"video_{k}": v for k, v in operating_points(v_labels, v_probs).items()})
             out["n_videos"] = int(v_labels.size)
     if methods is not None:
         named_fake = ~_blank(methods, labels.size, "methods") & (labels == 1)

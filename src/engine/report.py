@@ -77,6 +77,21 @@ def plot_roc(
     atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
+def plot_robustness(table: pd.DataFrame, path: Path, title: str) -> None:
+    """AUC and TPR at 1% FPR per perturbation (rows of `table`, "none" first), as grouped bars."""
+    fig = Figure(figsize=(1.2 * len(table) + 2.5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(table))
+    for offset, column, label in ((-0.2, "auc", "AUC"), (0.2, "tpr_at_fpr_1pct", "TPR at 1% FPR")):
+        ax.bar(x + offset, table[column], width=0.4, label=label)
+    ax.set_xticks(x, table["perturbation"], rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3, axis="y")
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+
+
 def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
     """Save loss / validation-metric / learning-rate panels per epoch, skipping absent or all-NaN columns."""
     if "epoch" not in history.columns:

@@ -19,8 +19,8 @@ log = logging.getLogger("src")
 # The files that make a folder hold a run (and that --overwrite must be asked for).
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 # Everything a run writes into its folder; --overwrite removes exactly these.
-RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "eval.json",
-               "bad_images.txt", "recon_samples")
+RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
+               "recon_samples", "tensorboard")
 
 
 def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:

@@ -49,8 +49,8 @@ from src.engine.checkpoint import (
 from src.engine.config import TrainConfig
 from src.engine.data import train_loader, usable_cores
 from src.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, broadcast_flags, setup_distributed
-from src.engine.evaluation import Evaluator, evaluate_checkpoint, sigmoid
-from src.engine.metrics import is_better
+from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid
+from src.engine.metrics import is_better, metric_direction
 from src.engine.precision import autocast, autocast_dtype, memory_format
 from src.engine.report import (
     MetricsLog,
@@ -74,7 +74,7 @@ log = logging.getLogger("src")
 RESUME_REPLANS = ("epochs", "lr", "min_lr", "warmup_epochs")
 RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "amp", "channels_last", "compile", "device", "deterministic",
                "clip_grad", "ema_decay", "output_dir", "resume", "overwrite", "save_every_minutes",
-               "evaluate_checkpoint", "log_every", "calibrate", "log_to", "cli_args")
+               "evaluate_checkpoint", "eval_manifests", "perturb", "log_every", "calibrate", "log_to", "cli_args")
 
 
 def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
@@ -124,8 +124,14 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        try:
+            metric_direction(cfg.select_metric)
+        except ValueError as err:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.evaluator = Evaluator(cfg, expert, dist, self.data_config, bad_images=self.bad_images,
                                    last=self.out / "last.pt")
+        if cfg.select_metric.startswith("video_") and "video_id" not in self.evaluator.frame:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
 
         self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root)
         expert.prepare(self.train_frame["label"].to_numpy())
@@ -458,6 +464,8 @@ class Trainer:
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
             best["temperature"] = temperature
             save_checkpoint(best, self.out / "best.pt")
+        summary["operating_points"] = calibrated_operating_points(
+            result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s])
         frame = self.evaluator.frame.assign(p_fake=sigmoid(result.logits),
                                             p_fake_calibrated=sigmoid(result.logits / temperature))[s]
         write_text_atomic(self.out / "val_predictions.csv", frame.to_csv(index=False))

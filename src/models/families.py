@@ -1,17 +1,19 @@
 """Model families: how each kind of expert model is rebuilt from a checkpoint and how its outputs are read.
 
 A checkpoint records its family ("timm" or "genconvit") and the arguments that rebuild its model. The trainer,
-the feature extractor, the exporters and the benchmarks ask that family, never switch on a model name: another
-kind of expert adds a family here and an Expert (its training recipe) in ``src/experts``.
+the feature extractor, the exporter and the benchmarks ask that family (rebuild, embedding and fake-logit
+read-out, native export format), never switch on a model name: another kind of expert adds a family here and an
+Expert (its training recipe) in ``src/experts``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import get_arch_name
+from timm.models import get_arch_name, save_for_hf
 from torch import nn
 
 from src.errors import CheckpointError
@@ -23,6 +25,8 @@ class ModelFamily:
     """What every family provides; `embed` and `fake_logit` agree: embed's logit is the fake logit."""
 
     name: str
+    #: Files `export_native` writes (beyond the ONNX file every family gets, see src.embeddings.export).
+    native_files: tuple[str, ...] = ()
 
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         """The (randomly initialised) model a checkpoint's metadata describes; nothing is downloaded."""
@@ -44,11 +48,16 @@ class ModelFamily:
         """Whether a model name someone asks for names the model a checkpoint records."""
         return requested == recorded
 
+    def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
+        """Write the family's own standard format into `out` (none by default); returns the file names."""
+        return []
+
 
 class TimmFamily(ModelFamily):
     """Any timm classifier with a one-logit head (EfficientNetV2-B3 by default)."""
 
     name = "timm"
+    native_files = ("model.safetensors", "config.json")
 
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         return create_timm_model(meta["model_name"], pretrained=False, num_classes=meta["num_classes"])
@@ -71,6 +80,13 @@ class TimmFamily(ModelFamily):
             return get_arch_name(resolve_model_name(requested)) == get_arch_name(recorded)
         except ValueError:
             return False
+
+    def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
+        """timm's own format, which ``timm.create_model("local-dir:OUT", pretrained=True)`` loads as it was."""
+        preprocessing = {"input_size": tuple(data_config["input_size"]), "mean": tuple(data_config["mean"]),
+                         "std": tuple(data_config["std"]), "interpolation": data_config.get("interpolation")}
+        save_for_hf(model, str(out), safe_serialization=True, data_config=preprocessing)
+        return list(self.native_files)
 
 
 class GenConViTFamily(ModelFamily):
