@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -223,3 +225,22 @@ def test_var_from_mu_makes_step_zero_sample_as_upstream_did(vae_model, images):
     eps = torch.randn_like(mu)
     torch.testing.assert_close(logvar, mu)
     torch.testing.assert_close(z, mu + eps * torch.exp(0.5 * mu))  # upstream: std from the mu head
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_batchnorm_backbones_keep_running_statistics_of_the_inputs_alone(variant, images):
+    # A BatchNorm backbone sees inputs and reconstructions; statistics of that mix would normalise both wrongly in
+    # eval. After a training forward, the running statistics are exactly those of a pass over the inputs alone.
+    torch.manual_seed(0)
+    kwargs = {"img_size": IMG, "latent_channels": LATENT} if variant == "vae" else {}
+    model = build_genconvit(variant, convnext_name="test_efficientnet", **kwargs).train()
+    backbone = model.backbone if variant == "ed" else model.convnext_backbone
+    reference = copy.deepcopy(backbone)
+    with torch.no_grad():
+        model(images)
+        reference(images)
+    stats = {k: v for k, v in backbone.state_dict().items() if "running" in k}
+    assert stats and all(torch.equal(v, reference.state_dict()[k]) for k, v in stats.items())
+    assert any(not torch.equal(v, build_genconvit(variant, convnext_name="test_efficientnet", **kwargs)
+                               .state_dict()[f"{'backbone' if variant == 'ed' else 'convnext_backbone'}.{k}"])
+               for k, v in stats.items())  # they did move: from the inputs

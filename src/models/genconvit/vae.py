@@ -26,7 +26,7 @@ from torch import nn
 from src.models.names import CONVNEXT_NAME
 from src.models.timm_models import create_timm_model
 
-from .ed import EMBED_DIM, GenConViTOutput
+from .ed import EMBED_DIM, GenConViTOutput, input_statistics_only
 
 ENCODER_CHANNELS = (3, 16, 32, 64, 128)
 DECODER_CHANNELS = (64, 32, 16, 3)  # after the latent channels
@@ -150,7 +150,10 @@ class GenConViTVAE(nn.Module):
         z, mu, logvar = self.encoder(x)
         decoded = self.decoder(z)
         # Official order is (input, reconstruction), the reverse of ED; the reconstruction enters at 112x112.
-        f = torch.cat([self.convnext_backbone(x), self.convnext_backbone(decoded)], dim=1)
+        seen = self.convnext_backbone(x)
+        with input_statistics_only(self.convnext_backbone):
+            rebuilt = self.convnext_backbone(decoded)
+        f = torch.cat([seen, rebuilt], dim=1)
         fc_out = self.fc(self.act(f))
         features = self.act(fc_out)
         recon = resize_to(decoded, x.shape[-2:])
