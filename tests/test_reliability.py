@@ -144,18 +144,19 @@ def test_a_video_with_real_and_fake_frames_is_refused_at_start(effnet_args, tiny
     assert not (_out(effnet_args) / "metrics.csv").exists()
 
 
-def _with_corrupt_val_image(tiny_data, tmp_path) -> tuple[Path, str]:
-    val = read_manifest(tiny_data[1])
+def _with_corrupt_image(manifest: Path, tmp_path: Path, row: int = 0) -> tuple[Path, str]:
+    """A copy of `manifest` whose `row` points at a PNG with a broken header: (the copy, the broken file)."""
+    frame = read_manifest(manifest)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    val.loc[0, "path"] = str(bad)
-    manifest = tmp_path / "val_corrupt.csv"
-    val.to_csv(manifest, index=False)
-    return manifest, str(bad)
+    frame.loc[row, "path"] = str(bad)
+    corrupt = tmp_path / f"{manifest.stem}_corrupt.csv"
+    frame.to_csv(corrupt, index=False)
+    return corrupt, str(bad)
 
 
 def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_data, tmp_path, capsys):
-    manifest, bad = _with_corrupt_val_image(tiny_data, tmp_path)
+    manifest, bad = _with_corrupt_image(tiny_data[1], tmp_path)
     err = _fails(train_stage2_effnet.main, _set(effnet_args, "--val-manifest", str(manifest)), capsys)
     assert bad in err
     assert not (_out(effnet_args) / "metrics.csv").exists() and not (_out(effnet_args) / "last.pt").exists()
@@ -163,7 +164,7 @@ def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_dat
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
 def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp_path):
-    manifest, bad = _with_corrupt_val_image(tiny_data, tmp_path)
+    manifest, bad = _with_corrupt_image(tiny_data[1], tmp_path)
     args = [*_set(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
     train_stage2_effnet.main(args)
     assert (_out(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
@@ -173,12 +174,7 @@ def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp
 # ---------------------------------------------------------------- 5. a worker's decode error is one line
 def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extractor(effnet_args, tiny_data,
                                                                                    tmp_path):
-    train = read_manifest(tiny_data[0])
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    train.loc[3, "path"] = str(bad)
-    manifest = tmp_path / "train_corrupt.csv"
-    train.to_csv(manifest, index=False)
+    manifest, bad = _with_corrupt_image(tiny_data[0], tmp_path, row=3)
     effnet = [*_set(_set(effnet_args, "--train-manifest", str(manifest)), "--workers", "2")]
     genconvit = ["--train-manifest", str(manifest), "--val-manifest", str(tiny_data[1]), "--init", "scratch",
                  "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4", "--epochs", "1",
