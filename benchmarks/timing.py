@@ -16,6 +16,8 @@ import timm
 import torch
 import torchvision
 
+from src.engine.precision import cpu_has_native_bf16
+
 
 @dataclass
 class Row:
@@ -87,7 +89,7 @@ def machine() -> dict[str, Any]:
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_cpu_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "native_cpu_bf16": cpu_has_native_bf16(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
