@@ -149,6 +149,17 @@ def default_threads() -> int:
     return 1 if busy else torch.get_num_threads()
 
 
+def _write(result: dict[str, Any], rows: list[Row], started: float, out: Path) -> None:
+    """Bring `result` up to date with `rows` and write it as JSON plus its Markdown copy."""
+    fill_ratios(rows)
+    result.update(rows=[asdict(r) for r in rows], goals=evaluate_goals(rows))
+    result["load_average"]["end"] = load_average()
+    result["seconds"]["total"] = round(time.time() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown tables, ready to paste into BENCHMARKS.md."""
     info, load = result["machine"], result["load_average"]
@@ -213,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = QUICK if args.quick else Plan()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built with random weights
     print(f"$ {command}")
-    started, load_start = time.time(), load_average()
+    started, load_start, out = time.time(), load_average(), Path(args.json)
     print(f"load average at start {load_start} (other processes share this machine's cores)")
     torch.set_num_threads(args.threads or default_threads())
     info = machine()
@@ -255,13 +266,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parts += [
                 ("gpu", f"5 GPU {name}", lambda fn=fn: fn(frame, work, plan.gpu))
                 for name, fn in (
+                    # compile last: it is the slowest to start, and a time limit then costs only its figures
                     ("training", gpu_effnet),
-                    ("compile", gpu_compile),
                     ("GenConViT", gpu_genconvit),
                     ("extraction", gpu_extraction),
+                    ("compile", gpu_compile),
                 )
             ]
-        rows, errors, timings = [], [], {}
+        rows: list[Row] = []
+        result: dict[str, Any] = {
+            "command": command,
+            "quick": args.quick,
+            "machine": info,
+            "load_average": {"start": load_start, "end": None},
+            "seconds": {"total": None},
+            "rows": [],
+            "goals": [],
+            "learn": None,
+            "skipped": [] if torch.cuda.is_available() else ["5 GPU: no CUDA device on this machine"],
+            "errors": [],
+        }
         for key, name, fn in parts:
             if key not in wanted:
                 continue
@@ -271,40 +295,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows += fn()
             except Exception as err:  # a failing section must not cost the figures of the others
                 traceback.print_exc()
-                errors.append({"section": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
-            timings[name] = round(time.perf_counter() - t0, 1)
-        learn = None
+                result["errors"].append({"section": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+            result["seconds"][name] = round(time.perf_counter() - t0, 1)
+            # Written after every section: a run killed by a time limit (the GPU check) keeps what it measured.
+            _write(result, rows, started, out)
         if "learn" in wanted:
             t0 = time.perf_counter()
             print("running learnability ...", flush=True)
-            learn = run_learn(LearnPlan(seeds=(0,) if args.quick else (0, 1, 2)), work)
-            timings["learn"] = round(time.perf_counter() - t0, 1)
-    skipped = [] if torch.cuda.is_available() else ["5 GPU: no CUDA device on this machine"]
+            result["learn"] = run_learn(LearnPlan(seeds=(0,) if args.quick else (0, 1, 2)), work)
+            result["seconds"]["learn"] = round(time.perf_counter() - t0, 1)
+    _write(result, rows, started, out)
 
-    fill_ratios(rows)
-    goals = evaluate_goals(rows)
     print(format_table(rows))
-    if learn is not None:
-        print("\n[learn]\n" + learn_markdown(learn))
-    print(format_goals(goals))
-    for message in skipped + [f"{e['section']} failed: {e['error']}" for e in errors]:
+    if result["learn"] is not None:
+        print("\n[learn]\n" + learn_markdown(result["learn"]))
+    print(format_goals(result["goals"]))
+    for message in result["skipped"] + [f"{e['section']} failed: {e['error']}" for e in result["errors"]]:
         print(f"note: {message}")
-    result = {
-        "command": command,
-        "quick": args.quick,
-        "machine": info,
-        "load_average": {"start": load_start, "end": load_average()},
-        "seconds": {"total": round(time.time() - started, 1), **timings},
-        "rows": [asdict(r) for r in rows],
-        "goals": goals,
-        "learn": learn,
-        "skipped": skipped,
-        "errors": errors,
-    }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
     seconds, load_end = result["seconds"]["total"], result["load_average"]["end"]
     print(f"wrote {out} and its .md ({seconds:.0f} s in all; load average at end {load_end})")
     return result

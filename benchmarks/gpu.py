@@ -114,26 +114,30 @@ def gpu_compile(frame: pd.DataFrame, work: Path, plan: GpuPlan, device: str = "c
 
 
 def gpu_genconvit(frame: pd.DataFrame, work: Path, plan: GpuPlan, device: str = "cuda") -> list[Row]:
+    """GenConViT-ED and -VAE (ConvNeXt-Tiny, 224px) model-only steps, fp32 against bf16."""
     train_csv, val_csv = write_manifests(frame, work / "gpu_manifests", plan.e2e_steps * plan.batch)
-    section = _Section(f"5 GPU train GenConViT-ED 224px b{plan.genconvit_batch}", plan, device)
     batch = resident_batch(frame, 224, plan.genconvit_batch, device)
-    for amp, name, baseline in (("off", "model-only fp32", None), ("bf16", "model-only bf16", "model-only fp32")):
-        steps = TrainerSteps(
-            build_trainer(
-                genconvit_expert(),
-                train_csv,
-                val_csv,
-                work / "runs" / "gpu_genconvit",
-                batch=plan.genconvit_batch,
-                device=device,
-                amp=amp,
+    rows: list[Row] = []
+    for variant in ("ed", "vae"):
+        section = _Section(f"5 GPU train GenConViT-{variant.upper()} 224px b{plan.genconvit_batch}", plan, device)
+        for amp, name, baseline in (("off", "model-only fp32", None), ("bf16", "model-only bf16", "model-only fp32")):
+            steps = TrainerSteps(
+                build_trainer(
+                    genconvit_expert(variant),
+                    train_csv,
+                    val_csv,
+                    work / "runs" / f"gpu_genconvit_{variant}",
+                    batch=plan.genconvit_batch,
+                    device=device,
+                    amp=amp,
+                )
             )
-        )
-        section.measure(
-            name, steps.model_only(batch, plan.steps), baseline=baseline, note="channels_last, resident batch"
-        )
-        del steps
-    return section.rows
+            section.measure(
+                name, steps.model_only(batch, plan.steps), baseline=baseline, note="channels_last, resident batch"
+            )
+            del steps
+        rows += section.rows
+    return rows
 
 
 def gpu_extraction(frame: pd.DataFrame, work: Path, plan: GpuPlan, device: str = "cuda") -> list[Row]:

@@ -39,6 +39,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import train_stage2_effnet
+from benchmarks.timing import machine
 from src.data.dataset import ManifestDataset, collate
 from src.data.manifest import read_manifest
 from src.data.perturb import Perturbation, parse_perturbations
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="learn_") as tmp:
         work = Path(args.work_dir or tmp)
         result = run_learn(plan, work)
-    result["default_aug"] = default
+    # the machine decides what --amp auto means for our runs (bf16 only with native CPU bf16)
+    result.update(default_aug=default, machine=machine())
     table = markdown(result)
     print(table)
     out = Path(args.json)

@@ -39,9 +39,9 @@ def effnet_expert(img_size: int = 256, model: str = EFFNET) -> TimmExpert:
     return TimmExpert(model, img_size=img_size, pretrained=False, drop_path_rate=0.2)
 
 
-def genconvit_expert(img_size: int = 224) -> GenConViTExpert:
+def genconvit_expert(variant: str = "ed", img_size: int = 224) -> GenConViTExpert:
     # One stage with every parameter learning, like the plain loop it is compared with.
-    return GenConViTExpert("ed", img_size=img_size, init="scratch", stages="full:rest")
+    return GenConViTExpert(variant, img_size=img_size, init="scratch", stages="full:rest")
 
 
 def build_trainer(
