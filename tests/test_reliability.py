@@ -171,6 +171,28 @@ def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp
     assert (pd.read_csv(_out(args) / "metrics.csv")["val_skipped"] == 1).all()
 
 
+@pytest.mark.filterwarnings("ignore:skipping cannot decode image")
+def test_more_bad_images_than_the_budget_stop_the_run(effnet_args, tiny_data, tmp_path, capsys):
+    val, _ = _with_corrupt_image(tiny_data[1], tmp_path)
+    args = [*_set(effnet_args, "--val-manifest", str(val)), "--skip-bad-images", "--max-bad-images", "0"]
+    err = _fails(train_stage2_effnet.main, args, capsys)
+    assert "1 undecodable val images, more than --max-bad-images 0" in err
+    assert not (_out(args) / "last.pt").exists()  # val is checked before the first step
+
+    train = read_manifest(tiny_data[0])
+    for row in (1, 3):
+        bad = tmp_path / f"broken_{row}.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+        train.loc[row, "path"] = str(bad)
+    train.to_csv(tmp_path / "train_two_bad.csv", index=False)
+    args = [*_set(effnet_args, "--train-manifest", str(tmp_path / "train_two_bad.csv")), "--skip-bad-images",
+            "--max-bad-images", "1", "--overwrite"]
+    err = _fails(train_stage2_effnet.main, args, capsys)
+    assert "2 undecodable train images, more than --max-bad-images 1" in err and "bad_images.txt" in err
+    assert len((_out(args) / "bad_images.txt").read_text().splitlines()) == 2
+    assert not (_out(args) / "metrics.csv").exists()  # stopped before the epoch was validated
+
+
 # ---------------------------------------------------------------- 5. a worker's decode error is one line
 def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extractor(effnet_args, tiny_data,
                                                                                    tmp_path):

@@ -26,6 +26,7 @@ class TrainConfig:
     val_manifest: str = "val_manifest.csv"
     data_root: str | None = None
     skip_bad_images: bool = False
+    max_bad_images: int = 100
     img_size: int = 256
     aug: str = "standard"
     workers: int = 8
@@ -79,7 +80,11 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     data.add_argument("--data-root", default=d["data_root"],
                       help="base folder for relative image paths (default: each manifest's folder)")
     data.add_argument("--skip-bad-images", action="store_true",
-                      help="skip undecodable images with a warning and a count instead of stopping")
+                      help="skip undecodable images with a warning and a count instead of stopping; they are "
+                      "listed in OUTPUT_DIR/bad_images.txt")
+    data.add_argument("--max-bad-images", type=int, default=d["max_bad_images"], metavar="N",
+                      help="with --skip-bad-images: stop once more than N images of the train or val set are "
+                      "undecodable (a lost mount or a broken export, not a few bad files)")
     data.add_argument("--img-size", type=int, default=d["img_size"], help="square input size in pixels")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
     data.add_argument("--workers", type=int, default=d["workers"], help="DataLoader worker processes per rank")

@@ -171,7 +171,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     temperature = float(checkpoint.get("temperature", 1.0))
-    bad_images = BadImages(out, dist.is_main)
+    bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     results, rows = {}, []
     for manifest, name in zip(manifests, names):
         evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)

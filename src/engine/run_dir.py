@@ -73,10 +73,11 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
 
 
 class BadImages:
-    """Images skipped as undecodable (with --skip-bad-images), listed in OUTPUT_DIR/bad_images.txt."""
+    """Images skipped as undecodable (with --skip-bad-images), listed in OUTPUT_DIR/bad_images.txt; more than
+    `limit` in one split stops the run."""
 
-    def __init__(self, out: Path, is_main: bool) -> None:
-        self.path, self.is_main = out / "bad_images.txt", is_main
+    def __init__(self, out: Path, is_main: bool, limit: int) -> None:
+        self.path, self.is_main, self.limit = out / "bad_images.txt", is_main, limit
         self.found: dict[str, set[str]] = {"train": set(), "val": set()}
 
     def note(self, split: str, frame: pd.DataFrame, rows: list[int]) -> None:
@@ -90,3 +91,6 @@ class BadImages:
             write_text_atomic(self.path, "\n".join(lines) + "\n")
             log.warning("%d undecodable %s images skipped so far, listed in %s", len(self.found[split]), split,
                         self.path)
+        if len(self.found[split]) > self.limit:
+            raise ConfigError(f"{len(self.found[split])} undecodable {split} images, more than --max-bad-images "
+                              f"{self.limit}: stopped; they are listed in {self.path}")

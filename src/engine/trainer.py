@@ -72,8 +72,8 @@ log = logging.getLogger("src")
 # length, a new --lr scales the rest of it. Everything else in TrainConfig, the model and its loss settings, must
 # stay as the run started: a different batch size, seed, image size or data would silently mix two runs.
 RESUME_REPLANS = ("epochs", "lr", "min_lr", "warmup_epochs")
-RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "amp", "channels_last", "compile", "device", "deterministic",
-               "clip_grad", "ema_decay", "output_dir", "resume", "overwrite", "save_every_minutes",
+RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "max_bad_images", "amp", "channels_last", "compile", "device",
+               "deterministic", "clip_grad", "ema_decay", "output_dir", "resume", "overwrite", "save_every_minutes",
                "evaluate_checkpoint", "eval_manifests", "perturb", "log_every", "calibrate", "log_to", "cli_args")
 
 
@@ -112,7 +112,7 @@ class Trainer:
         _set_determinism(cfg.deterministic)
         torch.manual_seed(cfg.seed)
         self.workers = min(cfg.workers, usable_cores())
-        self.bad_images = BadImages(self.out, dist.is_main)
+        self.bad_images = BadImages(self.out, dist.is_main, cfg.max_bad_images)
         self.stop_signal: int | None = None
         self.tracker = make_tracker(cfg.log_to, self.out, dist.is_main)
 
