@@ -60,6 +60,23 @@ class GenConViTOutput(NamedTuple):
     logvar: torch.Tensor | None = None
 
 
+class GenConViTHead(nn.Module):
+    """Base of every GenConViT variant: the head they share, under the official checkpoints' names.
+
+    ``fc`` maps the backbone features of input and reconstruction to the 500-d embedding, ``act`` follows it, and
+    ``fc2`` (the ``classifier``) gives the two logits (real, fake).
+    """
+
+    def _build_head(self, in_features: int, act: nn.Module) -> None:
+        self.fc = nn.Linear(in_features, EMBED_DIM)
+        self.fc2 = nn.Linear(EMBED_DIM, 2)
+        self.act = act
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc2
+
+
 class EDEncoder(nn.Module):
     """Five [conv 3x3, ReLU, maxpool 2] blocks, 3 -> 256 channels, H x W -> H/32 x W/32."""
 
@@ -92,7 +109,7 @@ class EDDecoder(nn.Module):
         return self.features(z)
 
 
-class GenConViTED(nn.Module):
+class GenConViTED(GenConViTHead):
     """GenConViT-ED, official layout.
 
     Fully convolutional up to the ConvNeXt head, so any input whose sides are multiples of 32 works; the
@@ -115,17 +132,10 @@ class GenConViTED(nn.Module):
         self.backbone = create_timm_model(
             convnext_name, pretrained=backbone_pretrained, pretrained_file=backbone_file, num_classes=1000
         )
-        self.fc = nn.Linear(2 * self.backbone.num_classes, EMBED_DIM)
-        self.fc2 = nn.Linear(EMBED_DIM, 2)
-        self.act = nn.GELU()
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc2
+        self._build_head(2 * self.backbone.num_classes, nn.GELU())
 
     def forward(self, x: torch.Tensor) -> GenConViTOutput:
         recon = self.decoder(self.encoder(x))
-        # Order (reconstruction, input) is the official one; fc's weight columns depend on it.
         seen = self.backbone(x)
         with input_statistics_only(self.backbone):
             rebuilt = self.backbone(recon)

@@ -16,11 +16,11 @@ from torch import nn
 from src.models.names import CONVNEXT_NAME, SWIN_NAME
 from src.models.timm_models import create_timm_model
 
-from .ed import EMBED_DIM, EDDecoder, EDEncoder, GenConViTOutput
+from .ed import EDDecoder, EDEncoder, GenConViTHead, GenConViTOutput
 from .vae import VAEDecoder, VAEEncoder, check_img_size, resize_to
 
 
-class GenConViTHybrid(nn.Module):
+class GenConViTHybrid(GenConViTHead):
     """ED or VAE autoencoder + ConvNeXt + Swin; logits depend on both backbones.
 
     Args:
@@ -72,13 +72,7 @@ class GenConViTHybrid(nn.Module):
             img_size=img_size,
             **dict(swin_kwargs or {}),
         )
-        self.fc = nn.Linear(2 * (self.convnext.num_features + self.swin.num_features), EMBED_DIM)
-        self.fc2 = nn.Linear(EMBED_DIM, 2)
-        self.act = nn.GELU()
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc2
+        self._build_head(2 * (self.convnext.num_features + self.swin.num_features), nn.GELU())
 
     def forward(self, x: torch.Tensor) -> GenConViTOutput:
         if self.variant == "vae":

@@ -26,7 +26,7 @@ from torch import nn
 from src.models.names import CONVNEXT_NAME
 from src.models.timm_models import create_timm_model
 
-from .ed import EMBED_DIM, GenConViTOutput, input_statistics_only
+from .ed import EMBED_DIM, GenConViTHead, GenConViTOutput, input_statistics_only
 
 ENCODER_CHANNELS = (3, 16, 32, 64, 128)
 DECODER_CHANNELS = (64, 32, 16, 3)  # after the latent channels
@@ -110,7 +110,7 @@ class VAEDecoder(nn.Module):
         return self.features(self.unflatten(z))
 
 
-class GenConViTVAE(nn.Module):
+class GenConViTVAE(GenConViTHead):
     """GenConViT-VAE, official layout (the defaults are the official sizes: ~695M parameters, ~2.8 GB fp32).
 
     Args:
@@ -137,14 +137,8 @@ class GenConViTVAE(nn.Module):
             convnext_name, pretrained=backbone_pretrained, pretrained_file=backbone_file, num_classes=1000
         )
         width = self.convnext_backbone.num_classes
-        self.fc = nn.Linear(2 * width, EMBED_DIM)
+        self._build_head(2 * width, nn.ReLU())
         self.fc3 = nn.Linear(width, EMBED_DIM).requires_grad_(False)
-        self.fc2 = nn.Linear(EMBED_DIM, 2)
-        self.act = nn.ReLU()
-
-    @property
-    def classifier(self) -> nn.Linear:
-        return self.fc2
 
     def forward(self, x: torch.Tensor) -> GenConViTOutput:
         z, mu, logvar = self.encoder(x)
