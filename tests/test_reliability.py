@@ -144,19 +144,22 @@ def test_a_video_with_real_and_fake_frames_is_refused_at_start(effnet_args, tiny
     assert not (_out(effnet_args) / "metrics.csv").exists()
 
 
-def _with_corrupt_image(manifest: Path, tmp_path: Path, row: int = 0) -> tuple[Path, str]:
-    """A copy of `manifest` whose `row` points at a PNG with a broken header: (the copy, the broken file)."""
+def _with_corrupt_images(manifest: Path, tmp_path: Path, rows: tuple[int, ...] = (0,)) -> tuple[Path, list[str]]:
+    """A copy of `manifest` whose `rows` each point at a PNG with a broken header: (the copy, the broken files)."""
     frame = read_manifest(manifest)
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    frame.loc[row, "path"] = str(bad)
+    bad = []
+    for row in rows:
+        path = tmp_path / f"broken_{row}.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+        frame.loc[row, "path"] = str(path)
+        bad.append(str(path))
     corrupt = tmp_path / f"{manifest.stem}_corrupt.csv"
     frame.to_csv(corrupt, index=False)
-    return corrupt, str(bad)
+    return corrupt, bad
 
 
 def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_data, tmp_path, capsys):
-    manifest, bad = _with_corrupt_image(tiny_data[1], tmp_path)
+    manifest, (bad,) = _with_corrupt_images(tiny_data[1], tmp_path)
     err = _fails(train_stage2_effnet.main, _set(effnet_args, "--val-manifest", str(manifest)), capsys)
     assert bad in err
     assert not (_out(effnet_args) / "metrics.csv").exists() and not (_out(effnet_args) / "last.pt").exists()
@@ -164,7 +167,7 @@ def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_dat
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
 def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp_path):
-    manifest, bad = _with_corrupt_image(tiny_data[1], tmp_path)
+    manifest, (bad,) = _with_corrupt_images(tiny_data[1], tmp_path)
     args = [*_set(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
     train_stage2_effnet.main(args)
     assert (_out(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
@@ -173,20 +176,15 @@ def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
 def test_more_bad_images_than_the_budget_stop_the_run(effnet_args, tiny_data, tmp_path, capsys):
-    val, _ = _with_corrupt_image(tiny_data[1], tmp_path)
+    val, _ = _with_corrupt_images(tiny_data[1], tmp_path)
     args = [*_set(effnet_args, "--val-manifest", str(val)), "--skip-bad-images", "--max-bad-images", "0"]
     err = _fails(train_stage2_effnet.main, args, capsys)
     assert "1 undecodable val images, more than --max-bad-images 0" in err
     assert not (_out(args) / "last.pt").exists()  # val is checked before the first step
 
-    train = read_manifest(tiny_data[0])
-    for row in (1, 3):
-        bad = tmp_path / f"broken_{row}.png"
-        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-        train.loc[row, "path"] = str(bad)
-    train.to_csv(tmp_path / "train_two_bad.csv", index=False)
-    args = [*_set(effnet_args, "--train-manifest", str(tmp_path / "train_two_bad.csv")), "--skip-bad-images",
-            "--max-bad-images", "1", "--overwrite"]
+    train, _ = _with_corrupt_images(tiny_data[0], tmp_path, rows=(1, 3))
+    args = [*_set(effnet_args, "--train-manifest", str(train)), "--skip-bad-images", "--max-bad-images", "1",
+            "--overwrite"]
     err = _fails(train_stage2_effnet.main, args, capsys)
     assert "2 undecodable train images, more than --max-bad-images 1" in err and "bad_images.txt" in err
     assert len((_out(args) / "bad_images.txt").read_text().splitlines()) == 2
@@ -196,7 +194,7 @@ def test_more_bad_images_than_the_budget_stop_the_run(effnet_args, tiny_data, tm
 # ---------------------------------------------------------------- 5. a worker's decode error is one line
 def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extractor(effnet_args, tiny_data,
                                                                                    tmp_path):
-    manifest, bad = _with_corrupt_image(tiny_data[0], tmp_path, row=3)
+    manifest, (bad,) = _with_corrupt_images(tiny_data[0], tmp_path, rows=(3,))
     effnet = [*_set(_set(effnet_args, "--train-manifest", str(manifest)), "--workers", "2")]
     genconvit = ["--train-manifest", str(manifest), "--val-manifest", str(tiny_data[1]), "--init", "scratch",
                  "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4", "--epochs", "1",
