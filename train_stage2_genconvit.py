@@ -23,6 +23,7 @@ from pathlib import Path
 
 from src.engine.cli import exit_on_error, parse_args
 from src.engine.config import add_train_args, config_from_args
+from src.engine.outputs import check_output_dir
 from src.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
 
 
@@ -64,15 +65,22 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=16, lr=1e-3, workers=2, latent_channels=8)
     if args.variant == "both" and args.weights:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")
-    # Imported after parsing, so that --help and argument errors answer before torch and timm load.
-    from src.engine.checkpoint import load_checkpoint
+    variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
+    if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
+        from src.engine.checkpoint import load_checkpoint
+
+        variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
+    configs = {}
+    for variant in variants:
+        cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
+        cfg.output_dir = str(Path(args.output_dir) / variant)
+        check_output_dir(cfg)  # every variant's folder, before the first one trains
+        configs[variant] = cfg
+    # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from src.engine.trainer import run
     from src.experts.genconvit import GenConViTExpert
 
-    variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
-    if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
-        variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
-    for variant in variants:
+    for variant, cfg in configs.items():
         weights = args.weights
         if args.weights_dir:
             weights = str(Path(args.weights_dir) / GENCONVIT_HF_FILES[variant])
@@ -81,8 +89,6 @@ def main(argv: list[str] | None = None) -> None:
             backbone_file=args.backbone_file, swin_file=args.swin_file,
             recon_weight=args.recon_weight, kl_weight=args.kl_weight, label_smoothing=args.label_smoothing,
             stages=args.stages, backbone=args.backbone, latent_channels=args.latent_channels)
-        cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
-        cfg.output_dir = str(Path(args.output_dir) / variant)
         run(cfg, expert)
 
 

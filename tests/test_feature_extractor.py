@@ -23,6 +23,8 @@ from src.embeddings import (
     join_features,
     load_features,
 )
+from src.embeddings.stacking_preview import print_preview
+from src.embeddings.store import FeatureSet
 from src.engine.checkpoint import save_checkpoint
 from src.engine.cli import exit_on_error
 from src.errors import CheckpointError
@@ -423,7 +425,23 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
     assert all(auc > 0.9 for _, _, auc, _ in rows), rows
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["effnet_val.npz", "genconvit_ed_val.npz"]
     printed = capsys.readouterr().out
-    assert "grouped by video_id" in printed and "effnet + genconvit_ed" in printed
+    assert "out-of-fold (folds grouped by video_id): cross-validated" in printed
+    assert "expert AUC: the expert's own P(fake) on the same images: in-sample" in printed
+    assert "expert AUC (in-sample)" in printed.splitlines()[-4] and "effnet + genconvit_ed" in printed
+
+
+def test_stacking_preview_without_video_ids_says_its_folds_are_not_grouped(capsys):
+    # A val manifest with a blank video_id: the folds are stratified, and the preview must not claim otherwise.
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 10)
+    common = {"labels": labels, "paths": np.array([f"{i}.png" for i in range(20)]), "index": np.arange(20),
+              "family": "timm", "checkpoint": "best.pt", "manifest": "val.csv", "temperature": 1.0,
+              "video_id": np.array(["v1"] * 19 + [""])}
+    sets = {name: FeatureSet(embeddings=rng.normal(size=(20, 4)) + labels[:, None], p_fake=labels * 0.5 + 0.2,
+                             model_name=name, **common) for name in ("a", "b")}
+    print_preview(sets)
+    printed = capsys.readouterr().out
+    assert "stratified folds: no video_id on every row" in printed and "grouped" not in printed
 
 
 def test_example_names_the_missing_checkpoints(tmp_path):

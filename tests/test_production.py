@@ -114,6 +114,8 @@ def test_runs_report_operating_points_on_calibrated_scores(trained):
     # JSON has no infinity: a threshold no score can reach (no fake above every real) is written as null.
     expected = {k: None if np.isinf(v) else v for k, v in expected.items()}
     stored = summary["operating_points"]["frame"]
+    n_real = int((predictions["label"] == 0).sum())
+    assert (stored.pop("n_real"), stored.pop("below_resolution")) == (n_real, ["1pct", "0.1pct"])  # 6 reals
     assert {k for k, v in stored.items() if v is None} == {k for k, v in expected.items() if v is None}
     assert {k: v for k, v in stored.items() if v is not None} == pytest.approx(
         {k: v for k, v in expected.items() if v is not None})
@@ -143,6 +145,30 @@ def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(tr
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "eval_val.json").read_bytes() == before
     train_stage2_effnet.main([*args, "--overwrite"])
+
+
+def test_evaluate_prints_the_calibrated_operating_points_and_marks_those_too_fine_for_its_reals(trained, tiny_data,
+                                                                                               tmp_path, capsys):
+    out = tmp_path / "eval"
+    train_stage2_effnet.main(["--evaluate", str(trained / "best.pt"), "--val-manifest", str(tiny_data[1]), "--model",
+                              "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
+                              "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval_val.json").read_text())
+    n_real = int((read_manifest(tiny_data[1])["label"] == 0).sum())
+    for level, unit in (("frame", "reals"), ("video", "real videos")):
+        points = report["operating_points"][level]
+        assert points["below_resolution"] == ["1pct", "0.1pct"] and points["n_real"] == (n_real if level == "frame"
+                                                                                          else n_real // 3)
+        rows = [line.split() for line in printed.splitlines() if line.split()[:1] == [level]]
+        assert [row[1] for row in rows] == ["1%", "0.1%", "EER"]
+        for row, key in ((rows[0], "thr_at_fpr_1pct"), (rows[1], "thr_at_fpr_0.1pct")):
+            assert row[4] == ("none" if points[key] is None else f"{points[key]:.4f}")  # JSON's null: no threshold
+        assert rows[2][2] == f"{points['eer_threshold']:.4f}"
+        note = f"below resolution: {points['n_real']} {unit} resolve FPR steps of"
+        assert all(note in " ".join(row) for row in rows[:2]) and note not in " ".join(rows[2])
+    # The thresholds on raw P(fake) stay in the JSON (and metrics.csv), off the console.
+    assert "thr_at_fpr_1pct" in report["metrics"] and "thr_at_fpr" not in printed and "eer_threshold" not in printed
 
 
 def test_several_val_manifests_are_for_evaluation_only(effnet_args, tiny_data):

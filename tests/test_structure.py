@@ -77,6 +77,34 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
                                       cwd=ROOT, timeout=60).stdout
 
 
+def _imports_of(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    return ran, {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
+
+
+def test_a_taken_output_folder_is_refused_before_torch_loads(tmp_path):
+    # Importing torch and timm is most of half a minute on a busy box: a folder that cannot be used is said first.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"a run")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "robustness_val.png").write_bytes(b"a plot")
+    (tmp_path / "gc" / "vae").mkdir(parents=True)
+    (tmp_path / "gc" / "vae" / "last.pt").write_bytes(b"a run")
+    cases = [
+        ("train_stage2_effnet.py", ["--output-dir", str(tmp_path / "run")], "already holds a run (best.pt)"),
+        ("train_stage2_effnet.py", ["--evaluate", "ckpt.pt", "--val-manifest", "val.csv", "--perturb", "jpeg:50",
+                                    "--output-dir", str(tmp_path / "eval")], "already holds robustness_val.png"),
+        # --variant both: the VAE's folder is checked before the ED trains, not hours later.
+        ("train_stage2_genconvit.py", ["--output-dir", str(tmp_path / "gc")], f"{tmp_path / 'gc' / 'vae'} already"),
+    ]
+    for script, args, message in cases:
+        ran, imported = _imports_of(script, args)
+        assert ran.returncode == 2 and message in ran.stderr, (script, ran.stderr[-2000:])
+        assert not imported & {"torch", "timm", "torchvision"}, script
+    assert (tmp_path / "run" / "best.pt").read_bytes() == b"a run"
+
+
 def test_the_package_installs_and_its_commands_run(tmp_path):
     # A copy of what the package is built from, so that the build leaves nothing in the checkout.
     source = tmp_path / "source"

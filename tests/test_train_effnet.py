@@ -11,6 +11,7 @@ import train_stage2_effnet
 from src.data.dataset import ManifestDataset, collate
 from src.data.manifest import read_manifest
 from src.data.transforms import DeviceTransform
+from src.engine import trainer
 from src.engine.checkpoint import load_checkpoint
 from src.engine.config import config_from_args
 from src.engine.trainer import run
@@ -28,7 +29,17 @@ def _out(args: list[str]):
     return Path(args[args.index("--output-dir") + 1])
 
 
-def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet_args, tiny_data):
+def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet_args, tiny_data, monkeypatch):
+    figures = {}  # the last figure each plot function returned
+
+    def spy(plot):
+        def plot_and_keep(*args, **kwargs):
+            figures[plot.__name__] = plot(*args, **kwargs)
+            return figures[plot.__name__]
+        return plot_and_keep
+
+    for plot in (trainer.plot_roc, trainer.plot_training_curves):
+        monkeypatch.setattr(trainer, plot.__name__, spy(plot))
     train_stage2_effnet.main(effnet_args)
     out = _out(effnet_args)
     for name in RUN_OUTPUTS:
@@ -46,6 +57,13 @@ def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet
     assert summary["best_epoch"] == int(history.loc[history["auc"].idxmax(), "epoch"])
     assert summary["metrics"]["auc"] == pytest.approx(best_row["auc"])
     assert {"nll_before", "nll_after", "ece_before", "ece_after"} <= summary["calibration"].keys()
+    # The plots: curves star the best epoch on the selecting metric; the ROC has a video-level curve (video_id).
+    validation = next(ax for ax in figures["plot_training_curves"].axes if ax.get_title() == "validation")
+    star = next(line for line in validation.get_lines() if line.get_label().startswith("best: epoch"))
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (summary["best_epoch"], pytest.approx(best_row["auc"]))
+    legend = [t.get_text() for t in figures["plot_roc"].axes[0].get_legend().get_texts()]
+    assert f"video (AUC = {summary['metrics']['video_auc']:.2f})" in legend
+    assert "torch threads" in (out / "train.log").read_text().split("settings:")[1].splitlines()[1]
 
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["model_name"] == "test_efficientnet" and best["num_classes"] == 1

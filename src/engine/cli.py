@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from src.engine.config import NOT_REPLAYED
+from src.engine.outputs import RUN_FILES
 from src.errors import USER_ERRORS, StopRequested, TrainingDiverged
 
 DEMO_ROOT = Path("data/demo")
@@ -30,14 +30,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: 
     if given.demo:
         from src.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
 
-        train, val = make_demo_dataset(DEMO_ROOT)
+        # Logging is set up later, by the run: the demo speaks for itself before that.
+        train, val = make_demo_dataset(DEMO_ROOT, progress=True)
         output_dir = parser.get_default("output_dir") + "_demo"
         parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
                             overwrite=True, **demo)
-        logging.getLogger("src").info("demo: synthetic data in %s", DEMO_ROOT)
     if given.config:
         parser.set_defaults(**config_defaults(parser, Path(given.config)))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    replaces = given.demo and not (args.evaluate_checkpoint or args.resume) and out.is_dir()
+    if replaces and any(path.name in RUN_FILES for path in out.rglob("*")):
+        print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+    return args
 
 
 def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:

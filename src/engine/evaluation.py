@@ -22,9 +22,10 @@ from src.engine.checkpoint import last_good_note, load_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.data import usable_cores, val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index
-from src.engine.metrics import binary_metrics, operating_points, video_scores
+from src.engine.metrics import binary_metrics, operating_points, unresolved_targets, video_scores
+from src.engine.outputs import check_output_dir, report_names
 from src.engine.precision import autocast, autocast_dtype, memory_format
-from src.engine.report import format_metrics_table, plot_robustness, write_json_atomic, write_text_atomic
+from src.engine.report import format_report, plot_robustness, tpr_footnote, write_json_atomic, write_text_atomic
 from src.engine.run_dir import BadImages, setup_logging
 from src.errors import ConfigError, TrainingDiverged
 from src.experts.base import Expert
@@ -141,26 +142,24 @@ class Evaluator:
         return self.prepare(batch.images), batch.labels
 
 
-def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dict[str, Any] | None:
+def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""
+                        ) -> dict[str, Any] | None:
     """--evaluate: a checkpoint on every --val-manifest (and under each --perturb perturbation).
 
     Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake)), predictions_NAME.csv
     (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb, robustness_NAME.csv and
     .png; then eval_summary.csv across manifests. Existing files are never replaced without --overwrite.
-    Returns {name: metrics} on rank 0.
+    Returns {name: metrics} on rank 0. `threads`: what `cpu_threads` chose, said first.
     """
     out = Path(cfg.output_dir)
     setup_logging(None, dist.is_main)
+    if threads:
+        log.info("device %s, %s", dist.device, threads)
     path = Path(cfg.evaluate_checkpoint)
     manifests = cfg.eval_manifests or [cfg.val_manifest]
-    names = _report_names(manifests)
+    names = report_names(manifests)
+    check_output_dir(cfg)  # the entry scripts checked already, before importing torch; this is for callers of run()
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb else []
-    planned = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
-    planned += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")] if perturbations else []
-    existing = [name for name in [*planned, "eval_summary.csv"] if (out / name).exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(f"--output-dir {out} already holds {', '.join(existing[:3])}"
-                          f"{' and more' if len(existing) > 3 else ''}: pass --overwrite or choose another folder")
     checkpoint = load_checkpoint(path)
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
@@ -172,7 +171,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
         model.to(memory_format=torch.channels_last)
     temperature = float(checkpoint.get("temperature", 1.0))
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
-    results, rows = {}, []
+    results, rows, notes = {}, [], []
     for manifest, name in zip(manifests, names):
         evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
         result = evaluator.evaluate(model)
@@ -197,25 +196,43 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
         if perturbations:
             table = pd.DataFrame(robustness)
             write_text_atomic(out / f"robustness_{name}.csv", table.to_csv(index=False))
-            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}")
-            log.info("\nrobustness on %s:\n%s", name, table.to_string(index=False, float_format="%.4f"))
-        log.info("\n%s", format_metrics_table(metrics, title=f"{path} on {manifest}"))
+            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}",
+                            n_real=report["operating_points"]["frame"]["n_real"])
+            log.info("\nrobustness on %s:\n%s%s", name, table.to_string(index=False, float_format="%.4f"),
+                     tpr_footnote(report["operating_points"]["frame"]))
+        log.info("\n%s", format_report(metrics, report["operating_points"], title=f"{path} on {manifest}"))
         results[name] = metrics
         rows.append({"manifest": name, **_headline(metrics)})
+        notes.append(tpr_footnote(report["operating_points"]["frame"], f"{name}: "))
     if not dist.is_main:
         return None
     summary = pd.DataFrame(rows)
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
-    log.info("\n%s across manifests:\n%s", path, summary.to_string(index=False, float_format="%.4f"))
+    log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
     return results
 
 
+def video_level(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """(video labels, mean P(fake) per video) when every row of `frame` has a video_id, else None."""
+    if "video_id" not in frame or not (frame["video_id"] != "").all():
+        return None
+    _, v_labels, v_probs = video_scores(labels, p_fake, frame["video_id"].to_numpy())
+    return v_labels, v_probs
+
+
 def calibrated_operating_points(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> dict[str, Any]:
-    """Frame- and video-level operating points on calibrated P(fake): the thresholds a cascade applies."""
-    points: dict[str, Any] = {"frame": operating_points(labels, p_fake)}
-    if "video_id" in frame and (frame["video_id"] != "").all():
-        _, v_labels, v_probs = video_scores(labels, p_fake, frame["video_id"].to_numpy())
-        points["video"] = operating_points(v_labels, v_probs)
+    """Frame- and video-level operating points on calibrated P(fake): the thresholds a cascade applies.
+
+    Each level also holds `n_real` and `below_resolution`: the FPR targets finer than one of its reals
+    (84 reals: 1% and 0.1% are both the 0% FPR point), whose TPR and threshold say nothing about that rate.
+    """
+    levels = {"frame": (labels, p_fake)}
+    if (video := video_level(labels, p_fake, frame)) is not None:
+        levels["video"] = video
+    points: dict[str, Any] = {}
+    for level, (y, p) in levels.items():
+        n_real = int((y == 0).sum())
+        points[level] = {**operating_points(y, p), "n_real": n_real, "below_resolution": unresolved_targets(n_real)}
     return points
 
 
@@ -224,12 +241,3 @@ HEADLINE = ("n", "auc", "ap", "eer", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "lo
 
 def _headline(metrics: dict[str, float]) -> dict[str, float]:
     return {key: metrics[key] for key in HEADLINE if key in metrics}
-
-
-def _report_names(manifests: list[str]) -> list[str]:
-    """A file-name part per manifest: its stem, with its folder's name where two stems are alike."""
-    stems = [Path(m).stem for m in manifests]
-    names = [f"{Path(m).parent.name}_{s}" if stems.count(s) > 1 else s for m, s in zip(manifests, stems)]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"--val-manifest: manifests {', '.join(manifests)} would write over each other's reports")
-    return names

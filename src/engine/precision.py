@@ -1,8 +1,41 @@
-"""Device and precision set-up shared by training, evaluation and extraction: autocast and memory format."""
+"""Device and precision set-up shared by training, evaluation and extraction: CPU threads, autocast and memory
+format."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+
+from src.engine.data import usable_cores
+
+
+def busy_cpu_load() -> str | None:
+    """"load L on N cores" when other processes already keep half the usable cores busy, else None.
+
+    On such a machine torch's OpenMP threads spin-wait for each other while descheduled: a 2-thread EfficientNet
+    step ran 4x slower than a 1-thread one on a shared 2-core box, and a demo epoch took 180-400 s at load 6
+    against 17-20 s at load 2. One thread is then steadier and faster (the benchmarks measure with it too).
+    """
+    cores, load = usable_cores(), os.getloadavg()[0]
+    return f"load {load:.1f} on {cores} cores" if load >= cores / 2 else None
+
+
+@functools.cache
+def cpu_threads(device_type: str) -> str:
+    """On a CPU device, set torch to one thread when the machine is busy (`busy_cpu_load`); OMP_NUM_THREADS, when
+    set, wins. Decided once per process: a second run in it (GenConViT's VAE after its ED) would see its own load.
+    Returns what the settings line says ("" on other devices)."""
+    if device_type != "cpu":
+        return ""
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS)"
+    busy = busy_cpu_load()
+    if busy:
+        torch.set_num_threads(1)
+        return f"torch threads 1 (busy machine, {busy}: fewer threads than cores run faster; OMP_NUM_THREADS overrides)"
+    return f"torch threads {torch.get_num_threads()}"
 
 
 def cpu_has_native_bf16() -> bool:

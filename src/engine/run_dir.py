@@ -11,13 +11,12 @@ from pathlib import Path
 import pandas as pd
 
 from src.engine.distributed import barrier, gather_objects
+from src.engine.outputs import RUN_FILES, existing_run_error, run_files_in
 from src.engine.report import write_text_atomic
 from src.errors import ConfigError
 
 log = logging.getLogger("src")
 
-# The files that make a folder hold a run (and that --overwrite must be asked for).
-RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
                "recon_samples", "tensorboard")
@@ -29,7 +28,7 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: boo
     Returns the checkpoint to resume from, if any. `resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
     run when the folder holds none).
     """
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = run_files_in(out)
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
         if path.is_file():
@@ -38,8 +37,7 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: boo
             return None
         raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
     if existing and not overwrite:
-        raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}): pass --resume to continue "
-                          "it, --overwrite to replace it, or choose another --output-dir")
+        raise existing_run_error(out, existing)
     barrier()
     if existing and is_main:
         for name in RUN_OUTPUTS:

@@ -49,12 +49,12 @@ from src.engine.checkpoint import (
 from src.engine.config import TrainConfig
 from src.engine.data import train_loader, usable_cores
 from src.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, broadcast_flags, setup_distributed
-from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid
+from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid, video_level
 from src.engine.metrics import is_better, metric_direction
-from src.engine.precision import autocast, autocast_dtype, memory_format
+from src.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
 from src.engine.report import (
     MetricsLog,
-    format_metrics_table,
+    format_report,
     plot_roc,
     plot_training_curves,
     write_json_atomic,
@@ -80,9 +80,10 @@ RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "max_bad_images", "amp
 def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
     """Train (or with `cfg.evaluate_checkpoint`, only evaluate) and return the summary on rank 0."""
     dist = setup_distributed(cfg.device)
+    threads = cpu_threads(dist.device.type)
     if cfg.evaluate_checkpoint:
-        return evaluate_checkpoint(cfg, expert, dist)
-    return Trainer(cfg, expert, dist).fit()
+        return evaluate_checkpoint(cfg, expert, dist, threads=threads)
+    return Trainer(cfg, expert, dist, threads=threads).fit()
 
 
 @dataclass
@@ -102,8 +103,9 @@ class StageState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo):
-        self.cfg, self.expert, self.dist = cfg, expert, dist
+    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""):
+        """`threads`: what `cpu_threads` chose, for the settings line."""
+        self.cfg, self.expert, self.dist, self.threads = cfg, expert, dist, threads
         self.device = dist.device
         self.out = Path(cfg.output_dir)
         self.resume_path = prepare_run_dir(self.out, cfg.resume, cfg.overwrite, dist.is_main)
@@ -357,7 +359,8 @@ class Trainer:
             self.history.append({"epoch": epoch + 1, "stage": ctx.stage.name, **train_stats, **metrics})
             if improved:
                 save_checkpoint(self._weights_state(eval_model, epoch + 1, metrics), self.out / "best.pt")
-            plot_training_curves(self.history.frame(), self.out / "curves.png")
+            plot_training_curves(self.history.frame(), self.out / "curves.png", best_epoch=self.best_epoch,
+                                 select_metric=cfg.select_metric)
             images, labels = self.evaluator.fixed_batch
             for tag, path in self.expert.epoch_artifacts(eval_model, images, labels, epoch + 1, self.out).items():
                 self.tracker.image(tag, path, epoch + 1)
@@ -469,12 +472,16 @@ class Trainer:
         frame = self.evaluator.frame.assign(p_fake=sigmoid(result.logits),
                                             p_fake_calibrated=sigmoid(result.logits / temperature))[s]
         write_text_atomic(self.out / "val_predictions.csv", frame.to_csv(index=False))
-        plot_roc(result.labels[s], sigmoid(result.logits[s]), self.out / "roc.png",
-                 title=f"{self.expert.describe().get('model', '')} - best epoch {best['epoch']}")
+        p_fake = sigmoid(result.logits[s] / temperature)
+        video = video_level(result.labels[s], p_fake, self.evaluator.frame[s])
+        plot_roc(result.labels[s], p_fake, self.out / "roc.png",
+                 title=f"{self.expert.describe().get('model', '')}: best epoch {best['epoch']} on validation",
+                 video_labels=None if video is None else video[0], video_probs=None if video is None else video[1])
         self.tracker.image("roc", self.out / "roc.png", best["epoch"])
         self.tracker.close()
         write_json_atomic(self.out / "summary.json", summary)
-        log.info("\n%s", format_metrics_table(metrics, title=f"best epoch {best['epoch']} (validation)"))
+        log.info("\n%s", format_report(metrics, summary["operating_points"],
+                                       title=f"best epoch {best['epoch']} (validation)"))
         if "calibration" in summary:
             cal = summary["calibration"]
             log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, cal["nll_before"],
@@ -488,7 +495,8 @@ class Trainer:
         lines = [
             f"device {self.device} x {self.dist.world_size} rank(s)"
             f"{f' (process group {self.dist.backend})' if self.dist.backend else ''}, amp {self.amp_dtype or 'off'}, "
-            f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}",
+            f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}"
+            + (f", {self.threads}" if self.threads else ""),
             f"train {len(self.train_frame)} images ({int(self.train_frame['label'].sum())} fake) from "
             f"{cfg.train_manifest}; val {len(self.evaluator.frame)} from {cfg.val_manifest}",
             f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}, "
