@@ -40,3 +40,15 @@ def test_the_readme_snippet_runs_verbatim_on_the_demo_outputs(tiny_data, tmp_pat
     assert len(names["paths"]) == len(embeddings) == len(scores) > 0
     assert (scores["label"] == -1).all() and scores["p_fake"].between(0, 1).all()  # a folder: unlabeled
     assert np.asarray(labels).tolist() == val["label"].tolist()  # the val manifest's, in its order
+
+
+def test_the_cpu_only_install_pins_the_torch_that_requirements_pin():
+    # The CPU wheels installed first must be the versions requirements.txt asks for, or pip replaces them with the
+    # CUDA build (the 6 GB environment the README's note avoids).
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "download.pytorch.org/whl/cpu" in line)
+    pins = {req.split("==")[0]: req for req in (ROOT / "requirements.txt").read_text().split()
+            if req.startswith(("torch==", "torchvision=="))}
+    assert set(pins) == {"torch", "torchvision"}
+    assert line.split()[:2] == ["pip", "install"] and set(pins.values()) <= set(line.split())
+    assert "requirements-dev.txt" in readme.split(line, 1)[1].split("```")[0]  # then the rest, which keeps them

@@ -13,6 +13,7 @@ from src.engine.metrics import FPR_TARGETS, operating_points
 from src.engine.report import (
     MetricsLog,
     format_metrics_table,
+    plot_recon_samples,
     plot_robustness,
     plot_roc,
     plot_training_curves,
@@ -295,3 +296,22 @@ def test_genconvit_loss_terms_get_their_own_panel(tmp_path):
     terms = next(ax for ax in fig.axes if ax.get_title() == "loss terms")
     kl = _line(terms, "train_kl"), _line(terms, "val_kl")
     assert kl[0].get_color() == kl[1].get_color() and (kl[0].get_linestyle(), kl[1].get_linestyle()) == ("-", "--")
+
+
+def test_recon_samples_have_column_headers_and_real_fake_row_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    inputs = rng.random((4, 3, 16, 16)).astype(np.float32)
+    recons = np.clip(inputs + 0.1, 0, 1)
+    fig = plot_recon_samples(inputs, recons, np.array([0, 0, 1, 1]), np.array([0.01, 0.02, 0.03, 0.04]),
+                             tmp_path / "recon_samples" / "epoch_001.png", "genconvit_ed: epoch 1")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["input", "reconstruction", "difference x4"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["real\nMSE 0.0100", "real\nMSE 0.0200",
+                                                            "fake\nMSE 0.0300", "fake\nMSE 0.0400"]
+    # The tiles are the images themselves, row by row: input, reconstruction, |difference| x 4.
+    mosaic = ax.get_images()[0].get_array()  # 16px tiles, 2px apart
+    np.testing.assert_allclose(mosaic[:16, :16], inputs[0].transpose(1, 2, 0))
+    np.testing.assert_allclose(mosaic[3 * 18:3 * 18 + 16, 18:34], recons[3].transpose(1, 2, 0))
+    np.testing.assert_allclose(mosaic[18:34, 36:52], np.clip(np.abs(inputs[1] - recons[1]) * 4, 0, 1)
+                               .transpose(1, 2, 0), atol=1e-6)
+    _open_png(tmp_path / "recon_samples" / "epoch_001.png")

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
+from src.engine.report import plot_recon_samples
 from src.errors import PretrainedWeightsError
+from src.experts import genconvit
 from src.experts.genconvit import GenConViTExpert, parse_stages
 from src.models.genconvit import GenConViTED, GenConViTVAE
 
@@ -42,7 +44,14 @@ def test_stage_spec_parsing():
             parse_stages(bad, epochs=2, lr=1.0)
 
 
-def test_both_variants_write_every_output(gc_args):
+def test_both_variants_write_every_output(gc_args, monkeypatch):
+    grids = []  # the recon-sample figures, as drawn
+
+    def plot_and_keep(*args, **kwargs):
+        grids.append(plot_recon_samples(*args, **kwargs))
+        return grids[-1]
+
+    monkeypatch.setattr(genconvit, "plot_recon_samples", plot_and_keep)
     train_stage2_genconvit.main([*gc_args, "--variant", "both"])
     out = Path(gc_args[-1])
     for variant in ("ed", "vae"):
@@ -62,6 +71,12 @@ def test_both_variants_write_every_output(gc_args):
         assert best["model_name"] == f"genconvit_{variant}" and best["temperature"] == pytest.approx(
             cal["temperature"])
         assert best["model_kwargs"]["convnext_name"] == "test_convnext"
+    # Every epoch's grid of each variant says which column is which and which rows are real or fake.
+    assert len(grids) == 4
+    for grid in grids:
+        ax = grid.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["input", "reconstruction", "difference x4"]
+        assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == ["real"] * 4 + ["fake"] * 4
     vae_history = pd.read_csv(out / "vae" / "metrics.csv")
     assert (vae_history["train_kl"] > 0).all()
     assert (pd.read_csv(out / "ed" / "metrics.csv")["train_kl"] == 0).all()

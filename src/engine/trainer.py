@@ -467,16 +467,13 @@ class Trainer:
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
             best["temperature"] = temperature
             save_checkpoint(best, self.out / "best.pt")
-        summary["operating_points"] = calibrated_operating_points(
-            result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s])
-        frame = self.evaluator.frame.assign(p_fake=sigmoid(result.logits),
-                                            p_fake_calibrated=sigmoid(result.logits / temperature))[s]
-        write_text_atomic(self.out / "val_predictions.csv", frame.to_csv(index=False))
-        p_fake = sigmoid(result.logits[s] / temperature)
-        video = video_level(result.labels[s], p_fake, self.evaluator.frame[s])
-        plot_roc(result.labels[s], p_fake, self.out / "roc.png",
-                 title=f"{self.expert.describe().get('model', '')}: best epoch {best['epoch']} on validation",
-                 video_labels=None if video is None else video[0], video_probs=None if video is None else video[1])
+        labels, p_fake, frame = result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s]
+        summary["operating_points"] = calibrated_operating_points(labels, p_fake, frame)
+        predictions = frame.assign(p_fake=sigmoid(result.logits[s]), p_fake_calibrated=p_fake)
+        write_text_atomic(self.out / "val_predictions.csv", predictions.to_csv(index=False))
+        video_labels, video_probs = video_level(labels, p_fake, frame) or (None, None)
+        plot_roc(labels, p_fake, self.out / "roc.png", video_labels=video_labels, video_probs=video_probs,
+                 title=f"{self.expert.describe().get('model', '')}: best epoch {best['epoch']} on validation")
         self.tracker.image("roc", self.out / "roc.png", best["epoch"])
         self.tracker.close()
         write_json_atomic(self.out / "summary.json", summary)

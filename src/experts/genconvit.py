@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.utils import make_grid, save_image
 
-from src.atomic import atomic_write
+from src.engine.report import plot_recon_samples
 from src.errors import PretrainedWeightsError
 from src.experts.base import Expert, Stage
 from src.models.families import FAMILIES
@@ -183,20 +182,18 @@ class GenConViTExpert(Expert):
     def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
                         out_dir: Path) -> dict[str, Path]:
         """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
-        the [0, 1] pixel space the reconstruction loss is computed in.
+        the [0, 1] pixel space the reconstruction loss is computed in, each row labelled real or fake with its MSE.
 
         Real images come first, then fakes; a detector that works shows brighter differences on fakes.
         """
         model.eval()
         outputs = model(images)
         shown, rebuilt = self.criterion.pixels(images).clamp(0, 1), outputs.recon.float().clamp(0, 1)
-        diff = ((shown - rebuilt).abs() * 4).clamp(0, 1)
-        tiles = torch.stack([shown, rebuilt, diff], dim=1).flatten(0, 1)
-        path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        grid = make_grid(tiles.cpu(), nrow=3, padding=2)
-        atomic_write(path, lambda f: save_image(grid, f, format="png"))
         per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
         labels_np = labels.cpu().numpy()
+        path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
+        plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path,
+                           f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}")
         log.info("recon samples: %s (MSE real %.4f, fake %.4f)", path, float(np.mean(per_image[labels_np == 0])),
                  float(np.mean(per_image[labels_np == 1])))
         return {"recon_samples": path}
