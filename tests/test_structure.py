@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -84,25 +85,24 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     for name in ("pyproject.toml", "README.md", "train_stage2_effnet.py", "train_stage2_genconvit.py",
                  "feature_extractor.py"):
         shutil.copy(ROOT / name, source / name)
-    # No pip of its own: this one's (run for the venv's interpreter) builds with the setuptools the project has.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
-                   timeout=120)
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                          "--no-deps", "--no-build-isolation", "--quiet", str(source)], capture_output=True, text=True,
-                         timeout=300)
+    # Installed into a folder of its own with this interpreter's pip and setuptools (requirements-dev.txt brings a
+    # setuptools that builds wheels): a nested venv would see the base interpreter's packages, not a venv's.
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                          "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(site)}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     for command in ("stage2-train-effnet", "stage2-train-genconvit", "stage2-extract"):
-        ran = subprocess.run([str(venv / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
-                             timeout=60)
+        ran = subprocess.run([str(site / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
+                             env=env, timeout=60)
         assert ran.returncode == 0 and "usage:" in ran.stdout, (command, ran.stderr[-2000:])
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import src.engine.trainer, feature_extractor; "
+    where = subprocess.run([sys.executable, "-c", "import src.engine.trainer, feature_extractor; "
                             "print(src.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
-                           timeout=120)
+                           env=env, timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]
-    assert str(venv) in where.stdout
+    assert str(site) in where.stdout
 
 
 def test_a_run_replays_from_its_args_json_and_flags_win(effnet_args, tmp_path):
