@@ -104,6 +104,10 @@ class StageState:
 class Trainer:
     def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo):
         self.cfg, self.expert, self.dist = cfg, expert, dist
+        try:  # a name no run gives; whether this val set gives it is checked once it is read, below
+            metric_direction(cfg.select_metric)
+        except ValueError as err:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.device = dist.device
         self.out = Path(cfg.output_dir)
         self.resume_path = prepare_run_dir(self.out, cfg.resume, cfg.overwrite, dist.is_main)
@@ -124,14 +128,9 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
-        try:
-            metric_direction(cfg.select_metric)
-        except ValueError as err:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.evaluator = Evaluator(cfg, expert, dist, self.data_config, bad_images=self.bad_images,
                                    last=self.out / "last.pt")
-        if cfg.select_metric.startswith("video_") and "video_id" not in self.evaluator.frame:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
+        self.evaluator.check_select_metric(cfg.select_metric)
 
         self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root)
         expert.prepare(self.train_frame["label"].to_numpy())
@@ -346,10 +345,7 @@ class Trainer:
         result = self.evaluator.evaluate(eval_model, when=when)
         self.bad_images.note("val", self.evaluator.frame, np.flatnonzero(~result.seen).tolist())
         metrics = self.evaluator.metrics(result)
-        if cfg.select_metric not in metrics:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: not among the validation metrics "
-                              f"({', '.join(sorted(metrics))})")
-        value = metrics[cfg.select_metric]
+        value = metrics[cfg.select_metric]  # one the val set gives (Evaluator.check_select_metric)
         improved = self.best_value is None or is_better(cfg.select_metric, value, self.best_value)
         if improved:
             self.best_value, self.best_epoch = value, epoch + 1
