@@ -27,6 +27,7 @@ class TrainConfig:
     data_root: str | None = None
     skip_bad_images: bool = False
     max_bad_images: int = 100
+    max_image_pixels: int = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS, as src.data.decode.MAX_IMAGE_PIXELS
     img_size: int = 256
     aug: str = "standard"
     workers: int = 8
@@ -85,6 +86,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     data.add_argument("--max-bad-images", type=int, default=d["max_bad_images"], metavar="N",
                       help="with --skip-bad-images: stop once more than N images of the train or val set are "
                       "undecodable (a lost mount or a broken export, not a few bad files)")
+    data.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"], metavar="N",
+                      help="an image of more pixels than this (read from its header, before decoding) is undecodable: "
+                      "a small file can hold a huge image (default: PIL's limit)")
     data.add_argument("--img-size", type=int, default=d["img_size"], help="square input size in pixels")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
     data.add_argument("--workers", type=int, default=d["workers"], help="DataLoader worker processes per rank")
