@@ -30,6 +30,7 @@ class TrainConfig:
     data_root: str | None = None
     skip_bad_images: bool = False
     max_bad_images: int = 100
+    max_image_pixels: int = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS, as src.data.decode.MAX_IMAGE_PIXELS
     img_size: int = 256
     aug: str = "standard"
     workers: int = 8
@@ -91,6 +92,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     data.add_argument("--max-bad-images", type=Int(min=0), default=d["max_bad_images"], metavar="N",
                       help="with --skip-bad-images: stop once more than N images of the train or val set are "
                       "undecodable: a lost mount or a broken export, not a few bad files")
+    data.add_argument("--max-image-pixels", type=Int(min=1), default=d["max_image_pixels"], metavar="N",
+                      help="an image of more pixels than this (read from its header, before decoding) is "
+                      "undecodable: a small file can hold a huge image (the default is PIL's limit)")
     multiple = f", a multiple of {img_size_multiple_of}" if img_size_multiple_of else ""
     data.add_argument("--img-size", type=Int(min=img_size_multiple_of or 1, multiple_of=img_size_multiple_of),
                       default=d["img_size"], help=f"square input size in pixels{multiple}")
