@@ -91,8 +91,15 @@ def decode_image(path: str) -> torch.Tensor:
     return image
 
 
+# What resize_uint8 does, in timm's data-config terms: the whole image squashed to S x S (no crop), bilinear. Written
+# into checkpoints and exports, so that timm.data.create_transform(**config) rebuilds the experts' preprocessing.
+RESIZE_CONFIG = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+
+
 def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Square antialiased bilinear resize of a uint8 ``[..., H, W]`` image; no-op when already that size."""
+    """Square antialiased bilinear resize of a uint8 ``[..., H, W]`` image (the aspect ratio is not kept, nothing
+    is cropped); no-op when already that size."""
     if img.shape[-2:] == (size, size):
         return img
-    return TF.resize(img, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    interpolation = TF.InterpolationMode(RESIZE_CONFIG["interpolation"])
+    return TF.resize(img, [size, size], interpolation=interpolation, antialias=True)

@@ -18,7 +18,7 @@ from src.data.dataset import collate
 from src.data.manifest import read_manifest
 from src.data.perturb import Perturbation, parse_perturbations
 from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import last_good_note, load_checkpoint
+from src.engine.checkpoint import checkpoint_temperature, last_good_note, load_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.data import usable_cores, val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index
@@ -170,7 +170,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
     model = model_from_checkpoint(checkpoint).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    temperature = float(checkpoint.get("temperature", 1.0))
+    temperature = checkpoint_temperature(checkpoint, path)
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     results, rows = {}, []
     for manifest, name in zip(manifests, names):
