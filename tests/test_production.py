@@ -309,6 +309,10 @@ def test_trained_genconvit_exports_to_onnx(tiny_data, tmp_path, variant):
     report = export_expert(tmp_path / "gc" / variant / "best.pt", tmp_path / "export")
     assert report["files"] == ["model.onnx"]
     _assert_check_passed_on_val_images(report, val)
+    # The checkpoint's data config names the loaders' resize, so timm's eval transform built from it is theirs.
+    data_config = load_checkpoint(tmp_path / "gc" / variant / "best.pt")["data_config"]
+    resize = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+    assert {key: data_config.get(key) for key in resize} == resize == report["resize"]
     embedding, logit = _onnx_outputs(tmp_path / "export" / "model.onnx", np.random.rand(5, 3, 64, 64).astype("f4"))
     assert embedding.shape == (5, 500) and logit.shape == (5,)
 

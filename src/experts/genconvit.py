@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from src.atomic import atomic_write
+from src.data.decode import RESIZE_CONFIG
 from src.errors import PretrainedWeightsError
 from src.experts.base import Expert, Stage
 from src.models.families import FAMILIES
@@ -156,8 +157,7 @@ class GenConViTExpert(Expert):
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         size = self.img_size
-        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
-                "interpolation": "bilinear"}
+        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std), **RESIZE_CONFIG}
 
     def checkpoint_meta(self) -> dict[str, Any]:
         suffix = "" if self.arch == "official" else f"_{self.arch}"
