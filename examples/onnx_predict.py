@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image
+from PIL import Image, ImageOps
 
 export, folder = Path(sys.argv[1]), Path(sys.argv[2])
 meta = json.loads((export / "export.json").read_text())  # input_size, temperature, ...
@@ -18,9 +18,9 @@ size = meta["input_size"][-1]
 session = onnxruntime.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
 print("path,p_fake")
 for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")):
-    # The input contract: RGB, the whole image squashed to S x S (no crop), antialiased bilinear (PIL's bilinear
-    # antialiases when it shrinks), float32 in [0, 1]; the model's mean/std normalisation is inside the graph.
-    image = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    # The input contract: upright by EXIF, RGB, the whole image squashed to S x S (no crop), antialiased bilinear
+    # (PIL's bilinear antialiases when it shrinks), float32 in [0, 1]; mean/std normalisation is inside the graph.
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 255
     _, fake_logit = session.run(["embedding", "fake_logit"], {"pixels": pixels})
     print(f"{path},{1 / (1 + np.exp(-fake_logit[0] / meta['temperature'])):.6f}")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -243,6 +244,32 @@ def test_fx_transform_makes_a_users_dataset_give_the_extractors_features(tmp_pat
     assert image.dtype == torch.uint8 and image.shape == (3, IMG, IMG)
 
 
+def _phone_jpeg(path: Path) -> Path:
+    """A 40x24 photo stored sideways with EXIF Orientation 6, as phones write them."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.stack([*np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 24)), np.full((24, 40), 90.0)], -1)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, "JPEG", quality=95, exif=exif)
+    return path
+
+
+def _grey16_png(path: Path) -> Path:
+    Image.fromarray((np.arange(40 * 24).reshape(24, 40) * 60).astype(np.uint16)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [_phone_jpeg, _grey16_png], ids=["EXIF-rotated JPEG", "16-bit grey PNG"])
+def test_fx_transform_decodes_a_pil_image_as_the_loaders_decode_its_file(tmp_path, timm_fx, make):
+    path = make(tmp_path / ("image.jpg" if make is _phone_jpeg else "image.png"))
+    from_file = next(iter(timm_fx.make_loader([str(path)]))).images[0]
+    with Image.open(path) as image:
+        transformed = timm_fx.transform(image)
+        naive = TF.resize(TF.pil_to_tensor(image.convert("RGB")), [IMG, IMG], antialias=True)
+    assert transformed.dtype == torch.uint8 and transformed.shape == (3, IMG, IMG)
+    torch.testing.assert_close(transformed, from_file, rtol=0, atol=0)
+    assert (naive.int() - from_file.int()).abs().max() > 50  # sideways, or clipped to white: not the training input
+
+
 @pytest.mark.parametrize("case", ["[0, 1] floats", "0-255 floats", "other size"])
 def test_extract_warns_once_about_batches_the_transform_would_not_give(tmp_path, data, timm_fx, case):
     images = read_images(data)
@@ -274,9 +301,11 @@ def test_official_genconvit_files(tmp_path, genconvit_experts):
         1.0,
         [3, 224, 224],
     )
-    # ED is fully convolutional: small plain batches check the weights without the cost of 224px inputs.
+    # ED is fully convolutional: small plain batches check the weights without the cost of 224px inputs (and
+    # extract says they are not what the model was trained on).
     images = torch.randint(0, 256, (2, 3, IMG, IMG), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    embeddings, _ = fx.extract([(images, torch.tensor([0, 1]))])
+    with pytest.warns(UserWarning, match=rf"\[2, 3, {IMG}, {IMG}\], but the model was trained on \[B, 3, 224, 224\]"):
+        embeddings, _ = fx.extract([(images, torch.tensor([0, 1]))])
     with torch.no_grad():
         out = ed(normalise(images))
     torch.testing.assert_close(torch.from_numpy(embeddings), out.features, rtol=1e-4, atol=1e-5)

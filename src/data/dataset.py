@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from src.data.cache import CacheView
-from src.data.decode import decode_image, resize_uint8
+from src.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
 from src.errors import ImageDecodeError
 
 ImageItem = tuple[torch.Tensor | None, int, int]  # (image, label, index); image None: undecodable, skipped
@@ -27,7 +27,7 @@ class ManifestDataset(torch.utils.data.Dataset):
     Items are ``(image, label, index)``; with ``skip_bad_images`` an undecodable file warns and yields image None,
     which :func:`collate` drops and lists. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
     function of (seed, epoch, index); ``cache`` (a :class:`~src.data.cache.CacheView`) serves images decoded
-    and resized beforehand instead of reading the files.
+    and resized beforehand instead of reading the files. A file of more than ``max_pixels`` pixels is undecodable.
     """
 
     def __init__(
@@ -38,6 +38,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         skip_bad_images: bool = False,
         seed: int = 0,
         cache: CacheView | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         # numpy arrays rather than lists of Python objects: forked workers then don't touch (and copy) pages
         # of per-item refcounts.
@@ -49,6 +50,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.cache = cache
+        self.max_pixels = max_pixels
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the augmentation: workers fork after this, so the new epoch reaches them."""
@@ -65,7 +67,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         else:
             path = str(self.paths[index])
             try:
-                image = decode_image(path)
+                image = decode_image(path, self.max_pixels)
             except ImageDecodeError as err:
                 if not self.skip_bad_images:
                     raise
@@ -76,8 +78,9 @@ class ManifestDataset(torch.utils.data.Dataset):
             # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number
             # of workers or ranks, and after a resume from any step. Only the CPU generator is reseeded (the
             # transforms draw from it): torch.manual_seed also visits every accelerator backend, ~0.4 ms a call.
+            # The modulo keeps every --seed in torch's 64-bit range (it changes nothing below seed 1.8 million).
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**64)
                 image = self.transform(image)
         return image, int(self.labels[index]), int(index)
 

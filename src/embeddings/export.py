@@ -8,8 +8,8 @@ writes into the folder:
   (the model's own normalisation is inside the graph); outputs ``embedding`` [B, D] (what the extractor
   exports) and ``fake_logit`` [B], with a dynamic batch. Calibrated P(fake) = sigmoid(fake_logit / temperature).
   A model over 1.8 GB (the official GenConViT-VAE) keeps its weights beside it in ``model.onnx.data``.
-  Images reach S x S as the extractor's loaders resize them: the whole image squashed to S x S (no crop),
-  antialiased bilinear (``examples/onnx_predict.py``).
+  Images reach S x S as the extractor's loaders resize them: upright by EXIF orientation, the whole image squashed
+  to S x S (no crop), antialiased bilinear (``examples/onnx_predict.py``).
 - ``model.safetensors`` + ``config.json`` (timm experts): what ``timm.create_model("local-dir:DIR",
   pretrained=True)`` loads, to the same logits; its pretrained_cfg carries the input size, mean, std and the
   resize (bilinear, crop_pct 1.0, crop_mode squash), so ``timm.data.create_transform(**resolve_data_config(
@@ -127,8 +127,8 @@ def _build(expert: LoadedExpert, checkpoint: Path, out: Path, target: Path) -> d
               "std": list(data_config["std"]), "resize": {key: data_config[key] for key in
                                                           ("interpolation", "crop_pct", "crop_mode")},
               "temperature": expert.temperature, "files": written,
-              "onnx": {"inputs": {"pixels": "float32 RGB in [0, 1], [batch, 3, S, S], the whole image resized "
-                                            "to S x S (bilinear, antialiased, no crop)"},
+              "onnx": {"inputs": {"pixels": "float32 RGB in [0, 1], [batch, 3, S, S], the whole image, upright "
+                                            "by EXIF, resized to S x S (bilinear, antialiased, no crop)"},
                        "outputs": {"embedding": "[batch, D]", "fake_logit": "[batch]"}, "check": check}}
     write_json_atomic(out / "export.json", report)  # last: a folder with export.json holds a finished export
     return report

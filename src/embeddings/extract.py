@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -27,13 +26,13 @@ from tqdm.auto import tqdm
 
 from src.data.cache import open_cache
 from src.data.dataset import Batch
-from src.data.decode import RESIZE_CONFIG, resize_uint8
+from src.data.decode import RESIZE_CONFIG, pil_to_uint8, resize_uint8
 from src.data.loaders import manifest_loader
 from src.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
 from src.engine.checkpoint import checkpoint_temperature, load_checkpoint
-from src.engine.precision import autocast, autocast_dtype, memory_format
+from src.engine.precision import autocast, autocast_dtype, memory_format, pick_device
 from src.errors import CheckpointError, ManifestError, OfficialCheckpointError
 from src.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from src.models.genconvit import GenConViTED, GenConViTVAE, detect_variant, load_official_checkpoint, read_state_dict
@@ -147,14 +146,15 @@ def _default_workers() -> int:
 
 
 class ImageTransform:
-    """PIL image -> uint8 RGB ``[3, S, S]``, as the loaders turn an image file into a batch row: RGB, the whole
-    image resized to S x S (see :func:`src.data.decode.resize_uint8`). Picklable, for DataLoader workers."""
+    """PIL image -> uint8 RGB ``[3, S, S]``, as the loaders turn an image file into a batch row: upright by its
+    EXIF orientation, RGB, the whole image resized to S x S (see :mod:`src.data.decode`). Picklable, for
+    DataLoader workers."""
 
     def __init__(self, size: int) -> None:
         self.size = size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return resize_uint8(TF.pil_to_tensor(image.convert("RGB")), self.size)
+        return resize_uint8(pil_to_uint8(image), self.size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize={RESIZE_CONFIG})"
@@ -190,12 +190,12 @@ class FeatureExtractor:
     ) -> None:
         if checkpoint_path is None:
             raise TypeError("FeatureExtractor needs checkpoint_path")
+        self.device = pick_device(device)  # before the checkpoint (gigabytes) is read
         self.checkpoint_path = Path(checkpoint_path)
         expert = load_expert(self.checkpoint_path, model_name)
         self.model_name, self.family = expert.model_name, expert.family
         self.data_config, self.temperature, self.train_args = expert.data_config, expert.temperature, expert.train_args
         self.img_size = int(self.data_config["input_size"][-1])
-        self.device = torch.device(device) if device is not None else _default_device()
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
@@ -437,6 +437,3 @@ def _unpack_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"expected a Batch or an (images, labels) pair from the loader, got {kind}") from None
     return torch.as_tensor(images), torch.as_tensor(labels)
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
