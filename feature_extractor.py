@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from src.engine.cli import HelpFormatter, command_help, exit_on_error
 from src.engine.flags import Int, check_args
+from src.errors import ManifestError
 
 if TYPE_CHECKING:
     from src.embeddings import FeatureExtractor, join_features, load_features
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
 
         export_expert(args.checkpoint, args.export, overwrite=args.overwrite)
         return
+    if args.images and not Path(args.images).is_dir():
+        what = "no such folder" if not Path(args.images).exists() else "a file, not a folder of images"
+        raise ManifestError(f"--images {args.images}: {what}")
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")

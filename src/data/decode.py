@@ -86,18 +86,25 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 RGB ``[3, H, W]``, as :func:`decode_image` gives its file: upright by its EXIF
+    orientation, alpha dropped, 16-bit samples scaled to 8-bit."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
+        # 16-bit grey (I;16*, or I as some plugins report it): convert("RGB") would clip at 255.
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
+        tensor = TF.to_dtype(torch.from_numpy(grey), torch.uint8, scale=True)
+        return tensor.expand(3, -1, -1).contiguous()
+    # Alpha (RGBA, LA, P with transparency) is dropped, as the torchvision path does.
+    rgb = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
 def _pil_decode(path: str, data: bytes) -> torch.Tensor:
     try:
         with _pil_settings(), Image.open(io.BytesIO(data)) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):
-                # 16-bit grey (I;16*, or I as some plugins report it): convert("RGB") would clip at 255.
-                grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
-                tensor = TF.to_dtype(torch.from_numpy(grey), torch.uint8, scale=True)
-                return tensor.expand(3, -1, -1).contiguous()
-            # Alpha (RGBA, LA, P with transparency) is dropped, as the torchvision path does.
-            rgb = np.asarray(image.convert("RGB"))
+            return pil_to_uint8(image)
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not a recognised image format (or a corrupt header)") from None
     # PIL's format plugins raise many unrelated types (OSError, SyntaxError, ValueError, struct.error...)
@@ -105,7 +112,6 @@ def _pil_decode(path: str, data: bytes) -> torch.Tensor:
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ImageDecodeError(path, reason) from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
@@ -144,8 +150,15 @@ def decode_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     return image
 
 
+# What resize_uint8 does, in timm's data-config terms: the whole image squashed to S x S (no crop), bilinear. Written
+# into checkpoints and exports, so that timm.data.create_transform(**config) rebuilds the experts' preprocessing.
+RESIZE_CONFIG = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+
+
 def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Square antialiased bilinear resize of a uint8 ``[..., H, W]`` image; no-op when already that size."""
+    """Square antialiased bilinear resize of a uint8 ``[..., H, W]`` image (the aspect ratio is not kept, nothing
+    is cropped); no-op when already that size."""
     if img.shape[-2:] == (size, size):
         return img
-    return TF.resize(img, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    interpolation = TF.InterpolationMode(RESIZE_CONFIG["interpolation"])
+    return TF.resize(img, [size, size], interpolation=interpolation, antialias=True)

@@ -187,13 +187,30 @@ def read_manifest(
 
 
 def frame_from_images(folder: str | Path) -> pd.DataFrame:
-    """Every PNG/JPEG under `folder` (recursively, sorted by path) as an unlabeled manifest frame."""
+    """Every PNG/JPEG under `folder` (recursively, through symlinked folders, sorted by path) as an unlabeled
+    manifest frame."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ManifestError(f"--images {root}: not a folder")
-    paths = sorted(os.path.abspath(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(_image_files(root))
     if not paths:
         raise ManifestError(f"--images {root}: no {'/'.join(IMAGE_SUFFIXES)} files in it or below")
     frame = pd.DataFrame({"path": paths, "label": UNLABELED})
     frame.attrs["manifest"] = str(root)
     return frame
+
+
+def _image_files(root: Path) -> list[str]:
+    """Image files below `root`, following symlinked folders; a folder reached twice (a link loop, or two links to
+    one folder) is read once, under the first path met."""
+    seen, found = set(), []
+    for folder, subfolders, files in os.walk(os.path.abspath(root), followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()  # the first path to a shared folder is the first in sorted order
+        found += [os.path.join(folder, name) for name in files if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+                  and os.path.isfile(os.path.join(folder, name))]
+    return found

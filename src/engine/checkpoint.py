@@ -10,6 +10,7 @@ progress and RNG states). Every checkpoint the trainers write carries the SHA-25
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,20 @@ def ensure_finite(model: torch.nn.Module, device: torch.device, when: str, last_
 
 def last_good_note(last: Path) -> str:
     return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+
+
+def checkpoint_temperature(state: dict[str, Any], path: str | Path) -> float:
+    """The fitted temperature a checkpoint records (1.0 when it has none). P(fake) = sigmoid(logit / T): a NaN
+    would make every score NaN and a negative one would invert them, so only a positive finite T is accepted."""
+    value = state.get("temperature", 1.0)
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CheckpointError(f"checkpoint {path}: temperature {value!r} is not a positive finite number "
+                              "(P(fake) = sigmoid(logit / temperature)); set it to 1.0 or refit it")
+    return temperature
 
 
 def rng_state() -> dict[str, Any]:

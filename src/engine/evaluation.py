@@ -18,7 +18,7 @@ from src.data.dataset import collate
 from src.data.manifest import LABEL_NAMES, read_manifest
 from src.data.perturb import Perturbation, check_image_size, parse_perturbations
 from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import last_good_note, load_checkpoint
+from src.engine.checkpoint import checkpoint_temperature, last_good_note, load_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.data import val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
@@ -187,6 +187,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         if checkpoint.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.get('model_name', 'no model')} "
                               f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    temperature = checkpoint_temperature(checkpoint, path)
     check_image_size(perturbations, checkpoint["data_config"]["input_size"][-1])
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
@@ -195,7 +196,6 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     model = model_from_checkpoint(checkpoint).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    temperature = float(checkpoint.get("temperature", 1.0))
     results, rows, notes = {}, [], []
     for manifest, name, evaluator in zip(manifests, names, evaluators):
         result = evaluator.evaluate(model)

@@ -17,6 +17,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from src.data.decode import RESIZE_CONFIG
 from src.engine.report import plot_recon_samples
 from src.errors import PretrainedWeightsError
 from src.experts.base import Expert, Stage
@@ -158,8 +159,7 @@ class GenConViTExpert(Expert):
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         size = self.img_size
-        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
-                "interpolation": "bilinear"}
+        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std), **RESIZE_CONFIG}
 
     def checkpoint_meta(self) -> dict[str, Any]:
         suffix = "" if self.arch == "official" else f"_{self.arch}"
