@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from PIL import Image
 
 import train_stage2_effnet
@@ -24,7 +25,6 @@ from src.data.transforms import build_cpu_transform
 from src.errors import ImageDecodeError
 
 SIZE = 32
-ROOT = Path(__file__).resolve().parents[1]
 # A cache build that takes seconds (each decode sleeps 0.2 s, two images a chunk, two workers), under the CLI's
 # error handling: argv is the cache folder, then the images.
 _SLOW_BUILD = """
@@ -233,7 +233,7 @@ def test_training_from_the_cache_gives_the_same_run(effnet_args, tiny_data, tmp_
 
 
 def _slow_build(folder: Path, paths: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     return subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(folder), *paths], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -286,7 +286,7 @@ def test_killing_a_cache_build_ends_its_workers_and_frees_the_cache(tmp_path):
     assert not any(_alive(pid) for pid in workers)
     # The next build takes the cache over (a subprocess: a relapse would hang on the lock) and completes it.
     rerun = subprocess.run([sys.executable, "-c", _SLOW_BUILD.replace("time.sleep(0.2)", "pass"),
-                            str(tmp_path / "cache"), *paths], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            str(tmp_path / "cache"), *paths], env=subprocess_env(), cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     view = cache.view(cache.prepare(paths))

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from conftest import ROOT
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -38,7 +39,6 @@ from src.models.families import FAMILIES
 from src.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
 from src.models.timm_models import create_timm_model, timm_data_config
 
-ROOT = Path(__file__).resolve().parents[1]
 IMG = 64
 N = 6
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

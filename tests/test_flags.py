@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fails, output_dir
 
 import feature_extractor
 import train_stage2_effnet
@@ -37,19 +38,6 @@ def _parse(script, argv: list[str]):
     if script is feature_extractor:
         return feature_extractor.parse_args(argv)
     return cli.parse_args(script.build_parser(), argv)
-
-
-def _fails(main, args: list[str], capsys) -> str:
-    """Run `main(args)` as the command does; assert exit code 2 and one line on stderr, and return it."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.exit_on_error(lambda: main(args))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
-
-
-def _out(args: list[str]) -> Path:
-    return Path(args[args.index("--output-dir") + 1])
 
 
 # ---------------------------------------------------------------- help
@@ -144,9 +132,9 @@ def test_values_at_the_edges_of_their_ranges_are_taken():
 
 
 def test_a_bad_value_stops_the_command_before_anything_is_written(effnet_args, capsys):
-    err = _fails(train_stage2_effnet.main, [*effnet_args, "--clip-grad", "-1"], capsys)
+    err = fails(train_stage2_effnet.main, [*effnet_args, "--clip-grad", "-1"], capsys)
     assert err == "error: --clip-grad -1.0: expected a number >= 0"
-    assert not _out(effnet_args).exists()
+    assert not output_dir(effnet_args).exists()
 
 
 def test_the_largest_seed_seeds_every_augmented_sample(tiny_data):
@@ -213,7 +201,7 @@ def test_config_values_convert_as_on_the_command_line(tmp_path, capsys):
     assert (args.epochs, args.lr, args.val_manifest, args.ema, args.amp, args.data_root, args.pos_weight,
             args.skip_bad_images) == (3, 1.0, ["v.csv"], True, "off", None, "2.5", False)
     config.write_text('channels_last: "no"\n')  # as a command: one line, exit code 2
-    err = _fails(train_stage2_effnet.main, ["--config", str(config)], capsys)
+    err = fails(train_stage2_effnet.main, ["--config", str(config)], capsys)
     assert err.startswith("error: --config") and "channels_last" in err
 
 
@@ -238,9 +226,9 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch, effnet_args, capsy
     with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA device is available here .*use --device cpu$"):
         pick_device("cuda")
     assert pick_device(None) == torch.device("cpu")
-    err = _fails(train_stage2_effnet.main, [*effnet_args, "--device", "tpu"], capsys)
+    err = fails(train_stage2_effnet.main, [*effnet_args, "--device", "tpu"], capsys)
     assert err == "error: --device tpu: expected cpu, cuda or cuda:N"
-    assert not _out(effnet_args).exists()  # not trained on the CPU instead
+    assert not output_dir(effnet_args).exists()  # not trained on the CPU instead
 
 
 # ---------------------------------------------------------------- checks that need the data, before training
@@ -261,7 +249,7 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize(("metric", "words"), [("auc/nosuch", "auc/sharpen_blend"), ("train_loss", "val_loss")])
 def test_a_select_metric_the_val_set_does_not_give_is_refused_before_training(effnet_args, no_training, capsys,
                                                                              metric, words):
-    err = _fails(train_stage2_effnet.main, [*effnet_args, "--select-metric", metric], capsys)
+    err = fails(train_stage2_effnet.main, [*effnet_args, "--select-metric", metric], capsys)
     assert err.startswith(f"error: --select-metric {metric}: not a metric of ") and words in err
     with pytest.raises(_Trained):  # what the val set gives is taken
         train_stage2_effnet.main([*effnet_args, "--select-metric", "auc/sharpen_blend", "--overwrite"])
@@ -279,7 +267,7 @@ def test_a_val_set_whose_fakes_are_all_undecodable_is_refused_before_training(ef
     frame.to_csv(val, index=False)
     args = [*effnet_args, "--skip-bad-images"]
     args[args.index("--val-manifest") + 1] = str(val)
-    err = _fails(train_stage2_effnet.main, args, capsys)
+    err = fails(train_stage2_effnet.main, args, capsys)
     assert err == f"error: {val}: none of its fake images could be decoded (skipped with --skip-bad-images): " \
                   "validation needs both classes"
 
@@ -319,12 +307,12 @@ def test_evaluate_checks_every_manifest_before_writing_any_report(checkpoint, ti
 def test_perturbations_are_checked_against_the_input_size_before_the_clean_pass(checkpoint, tiny_data, tmp_path,
                                                                                capsys):
     out = tmp_path / "eval"
-    err = _fails(train_stage2_effnet.main, _evaluate(checkpoint, [str(tiny_data[1])], out, "--perturb", "blur:20"),
+    err = fails(train_stage2_effnet.main, _evaluate(checkpoint, [str(tiny_data[1])], out, "--perturb", "blur:20"),
                  capsys)
     assert err == ("error: --perturb blur:20: a blur of sigma 20 needs a crop of more than 60 pixels; the model's "
                    "input is 32px (at most blur:10.33)")
     assert _no_report(out)
-    err = _fails(train_stage2_effnet.main, _evaluate(checkpoint, [str(tiny_data[1])], out, "--perturb", ""), capsys)
+    err = fails(train_stage2_effnet.main, _evaluate(checkpoint, [str(tiny_data[1])], out, "--perturb", ""), capsys)
     assert "no perturbation given" in err
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import ROOT
 from PIL import Image
 
 import feature_extractor
@@ -36,28 +37,12 @@ from src.models.genconvit import GenConViTED
 from src.models.timm_models import create_timm_model, timm_data_config
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory) -> Path:
-    """A 2-epoch test_efficientnet run on the tiny demo data: its folder. The high lr makes a decisive model
-    (val AUC 1.0, calibrated P(fake) spread over [0, 1]), so that its scores show any preprocessing difference."""
-    train, val = tiny_data
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train_stage2_effnet.main(["--train-manifest", str(train), "--val-manifest", str(val), "--model",
-                              "test_efficientnet", "--no-pretrained", "--img-size", "32", "--batch-size", "8",
-                              "--workers", "0", "--epochs", "2", "--lr", "1e-2", "--amp", "off",
-                              "--output-dir", str(out)])
-    return out
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def _main(args: list[str]) -> None:
     feature_extractor.main(args)
 
 
 # ---------------------------------------------------------------- 1. unlabeled inference
-def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelled_manifest(trained, tiny_data,
+def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelled_manifest(trained_run, tiny_data,
                                                                                           tmp_path):
     val = read_manifest(tiny_data[1])
     unlabeled = tmp_path / "paths.csv"
@@ -67,7 +52,7 @@ def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelle
         target = folder / f"sub{i % 2}" / f"{i:03d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(path).read_bytes())
-    base = ["--checkpoint", str(trained / "best.pt"), "--workers", "0"]
+    base = ["--checkpoint", str(trained_run / "best.pt"), "--workers", "0"]
     _main([*base, "--manifest", str(tiny_data[1]), "--out", str(tmp_path / "labelled.npz")])
     _main([*base, "--manifest", str(unlabeled), "--out", str(tmp_path / "unlabeled.npz")])
     _main([*base, "--images", str(folder), "--out", str(tmp_path / "folder.npz")])
@@ -81,8 +66,8 @@ def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelle
     assert (crops.labels == -1).all() and list(crops.paths) == sorted(crops.paths)
 
 
-def test_predict_and_extract_paths_for_notebooks(trained, tiny_data):
-    fx = FeatureExtractor(checkpoint_path=trained / "best.pt", workers=0, progress=False)
+def test_predict_and_extract_paths_for_notebooks(trained_run, tiny_data):
+    fx = FeatureExtractor(checkpoint_path=trained_run / "best.pt", workers=0, progress=False)
     val = read_manifest(tiny_data[1])
     predicted = fx.predict(list(val["path"]))
     embeddings, p_fake, paths = fx.extract_paths(list(val["path"]))
@@ -118,13 +103,13 @@ def test_operating_points_are_the_roc_points_a_cascade_uses():
     assert abs((scores[:100] >= e).mean() - (scores[100:] < e).mean()) < 0.02
 
 
-def test_runs_report_operating_points_on_calibrated_scores(trained):
-    history = pd.read_csv(trained / "metrics.csv")
+def test_runs_report_operating_points_on_calibrated_scores(trained_run):
+    history = pd.read_csv(trained_run / "metrics.csv")
     for column in ("tpr_at_fpr_1pct", "thr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "eer_threshold",
                    "video_tpr_at_fpr_1pct", "video_eer_threshold"):
         assert column in history, column
-    summary = json.loads((trained / "summary.json").read_text())
-    predictions = pd.read_csv(trained / "val_predictions.csv")
+    summary = json.loads((trained_run / "summary.json").read_text())
+    predictions = pd.read_csv(trained_run / "val_predictions.csv")
     expected = operating_points(predictions["label"].to_numpy(), predictions["p_fake_calibrated"].to_numpy())
     # JSON has no infinity: a threshold no score can reach (no fake above every real) is written as null.
     expected = {k: None if np.isinf(v) else v for k, v in expected.items()}
@@ -137,13 +122,13 @@ def test_runs_report_operating_points_on_calibrated_scores(trained):
     assert "video" in summary["operating_points"]
 
 
-def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(trained, tiny_data, tmp_path, capsys):
+def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(trained_run, tiny_data, tmp_path, capsys):
     val = read_manifest(tiny_data[1])
     second = tmp_path / "other" / "test.csv"
     second.parent.mkdir()
     val.iloc[::-1].to_csv(second, index=False)
     out = tmp_path / "eval"
-    args = ["--evaluate", str(trained / "best.pt"), "--val-manifest", str(tiny_data[1]), str(second), "--model",
+    args = ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(tiny_data[1]), str(second), "--model",
             "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off", "--output-dir", str(out)]
     train_stage2_effnet.main(args)
     for name in ("val", "test"):
@@ -162,11 +147,11 @@ def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(tr
     train_stage2_effnet.main([*args, "--overwrite"])
 
 
-def test_evaluate_prints_the_calibrated_operating_points_and_marks_those_too_fine_for_its_reals(trained, tiny_data,
+def test_evaluate_prints_the_calibrated_operating_points_and_marks_those_too_fine_for_its_reals(trained_run, tiny_data,
                                                                                                tmp_path, capsys):
     out = tmp_path / "eval"
-    train_stage2_effnet.main(["--evaluate", str(trained / "best.pt"), "--val-manifest", str(tiny_data[1]), "--model",
-                              "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
+    train_stage2_effnet.main(["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(tiny_data[1]),
+                              "--model", "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
                               "--output-dir", str(out)])
     printed = capsys.readouterr().out
     report = json.loads((out / "eval_val.json").read_text())
@@ -186,9 +171,9 @@ def test_evaluate_prints_the_calibrated_operating_points_and_marks_those_too_fin
     assert "thr_at_fpr_1pct" in report["metrics"] and "thr_at_fpr" not in printed and "eer_threshold" not in printed
 
 
-def test_evaluate_refuses_a_temperature_that_would_make_p_fake_nan_or_inverted(trained, tiny_data, tmp_path):
+def test_evaluate_refuses_a_temperature_that_would_make_p_fake_nan_or_inverted(trained_run, tiny_data, tmp_path):
     checkpoint = tmp_path / "nan.pt"
-    save_checkpoint({**load_checkpoint(trained / "best.pt"), "temperature": float("nan")}, checkpoint)
+    save_checkpoint({**load_checkpoint(trained_run / "best.pt"), "temperature": float("nan")}, checkpoint)
     with pytest.raises(CheckpointError, match=f"checkpoint {checkpoint}: temperature nan is not a positive finite"):
         train_stage2_effnet.main(["--evaluate", str(checkpoint), "--val-manifest", str(tiny_data[1]), "--model",
                                   "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
@@ -203,8 +188,8 @@ def test_several_val_manifests_are_for_evaluation_only(effnet_args, tiny_data):
         train_stage2_effnet.main(args)
 
 
-def test_the_robustness_report_is_deterministic_and_perturbs_the_images(trained, tiny_data, tmp_path):
-    common = ["--evaluate", str(trained / "best.pt"), "--val-manifest", str(tiny_data[1]), "--model",
+def test_the_robustness_report_is_deterministic_and_perturbs_the_images(trained_run, tiny_data, tmp_path):
+    common = ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(tiny_data[1]), "--model",
               "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
               "--perturb", "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02"]
     for run in ("a", "b"):
@@ -225,11 +210,11 @@ def test_the_robustness_report_is_deterministic_and_perturbs_the_images(trained,
 
 # ---------------------------------------------------------------- 5. standard export
 @pytest.fixture(scope="module")
-def uncalibrated(trained, tmp_path_factory) -> Path:
+def uncalibrated(trained_run, tmp_path_factory) -> Path:
     """The trained run's best.pt at temperature 1: the fitted one (0.01 on 12 val images the model separates
     perfectly) puts every calibrated P(fake) at 0 or 1, where no difference in the scores could show."""
     path = tmp_path_factory.mktemp("uncalibrated") / "best.pt"
-    save_checkpoint({**load_checkpoint(trained / "best.pt"), "temperature": 1.0}, path)
+    save_checkpoint({**load_checkpoint(trained_run / "best.pt"), "temperature": 1.0}, path)
     return path
 
 
@@ -325,28 +310,35 @@ def test_the_onnx_example_scores_a_folder_as_predict_does(uncalibrated, exported
     assert np.abs(scores["p_fake"].to_numpy() - predicted["p_fake"].to_numpy()).max() <= 0.01
 
 
-@pytest.mark.parametrize("variant", ["ed", "vae"])
-def test_trained_genconvit_exports_to_onnx(tiny_data, tmp_path, variant):
+@pytest.fixture(scope="module")
+def genconvit_runs(tiny_data, tmp_path_factory) -> Path:
+    """Both GenConViT variants trained 2 epochs on the tiny demo data: the folder holding ed/ and vae/."""
     train, val = tiny_data
+    out = tmp_path_factory.mktemp("genconvit") / "gc"
     train_stage2_genconvit.main(["--train-manifest", str(train), "--val-manifest", str(val), "--init", "scratch",
                                  "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4",
                                  "--epochs", "2", "--batch-size", "8", "--workers", "0", "--amp", "off",
-                                 "--variant", variant, "--output-dir", str(tmp_path / "gc")])
-    report = export_expert(tmp_path / "gc" / variant / "best.pt", tmp_path / "export")
+                                 "--variant", "both", "--output-dir", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_trained_genconvit_exports_to_onnx(genconvit_runs, tiny_data, tmp_path, variant):
+    report = export_expert(genconvit_runs / variant / "best.pt", tmp_path / "export")
     assert report["files"] == ["model.onnx"]
-    _assert_check_passed_on_val_images(report, val)
+    _assert_check_passed_on_val_images(report, tiny_data[1])
     # The checkpoint's data config names the loaders' resize, so timm's eval transform built from it is theirs.
-    data_config = load_checkpoint(tmp_path / "gc" / variant / "best.pt")["data_config"]
+    data_config = load_checkpoint(genconvit_runs / variant / "best.pt")["data_config"]
     resize = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
     assert {key: data_config.get(key) for key in resize} == resize == report["resize"]
     embedding, logit = _onnx_outputs(tmp_path / "export" / "model.onnx", np.random.rand(5, 3, 64, 64).astype("f4"))
     assert embedding.shape == (5, 500) and logit.shape == (5,)
 
 
-def test_the_onnx_check_judges_against_the_outputs_scale(trained, tmp_path):
+def test_the_onnx_check_judges_against_the_outputs_scale(trained_run, tmp_path):
     """A correct export of a model with large outputs passes (an absolute 1e-4 failed it); one whose weights are
     off by 1% fails, in one line naming the file and the figures."""
-    best = load_checkpoint(trained / "best.pt")
+    best = load_checkpoint(trained_run / "best.pt")
     model = model_from_checkpoint(best)
     with torch.no_grad():  # logits in the thousands: float32 rounding alone is then above 1e-4
         model.get_classifier().weight.mul_(1e6)
@@ -368,8 +360,8 @@ def test_the_onnx_check_judges_against_the_outputs_scale(trained, tmp_path):
     assert "fake_logit max |diff|" in message and "embedding cosine" in message and "\n" not in message
 
 
-def _broken_checkpoint(trained: Path, path: Path, how: str) -> Path:
-    best = load_checkpoint(trained / "best.pt")
+def _broken_checkpoint(trained_run: Path, path: Path, how: str) -> Path:
+    best = load_checkpoint(trained_run / "best.pt")
     if how == "nan weight":
         best["model"]["classifier.bias"] = torch.full_like(best["model"]["classifier.bias"], float("nan"))
     else:
@@ -383,12 +375,12 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("how", ["nan weight", "zero std"])
-def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(trained, exported, tmp_path, capsys,
+def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(trained_run, exported, tmp_path, capsys,
                                                                             how):
     out = tmp_path / "effnet"
     shutil.copytree(exported, out)
     before = _files(out)
-    broken = _broken_checkpoint(trained, tmp_path / "broken.pt", how)
+    broken = _broken_checkpoint(trained_run, tmp_path / "broken.pt", how)
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: _main(["--checkpoint", str(broken), "--export", str(out), "--overwrite"]))
     err = capsys.readouterr().err
@@ -397,12 +389,12 @@ def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(tra
     assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "effnet"]
 
 
-def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained, exported, tiny_data, tmp_path):
+def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained_run, exported, tiny_data, tmp_path):
     out = tmp_path / "effnet"
     shutil.copytree(exported, out)
     before = _files(out)
     other = tmp_path / "other.pt"
-    best = load_checkpoint(trained / "best.pt")
+    best = load_checkpoint(trained_run / "best.pt")
     best["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in best["model"].items()}
     save_checkpoint(best, other)
     # kill -9 once the new weights and ONNX file are written, while the check runs
@@ -421,7 +413,7 @@ def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained, export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["effnet", "other.pt"]  # the stale folder is gone
 
 
-def test_export_files_get_the_umask_mode_and_a_file_in_the_way_is_one_line(exported, trained, tmp_path, capsys):
+def test_export_files_get_the_umask_mode_and_a_file_in_the_way_is_one_line(exported, trained_run, tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in exported.iterdir()} == dict.fromkeys(
@@ -431,7 +423,7 @@ def test_export_files_get_the_umask_mode_and_a_file_in_the_way_is_one_line(expor
     in_the_way = tmp_path / "exported"
     in_the_way.write_text("a file")
     with pytest.raises(SystemExit) as exit_info:
-        exit_on_error(lambda: _main(["--checkpoint", str(trained / "best.pt"), "--export", str(in_the_way)]))
+        exit_on_error(lambda: _main(["--checkpoint", str(trained_run / "best.pt"), "--export", str(in_the_way)]))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --export {in_the_way}: a file, not a folder; give the folder to " \
                                       "write the export into\n"

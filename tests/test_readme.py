@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from conftest import ROOT
 
 import train_stage2_effnet
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_snippet() -> str:

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import train_stage2_effnet
 from src.engine.cli import parse_args
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module_name(path: Path) -> str:
@@ -136,18 +135,19 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     assert str(site) in where.stdout
 
 
-def test_a_run_replays_from_its_args_json_and_flags_win(effnet_args, tmp_path):
-    train_stage2_effnet.main([*effnet_args, "--lr", "5e-4", "--aug", "light"])
-    recorded = Path(effnet_args[effnet_args.index("--output-dir") + 1]) / "args.json"
+def test_a_run_replays_from_its_args_json_and_flags_win(trained_run, tmp_path):
+    recorded = trained_run / "args.json"
     replay = parse_args(train_stage2_effnet.build_parser(), ["--config", str(recorded), "--output-dir",
                                                              str(tmp_path / "replay"), "--epochs", "1"])
     first = json.loads(recorded.read_text())
-    assert (replay.lr, replay.aug, replay.model, replay.img_size) == (5e-4, "light", "test_efficientnet", 32)
-    assert (replay.epochs, replay.output_dir) == (1, str(tmp_path / "replay"))  # given on the command line: they win
-    train_stage2_effnet.main(["--config", str(recorded), "--output-dir", str(tmp_path / "replay")])
+    assert (replay.lr, replay.model, replay.img_size, replay.epochs) == (1e-2, "test_efficientnet", 32, 1)
+    assert replay.output_dir == str(tmp_path / "replay")  # given on the command line: flags win over the file
+    train_stage2_effnet.main(["--config", str(recorded), "--output-dir", str(tmp_path / "replay"), "--epochs", "1"])
     second = json.loads((tmp_path / "replay" / "args.json").read_text())
-    assert {k: v for k, v in second.items() if k != "output_dir"} == {k: v for k, v in first.items()
-                                                                      if k != "output_dir"}
+    changed = {"output_dir", "epochs"}
+    assert {k: v for k, v in second.items() if k not in changed} == {k: v for k, v in first.items()
+                                                                      if k not in changed}
+    assert (first["epochs"], second["epochs"]) == (2, 1)
 
 
 def test_a_yaml_config_sets_defaults_and_unknown_keys_are_one_line(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """train_stage2_genconvit.py end to end (tiny ConvNeXt, 64px PNGs) and its stage parsing."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
@@ -19,8 +19,6 @@ from src.errors import PretrainedWeightsError
 from src.experts import genconvit
 from src.experts.genconvit import GenConViTExpert, parse_stages
 from src.models.genconvit import GenConViTED, GenConViTVAE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -112,7 +110,7 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     train_stage2_genconvit.main([*flags, "--output-dir", str(straight)])
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     cmd = [sys.executable, str(ROOT / "train_stage2_genconvit.py"), *flags, "--output-dir", str(killed)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     for line in proc.stdout:
