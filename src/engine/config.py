@@ -10,7 +10,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from src.data.levels import AUG_LEVELS
+from src.data.levels import AUG_LEVELS, chance
 from src.errors import ConfigError
 
 # torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
@@ -29,6 +29,7 @@ class TrainConfig:
     max_bad_images: int = 100
     img_size: int = 256
     aug: str = "standard"
+    self_blend: float = 0.0
     workers: int = 8
     balanced_sampler: bool = False
     cache_dir: str | None = None
@@ -58,6 +59,7 @@ class TrainConfig:
     overwrite: bool = False
     save_every_minutes: float = 20.0
     evaluate_checkpoint: str | None = None
+    audit_only: bool = False
     eval_manifests: list[str] = field(default_factory=list)  # with --evaluate: every --val-manifest given
     perturb: str | None = None
     log_every: int = 50
@@ -87,6 +89,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
                       "undecodable (a lost mount or a broken export, not a few bad files)")
     data.add_argument("--img-size", type=int, default=d["img_size"], help="square input size in pixels")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
+    data.add_argument("--self-blend", type=chance, default=d["self_blend"], metavar="P",
+                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off)")
     data.add_argument("--workers", type=int, default=d["workers"], help="DataLoader worker processes per rank")
     data.add_argument("--cache-dir", default=d["cache_dir"],
                       help="decode every image once into a memory-mapped uint8 cache here, then train from it")
@@ -131,6 +135,9 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     out.add_argument("--evaluate", metavar="CHECKPOINT", dest="evaluate_checkpoint",
                      default=d["evaluate_checkpoint"],
                      help="only evaluate this checkpoint on each --val-manifest (eval_NAME.json, predictions_NAME.csv)")
+    out.add_argument("--audit-only", action="store_true",
+                     help="only run the shortcut audit (file headers of the train and val manifests, or with "
+                          "--evaluate of its manifests): OUTPUT_DIR/shortcut_audit.csv and summary.json")
     out.add_argument("--perturb", metavar="SPEC",
                      help="with --evaluate: also score each manifest under these perturbations, e.g. "
                           "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest)")

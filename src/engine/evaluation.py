@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from src.data.audit import AUDIT_FILE, run_audit
 from src.data.dataset import collate
 from src.data.manifest import read_manifest
 from src.data.perturb import Perturbation, parse_perturbations
@@ -144,20 +145,21 @@ class Evaluator:
 def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dict[str, Any] | None:
     """--evaluate: a checkpoint on every --val-manifest (and under each --perturb perturbation).
 
-    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake)), predictions_NAME.csv
-    (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb, robustness_NAME.csv and
-    .png; then eval_summary.csv across manifests. Existing files are never replaced without --overwrite.
+    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake); its shortcut audit),
+    predictions_NAME.csv (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb,
+    robustness_NAME.csv and .png; then eval_summary.csv across manifests and shortcut_audit.csv. Existing files
+    are never replaced without --overwrite.
     Returns {name: metrics} on rank 0.
     """
     out = Path(cfg.output_dir)
     setup_logging(None, dist.is_main)
     path = Path(cfg.evaluate_checkpoint)
     manifests = cfg.eval_manifests or [cfg.val_manifest]
-    names = _report_names(manifests)
+    names = report_names(manifests)
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb else []
     planned = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
     planned += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")] if perturbations else []
-    existing = [name for name in [*planned, "eval_summary.csv"] if (out / name).exists()]
+    existing = [name for name in [*planned, "eval_summary.csv", AUDIT_FILE] if (out / name).exists()]
     if existing and not cfg.overwrite:
         raise ConfigError(f"--output-dir {out} already holds {', '.join(existing[:3])}"
                           f"{' and more' if len(existing) > 3 else ''}: pass --overwrite or choose another folder")
@@ -171,6 +173,9 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     temperature = float(checkpoint.get("temperature", 1.0))
+    if dist.is_main:  # what the file headers alone give away about each set's labels
+        audit = run_audit({name: read_manifest(m, cfg.data_root) for m, name in zip(manifests, names)}, out,
+                          min(cfg.workers, usable_cores()))
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     results, rows = {}, []
     for manifest, name in zip(manifests, names):
@@ -189,7 +194,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
         calibrated = sigmoid(result.logits / temperature)
         frame = evaluator.frame[seen]
         report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
-                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame)}
+                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame),
+                  "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / f"eval_{name}.json", report)
         predictions = evaluator.frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
@@ -226,7 +232,7 @@ def _headline(metrics: dict[str, float]) -> dict[str, float]:
     return {key: metrics[key] for key in HEADLINE if key in metrics}
 
 
-def _report_names(manifests: list[str]) -> list[str]:
+def report_names(manifests: list[str]) -> list[str]:
     """A file-name part per manifest: its stem, with its folder's name where two stems are alike."""
     stems = [Path(m).stem for m in manifests]
     names = [f"{Path(m).parent.name}_{s}" if stems.count(s) > 1 else s for m, s in zip(manifests, stems)]

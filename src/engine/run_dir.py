@@ -20,7 +20,7 @@ log = logging.getLogger("src")
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
-               "recon_samples", "tensorboard")
+               "recon_samples", "tensorboard", "shortcut_audit.csv")
 
 
 def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:

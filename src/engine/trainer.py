@@ -34,9 +34,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from src.data.audit import run_audit
 from src.data.dataset import Batch
-from src.data.manifest import read_manifest
+from src.data.manifest import check_source_leak, read_manifest
 from src.data.transforms import DeviceTransform
+from src.engine.audit import audit_only
 from src.engine.calibration import calibration_report, fit_temperature
 from src.engine.checkpoint import (
     ensure_finite,
@@ -80,6 +82,8 @@ RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "max_bad_images", "amp
 def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
     """Train (or with `cfg.evaluate_checkpoint`, only evaluate) and return the summary on rank 0."""
     dist = setup_distributed(cfg.device)
+    if cfg.audit_only:
+        return audit_only(cfg, dist)
     if cfg.evaluate_checkpoint:
         return evaluate_checkpoint(cfg, expert, dist)
     return Trainer(cfg, expert, dist).fit()
@@ -134,6 +138,10 @@ class Trainer:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
 
         self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root)
+        check_source_leak(self.train_frame, self.evaluator.frame)
+        # What the file headers alone give away about the labels: warned about before any GPU time is spent.
+        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
+                               self.workers) if dist.is_main else None
         expert.prepare(self.train_frame["label"].to_numpy())
         img_size = self.data_config["input_size"][-1]
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
@@ -457,7 +465,8 @@ class Trainer:
         metrics = self.evaluator.metrics(result)
         s = result.seen
         summary: dict[str, Any] = {"best_epoch": best["epoch"], "select_metric": self.cfg.select_metric,
-                                   "metrics": metrics, "model": self.expert.describe()}
+                                   "metrics": metrics, "model": self.expert.describe(),
+                                   "shortcut_audit": self.audit.to_dict("records")}
         temperature = 1.0
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
@@ -484,6 +493,7 @@ class Trainer:
 
     def _log_settings(self, stages: list[Stage]) -> None:
         cfg, dc = self.cfg, self.data_config
+        degrade = self.train_loader.dataset.transform
         n_params = sum(p.numel() for p in self.model.parameters())
         lines = [
             f"device {self.device} x {self.dist.world_size} rank(s)"
@@ -491,7 +501,9 @@ class Trainer:
             f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}",
             f"train {len(self.train_frame)} images ({int(self.train_frame['label'].sum())} fake) from "
             f"{cfg.train_manifest}; val {len(self.evaluator.frame)} from {cfg.val_manifest}",
-            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}, "
+            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
+            + (f" (degradations from epoch {degrade.start + 1})" if degrade else "")
+            + f", self-blend {cfg.self_blend:g}, "
             f"workers {self.workers}"
             + (f" (--workers {cfg.workers} capped to the {self.workers} cores this process may use)"
                if self.workers < cfg.workers else ""),
