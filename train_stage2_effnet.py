@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import argparse
 
-from src.engine.cli import exit_on_error, parse_args
+from src.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from src.engine.config import add_train_args, config_from_args
+from src.engine.flags import Float
 from src.models.names import DEFAULT_EFFNET
+
+COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=command_help(__doc__, "train_stage2_effnet.py", COMMAND),
+                                     formatter_class=HelpFormatter)
     add_train_args(parser, output_dir="output/stage2_effnet")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_EFFNET, help="any timm model name")
-    model.add_argument("--pretrained-file", help="local pretrained weights (safetensors or .pth), for offline use")
+    model.add_argument("--pretrained-file",
+                       help="local pretrained weights (safetensors or .pth), for offline use (default: the hub's)")
     model.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initialisation")
-    model.add_argument("--drop-path", type=float, default=0.2, help="stochastic depth rate")
+    model.add_argument("--drop-path", type=Float(min=0, below=1), default=0.2, help="stochastic depth rate")
     model.add_argument("--pos-weight", default="none",
-                       help="BCE weight of fake samples: auto (= n_real / n_fake), none, or a number")
-    model.add_argument("--label-smoothing", type=float, default=0.0)
+                       help="BCE weight of fake samples: auto (= n_real / n_fake), none, or a positive number")
+    model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=0.0,
+                       help="pull the BCE targets towards 0.5 by this much")
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,11 +214,12 @@ def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extract
 
 
 # ---------------------------------------------------------------- 6. clean stops
-@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True)])
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)])
 def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum, group):
     args = [*_set(_set(effnet_args, "--epochs", "3"), "--workers", "2"), "--log-every", "1"]
     cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *args]
-    # Ctrl-C reaches the terminal's whole process group (the loader's workers too); SIGTERM only the main one.
+    # Ctrl-C reaches the terminal's whole process group (the loader's workers too); so does the SIGTERM of GNU
+    # `timeout`, systemd and Slurm, while `docker stop` and `kill PID` signal the main process only.
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)
     for line in proc.stdout:
@@ -235,7 +237,7 @@ def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum
     assert pd.read_csv(_out(args) / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
 
 
-def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args):
+def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
     args = [*_set(effnet_args, "--epochs", "3"), "--log-every", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=_env(),
@@ -244,14 +246,44 @@ def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args):
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("epoch 2/3 step 1/"):
+            # Rank 0 holds the run folder: a second run there is refused, naming it.
+            err = _fails(train_stage2_effnet.main, [*args, "--resume"], capsys)
+            holder = int(re.search(r"in use by another run \(process (\d+)\)", err).group(1))
+            assert b"RANK=0\0" in Path(f"/proc/{holder}/environ").read_bytes()
             proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
             break
     seen += proc.stdout.readlines()
     proc.wait(timeout=120)
     assert proc.returncode != 0
-    # Two steps per rank and epoch: the stop comes at the end of epoch 2, written by rank 0 for both.
-    assert load_checkpoint(_out(args) / "last.pt")["next_epoch"] == 2, "".join(seen[-30:])
-    assert sum("stopped: stopped by SIGTERM at the end of epoch 2" in line for line in seen) == 2, "".join(seen[-30:])
+    # Where the stop lands depends on when the signal arrives (after step 1's stop check: at the end of epoch 2;
+    # before it: at epoch 2 step 1); every rank must stop at the same place, which last.pt holds.
+    stops = [m.group(1) for line in seen if (m := re.search(r"stopped: stopped by SIGTERM at (.+?);", line))]
+    assert len(stops) == 2 and stops[0] == stops[1], "".join(seen[-30:])
+    last = load_checkpoint(_out(args) / "last.pt")
+    where = f"epoch {last['next_epoch'] + 1} step {last['step']}" if last["step"] else \
+        f"the end of epoch {last['next_epoch']}"
+    assert stops[0] == where and stops[0] in ("epoch 2 step 1", "the end of epoch 2"), "".join(seen[-30:])
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no_obstacle(effnet_args, capsys):
+    first = [*_set(_set(effnet_args, "--epochs", "50"), "--workers", "2"), "--log-every", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_stage2_effnet.py"), *first], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/50 step 1/"):  # epoch 1's last.pt is written, loader workers are running
+                break
+        for extra in (["--resume"], ["--overwrite"]):
+            err = _fails(train_stage2_effnet.main, [*effnet_args, *extra], capsys)
+            assert f"--output-dir {_out(first)} is in use by another run (process {proc.pid})" in err
+        assert proc.poll() is None  # refused while the first run was alive, and its files are its own
+        assert json.loads((_out(first) / "args.json").read_text())["epochs"] == 50
+        assert load_checkpoint(_out(first) / "last.pt")["args"]["epochs"] == 50
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs, the kernel alone releases the lock (its loader workers hold none)
+        proc.wait(timeout=60)
+    train_stage2_effnet.main([*_set(effnet_args, "--epochs", "1"), "--overwrite"])
+    assert pd.read_csv(_out(first) / "metrics.csv")["epoch"].tolist() == [1]
 
 
 # ---------------------------------------------------------------- 7. the smaller ones
@@ -361,3 +393,53 @@ def test_a_video_id_shared_by_real_and_fake_train_frames_names_the_lines(tmp_pat
     (tmp_path / "m.csv").write_text("path,label,video_id\na.png,0,v1\nb.png,1,v1\n")
     with pytest.raises(ManifestError, match=r"m\.csv lines 2 and 3: video 'v1' has both real and fake frames"):
         read_manifest(tmp_path / "m.csv")
+
+
+def test_a_train_manifest_with_one_class_is_refused_at_start(effnet_args, tiny_data, tmp_path, capsys):
+    train = pd.read_csv(tiny_data[0])
+    only_real = tiny_data[0].parent / "train_only_real.csv"
+    train[train["label"] == 0].to_csv(only_real, index=False)
+    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--train-manifest", str(only_real)), capsys)
+    assert "train_only_real.csv" in err and "only 'real' rows" in err
+    assert not (_out(effnet_args) / "last.pt").exists()
+
+
+def _flip_middle(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_it(effnet_args, tiny_data, tmp_path, capsys):
+    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    best, last = _out(effnet_args) / "best.pt", _out(effnet_args) / "last.pt"
+    assert load_checkpoint(best)["tensors_sha256"] and load_checkpoint(last)["tensors_sha256"]
+    for path in (best, last):
+        _flip_middle(path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(best))}: damaged"):
+        load_checkpoint(best)
+    with pytest.raises(SystemExit) as exit_info:
+        feature_extractor.exit_on_error(lambda: feature_extractor.main(
+            ["--checkpoint", str(best), "--manifest", str(tiny_data[1]), "--out", str(tmp_path / "f.npz"),
+             "--workers", "0"]))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"{best}: damaged" in err
+    assert not (tmp_path / "f.npz").exists()
+    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, "--epochs", "2"), "--resume"], capsys)
+    assert f"{last}: damaged" in err
+
+
+def test_an_image_over_the_pixel_limit_is_one_line_or_skipped(effnet_args, tiny_data, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 80)).save(big)  # 8,000 pixels; the others have 64x64 = 4,096
+    val = read_manifest(tiny_data[1])
+    val.loc[0, "path"] = str(big)
+    manifest = tmp_path / "val_big.csv"
+    val.to_csv(manifest, index=False)
+    args = [*_set(effnet_args, "--val-manifest", str(manifest)), "--max-image-pixels", "5000"]
+    err = _fails(train_stage2_effnet.main, args, capsys)
+    assert f"cannot decode image {big}: 100x80 pixels, over the limit of 5000" in err
+    with pytest.warns(UserWarning, match="over the limit"):
+        train_stage2_effnet.main([*_set(args, "--epochs", "1"), "--skip-bad-images", "--overwrite"])
+    assert (_out(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{big}"]

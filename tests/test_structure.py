@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,12 +68,14 @@ def test_src_imports_have_no_cycle():
 
 @pytest.mark.parametrize("script", ["train_stage2_effnet.py", "train_stage2_genconvit.py", "feature_extractor.py"])
 def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
-    for args, code in ((["--help"], 0), (["--batch-size", "many"] if "train" in script else ["--workers", "x"], 2)):
+    bad_type = ["--batch-size", "many"] if "train" in script else ["--workers", "x"]
+    for args, code in ((["--help"], 0), (bad_type, 2), (["--batch-size", "0"], 2)):  # a type, then a range
         ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
                              text=True, cwd=ROOT, timeout=60)
         assert ran.returncode == code, ran.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
         assert not imported & {"torch", "timm", "torchvision", "pandas"}, (script, args)
+    assert ran.stderr.splitlines()[-1] == "error: --batch-size 0: expected an integer >= 1"
     assert "usage:" in subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                                       cwd=ROOT, timeout=60).stdout
 
@@ -84,25 +87,25 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     for name in ("pyproject.toml", "README.md", "train_stage2_effnet.py", "train_stage2_genconvit.py",
                  "feature_extractor.py"):
         shutil.copy(ROOT / name, source / name)
-    # No pip of its own: this one's (run for the venv's interpreter) builds with the setuptools the project has.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
-                   timeout=120)
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                          "--no-deps", "--no-build-isolation", "--quiet", str(source)], capture_output=True, text=True,
-                         timeout=300)
+    # Installed into a folder of its own with this interpreter's pip and setuptools (requirements-dev.txt brings a
+    # setuptools that builds wheels): a nested venv would see the base interpreter's packages, not a venv's.
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                          "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(site)}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     for command in ("stage2-train-effnet", "stage2-train-genconvit", "stage2-extract"):
-        ran = subprocess.run([str(venv / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
-                             timeout=60)
-        assert ran.returncode == 0 and "usage:" in ran.stdout, (command, ran.stderr[-2000:])
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import src.engine.trainer, feature_extractor; "
+        ran = subprocess.run([str(site / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
+                             env=env, timeout=60)
+        assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
+        assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
+    where = subprocess.run([sys.executable, "-c", "import src.engine.trainer, feature_extractor; "
                             "print(src.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
-                           timeout=120)
+                           env=env, timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]
-    assert str(venv) in where.stdout
+    assert str(site) in where.stdout
 
 
 def test_a_run_replays_from_its_args_json_and_flags_win(effnet_args, tmp_path):

@@ -73,7 +73,7 @@ def test_official_weights_file_initialises_the_model(gc_args, tmp_path):
     torch.save({"state_dict": reference.state_dict(), "epoch": 3}, weights)
     args = [a if a != "scratch" else "official" for a in gc_args]
     args[args.index("--epochs") + 1] = "1"
-    train_stage2_genconvit.main([*args, "--variant", "ed", "--weights", str(weights), "--lr", "0"])
+    train_stage2_genconvit.main([*args, "--variant", "ed", "--weights", str(weights), "--lr", "0", "--min-lr", "0"])
     best = torch.load(Path(gc_args[-1]) / "ed" / "best.pt", weights_only=True)
     # lr 0 (and frozen backbone): the trained weights are still the official ones.
     for key, value in reference.state_dict().items():

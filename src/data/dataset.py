@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from src.data.cache import CacheView
-from src.data.decode import decode_image, resize_uint8
+from src.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
 from src.data.self_blend import SelfBlend
 from src.errors import ImageDecodeError
 
@@ -28,8 +28,9 @@ class ManifestDataset(torch.utils.data.Dataset):
     Items are ``(image, label, index)``; with ``skip_bad_images`` an undecodable file warns and yields image None,
     which :func:`collate` drops and lists. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
     function of (seed, epoch, index); ``cache`` (a :class:`~src.data.cache.CacheView`) serves images decoded
-    and resized beforehand instead of reading the files. ``self_blend`` (``--self-blend``) turns some reals into
-    self-blended fakes, label 1, before ``transform``, seeded the same way.
+    and resized beforehand instead of reading the files. A file of more than ``max_pixels`` pixels is undecodable.
+    ``self_blend`` (``--self-blend``) turns some reals into self-blended fakes, label 1, before ``transform``,
+    seeded the same way.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         skip_bad_images: bool = False,
         seed: int = 0,
         cache: CacheView | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
         self_blend: SelfBlend | None = None,
     ) -> None:
         # numpy arrays rather than lists of Python objects: forked workers then don't touch (and copy) pages
@@ -52,6 +54,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.cache = cache
+        self.max_pixels = max_pixels
         self.self_blend = self_blend
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,7 +75,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         else:
             path = str(self.paths[index])
             try:
-                image = decode_image(path)
+                image = decode_image(path, self.max_pixels)
             except ImageDecodeError as err:
                 if not self.skip_bad_images:
                     raise
@@ -84,8 +87,9 @@ class ManifestDataset(torch.utils.data.Dataset):
             # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number
             # of workers or ranks, and after a resume from any step. Only the CPU generator is reseeded (the
             # transforms draw from it): torch.manual_seed also visits every accelerator backend, ~0.4 ms a call.
+            # The modulo keeps every --seed in torch's 64-bit range (it changes nothing below seed 1.8 million).
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+                torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**64)
                 if self.self_blend is not None:
                     image, label = self.self_blend(image, label)
                 if self.transform is not None:

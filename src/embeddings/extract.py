@@ -29,7 +29,7 @@ from src.data.manifest import OPTIONAL_COLUMNS, UNLABELED, frame_from_images, re
 from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
 from src.engine.checkpoint import load_checkpoint
-from src.engine.precision import autocast, autocast_dtype, memory_format
+from src.engine.precision import autocast, autocast_dtype, memory_format, pick_device
 from src.errors import CheckpointError, OfficialCheckpointError
 from src.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from src.models.genconvit import GenConViTED, GenConViTVAE, detect_variant, load_official_checkpoint, read_state_dict
@@ -173,12 +173,12 @@ class FeatureExtractor:
     ) -> None:
         if checkpoint_path is None:
             raise TypeError("FeatureExtractor needs checkpoint_path")
+        self.device = pick_device(device)  # before the checkpoint (gigabytes) is read
         self.checkpoint_path = Path(checkpoint_path)
         expert = load_expert(self.checkpoint_path, model_name)
         self.model_name, self.family = expert.model_name, expert.family
         self.data_config, self.temperature, self.train_args = expert.data_config, expert.temperature, expert.train_args
         self.img_size = int(self.data_config["input_size"][-1])
-        self.device = torch.device(device) if device is not None else _default_device()
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
@@ -391,6 +391,3 @@ def _unpack_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"expected a Batch or an (images, labels) pair from the loader, got {kind}") from None
     return torch.as_tensor(images), torch.as_tensor(labels)
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

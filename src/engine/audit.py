@@ -33,7 +33,7 @@ def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:
         frames = {name: read_manifest(m, cfg.data_root, require_both_classes=True)
                   for m, name in zip(manifests, report_names(manifests))}
     else:
-        frames = {"train": read_manifest(cfg.train_manifest, cfg.data_root),
+        frames = {"train": read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True),
                   "val": read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)}
         check_source_leak(frames["train"], frames["val"])
     table = run_audit(frames, out, min(cfg.workers, usable_cores()))

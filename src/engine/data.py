@@ -29,10 +29,11 @@ def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
         return None
     paths = frame["path"].tolist()
     if dist.is_main:
-        view = open_cache(cfg.cache_dir, img_size, paths, workers=max(workers, 1), skip_bad_images=cfg.skip_bad_images)
+        view = open_cache(cfg.cache_dir, img_size, paths, workers=max(workers, 1), skip_bad_images=cfg.skip_bad_images,
+                          max_pixels=cfg.max_image_pixels)
     barrier()
-    if not dist.is_main:  # rank 0 has decoded everything: this only reads the index
-        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images)
+    if not dist.is_main:  # rank 0 has decoded and checked everything: this only reads the index
+        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images, verify=False)
     return view
 
 
@@ -44,7 +45,7 @@ def val_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistI
     return manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
                            transform=transform,
                            skip_bad_images=cfg.skip_bad_images, cache=shared_cache(cfg, frame, img_size, dist, workers),
-                           pin_memory=dist.device.type == "cuda")
+                           pin_memory=dist.device.type == "cuda", max_pixels=cfg.max_image_pixels)
 
 
 def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
@@ -60,5 +61,6 @@ def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
                              skip_bad_images=cfg.skip_bad_images,
                              cache=shared_cache(cfg, frame, img_size, dist, workers),
                              pin_memory=dist.device.type == "cuda", drop_last=drop_last,
+                             max_pixels=cfg.max_image_pixels,
                              self_blend=SelfBlend(cfg.self_blend) if cfg.self_blend else None)
     return loader, sampler, sampler.per_rank // cfg.batch_size if drop_last else 1

@@ -16,14 +16,14 @@ from torch import nn
 
 from src.data.audit import AUDIT_FILE, run_audit
 from src.data.dataset import collate
-from src.data.manifest import read_manifest
-from src.data.perturb import Perturbation, parse_perturbations
+from src.data.manifest import LABEL_NAMES, read_manifest
+from src.data.perturb import Perturbation, check_image_size, parse_perturbations
 from src.data.transforms import DeviceTransform
 from src.engine.checkpoint import last_good_note, load_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.data import usable_cores, val_loader
-from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index
-from src.engine.metrics import binary_metrics, operating_points, video_scores
+from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
+from src.engine.metrics import binary_metrics, metric_direction, operating_points, video_scores
 from src.engine.precision import autocast, autocast_dtype, memory_format
 from src.engine.report import format_metrics_table, plot_robustness, write_json_atomic, write_text_atomic
 from src.engine.run_dir import BadImages, setup_logging
@@ -68,15 +68,40 @@ class Evaluator:
         self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.bad_images = bad_images
-        if not cfg.cache_dir and perturbation is None:  # a cache build, or the clean pass, decoded every image
+        self.decoded = self.frame  # the rows whose images decode: all of them, or what _check_images finds
+        if perturbation is None:
             self._check_images()
 
     def _check_images(self) -> None:
-        """Decode every val image once, so that a corrupt one stops the run now (naming it) rather than after a
-        whole training epoch; with --skip-bad-images they are listed instead."""
-        rows = [i for batch in self.loader for i in batch.skipped.tolist()]
-        if rows:
-            self.bad_images.note("val", self.frame, rows)
+        """Decode every val image once (a cache build has already), so that a corrupt one stops the run now
+        (naming it) rather than after a whole training epoch; with --skip-bad-images they are listed instead, and
+        what is left must still hold both classes."""
+        cache = self.loader.dataset.cache
+        if cache is not None:
+            decodable = cache.slots >= 0
+        else:
+            rows = [i for batch in self.loader for i in batch.skipped.tolist()]
+            skipped = gather_objects(rows)  # every rank's, so that every rank takes the same decisions below
+            if skipped:
+                self.bad_images.note("val", self.frame, rows)
+            decodable = np.ones(len(self.frame), dtype=bool)
+            decodable[skipped] = False
+        self.decoded = self.frame[decodable]
+        for label, name in LABEL_NAMES.items():
+            if not (self.decoded["label"] == label).any():
+                raise ConfigError(f"{self.manifest}: none of its {name} images could be decoded (skipped with "
+                                  "--skip-bad-images): validation needs both classes")
+
+    def check_select_metric(self, name: str) -> None:
+        """Refuse, before training, a --select-metric this val set does not give: `auc/<method>` for a method
+        without a decodable fake, video_* without video ids, a train-side name."""
+        # The names binary_metrics gives for these rows (whatever the scores: these are placeholders).
+        available = {*_frame_metrics(self.decoded, self.decoded["label"].to_numpy(),
+                                     np.full(len(self.decoded), 0.5)), "val_loss"}
+        if name not in available:
+            selectable = sorted(m for m in available if _has_direction(m))
+            raise ConfigError(f"--select-metric {name}: not a metric of {self.manifest} (choose from "
+                              f"{', '.join(selectable)})")
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the normalised batch the model takes, on the device."""
@@ -118,12 +143,8 @@ class Evaluator:
 
     def metrics(self, result: EvalResult) -> dict[str, float]:
         s = result.seen
-        frame = self.frame[s]
-        labels, probs = result.labels[s], sigmoid(result.logits[s])
-        metrics = binary_metrics(
-            labels, probs,
-            video_ids=frame["video_id"].tolist() if "video_id" in frame else None,
-            methods=frame["method"].tolist() if "method" in frame else None)
+        labels = result.labels[s]
+        metrics = _frame_metrics(self.frame[s], labels, sigmoid(result.logits[s]))
         for name, values in result.terms.items():
             metrics[f"val_{name}"] = float(values[s].mean())
         for name in self.expert.per_class_terms:
@@ -156,7 +177,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
     path = Path(cfg.evaluate_checkpoint)
     manifests = cfg.eval_manifests or [cfg.val_manifest]
     names = report_names(manifests)
-    perturbations = parse_perturbations(cfg.perturb) if cfg.perturb else []
+    perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
     planned = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
     planned += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")] if perturbations else []
     existing = [name for name in [*planned, "eval_summary.csv", AUDIT_FILE] if (out / name).exists()]
@@ -169,17 +190,19 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
         if checkpoint.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.get('model_name', 'no model')} "
                               f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    check_image_size(perturbations, checkpoint["data_config"]["input_size"][-1])
+    bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
+    # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
+    evaluators = [Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+                  for manifest in manifests]
     model = model_from_checkpoint(checkpoint).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     temperature = float(checkpoint.get("temperature", 1.0))
     if dist.is_main:  # what the file headers alone give away about each set's labels
-        audit = run_audit({name: read_manifest(m, cfg.data_root) for m, name in zip(manifests, names)}, out,
-                          min(cfg.workers, usable_cores()))
-    bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
+        audit = run_audit({name: e.frame for name, e in zip(names, evaluators)}, out, min(cfg.workers, usable_cores()))
     results, rows = {}, []
-    for manifest, name in zip(manifests, names):
-        evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+    for manifest, name, evaluator in zip(manifests, names, evaluators):
         result = evaluator.evaluate(model)
         metrics = evaluator.metrics(result)
         robustness = [{"perturbation": "none", **_headline(metrics)}]
@@ -214,6 +237,20 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s", path, summary.to_string(index=False, float_format="%.4f"))
     return results
+
+
+def _frame_metrics(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """binary_metrics with the video ids and methods of the manifest rows, where it has them."""
+    return binary_metrics(labels, probs, video_ids=frame["video_id"].tolist() if "video_id" in frame else None,
+                          methods=frame["method"].tolist() if "method" in frame else None)
+
+
+def _has_direction(name: str) -> bool:
+    try:
+        metric_direction(name)
+    except ValueError:
+        return False
+    return True
 
 
 def calibrated_operating_points(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> dict[str, Any]:

@@ -4,6 +4,36 @@ from __future__ import annotations
 
 import torch
 
+from src.errors import ConfigError
+
+
+def pick_device(name: str | torch.device | None, rank_gpu: int | None = None) -> torch.device:
+    """--device as a torch.device: cpu, cuda or cuda:N; None means cuda when available, else cpu. `rank_gpu` is
+    the GPU of this torchrun rank (its LOCAL_RANK), used for cuda. ConfigError in one line for a device this
+    machine does not have."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string at all
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here (torch {torch.__version__}, built "
+                          f"for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+    if device.index is not None and rank_gpu is not None:
+        raise ConfigError(f"--device {name}: under torchrun each rank uses the GPU of its LOCAL_RANK; pass --device "
+                          "cuda")
+    index = device.index if device.index is not None else rank_gpu
+    if index is None:
+        index = torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 in hardware (AVX512-BF16 or AMX).

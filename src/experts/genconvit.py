@@ -8,6 +8,7 @@ of reconstructions per epoch.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
             scale = float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
             raise ValueError(f"--stages {spec!r}: item {item!r} has a bad number") from None
+        if (parts[1] != "rest" and n < 0) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
         if n == -1:
             if rest_index is not None:
                 raise ValueError(f"--stages {spec!r}: only one stage may take the rest")
