@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from src.data.manifest import read_manifest
+from src.data.manifest import check_source_leak, read_manifest
 from src.errors import ManifestError
 
 
@@ -220,3 +221,53 @@ def test_a_huge_cell_is_cut_in_the_error_line(tmp_path, column):
     row = f"a.png,{huge}" if column == "label" else f"{huge}.png,1"
     message = _error(_csv(tmp_path, f"path,label\na.png,0\n{row}\n"))
     assert len(message) < 1000 and " characters)" in message
+
+
+# ---------------------------------------------------------------- source_id: one source on both sides of a split
+def _split(folder: Path, train_sources: list[str], val_sources: list[str]) -> tuple[Path, Path]:
+    names = [f"{side}{i}.png" for side, sources in (("t", train_sources), ("v", val_sources))
+             for i in range(len(sources))]
+    _touch(folder, *names)
+    rows = [f"t{i}.png,{i % 2},{s}" for i, s in enumerate(train_sources)]
+    train = _csv(folder, "path,label,source_id\n" + "\n".join(rows) + "\n", "train.csv")
+    rows = [f"v{i}.png,{i % 2},{s}" for i, s in enumerate(val_sources)]
+    return train, _csv(folder, "path,label,source_id\n" + "\n".join(rows) + "\n", "val.csv")
+
+
+def test_a_source_on_both_sides_of_the_split_is_refused_naming_it(tmp_path):
+    train, val = _split(tmp_path, ["alice", "alice", "bob", "bob"], ["carol", "bob", "", ""])
+    frames = read_manifest(train), read_manifest(val)
+    assert frames[0]["source_id"].tolist() == ["alice", "alice", "bob", "bob"]
+    with pytest.raises(ManifestError) as info:
+        check_source_leak(*frames)
+    message = str(info.value)
+    assert "\n" not in message and "train.csv" in message and "val.csv" in message
+    assert "1 source_id(s)" in message and "'bob'" in message and "alice" not in message and "carol" not in message
+
+
+def test_disjoint_sources_blank_ones_and_a_single_column_pass(tmp_path):
+    train, val = _split(tmp_path, ["alice", "", "bob", ""], ["carol", "", "dave", ""])
+    check_source_leak(read_manifest(train), read_manifest(val))
+    _touch(tmp_path, "x.png", "y.png")
+    no_column = _csv(tmp_path, "path,label\nx.png,0\ny.png,1\n", "plain.csv")
+    check_source_leak(read_manifest(train), read_manifest(no_column))
+
+
+def test_a_video_with_both_labels_points_to_source_id(tmp_path):
+    _touch(tmp_path, "a.png", "b.png")
+    manifest = _csv(tmp_path, "path,label,video_id\na.png,0,v1\nb.png,1,v1\n")
+    assert "source_id column" in _error(manifest)
+
+
+def test_training_refuses_a_leaking_split(effnet_args, tmp_path, capsys):
+    import train_stage2_effnet
+
+    train, val = _split(tmp_path / "data", ["s1", "s2", "s3", "s4"], ["s9", "s3"])
+    for path in (tmp_path / "data").glob("*.png"):  # real images this time: the trainer decodes val up front
+        Image.new("RGB", (32, 32), (len(path.stem) * 40, 90, 30)).save(path)
+    args = list(effnet_args)
+    args[args.index("--train-manifest") + 1], args[args.index("--val-manifest") + 1] = str(train), str(val)
+    with pytest.raises(SystemExit) as exit_info:
+        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+    assert exit_info.value.code == 2 and "source_id(s) on both sides" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best.pt").exists()

@@ -20,7 +20,8 @@ def _flags(effnet_args: list[str], out: Path) -> list[str]:
     args = list(effnet_args)
     args[args.index("--output-dir") + 1] = str(out)
     args[args.index("--epochs") + 1] = "3"
-    return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1"]
+    # --self-blend: its fakes, like every augmentation, are a function of (seed, epoch, index): a resume repeats them
+    return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1", "--self-blend", "0.5"]
 
 
 def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path):
@@ -65,6 +66,7 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     args = list(effnet_args)
     args[args.index("--val-manifest") + 1] = str(odd_val)
     args[args.index("--epochs") + 1] = "1"
+    args += ["--self-blend", "0.5"]  # self-blended fakes are made per sample: each rank makes its shard's
     out = Path(args[args.index("--output-dir") + 1])
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

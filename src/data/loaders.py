@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 from src.data.cache import CacheView
 from src.data.dataset import ManifestDataset, collate
 from src.data.decode import MAX_IMAGE_PIXELS
+from src.data.self_blend import SelfBlend
 from src.processes import init_worker
 
 
@@ -28,12 +29,14 @@ def manifest_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    self_blend: SelfBlend | None = None,
 ) -> DataLoader:
     """Batches (:class:`~src.data.dataset.Batch`) of `frame`'s images as uint8 at `img_size`, in `sampler`'s
     order (the frame's order without one); `cache` serves them from the decoded cache instead of the files; a file
-    of more than `max_pixels` pixels is undecodable."""
+    of more than `max_pixels` pixels is undecodable; `self_blend` makes some reals self-blended fakes (training
+    only)."""
     dataset = ManifestDataset(frame, img_size, transform=transform, skip_bad_images=skip_bad_images, seed=seed,
-                              cache=cache, max_pixels=max_pixels)
+                              cache=cache, max_pixels=max_pixels, self_blend=self_blend)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
                       prefetch_factor=4 if workers > 0 else None, worker_init_fn=_init_worker if workers else None)

@@ -2,11 +2,12 @@
 
 Required columns: an image path column (``path``, or ``filepath``/``image_path``/``image``/``file``) and, for
 training and evaluation, ``label`` (0/1 or real/fake; 1 = fake). Inference reads manifests without it: every
-row's label is then ``UNLABELED`` (-1). Optional: ``video_id`` (enables video-level metrics) and ``method``
-(manipulation method). Headers match case-insensitively; other columns (an empty trailing one, as Excel's
-``x.png,1,`` rows give, included) are ignored. Path cells are taken exactly as written (a file name may begin with
-a space); other cells are stripped. Every problem is reported as a one-line :class:`ManifestError` naming the
-manifest and, where it applies, the CSV line.
+row's label is then ``UNLABELED`` (-1). Optional: ``video_id`` (enables video-level metrics), ``method``
+(manipulation method) and ``source_id`` (the identity or original video a fake was made from, a real's own; a
+train/val split that puts one source on both sides is refused: :func:`check_source_leak`). Headers match
+case-insensitively; other columns (an empty trailing one, as Excel's ``x.png,1,`` rows give, included) are ignored.
+Path cells are taken exactly as written (a file name may begin with a space); other cells are stripped. Every
+problem is reported as a one-line :class:`ManifestError` naming the manifest and, where it applies, the CSV line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 from src.errors import ManifestError
 
 PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order of preference
-OPTIONAL_COLUMNS = ("video_id", "method")
+OPTIONAL_COLUMNS = ("video_id", "method", "source_id")
 LABEL_NAMES = {0: "real", 1: "fake"}
 UNLABELED = -1  # the label of every row of a manifest without a label column (inference), and of --images files
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -159,7 +160,8 @@ def read_manifest(
             first, second = sorted((real, fake))
             raise ManifestError(f"{manifest_path} lines {_csv_line(first)} and {_csv_line(second)}: video "
                                 f"{_shown(repr(video))} has both real and fake frames (give each label its own "
-                                "video_id)")
+                                "video_id; the identity or original video a fake was made from belongs in a "
+                                "source_id column)")
 
     if require_labels and (labels == UNLABELED).any():
         row = labels.index[labels == UNLABELED][0]
@@ -214,3 +216,18 @@ def _image_files(root: Path) -> list[str]:
         found += [os.path.join(folder, name) for name in files if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
                   and os.path.isfile(os.path.join(folder, name))]
     return found
+
+
+def check_source_leak(train: pd.DataFrame, val: pd.DataFrame) -> None:
+    """Refuse a split that puts one ``source_id`` (an identity, or the original video fakes were made from) in both
+    the train and the val manifest: val would then score faces the model has already seen. Checked when both
+    frames have the column; blank cells are not a source."""
+    if "source_id" not in train or "source_id" not in val:
+        return
+    shared = sorted(set(train["source_id"]) & set(val["source_id"]) - {""})
+    if shared:
+        listed = ", ".join(_shown(repr(s)) for s in shared[:_MAX_LISTED])
+        listed += " ..." if len(shared) > _MAX_LISTED else ""
+        raise ManifestError(f"{train.attrs.get('manifest', 'train')} and {val.attrs.get('manifest', 'val')}: "
+                            f"{len(shared)} source_id(s) on both sides of the split ({listed}): frames of one "
+                            "identity or original video in train and val leak it into validation; split by source_id")

@@ -33,6 +33,7 @@ class TrainConfig:
     max_image_pixels: int = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS, as src.data.decode.MAX_IMAGE_PIXELS
     img_size: int = 256
     aug: str = "standard"
+    self_blend: float = 0.0
     workers: int = 8
     balanced_sampler: bool = False
     cache_dir: str | None = None
@@ -62,6 +63,7 @@ class TrainConfig:
     overwrite: bool = False
     save_every_minutes: float = 20.0
     evaluate_checkpoint: str | None = None
+    audit_only: bool = False
     eval_manifests: list[str] = field(default_factory=list)  # with --evaluate: every --val-manifest given
     perturb: str | None = None
     log_every: int = 50
@@ -99,6 +101,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     data.add_argument("--img-size", type=Int(min=img_size_multiple_of or 1, multiple_of=img_size_multiple_of),
                       default=d["img_size"], help=f"square input size in pixels{multiple}")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
+    data.add_argument("--self-blend", type=Float(min=0, max=1), default=d["self_blend"], metavar="P",
+                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off)")
     data.add_argument("--workers", type=Int(min=0), default=d["workers"],
                       help="DataLoader worker processes per rank, capped to the cores this process may use")
     data.add_argument("--cache-dir", default=d["cache_dir"],
@@ -152,6 +156,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     out.add_argument("--evaluate", metavar="CHECKPOINT", dest="evaluate_checkpoint",
                      default=d["evaluate_checkpoint"],
                      help="only evaluate this checkpoint on each --val-manifest (eval_NAME.json, predictions_NAME.csv)")
+    out.add_argument("--audit-only", action="store_true",
+                     help="only run the shortcut audit (file headers of the train and val manifests, or with "
+                          "--evaluate of its manifests): OUTPUT_DIR/shortcut_audit.csv and summary.json")
     out.add_argument("--perturb", metavar="SPEC",
                      help="with --evaluate: also score each manifest under these perturbations, e.g. "
                           "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest)")

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from src.data.cache import CacheView, open_cache
 from src.data.loaders import manifest_loader
+from src.data.self_blend import SelfBlend
 from src.data.transforms import build_cpu_transform
 from src.engine.config import TrainConfig
 from src.engine.distributed import DistInfo, ShardedSampler, barrier
@@ -51,9 +52,10 @@ def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
                              weights=weights)
     drop_last = sampler.per_rank >= cfg.batch_size
     loader = manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
-                             transform=build_cpu_transform(cfg.aug), seed=cfg.seed,
+                             transform=build_cpu_transform(cfg.aug, cfg.epochs), seed=cfg.seed,
                              skip_bad_images=cfg.skip_bad_images,
                              cache=shared_cache(cfg, frame, img_size, dist, workers),
                              pin_memory=dist.device.type == "cuda", drop_last=drop_last,
-                             max_pixels=cfg.max_image_pixels)
+                             max_pixels=cfg.max_image_pixels,
+                             self_blend=SelfBlend(cfg.self_blend) if cfg.self_blend else None)
     return loader, sampler, sampler.per_rank // cfg.batch_size if drop_last else 1

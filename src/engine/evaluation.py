@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from src.data.audit import run_audit
 from src.data.dataset import collate
 from src.data.manifest import LABEL_NAMES, read_manifest
 from src.data.perturb import Perturbation, check_image_size, parse_perturbations
@@ -167,9 +168,10 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
                         ) -> dict[str, Any] | None:
     """--evaluate: a checkpoint on every --val-manifest (and under each --perturb perturbation).
 
-    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake)), predictions_NAME.csv
-    (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb, robustness_NAME.csv and
-    .png; then eval_summary.csv across manifests. Existing files are never replaced without --overwrite.
+    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake); its shortcut audit),
+    predictions_NAME.csv (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb,
+    robustness_NAME.csv and .png; then eval_summary.csv across manifests and shortcut_audit.csv. Existing files
+    are never replaced without --overwrite.
     Returns {name: metrics} on rank 0. `threads`: what `cpu_threads` chose, said first.
     """
     out = Path(cfg.output_dir)
@@ -196,6 +198,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     model = model_from_checkpoint(checkpoint).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if dist.is_main:  # what the file headers alone give away about each set's labels
+        audit = run_audit({name: e.frame for name, e in zip(names, evaluators)}, out, min(cfg.workers, usable_cores()))
     results, rows, notes = {}, [], []
     for manifest, name, evaluator in zip(manifests, names, evaluators):
         result = evaluator.evaluate(model)
@@ -212,7 +216,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         calibrated = sigmoid(result.logits / temperature)
         frame = evaluator.frame[seen]
         report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
-                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame)}
+                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame),
+                  "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / f"eval_{name}.json", report)
         predictions = evaluator.frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]

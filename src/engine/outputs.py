@@ -40,7 +40,7 @@ def eval_outputs(cfg: TrainConfig) -> list[str]:
     files = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
     if cfg.perturb:
         files += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")]
-    return [*files, "eval_summary.csv"]
+    return [*files, "eval_summary.csv", "shortcut_audit.csv"]  # the last: src.data.audit.AUDIT_FILE
 
 
 def check_output_dir(cfg: TrainConfig) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("src")
 
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
-               "recon_samples", "tensorboard")
+               "recon_samples", "tensorboard", "shortcut_audit.csv")
 
 
 @contextmanager

@@ -33,9 +33,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from src.data.audit import run_audit
 from src.data.dataset import Batch
-from src.data.manifest import read_manifest
+from src.data.manifest import check_source_leak, read_manifest
 from src.data.transforms import DeviceTransform
+from src.engine.audit import audit_only
 from src.engine.calibration import calibration_report, fit_temperature
 from src.engine.checkpoint import (
     ensure_finite,
@@ -83,6 +85,8 @@ def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
     dist = setup_distributed(cfg.device)
     threads = cpu_threads(dist.device.type)
     with run_dir_lock(Path(cfg.output_dir), dist):
+        if cfg.audit_only:
+            return audit_only(cfg, dist)
         if cfg.evaluate_checkpoint:
             return evaluate_checkpoint(cfg, expert, dist, threads=threads)
         return Trainer(cfg, expert, dist, threads=threads).fit()
@@ -137,6 +141,10 @@ class Trainer:
         self.evaluator.check_select_metric(cfg.select_metric)
 
         self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
+        check_source_leak(self.train_frame, self.evaluator.frame)
+        # What the file headers alone give away about the labels: warned about before any GPU time is spent.
+        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
+                               self.workers) if dist.is_main else None
         expert.prepare(self.train_frame["label"].to_numpy())
         img_size = self.data_config["input_size"][-1]
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
@@ -439,7 +447,8 @@ class Trainer:
         metrics = self.evaluator.metrics(result)
         s = result.seen
         summary: dict[str, Any] = {"best_epoch": best["epoch"], "select_metric": self.cfg.select_metric,
-                                   "metrics": metrics, "model": self.expert.describe()}
+                                   "metrics": metrics, "model": self.expert.describe(),
+                                   "shortcut_audit": self.audit.to_dict("records")}
         temperature = 1.0
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
@@ -467,6 +476,7 @@ class Trainer:
 
     def _log_settings(self, stages: list[Stage]) -> None:
         cfg, dc = self.cfg, self.data_config
+        degrade = self.train_loader.dataset.transform
         n_params = sum(p.numel() for p in self.model.parameters())
         lines = [
             f"device {self.device} x {self.dist.world_size} rank(s)"
@@ -475,7 +485,9 @@ class Trainer:
             + (f", {self.threads}" if self.threads else ""),
             f"train {len(self.train_frame)} images ({int(self.train_frame['label'].sum())} fake) from "
             f"{cfg.train_manifest}; val {len(self.evaluator.frame)} from {cfg.val_manifest}",
-            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}, "
+            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
+            + (f" (degradations from epoch {degrade.start + 1})" if degrade else "")
+            + f", self-blend {cfg.self_blend:g}, "
             f"workers {self.workers}"
             + (f" (--workers {cfg.workers} capped to the {self.workers} cores this process may use)"
                if self.workers < cfg.workers else ""),
