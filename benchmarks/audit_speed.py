@@ -29,6 +29,7 @@ from PIL import Image
 from benchmarks.timing import machine
 from src.data.audit import audit_table, read_headers
 from src.data.decode import decode_image
+from src.processes import usable_cores
 
 
 def write_files(folder: Path, n: int, size: int = 64) -> list[str]:
@@ -62,7 +63,7 @@ def measured(fn: Callable[[], Any], n: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: cores)")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="processes (default: cores)")
     parser.add_argument("--dir", help="keep the generated files here (default: a temporary folder)")
     parser.add_argument("--json", default="output/audit_speed.json")
     args = parser.parse_args(argv)

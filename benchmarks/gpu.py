@@ -8,7 +8,6 @@ ratio is the share of the step the loader costs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from benchmarks.training import (
     genconvit_expert,
     resident_batch,
 )
+from src.processes import usable_cores
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class GpuPlan:
     e2e_steps: int = 60  # per end-to-end epoch: the train manifest holds e2e_steps * batch images
     warmup: int = 1
     repeats: int = 3
-    workers: int = max(1, min(16, (os.cpu_count() or 2) - 1))
+    workers: int = max(1, min(16, usable_cores() - 1))
     genconvit_batch: int = 128
     extract_batches: int = 8
     model: str = EFFNET

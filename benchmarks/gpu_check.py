@@ -34,6 +34,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from src.processes import usable_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "pandas", "sklearn", "matplotlib", "tqdm", "safetensors", "pytest")
 # Seconds per part; together under 8 minutes, under 10 with a real set.
@@ -95,7 +97,7 @@ def trainings(out: Path, limit: float) -> list[dict[str, Any]]:
     deadline = time.perf_counter() + limit
     data = out / "data"
     train, val = make_demo_dataset(data, n_videos=700, frames_per_video=3)  # 1,500 train + 600 val, ~20 s
-    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+    workers = max(1, min(16, usable_cores() - 1))
     common = ["--train-manifest", str(train), "--val-manifest", str(val), "--device", "cuda", "--amp", "bf16",
               "--workers", str(workers), "--cache-dir", str(data / "cache"), "--epochs", "3", "--overwrite"]
     plans = [

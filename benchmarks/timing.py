@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 from src.engine.precision import cpu_has_native_bf16
+from src.processes import usable_cores
 
 
 @dataclass
@@ -86,7 +87,7 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_cores_usable": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_cpu_bf16": cpu_has_native_bf16(),

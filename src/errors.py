@@ -69,3 +69,10 @@ class StopRequested(RuntimeError):
 # What exit_on_error reports in one line with exit code 2.
 USER_ERRORS = (ConfigError, ManifestError, ImageDecodeError, CheckpointError, PretrainedWeightsError,
                FeatureFileError, ExportCheckError, ValueError)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line for a one-line error: its first line (at most `limit` characters), or
+    its type's name when it has no message. Libraries' messages run to paragraphs of advice."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:limit]

@@ -23,6 +23,11 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _held_locks: set[int] = set()  # descriptors of the folder locks this process holds
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class LockBusy(Exception):
     """The lock is held by another live process; `holder` is the pid it wrote ("?" if not written yet)."""
 

@@ -129,12 +129,15 @@ def test_metrics_log_round_trip_and_resume(tmp_path):
     assert on_disk["video_auc"].isna().tolist() == [True, True, False, True]
     assert sorted(os.listdir(path.parent)) == ["metrics.csv"]
 
-    resumed = MetricsLog.load(path, up_to_epoch=1)
+    resumed = MetricsLog(path)
+    resumed.truncate(1)
     assert resumed.frame()["epoch"].tolist() == [0, 1]
     assert pd.read_csv(path)["epoch"].tolist() == [0, 1]  # stale epochs leave the file at once
     resumed.append({"epoch": 2, "train_loss": 0.3, "auc": 0.7})
     pd.testing.assert_frame_equal(pd.read_csv(path), resumed.frame(), check_dtype=False)
-    assert MetricsLog.load(path).frame()["auc"].tolist() == pytest.approx([0.5, 0.6, 0.7])
+    again = MetricsLog(path)
+    again.truncate(None)
+    assert again.frame()["auc"].tolist() == pytest.approx([0.5, 0.6, 0.7])
 
 
 def test_metrics_log_truncate_resumes_and_fresh_log_overwrites(tmp_path):
@@ -160,8 +163,10 @@ def test_metrics_log_rejects_repeated_epoch(tmp_path):
         log.append({"auc": 0.6})
 
 
-def test_metrics_log_load_missing_file_is_empty(tmp_path):
-    assert MetricsLog.load(tmp_path / "metrics.csv", up_to_epoch=3).frame().empty
+def test_metrics_log_truncate_of_a_missing_file_is_empty(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.csv")
+    log.truncate(3)
+    assert log.frame().empty
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):

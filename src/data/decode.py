@@ -19,7 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
 
-from src.errors import ImageDecodeError
+from src.errors import ImageDecodeError, first_line
 
 # torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec, not installed here) and warns on
 # every call; the fast path is chosen on purpose, so silence exactly that warning rather than flood the logs.
@@ -110,8 +110,7 @@ def _pil_decode(path: str, data: bytes) -> torch.Tensor:
     # PIL's format plugins raise many unrelated types (OSError, SyntaxError, ValueError, struct.error...)
     # on damaged data; all of them mean the same thing here.
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ImageDecodeError(path, reason) from None
+        raise ImageDecodeError(path, first_line(err)) from None
 
 
 def decode_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from src.errors import ManifestError
+from src.errors import ManifestError, first_line
 
 PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order of preference
 OPTIONAL_COLUMNS = ("video_id", "method", "source_id")
@@ -78,8 +78,7 @@ def _load_csv(manifest: Path) -> tuple[pd.DataFrame, list[str]]:
         frame = pd.read_csv(manifest, header=0, names=range(len(names)), usecols=list(read), index_col=False,
                             dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, csv.Error, pd.errors.ParserError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ManifestError(f"{manifest}: not a readable CSV file ({_shown(reason)})") from None
+        raise ManifestError(f"{manifest}: not a readable CSV file ({_shown(first_line(err))})") from None
     frame = frame.rename(columns=read)
     stripped = frame.apply(lambda col: col.str.strip())
     for col in frame.columns.difference(PATH_COLUMNS):

@@ -33,9 +33,10 @@ from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
 from src.engine.checkpoint import checkpoint_temperature, load_checkpoint
 from src.engine.precision import autocast, autocast_dtype, memory_format, pick_device
-from src.errors import CheckpointError, ManifestError, OfficialCheckpointError
+from src.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from src.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from src.models.genconvit import GenConViTED, GenConViTVAE, detect_variant, load_official_checkpoint, read_state_dict
+from src.processes import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
     except CheckpointError as err:  # weights of another model: the message names a few keys
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {_first_line(err)}") from err
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {first_line(err)}") from err
     # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
     data_config = {**state["data_config"], **RESIZE_CONFIG}
     temperature = checkpoint_temperature(state, path)
@@ -136,13 +137,10 @@ def _official_vae_sizes(weights: dict[str, torch.Tensor]) -> dict[str, int]:
     return {"img_size": side, "latent_channels": latent // (side // 32) ** 2}
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 def _default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return min(4, usable_cores())
 
 
 class ImageTransform:

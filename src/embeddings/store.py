@@ -12,7 +12,7 @@ import os
 import shutil
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,6 @@ class JoinedFeatures:
     blocks: list[slice]  # each expert's columns in ``embeddings``
     video_id: np.ndarray | None = None
     method: np.ndarray | None = None
-    sources: list[str] = field(default_factory=list)
 
 
 def join_features(sources: Sequence[str | os.PathLike | FeatureSet]) -> JoinedFeatures:
@@ -197,7 +196,6 @@ def join_features(sources: Sequence[str | os.PathLike | FeatureSet]) -> JoinedFe
         blocks=[slice(int(a), int(b)) for a, b in zip(widths[:-1], widths[1:])],
         video_id=first.video_id,
         method=first.method,
-        sources=[s.source for s in sets],
     )
 
 

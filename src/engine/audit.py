@@ -11,10 +11,10 @@ from src.data.manifest import check_source_leak, read_manifest
 from src.engine.config import TrainConfig
 from src.engine.distributed import DistInfo
 from src.engine.outputs import report_names
-from src.engine.precision import usable_cores
 from src.engine.report import write_json_atomic
 from src.engine.run_dir import setup_logging
 from src.errors import ConfigError
+from src.processes import usable_cores
 
 
 def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:

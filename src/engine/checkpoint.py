@@ -20,7 +20,7 @@ import torch
 
 from src.atomic import atomic_write
 from src.engine.distributed import broadcast_flag
-from src.errors import CheckpointError, TrainingDiverged
+from src.errors import CheckpointError, TrainingDiverged, first_line
 
 CHECKSUM_KEY = "tensors_sha256"
 
@@ -80,7 +80,7 @@ def _reason(err: Exception) -> str:
     if "WeightsUnpickler error:" in text:
         detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
         return f"the file holds objects weights_only loading refuses: {detail.split('. ')[0].rstrip('.')}"
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
 
 
 def ensure_finite(model: torch.nn.Module, device: torch.device, when: str, last_good: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from src.engine.config import NOT_REPLAYED
 from src.engine.flags import check_args, config_value
 from src.engine.outputs import RUN_FILES
-from src.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged
+from src.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged, first_line
 
 DEMO_ROOT = Path("data/demo")
 # A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
@@ -88,8 +88,8 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
 
             values = yaml.safe_load(text)
     except Exception as err:  # json and yaml raise their own many kinds; all mean "not a config file"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({first})") from None
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise ValueError(f"--config {path}: not valid {kind} ({first_line(err)})") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
     # argparse keeps no public list of its options

@@ -18,7 +18,6 @@ from src.engine.precision import pick_device
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     backend: str | None = None  # the process group's, when launched by torchrun
 
@@ -52,7 +51,7 @@ def setup_distributed(device: str | None = None) -> DistInfo:
             dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
             # One process group for the whole process: `--variant both` trains two models in it.
             atexit.register(cleanup_distributed)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, device=dev, backend=backend)
 
 
 def cleanup_distributed() -> None:

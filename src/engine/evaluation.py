@@ -25,12 +25,13 @@ from src.engine.data import val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
 from src.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
 from src.engine.outputs import check_output_dir, report_names
-from src.engine.precision import autocast, autocast_dtype, memory_format, usable_cores
+from src.engine.precision import autocast, autocast_dtype, memory_format
 from src.engine.report import format_report, plot_robustness, tpr_footnote, write_json_atomic, write_text_atomic
 from src.engine.run_dir import BadImages, setup_logging
 from src.errors import ConfigError, TrainingDiverged
 from src.experts.base import Expert
 from src.models.families import model_from_checkpoint
+from src.processes import usable_cores
 
 log = logging.getLogger("src")
 

@@ -9,11 +9,7 @@ import os
 import torch
 
 from src.errors import ConfigError
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which a container or taskset narrows)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from src.processes import usable_cores
 
 
 def busy_cpu_load() -> str | None:

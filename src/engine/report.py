@@ -319,19 +319,12 @@ class MetricsLog:
     """One row per epoch in a CSV, rewritten atomically on every append so a crash never truncates it.
 
     A new log starts empty: a fresh run replaces any metrics.csv already in its folder on the first append.
-    To resume, `load` (or `truncate` on a new log) reads the file back.
+    To resume, `truncate` reads the file back.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._rows = pd.DataFrame()
-
-    @classmethod
-    def load(cls, path: Path, *, up_to_epoch: int | None = None) -> MetricsLog:
-        """The log at `path`, keeping rows with epoch <= up_to_epoch (all if None); no file gives an empty log."""
-        log = cls(path)
-        log.truncate(up_to_epoch)
-        return log
 
     def truncate(self, up_to_epoch: int | None) -> None:
         """Reload the rows on disk, dropping those with epoch > up_to_epoch (from the file too, at once).

@@ -52,7 +52,7 @@ from src.engine.data import train_loader
 from src.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, broadcast_flags, setup_distributed
 from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid, video_level
 from src.engine.metrics import is_better, metric_direction
-from src.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format, usable_cores
+from src.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
 from src.engine.report import (
     MetricsLog,
     format_report,
@@ -65,7 +65,7 @@ from src.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock, setup_l
 from src.engine.tracking import make_tracker
 from src.errors import ConfigError, StopRequested, TrainingDiverged
 from src.experts.base import Expert, Stage
-from src.processes import StopRequest, stop_requests
+from src.processes import StopRequest, stop_requests, usable_cores
 
 log = logging.getLogger("src")
 

@@ -15,7 +15,7 @@ import timm
 from torch import nn
 
 from src.data.decode import RESIZE_CONFIG
-from src.errors import PretrainedWeightsError
+from src.errors import PretrainedWeightsError, first_line
 from src.models.names import MODEL_ALIASES
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ def create_timm_model(
     pretrained: bool = True,
     pretrained_file: str | Path | None = None,
     num_classes: int = 1,
-    drop_rate: float | None = None,
     drop_path_rate: float | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
@@ -49,8 +48,6 @@ def create_timm_model(
     A download or file that fails raises PretrainedWeightsError (the caller names its own flags).
     """
     kwargs: dict[str, Any] = {"num_classes": num_classes, **model_kwargs}
-    if drop_rate is not None:
-        kwargs["drop_rate"] = drop_rate
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained_file is not None:
@@ -64,13 +61,13 @@ def create_timm_model(
     except Exception as err:
         if pretrained_file is not None:
             raise PretrainedWeightsError(
-                f"pretrained weights file {pretrained_file}: cannot load weights for {name}: {_first_line(err)}"
+                f"pretrained weights file {pretrained_file}: cannot load weights for {name}: {first_line(err)}"
             ) from err
         if not pretrained:
             raise
         # The caller adds which of its flags give a local file instead.
         raise PretrainedWeightsError(
-            f"could not download pretrained weights for {name} ({type(err).__name__}: {_first_line(err)})"
+            f"could not download pretrained weights for {name} ({type(err).__name__}: {first_line(err)})"
         ) from err
 
 
@@ -86,6 +83,3 @@ def timm_data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
     }
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
