@@ -17,6 +17,7 @@ from conftest import fails, output_dir
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
+from src.atomic import write_json_atomic
 from src.data.dataset import ManifestDataset
 from src.data.manifest import read_manifest
 from src.data.perturb import check_image_size, parse_perturbations
@@ -25,7 +26,6 @@ from src.engine import cli
 from src.engine.checkpoint import save_checkpoint
 from src.engine.config import NOT_REPLAYED, SEED_MAX, config_from_args
 from src.engine.precision import pick_device
-from src.engine.report import write_json_atomic
 from src.engine.trainer import Trainer
 from src.errors import ConfigError, ManifestError
 from src.experts.effnet import TimmExpert

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from src import atomic
+from src.atomic import write_json_atomic
 from src.engine.metrics import FPR_TARGETS, operating_points
 from src.engine.report import (
     MetricsLog,
@@ -17,7 +18,6 @@ from src.engine.report import (
     plot_robustness,
     plot_roc,
     plot_training_curves,
-    write_json_atomic,
 )
 
 

@@ -37,11 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.atomic import DIR_MODE, FILE_MODE, naming, staging_dir
+from src.atomic import DIR_MODE, FILE_MODE, naming, staging_dir, write_json_atomic
 from src.data.decode import decode_image, resize_uint8
 from src.data.manifest import read_manifest
 from src.embeddings.extract import LoadedExpert, load_expert
-from src.engine.report import write_json_atomic
 from src.errors import ConfigError, ExportCheckError, ImageDecodeError, ManifestError
 
 log = logging.getLogger(__name__)

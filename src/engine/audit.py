@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from src.atomic import write_json_atomic
 from src.data.audit import AUDIT_FILE, run_audit
 from src.data.manifest import check_source_leak, read_manifest
 from src.engine.config import TrainConfig
 from src.engine.distributed import DistInfo
 from src.engine.outputs import report_names
-from src.engine.report import write_json_atomic
 from src.engine.run_dir import setup_logging
 from src.errors import ConfigError
 from src.processes import usable_cores

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from src.atomic import write_json_atomic, write_text_atomic
 from src.data.audit import run_audit
 from src.data.dataset import collate
 from src.data.manifest import LABEL_NAMES, read_manifest
@@ -26,7 +27,7 @@ from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index,
 from src.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
 from src.engine.outputs import check_output_dir, report_names
 from src.engine.precision import autocast, autocast_dtype, memory_format
-from src.engine.report import format_report, plot_robustness, tpr_footnote, write_json_atomic, write_text_atomic
+from src.engine.report import format_report, plot_robustness, tpr_footnote
 from src.engine.run_dir import BadImages, setup_logging
 from src.errors import ConfigError, TrainingDiverged
 from src.experts.base import Expert

@@ -1,4 +1,4 @@
-"""Run reports: ROC and training-curve PNGs, a terminal metrics table, crash-safe metrics.csv and JSON files.
+"""Run reports: ROC and training-curve PNGs, a terminal metrics table, and the crash-safe metrics.csv.
 
 Figures are built on matplotlib.figure.Figure directly rather than pyplot: savefig then renders with Agg,
 with no global backend switch and no figure registry to leak memory across epochs or threads.
@@ -6,7 +6,6 @@ with no global backend switch and no figure registry to leak memory across epoch
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from sklearn.metrics import RocCurveDisplay
 
-from src.atomic import atomic_write
+from src.atomic import atomic_write, write_text_atomic
 from src.engine.metrics import FPR_TARGETS, operating_points, unresolved_targets
 
 # The loss terms an expert may log besides the total (GenConViT: classification, reconstruction, KL).
@@ -30,30 +29,6 @@ _CURVE_PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("validation", ("auc", "ap", "video_auc"), False),
     ("learning rate", ("lr_last_step",), True),
 )
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; NaN and +-inf become None (JSON has no literal for them)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write `obj` as indented JSON, atomically; NaN/inf are written as null."""
-    write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def plot_roc(

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from src.atomic import write_text_atomic
 from src.engine.distributed import DistInfo, barrier, gather_objects
 from src.engine.outputs import RUN_FILES, existing_run_error, run_files_in
-from src.engine.report import write_text_atomic
 from src.errors import ConfigError
 from src.processes import LockBusy, exclusive_lock
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from src.atomic import write_json_atomic, write_text_atomic
 from src.data.audit import run_audit
 from src.data.dataset import Batch
 from src.data.manifest import check_source_leak, read_manifest
@@ -53,14 +54,7 @@ from src.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_
 from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid, video_level
 from src.engine.metrics import is_better, metric_direction
 from src.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
-from src.engine.report import (
-    MetricsLog,
-    format_report,
-    plot_roc,
-    plot_training_curves,
-    write_json_atomic,
-    write_text_atomic,
-)
+from src.engine.report import MetricsLog, format_report, plot_roc, plot_training_curves
 from src.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock, setup_logging
 from src.engine.tracking import make_tracker
 from src.errors import ConfigError, StopRequested, TrainingDiverged
