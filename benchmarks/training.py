@@ -19,9 +19,9 @@ from torch import nn
 
 from benchmarks.data import write_manifests
 from benchmarks.timing import Row, interleaved, row
-from feature_extractor import FeatureExtractor
 from src.data.dataset import Batch, ManifestDataset, collate
 from src.data.transforms import DeviceTransform
+from src.embeddings import FeatureExtractor
 from src.engine.checkpoint import save_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.distributed import setup_distributed
