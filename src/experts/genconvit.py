@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.utils import make_grid, save_image
 
 from src.atomic import atomic_write
 from src.errors import PretrainedWeightsError
@@ -167,6 +167,10 @@ class GenConViTExpert(Expert):
     def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.criterion(outputs, images, labels)
 
+    def sample_metrics(self, outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """val_recon_psnr and, for comparison, val_mean_colour_psnr (see GenConViTLoss.psnr)."""
+        return self.criterion.psnr(outputs, images)
+
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return parse_stages(self.stage_spec, epochs, lr)
 
@@ -183,23 +187,47 @@ class GenConViTExpert(Expert):
     def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
                         out_dir: Path) -> dict[str, Path]:
         """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
-        the [0, 1] pixel space the reconstruction loss is computed in.
+        the [0, 1] pixel space the reconstruction loss is computed in; rows labelled real / fake.
 
-        Real images come first, then fakes; a detector that works shows brighter differences on fakes.
+        Real images come first, then fakes: GenConViT's premise is that fakes reconstruct worse.
         """
         model.eval()
         outputs = model(images)
         shown, rebuilt = self.criterion.pixels(images).clamp(0, 1), outputs.recon.float().clamp(0, 1)
-        diff = ((shown - rebuilt).abs() * 4).clamp(0, 1)
-        tiles = torch.stack([shown, rebuilt, diff], dim=1).flatten(0, 1)
+        psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
         path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        grid = make_grid(tiles.cpu(), nrow=3, padding=2)
-        atomic_write(path, lambda f: save_image(grid, f, format="png"))
+        title = (f"epoch {epoch}: reconstruction PSNR {psnr['recon_psnr']:.1f} dB\n"
+                 f"(each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
+        plot_recon_grid(shown.cpu(), rebuilt.cpu(), labels.cpu().numpy(), path, title)
         per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
         labels_np = labels.cpu().numpy()
-        log.info("recon samples: %s (MSE real %.4f, fake %.4f)", path, float(np.mean(per_image[labels_np == 0])),
-                 float(np.mean(per_image[labels_np == 1])))
+        log.info("recon samples: %s (MSE real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB)", path,
+                 float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
+                 psnr["recon_psnr"], psnr["mean_colour_psnr"])
         return {"recon_samples": path}
+
+
+RECON_COLUMNS = ("input", "reconstruction", "difference x4")
+
+
+def plot_recon_grid(inputs: torch.Tensor, recons: torch.Tensor, labels: np.ndarray, path: Path, title: str) -> None:
+    """Rows of input | reconstruction | |input - reconstruction| x 4 ([N, 3, H, W] in [0, 1]), each tile at its
+    own resolution, with column headers and real / fake row labels (labels: 1 = fake)."""
+    diffs = ((inputs - recons).abs() * 4).clamp(0, 1)
+    side = max(inputs.shape[-1] / 100, 1.0)  # inches per tile at dpi 100: no resampling from 100 px up
+    fig = Figure(figsize=(3 * side + 0.6, len(inputs) * side + 0.6), layout="constrained")
+    axes = fig.subplots(len(inputs), 3, squeeze=False)
+    for row, tiles in enumerate(zip(inputs, recons, diffs)):
+        for col, tile in enumerate(tiles):
+            ax = axes[row, col]
+            ax.imshow(tile.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(RECON_COLUMNS[col], fontsize=9)
+        axes[row, 0].set_ylabel("fake" if labels[row] == 1 else "real", fontsize=9)
+    fig.suptitle(title, fontsize=8)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def _str(path: str | Path | None) -> str | None:
