@@ -26,13 +26,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from src.engine.cli import exit_on_error
+from src.engine.cli import HelpFormatter, command_help, exit_on_error
+from src.engine.flags import Int, check_args
+from src.errors import ManifestError
 
 if TYPE_CHECKING:
     from src.embeddings import FeatureExtractor, join_features, load_features
 
 __all__ = ["FeatureExtractor", "join_features", "load_features", "example", "main"]
 _LAZY = ("FeatureExtractor", "join_features", "load_features")
+COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 
 
 def __getattr__(name: str) -> Any:
@@ -65,29 +68,42 @@ def example(output_root: str | Path = "output", features_dir: str | Path = "feat
     return print_preview(features)  # joins the files row for row, checked, and cross-validates a stacker
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
-    source = parser.add_mutually_exclusive_group()
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
+                                     formatter_class=HelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
+    model.add_argument("--model-name", help="optional check against the name the checkpoint records")
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
     source.add_argument("--manifest", help="CSV with a path column (label, video_id, method: used when present)")
     source.add_argument("--images", metavar="DIR", help="every PNG/JPEG below this folder, sorted by path")
-    parser.add_argument("--out", help="feature file to write (.npz)")
-    parser.add_argument("--export", metavar="DIR", help="write the checkpoint as ONNX (+ safetensors and config.json "
-                                                        "for timm experts) into DIR, checked against PyTorch")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out (or --export's files) if they exist")
-    parser.add_argument("--model-name", help="optional check against the name the checkpoint records")
-    parser.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
-    parser.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
-    parser.add_argument("--cache-dir", help="read images through the decoded-image cache in this folder")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: min(4, CPUs))")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on the GPU")
-    parser.add_argument("--example", action="store_true",
-                        help="extract val features of both experts from --output-root, then a stacking preview")
-    parser.add_argument("--output-root", default="output", help="where --example looks for the trainers' runs")
-    parser.add_argument("--features-dir", default="features", help="where --example writes its feature files")
+    data.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
+    data.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
+    data.add_argument("--cache-dir", help="read images through the decoded-image cache in this folder (default: "
+                                          "decode from the files)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--out", help="feature file to write (.npz)")
+    out.add_argument("--export", metavar="DIR", help="write the checkpoint as ONNX (+ safetensors and config.json "
+                                                     "for timm experts) into DIR, checked against PyTorch")
+    out.add_argument("--overwrite", action="store_true", help="replace --out (or --export's files) if they exist")
+    ex = parser.add_argument_group("execution")
+    ex.add_argument("--batch-size", type=Int(min=1), default=64, help="images per forward pass")
+    ex.add_argument("--workers", type=Int(min=0), help="DataLoader worker processes (default: min(4, CPUs))")
+    ex.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    ex.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on the GPU")
+    example = parser.add_argument_group("example (stage three's input from the trainers' runs)")
+    example.add_argument("--example", action="store_true",
+                         help="extract val features of both experts from --output-root, then a stacking preview")
+    example.add_argument("--output-root", default="output", help="where --example looks for the trainers' runs")
+    example.add_argument("--features-dir", default="features", help="where --example writes its feature files")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.export and not args.checkpoint:
         parser.error("--export needs --checkpoint")
     if not (args.example or args.export):
@@ -112,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
 
         export_expert(args.checkpoint, args.export, overwrite=args.overwrite)
         return
+    if args.images and not Path(args.images).is_dir():
+        what = "no such folder" if not Path(args.images).exists() else "a file, not a folder of images"
+        raise ManifestError(f"--images {args.images}: {what}")
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")

@@ -34,7 +34,9 @@ from benchmarks.input_pipeline import input_pipeline
 from benchmarks.learn import LearnPlan, run_learn
 from benchmarks.learn import markdown as learn_markdown
 from benchmarks.timing import Row, fill_ratios, load_average, machine
+from benchmarks.traces import TRACES
 from benchmarks.training import cpu_extraction, cpu_training
+from src.engine.precision import busy_cpu_load
 
 SECTIONS = ("input", "train", "extract", "gpu", "learn")
 
@@ -139,13 +141,11 @@ def format_goals(goals: list[dict[str, Any]]) -> str:
 
 
 def default_threads() -> int:
-    """One thread per core, unless other processes already keep half the cores busy: then OpenMP threads
-    spin-wait for each other while descheduled (a 2-thread EfficientNet step ran 4x slower than a 1-thread
-    one on a shared 2-core box), and one thread gives steadier, faster figures."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] >= cores / 2
+    """One thread per core, unless other processes already keep half the cores busy (the trainer's rule,
+    src.engine.precision.busy_cpu_load): then one thread gives steadier, faster figures."""
+    busy = busy_cpu_load()
     if busy:
-        print(f"machine busy (load {os.getloadavg()[0]:.1f} on {cores} cores): 1 torch thread; --threads overrides")
+        print(f"machine busy ({busy}): 1 torch thread; --threads overrides")
     return 1 if busy else torch.get_num_threads()
 
 
@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "learn" in wanted:
             t0 = time.perf_counter()
             print("running learnability ...", flush=True)
-            result["learn"] = run_learn(LearnPlan(seeds=(0,) if args.quick else (0, 1, 2)), work)
+            # One seed: the quick run on the first trace type only, the full run on every type (benchmarks.traces).
+            plan = LearnPlan(seeds=(0,), types=TRACES[:1]) if args.quick else LearnPlan(seeds=(0,))
+            result["learn"] = run_learn(plan, work)
             result["seconds"]["learn"] = round(time.perf_counter() - t0, 1)
     _write(result, rows, started, out)
 

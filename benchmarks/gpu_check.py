@@ -11,7 +11,10 @@ slow or failing part never costs the others:
    extraction bf16 vs fp32, ``torchrun --nproc_per_node=1`` over NCCL;
 3. short real trainings through the real CLIs on generated data (bf16, channels_last, decoded cache; then once
    with ``--compile``), with images/s per epoch;
-4. section 5 of the benchmark suite (``python -m benchmarks.bench --sections gpu --quick``).
+4. section 5 of the benchmark suite (``python -m benchmarks.bench --sections gpu --quick``);
+5. when a real set is present (``--real-set``, default data/real_set/ with train.csv, val.csv and any
+   cross_NAME.csv, as ``python -m benchmarks.real_set`` writes them): the learnability benchmark's real mode,
+   plain loop vs ours, 90 s at most.
 
 Without CUDA it says so, runs the CPU-safe parts (1, and the collection of 2, whose tests skip), writes the
 report and exits 0. Paste report.md into BENCHMARKS.md.
@@ -33,8 +36,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "pandas", "sklearn", "matplotlib", "tqdm", "safetensors", "pytest")
-# Seconds per part; together under 8 minutes.
-LIMITS = {"tests": 150, "train": 180, "bench": 150}
+# Seconds per part; together under 8 minutes, under 10 with a real set.
+LIMITS = {"tests": 150, "train": 180, "bench": 150, "real": 90}
+REAL_SET = ROOT / "data" / "real_set"
 
 
 def environment() -> dict[str, Any]:
@@ -135,6 +139,23 @@ def bench(out: Path, limit: float) -> dict[str, Any]:
     return result
 
 
+def real_set_command(folder: Path, out: Path) -> list[str] | None:
+    """The learnability benchmark's real mode on `folder`'s train.csv / val.csv / cross_*.csv; None without them."""
+    train, val = folder / "train.csv", folder / "val.csv"
+    if not (train.is_file() and val.is_file()):
+        return None
+    crosses = [arg for p in sorted(folder.glob("cross_*.csv")) for arg in ("--cross", f"{p.stem[6:]}={p}")]
+    return [sys.executable, "-m", "benchmarks.learn", "--train-manifest", str(train), "--val-manifest", str(val),
+            *crosses, "--device", "cuda", "--seeds", "0", "--epochs", "10", "--json", str(out / "learn_real.json")]
+
+
+def real_learn(command: list[str], out: Path, limit: float) -> dict[str, Any]:
+    result = _run(command, limit, out / "learn_real.log")
+    md = out / "learn_real.md"
+    result["markdown"] = md.read_text() if md.is_file() else ""
+    return result
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = ["# GPU check", "", f"`{report['command']}`: {report['seconds']:.0f} s", ""]
@@ -159,6 +180,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("bench"):
         lines += ["", f"## Benchmark section 5 (exit {report['bench']['exit']}, {report['bench']['seconds']} s)", "",
                   report["bench"]["markdown"]]
+    if report.get("real"):
+        lines += ["", f"## Learnability on the real set (exit {report['real']['exit']}, {report['real']['seconds']} s)",
+                  "", report["real"]["markdown"]]
     for note in report["notes"]:
         lines.append(f"- note: {note}")
     return "\n".join(lines) + "\n"
@@ -167,6 +191,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", default="output/gpu_check", help="folder for report.md and report.json")
+    parser.add_argument("--real-set", type=Path, default=REAL_SET,
+                        help="folder with train.csv, val.csv (and cross_NAME.csv) of a real set (README)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["trainings"] = trainings(out, LIMITS["train"])
         print("benchmark section 5 ...", flush=True)
         report["bench"] = bench(out, LIMITS["bench"])
+        command = real_set_command(args.real_set.resolve(), out)
+        if command:
+            print("learnability on the real set ...", flush=True)
+            report["real"] = real_learn(command, out, LIMITS["real"])
+        else:
+            report["notes"].append(f"no real set in {args.real_set} (train.csv, val.csv): learnability on real data "
+                                   "not run (README: Learnability on real data)")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))

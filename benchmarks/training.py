@@ -226,7 +226,7 @@ def extraction_cases(
     dataset = ManifestDataset(frame, fx.img_size)
     batches = [collate([dataset[(i * batch + j) % len(frame)] for j in range(batch)]) for i in range(n_batches)]
     memory_format = torch.channels_last if fx.channels_last else torch.contiguous_format
-    inputs = [fx.transform(b.images.to(fx.device)).contiguous(memory_format=memory_format) for b in batches]
+    inputs = [fx.normalise(b.images.to(fx.device)).contiguous(memory_format=memory_format) for b in batches]
     n = batch * n_batches
 
     def extract() -> int:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -15,8 +19,10 @@ def _umask() -> int:
     return mask
 
 
-# mkstemp creates files 0600; a finished file gets the mode open() would have given it.
+# mkstemp creates files 0600 (mkdtemp folders 0700); a finished file or folder gets the mode open() or mkdir()
+# would have given it.
 FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = True) -> None:
@@ -45,3 +51,39 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: 
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError as one naming `path`, the file or folder the user asked for, not a temporary one."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+def staging_dir(target: str | Path, kind: str = "partial") -> Path:
+    """A new hidden folder beside `target` to build it in (then rename it over `target`, or move its files).
+
+    The name records this host and process, so that what a build killed with -9 left behind is recognised and
+    removed here, by the next build of the same target; a live build's folder is left alone.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.{kind}-"
+    host = socket.gethostname()
+    for old in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid, _, rest = old.name[len(prefix):].partition("-")
+        if pid.isdigit() and rest.rsplit("-", 1)[0] == host and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{host}-", dir=target.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -50,6 +50,10 @@ class FeatureFileError(ValueError):
     """A feature file that cannot be read, or feature files that do not describe the same images."""
 
 
+class ExportCheckError(RuntimeError):
+    """An exported model that does not give what PyTorch gives (see src.embeddings.export); nothing was written."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss, a weight or a statistic became NaN or infinite; the last good checkpoint is left as it was."""
 
@@ -64,4 +68,4 @@ class StopRequested(RuntimeError):
 
 # What exit_on_error reports in one line with exit code 2.
 USER_ERRORS = (ConfigError, ManifestError, ImageDecodeError, CheckpointError, PretrainedWeightsError,
-               FeatureFileError, ValueError)
+               FeatureFileError, ExportCheckError, ValueError)

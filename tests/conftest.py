@@ -5,11 +5,22 @@ import os
 # A stray hub call must fail fast instead of hanging on a closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from src.data.demo import make_demo_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests import it as `from conftest import ROOT`
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a script or `python -c` run as a child process: the checkout importable, no hub, output
+    unbuffered (tests read it as it comes), and one torch thread: deterministic CPU kernels, and several processes
+    (DDP ranks, cache workers) that do not fight over the cores."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +29,64 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     return make_demo_dataset(tmp_path_factory.mktemp("tiny_data"), n_videos=16, frames_per_video=3, size=64)
 
 
-@pytest.fixture
-def effnet_args(tiny_data, tmp_path) -> list[str]:
-    """Flags for a seconds-long CPU run of train_stage2_effnet.py with timm's tiny test model."""
+def fails(main, args: list[str], capsys, code: int = 2) -> str:
+    """Run `main(args)` as the command does; assert the exit code and one line on stderr, and return that line."""
+    from src.engine.cli import exit_on_error
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_error(lambda: main(args))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == code and len(err.splitlines()) == 1, err
+    return err
+
+
+def set_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """A copy of a flag list with flag set to value: replaced where it is given, appended where it is not."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def output_dir(args: list[str]) -> Path:
+    """The --output-dir of a flag list."""
+    return Path(args[args.index("--output-dir") + 1])
+
+
+def _effnet_flags(tiny_data: tuple[Path, Path], out: Path) -> list[str]:
     train, val = tiny_data
     return ["--train-manifest", str(train), "--val-manifest", str(val), "--model", "test_efficientnet",
             "--no-pretrained", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "2",
-            "--amp", "off", "--output-dir", str(tmp_path / "run")]
+            "--amp", "off", "--output-dir", str(out)]
+
+
+@pytest.fixture
+def effnet_args(tiny_data, tmp_path) -> list[str]:
+    """Flags for a seconds-long CPU run of train_stage2_effnet.py with timm's tiny test model."""
+    return _effnet_flags(tiny_data, tmp_path / "run")
+
+
+TRAINED_LR = ["--lr", "1e-2"]  # a decisive model (val AUC 1.0, calibrated P(fake) spread over [0, 1])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    """The folder of one finished 2-epoch run (effnet_args' flags + TRAINED_LR), trained once per session.
+
+    Shared: read it, never change it; a test that resumes or overwrites it takes finished_run's copy. The high lr
+    makes a decisive model, so that its scores show any preprocessing difference.
+    """
+    import train_stage2_effnet
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train_stage2_effnet.main([*_effnet_flags(tiny_data, out), *TRAINED_LR])
+    return out
+
+
+@pytest.fixture
+def finished_run(trained_run, effnet_args) -> list[str]:
+    """The flags trained_run was trained with, whose --output-dir holds this test's own copy of it."""
+    shutil.copytree(trained_run, output_dir(effnet_args), ignore=shutil.ignore_patterns(".lock"))
+    return [*effnet_args, *TRAINED_LR]

@@ -1,5 +1,7 @@
 """Entry-script parsing: --demo settings become defaults, so any flag given on the command line wins."""
 
+from functools import partial
+
 import pytest
 
 import train_stage2_effnet
@@ -12,8 +14,12 @@ def demo_root(tmp_path, monkeypatch):
     return tmp_path / "demo"
 
 
-def test_demo_settings_are_defaults_that_flags_override(demo_root):
+def test_demo_settings_are_defaults_that_flags_override(demo_root, capsys):
     args = cli.parse_args(train_stage2_effnet.build_parser(), ["--demo"], aug="light", epochs=3)
+    # It says what it does while it generates the data (a minute on a busy box), and how long it took.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"demo: generating 588 synthetic 256x256 face crops (196 videos) in {demo_root}")
+    assert printed[1].startswith("demo: 420 train + 168 val images written in ")
     assert (args.aug, args.epochs, args.overwrite) == ("light", 3, True)
     assert args.train_manifest == str(demo_root / "train.csv") and (demo_root / "train.csv").is_file()
     assert args.output_dir == "output/stage2_effnet_demo"
@@ -27,3 +33,22 @@ def test_without_demo_nothing_changes(demo_root):
     args = cli.parse_args(train_stage2_effnet.build_parser(), ["--epochs", "4"], aug="light")
     assert (args.aug, args.epochs, args.train_manifest) == ("standard", 4, "train_manifest.csv")
     assert not demo_root.exists()
+
+
+def test_demo_says_when_it_reuses_its_data_and_replaces_an_earlier_run(demo_root, tmp_path, capsys, monkeypatch):
+    from src.data import demo
+
+    monkeypatch.setattr(demo, "make_demo_dataset", partial(demo.make_demo_dataset, n_videos=4, frames_per_video=1,
+                                                           size=16))
+    run = tmp_path / "run"
+    cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)])
+    assert "replacing" not in capsys.readouterr().out
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"an earlier run")
+    cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"demo: reusing the synthetic dataset in {demo_root}",
+        f"demo: replacing the earlier run in {run} (--demo overwrites its output folder)",
+    ]
+    cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run), "--resume"])
+    assert "replacing" not in capsys.readouterr().out

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 
 import train_stage2_effnet
 import train_stage2_genconvit
@@ -27,7 +28,6 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(name: str, **figures: object) -> None:
@@ -40,10 +40,6 @@ def record(name: str, **figures: object) -> None:
 
 def _cuda_flags(args: list[str]) -> list[str]:
     return [*[a for a in args if a not in ("--amp", "off")], "--device", "cuda", "--amp", "bf16"]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_bf16_train_step_effnet(effnet_args):
@@ -100,13 +96,15 @@ def test_resume_on_cuda_is_bit_identical(effnet_args, tmp_path):
 
     train_stage2_effnet.main(flags(tmp_path / "straight"))
     cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *flags(tmp_path / "killed")]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
     for line in proc.stdout:
         if line.startswith("epoch 2/3 step 2/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=120)
-    resumed = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    resumed = subprocess.run([*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, cwd=ROOT,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("straight", "killed"))
     for key in a:
@@ -130,7 +128,8 @@ def test_extraction_bf16_agrees_with_fp32(effnet_args, tiny_data):
 def test_torchrun_one_process_initialises_nccl(effnet_args):
     args = _cuda_flags(effnet_args)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    ran = subprocess.run([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=_env(), capture_output=True,
+    ran = subprocess.run([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=subprocess_env(),
+                         capture_output=True,
                          text=True, cwd=ROOT, timeout=600)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     assert "process group nccl" in ran.stdout

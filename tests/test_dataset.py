@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader
 
+from src.data.cache import DecodedCache
 from src.data.dataset import Batch, ManifestDataset, collate
-from src.data.decode import decode_image, resize_uint8
+from src.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
+from src.engine.config import TrainConfig
 from src.errors import ImageDecodeError
 
 H, W = 13, 21  # odd, non-square
@@ -97,6 +99,63 @@ def test_jpeg_matches_pil(tmp_path):
     Image.fromarray(_pixels()).save(tmp_path / "a.jpg", quality=90)
     expected = _chw(np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB")))
     assert torch.equal(decode_image(str(tmp_path / "a.jpg")), expected)
+
+
+def _oriented(path: Path, orientation: int, fmt: str = "JPEG") -> Path:
+    """An image saved with an EXIF Orientation tag, as phones write them (pixels stored sideways)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_pixels()).save(path, fmt, exif=exif, **({"quality": 90} if fmt == "JPEG" else {}))
+    return path
+
+
+def _upright(path: Path) -> torch.Tensor:
+    return _chw(np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pil_exif_transpose_does(tmp_path, orientation):
+    path = _oriented(tmp_path / "phone.jpg", orientation)
+    decoded = decode_image(str(path))
+    assert decoded.shape == (3, W, H) if orientation >= 5 else (3, H, W)
+    assert torch.equal(decoded, _upright(path))
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF"])
+def test_exif_orientation_of_formats_torchvision_would_leave_sideways(tmp_path, fmt):
+    path = _oriented(tmp_path / f"phone.{fmt.lower()}", 6, fmt)
+    assert torch.equal(decode_image(str(path)), _upright(path))
+
+
+def test_training_and_the_cache_see_the_upright_image(tmp_path):
+    path = _oriented(tmp_path / "phone.jpg", 6)
+    expected = resize_uint8(_upright(path), 16)
+    frame = pd.DataFrame({"path": [str(path)], "label": [1]})
+    assert torch.equal(ManifestDataset(frame, 16)[0][0], expected)
+    cache = DecodedCache(tmp_path / "cache", 16)
+    assert torch.equal(cache.view(cache.prepare([str(path)]))[0], expected)
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 100-byte PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    assert MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS == TrainConfig().max_image_pixels
+    bomb = _png_claiming(tmp_path / "bomb.png", 30_000, 30_000)
+    with pytest.raises(ImageDecodeError, match=rf"{bomb}: 30000x30000 pixels, over the limit of {MAX_IMAGE_PIXELS}"):
+        decode_image(str(bomb))
+    Image.fromarray(_pixels()).save(tmp_path / "a.jpg")
+    with pytest.raises(ImageDecodeError, match=rf"a\.jpg: {W}x{H} pixels, over the limit of 200"):
+        decode_image(str(tmp_path / "a.jpg"), max_pixels=200)
+    assert decode_image(str(tmp_path / "a.jpg"), max_pixels=H * W).shape == (3, H, W)
 
 
 def test_resize_uint8_to_a_square(tmp_path):

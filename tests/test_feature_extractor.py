@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
+from conftest import ROOT
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import feature_extractor
 from src.embeddings import (
@@ -23,6 +29,9 @@ from src.embeddings import (
     join_features,
     load_features,
 )
+from src.embeddings.extract import source_frame
+from src.embeddings.stacking_preview import print_preview
+from src.embeddings.store import FeatureSet
 from src.engine.checkpoint import save_checkpoint
 from src.engine.cli import exit_on_error
 from src.errors import CheckpointError
@@ -30,7 +39,6 @@ from src.models.families import FAMILIES
 from src.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
 from src.models.timm_models import create_timm_model, timm_data_config
 
-ROOT = Path(__file__).resolve().parents[1]
 IMG = 64
 N = 6
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -209,6 +217,77 @@ def test_plain_image_label_batches(data, timm_fx):
         assert got_labels.tolist() == labels.tolist()
 
 
+class PilDataset(Dataset):
+    """What a user writes around their own images: PIL in, `transform` applied, (image, label) out."""
+
+    def __init__(self, paths: list[Path], labels: list[int], transform) -> None:
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image), self.labels[i]
+
+
+def test_fx_transform_makes_a_users_dataset_give_the_extractors_features(tmp_path, timm_fx):
+    manifest = write_dataset(tmp_path, N, size=IMG + 16)  # resized on the way in, as in training
+    fx = timm_fx
+    expected, labels, _ = rows_of(fx, manifest)
+    paths = [manifest.parent / p for p in pd.read_csv(manifest)["path"]]
+    loader = DataLoader(PilDataset(paths, labels.tolist(), fx.transform), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the transform's batches are exactly what extract expects: no warning
+        embeddings, got_labels = fx.extract(loader)
+    np.testing.assert_array_equal(embeddings, expected)
+    assert got_labels.tolist() == labels.tolist()
+    image = fx.transform(Image.open(paths[0]))
+    assert image.dtype == torch.uint8 and image.shape == (3, IMG, IMG)
+
+
+def _phone_jpeg(path: Path) -> Path:
+    """A 40x24 photo stored sideways with EXIF Orientation 6, as phones write them."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.stack([*np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 24)), np.full((24, 40), 90.0)], -1)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, "JPEG", quality=95, exif=exif)
+    return path
+
+
+def _grey16_png(path: Path) -> Path:
+    Image.fromarray((np.arange(40 * 24).reshape(24, 40) * 60).astype(np.uint16)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [_phone_jpeg, _grey16_png], ids=["EXIF-rotated JPEG", "16-bit grey PNG"])
+def test_fx_transform_decodes_a_pil_image_as_the_loaders_decode_its_file(tmp_path, timm_fx, make):
+    path = make(tmp_path / ("image.jpg" if make is _phone_jpeg else "image.png"))
+    from_file = next(iter(timm_fx.make_loader([str(path)]))).images[0]
+    with Image.open(path) as image:
+        transformed = timm_fx.transform(image)
+        naive = TF.resize(TF.pil_to_tensor(image.convert("RGB")), [IMG, IMG], antialias=True)
+    assert transformed.dtype == torch.uint8 and transformed.shape == (3, IMG, IMG)
+    torch.testing.assert_close(transformed, from_file, rtol=0, atol=0)
+    assert (naive.int() - from_file.int()).abs().max() > 50  # sideways, or clipped to white: not the training input
+
+
+@pytest.mark.parametrize("case", ["[0, 1] floats", "0-255 floats", "other size"])
+def test_extract_warns_once_about_batches_the_transform_would_not_give(tmp_path, data, timm_fx, case):
+    images = read_images(data)
+    batches = {"[0, 1] floats": images.float() / 255, "0-255 floats": images.float(),
+               "other size": torch.nn.functional.interpolate(images.float(), size=IMG // 2).to(torch.uint8)}[case]
+    loader = DataLoader(TensorDataset(batches, torch.zeros(N, dtype=torch.int64)), batch_size=2)  # 3 batches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        timm_fx.extract(loader)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    expected = {"[0, 1] floats": "unnormalised [0, 1] pixels", "0-255 floats": "outside [",
+                "other size": f"[2, 3, {IMG // 2}, {IMG // 2}], but the model was trained on [B, 3, {IMG}, {IMG}]"}
+    assert expected[case] in messages[0] and "fx.transform" in messages[0]
+
+
 def test_official_genconvit_files(tmp_path, genconvit_experts):
     ed = genconvit_experts["ed"][1]
     state = dict(ed.state_dict())
@@ -224,9 +303,11 @@ def test_official_genconvit_files(tmp_path, genconvit_experts):
         1.0,
         [3, 224, 224],
     )
-    # ED is fully convolutional: small plain batches check the weights without the cost of 224px inputs.
+    # ED is fully convolutional: small plain batches check the weights without the cost of 224px inputs (and
+    # extract says they are not what the model was trained on).
     images = torch.randint(0, 256, (2, 3, IMG, IMG), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    embeddings, _ = fx.extract([(images, torch.tensor([0, 1]))])
+    with pytest.warns(UserWarning, match=rf"\[2, 3, {IMG}, {IMG}\], but the model was trained on \[B, 3, 224, 224\]"):
+        embeddings, _ = fx.extract([(images, torch.tensor([0, 1]))])
     with torch.no_grad():
         out = ed(normalise(images))
     torch.testing.assert_close(torch.from_numpy(embeddings), out.features, rtol=1e-4, atol=1e-5)
@@ -345,26 +426,117 @@ def test_cli_writes_the_feature_file(tmp_path, data, timm_fx):
     np.testing.assert_array_equal(load_features(out).embeddings, rows_of(timm_fx, data)[0])
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "wrong model name", "unreadable manifest"])
+CLI_CASES = {
+    "missing checkpoint": "nope.pt: no such file",
+    "wrong model name": "'resnet18' does not match",
+    "an image as manifest": "000.png: an image, not a manifest (CSV) or a folder",
+    "an image as --images": "000.png: a file, not a folder of images",
+    "missing --images folder": "missing/: no such folder",
+    "weights of another model": ("weights do not fit test_efficientnet: keys 2 missing (conv_stem.weight, bn1.weight);"
+                                 " 1 unexpected (fc.weight); 1 of another shape (conv_head.weight [3, 3] vs"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, data, timm_expert, capsys, case):
-    checkpoint, manifest, extra = str(timm_expert[0]), str(data), []
+    checkpoint, source, extra = str(timm_expert[0]), ["--manifest", str(data)], []
     if case == "missing checkpoint":
         checkpoint = str(tmp_path / "nope.pt")
     elif case == "wrong model name":
         extra = ["--model-name", "resnet18"]
-    else:
-        manifest = str(data.parent / "img" / "000.png")
-    argv = ["--checkpoint", checkpoint, "--manifest", manifest, "--out", str(tmp_path / "f.npz"), *extra]
+    elif case == "an image as manifest":
+        source = ["--manifest", str(data.parent / "img" / "000.png")]
+    elif case == "an image as --images":
+        source = ["--images", str(data.parent / "img" / "000.png")]
+    elif case == "missing --images folder":
+        source = ["--images", str(tmp_path / "missing") + "/"]
+    else:  # the right model name over weights that are not its own (renamed, reshaped, missing and extra keys)
+        weights = dict(timm_expert[1].state_dict())
+        del weights["conv_stem.weight"], weights["bn1.weight"]
+        weights["fc.weight"] = torch.zeros(1)
+        weights["conv_head.weight"] = torch.zeros(3, 3)
+        checkpoint = str(tmp_path / "foreign.pt")
+        save_checkpoint({**torch.load(timm_expert[0], weights_only=True), "model": weights}, checkpoint)
+    argv = ["--checkpoint", checkpoint, *source, "--out", str(tmp_path / "f.npz"), *extra]
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: feature_extractor.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
-    assert {
-        "missing checkpoint": "nope.pt: no such file",
-        "wrong model name": "'resnet18' does not match",
-        "unreadable manifest": "000.png: not a readable CSV",
-    }[case] in err
+    assert CLI_CASES[case] in err
+    if "--images" in source:
+        assert "CSV" not in err and "manifest" not in err
     assert not (tmp_path / "f.npz").exists()
+
+
+@pytest.mark.parametrize("temperature", [math.nan, math.inf, -2.0, 0.0])
+def test_a_temperature_that_is_not_positive_and_finite_is_refused(tmp_path, timm_expert, temperature):
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint({**torch.load(timm_expert[0], weights_only=True), "temperature": temperature}, checkpoint)
+    with pytest.raises(CheckpointError) as err:
+        extractor(checkpoint)
+    assert str(err.value) == (f"checkpoint {checkpoint}: temperature {temperature!r} is not a positive finite number "
+                              "(P(fake) = sigmoid(logit / temperature)); set it to 1.0 or refit it")
+
+
+def test_images_below_symlinked_folders_are_found_once(tmp_path, data):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    for name in ("a.png", "deep/b.png"):
+        (elsewhere / name).write_bytes((data.parent / "img" / "000.png").read_bytes())
+    root = tmp_path / "crops"
+    (root / "own").mkdir(parents=True)
+    (root / "own" / "c.png").write_bytes((data.parent / "img" / "001.png").read_bytes())
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "own" / "loop").symlink_to(root, target_is_directory=True)  # a link back up: read once, no loop
+    (root / "same").symlink_to(elsewhere, target_is_directory=True)  # a second way to the same folder
+
+    frame = source_frame(root)
+
+    assert [os.path.relpath(p, root) for p in frame["path"]] == ["linked/a.png", "linked/deep/b.png", "own/c.png"]
+    assert (frame["label"] == -1).all()
+
+
+def test_a_feature_file_that_cannot_be_written_names_out_not_a_temporary_file(tmp_path):
+    out = Path("/proc/features.npz")  # a folder where nothing can be created, even by root
+    with pytest.raises(OSError) as err:
+        NpzStreamWriter(out)
+    assert err.value.filename == str(out)
+    script = (  # a write that runs out of room half way (the file size limit stands in for a full disk)
+        "import resource, signal, sys, numpy as np\n"
+        "from src.embeddings.store import NpzStreamWriter\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
+        "with NpzStreamWriter(sys.argv[1]) as writer:\n"
+        "    try:\n"
+        "        writer.append(x=np.zeros((1 << 19, 1), dtype=np.float32))\n"
+        "        writer.close()\n"
+        "    except OSError as err:\n"
+        "        print(err.filename)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.npz")], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.stdout == f"{tmp_path / 'f.npz'}\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_feature_file_write_is_cleaned_by_the_next_one(tmp_path):
+    script = (
+        "import os, signal, sys, numpy as np\n"
+        "from src.embeddings.store import NpzStreamWriter\n"
+        "writer = NpzStreamWriter(sys.argv[1])\n"
+        "writer.append(x=np.zeros((1000, 8), dtype=np.float32))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = tmp_path / "f.npz"
+    result = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert [p.name.startswith(".f.npz.") for p in tmp_path.iterdir()] == [True]  # what the killed write left
+    with NpzStreamWriter(out) as writer:
+        writer.append(x=np.ones((2, 8), dtype=np.float32))
+        writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["f.npz"]
+    with np.load(out) as written:
+        assert written["x"].shape == (2, 8)
 
 
 def test_cli_entry_point_exit_code(tmp_path):
@@ -423,7 +595,23 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
     assert all(auc > 0.9 for _, _, auc, _ in rows), rows
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["effnet_val.npz", "genconvit_ed_val.npz"]
     printed = capsys.readouterr().out
-    assert "grouped by video_id" in printed and "effnet + genconvit_ed" in printed
+    assert "out-of-fold (folds grouped by video_id): cross-validated" in printed
+    assert "expert AUC: the expert's own P(fake) on the same images: in-sample" in printed
+    assert "expert AUC (in-sample)" in printed.splitlines()[-4] and "effnet + genconvit_ed" in printed
+
+
+def test_stacking_preview_without_video_ids_says_its_folds_are_not_grouped(capsys):
+    # A val manifest with a blank video_id: the folds are stratified, and the preview must not claim otherwise.
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 10)
+    common = {"labels": labels, "paths": np.array([f"{i}.png" for i in range(20)]), "index": np.arange(20),
+              "family": "timm", "checkpoint": "best.pt", "manifest": "val.csv", "temperature": 1.0,
+              "video_id": np.array(["v1"] * 19 + [""])}
+    sets = {name: FeatureSet(embeddings=rng.normal(size=(20, 4)) + labels[:, None], p_fake=labels * 0.5 + 0.2,
+                             model_name=name, **common) for name in ("a", "b")}
+    print_preview(sets)
+    printed = capsys.readouterr().out
+    assert "stratified folds: no video_id on every row" in printed and "grouped" not in printed
 
 
 def test_example_names_the_missing_checkpoints(tmp_path):

@@ -3,12 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
@@ -24,3 +22,19 @@ def test_without_cuda_it_runs_the_cpu_safe_parts_and_exits_0(tmp_path):
     assert "trainings" not in report and "bench" not in report
     md = (tmp_path / "report.md").read_text()
     assert "No CUDA device" in md and "test_official_size_vae_bf16_step_at_batch_16" in md
+
+
+def test_the_real_set_runs_only_when_present_with_every_cross_set(tmp_path):
+    from benchmarks.gpu_check import real_set_command
+
+    assert real_set_command(tmp_path, tmp_path / "out") is None
+    for name in ("train.csv", "val.csv", "cross_rfff.csv", "cross_b.csv"):
+        (tmp_path / name).write_text("path,label\n")
+    command = real_set_command(tmp_path, tmp_path / "out")
+    assert command[1:3] == ["-m", "benchmarks.learn"] and command[command.index("--device") + 1] == "cuda"
+    crosses = [command[i + 1] for i, arg in enumerate(command) if arg == "--cross"]
+    assert crosses == [f"b={tmp_path / 'cross_b.csv'}", f"rfff={tmp_path / 'cross_rfff.csv'}"]
+    from benchmarks import learn  # the command parses, up to the files it names
+
+    args = learn.parse_args(command[3:])
+    assert args.train_manifest == tmp_path / "train.csv" and dict(args.cross)["rfff"] == tmp_path / "cross_rfff.csv"

@@ -1,35 +1,121 @@
-"""The learnability benchmark on a tiny plan: its data, both trainers, and the robustness figures it reports."""
+"""The learnability benchmark on tiny plans: per trace type, leave one type out, and real mode, through its CLI."""
+
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmarks.learn import PLAIN, LearnPlan, artefact_dataset, markdown, run_learn
+from benchmarks import learn
+from benchmarks.traces import split_items, write_set
+
+TINY = ["--seeds", "0", "--epochs", "1", "--n-train", "24", "--n-val", "12", "--img-size", "32", "--batch", "8"]
 
 
-def test_artefact_fakes_carry_a_smoothed_patch(tmp_path):
-    train, val = artefact_dataset(tmp_path, n_train=40, n_val=20, size=48)
-    rows = pd.concat([pd.read_csv(train), pd.read_csv(val)])
-    assert len(rows) == 60 and rows["label"].tolist() == [0, 1] * 30
-
-    def roughness(path):  # mean absolute difference of neighbouring pixels: the fine grain resampling removes
-        image = np.asarray(Image.open(tmp_path / path), dtype=np.float32)
-        return np.abs(np.diff(image, axis=1)).mean()
-
-    rough = rows.assign(r=rows["path"].map(roughness)).groupby("label")["r"].mean()
-    assert rough[1] < 0.9 * rough[0]
-
-
-def test_a_tiny_run_trains_both_sides_and_scores_every_perturbation(tmp_path):
-    plan = LearnPlan(img_size=32, n_train=48, n_val=24, epochs=1, batch=8, workers=0, seeds=(0,), levels=("light",))
-    result = run_learn(plan, tmp_path)
-    cases = [r["case"] for r in result["summary"]]
-    assert cases == [PLAIN, "ours --aug light"]
+def test_per_type_trains_both_sides_scores_every_perturbation_and_judges_the_default(tmp_path):
+    out = tmp_path / "learn.json"
+    result = learn.main([*TINY, "--types", "resample,splice", "--levels", "standard", "--json", str(out),
+                         "--work-dir", str(tmp_path / "work")])
+    assert json.loads(out.read_text())["protocol"] == "per-type"
+    assert [(r["type"], r["case"]) for r in result["runs"]] == [
+        ("resample", learn.PLAIN), ("resample", "ours --aug standard"),
+        ("splice", learn.PLAIN), ("splice", "ours --aug standard")]
     for r in result["runs"]:
-        for key in ("clean", "perturbed", "jpeg:50-70", "down:0.5", "blur:1", "noise:0.02"):
-            assert 0 <= r[key] <= 1, key
         perturbed = [r[k] for k in ("jpeg:50-70", "down:0.5", "blur:1", "noise:0.02")]
+        assert all(0 <= v <= 1 for v in [r["clean"], *perturbed])
         assert r["perturbed"] == pytest.approx(np.mean(perturbed))
-    table = markdown(result)
-    assert "| ours --aug light |" in table and "1.000x" in table  # the plain loop against itself
+    plain = [r for r in result["summary"] if r["case"] == learn.PLAIN]
+    assert all(r["clean_vs_plain"] == 1.0 for r in plain)
+    verdict = result["verdict"]  # {} when the tiny plain loop learnt neither type
+    table = out.with_suffix(".md").read_text()
+    assert "| resample |" in table and "| splice |" in table and "Perturbed val AUC" in table
+    assert ("meets the bar" in table) == verdict.get("passes", False)
+
+    halves = [{**result, "runs": [r for r in result["runs"] if r["type"] == t]} for t in ("resample", "splice")]
+    for half, path in zip(halves, ("a.json", "b.json")):
+        (tmp_path / path).write_text(json.dumps(half))
+    merged = learn.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(out)])
+    assert merged["summary"] == result["summary"] and merged["verdict"] == verdict
+    with pytest.raises(ValueError, match="share runs"):
+        learn.merge([result, result])
+
+
+def _per_type(figures: dict[tuple[str, str], tuple[float, float]]) -> dict:
+    """A per-type result from (type, case) -> (clean, perturbed) runs, summarised as the benchmark does."""
+    runs = [{"type": t, "case": c, "seed": 0, "clean": clean, "perturbed": perturbed}
+            for (t, c), (clean, perturbed) in figures.items()]
+    summary = learn.summarise(runs, ["clean", "perturbed"])
+    plan = {**vars(learn.LearnPlan()), "seeds": [0]}
+    return {"protocol": "per-type", "plan": plan, "runs": runs, "summary": summary,
+            "verdict": learn.verdict(summary, "ours --aug standard")}
+
+
+def test_the_verdict_judges_the_default_on_every_type_the_plain_loop_learnt():
+    ours = "ours --aug standard"
+    figures = {("a", learn.PLAIN): (0.90, 0.70), ("a", ours): (0.89, 0.75),
+               ("b", learn.PLAIN): (0.80, 0.60), ("b", ours): (0.79, 0.66),
+               ("c", learn.PLAIN): (0.55, 0.50), ("c", ours): (0.40, 0.45)}  # c: not learnt by the plain loop
+    verdict = _per_type(figures)["verdict"]
+    assert verdict["worst_type"] == "b" and verdict["not_learnt"] == ["c"] and verdict["passes"]
+    assert verdict["perturbed_mean"] == pytest.approx(0.705) and verdict["plain_perturbed_mean"] == pytest.approx(0.65)
+    figures["b", ours] = (0.78, 0.66)  # 0.975x the plain loop
+    assert not _per_type(figures)["verdict"]["passes"]
+    figures["b", ours] = (0.80, 0.50)  # as good clean, less robust: the perturbed mean falls below
+    assert not _per_type(figures)["verdict"]["passes"]
+
+
+def test_a_failing_verdict_is_written_and_both_tables_give_ratios_to_the_plain_loop(tmp_path):
+    ours = "ours --aug standard"
+    result = _per_type({("a", learn.PLAIN): (0.80, 0.70), ("a", ours): (0.72, 0.77)})  # 0.9x clean: misses
+    assert result["verdict"]["passes"] is False
+    learn.write_result(result, tmp_path / "r.json")  # a numpy bool here once crashed json.dumps after the table
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"]["passes"] is False
+    clean, perturbed = (tmp_path / "r.md").read_text().split("Perturbed val AUC")
+    assert "| a | 0.8000 (1.000x) | 0.7200 (0.900x) |" in clean
+    assert "| a | 0.7000 (1.000x) | 0.7700 (1.100x) |" in perturbed and "misses the bar" in perturbed
+
+
+def test_held_out_scores_the_type_it_never_trained_on_with_each_variant(tmp_path):
+    result = learn.main([*TINY, "--protocol", "held-out", "--types", "colour,sharpen",
+                         "--variant", "self-blend=--self-blend 1", "--json", str(tmp_path / "h.json"),
+                         "--work-dir", str(tmp_path / "work")])
+    assert [(r["type"], r["case"]) for r in result["summary"]] == [
+        (t, c) for t in ("colour", "sharpen") for c in (learn.PLAIN, "ours --aug standard", "ours self-blend")]
+    assert all(0 <= r["held_out"] <= 1 for r in result["runs"])
+    train = pd.read_csv(tmp_path / "work" / "traces" / "train_no_colour.csv")
+    test = pd.read_csv(tmp_path / "work" / "traces" / "test_colour.csv")
+    assert set(train["method"]) == {"real", "sharpen"} and set(test["method"]) == {"real", "colour"}
+    assert "self-blend 1" in (tmp_path / "work" / "runs" / "colour_oursself-blend_0" / "train.log").read_text()
+    assert "mean in-domain" in (tmp_path / "h.md").read_text()
+
+
+def test_real_mode_needs_cuda_and_both_manifests(capsys):
+    for argv, message in ((["--train-manifest", "t.csv", "--val-manifest", "v.csv"], "--device cuda"),
+                          (["--train-manifest", "t.csv"], "both --train-manifest and --val-manifest"),
+                          (["--cross", "a=b.csv"], "only in real mode")):
+        with pytest.raises(SystemExit) as exit_info:
+            learn.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_real_mode_audits_every_set_first_and_scores_each_cross_set(tmp_path, capsys):
+    data = tmp_path / "data"
+    train = write_set(data, "train", split_items(0, 24, ["resample"]), size=32)
+    val = write_set(data, "val", split_items(24, 12, ["resample"]), size=32)
+    cross = pd.read_csv(write_set(data, "cross", split_items(36, 12, ["splice"]), size=32))
+    for i, row in cross.iterrows():  # a cross set whose fakes were saved at another JPEG quality: a shortcut
+        jpeg = data / row["path"].replace(".png", ".jpg")
+        Image.open(data / row["path"]).save(jpeg, quality=95 if row["label"] else 90)
+        cross.loc[i, "path"] = str(jpeg)
+    cross.to_csv(data / "cross_jpeg.csv", index=False)
+    plan = learn.LearnPlan(img_size=32, batch=8, epochs=1, seeds=(0,), levels=("standard",))
+    result = learn.run_real(plan, train, val, {"splice": data / "cross_jpeg.csv"}, tmp_path / "work")
+    printed = capsys.readouterr().out
+    assert printed.index("shortcut audit") < printed.index(learn.PLAIN)
+    assert "jpeg_quality alone separates real from fake in splice" in printed
+    audit = pd.DataFrame(result["audit"]).set_index(["set", "feature"])
+    assert audit.loc[("splice", "jpeg_quality"), "auc"] == 1.0 and not audit.loc[("train", "format"), "shortcut"]
+    assert [r["case"] for r in result["summary"]] == [learn.PLAIN, "ours --aug standard"]
+    assert all(0 <= r["cross:splice"] <= 1 for r in result["runs"])
+    assert "splice AUC" in learn.markdown(result)

@@ -1,11 +1,14 @@
 """read_manifest on real CSV files: columns, labels, path resolution and every validation error."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from src.data.manifest import read_manifest
+from src.data.manifest import check_source_leak, read_manifest
 from src.errors import ManifestError
 
 
@@ -170,4 +173,101 @@ def test_require_both_classes(tmp_path):
     manifest = _csv(tmp_path, "path,label\na.png,fake\nb.png,1\n", name="val.csv")
     assert len(read_manifest(manifest)) == 2
     message = _error(manifest, require_both_classes=True)
-    assert message == f"{manifest}: manifest has only 'fake' rows: AUC needs both classes"
+    assert message.startswith(f"{manifest}: manifest has only 'fake' rows")
+
+
+def test_an_exact_repeated_header_is_refused(tmp_path):
+    _touch(tmp_path, "a.png")
+    assert "repeated column(s) label" in _error(_csv(tmp_path, "path,label,label\na.png,0,1\n"))
+
+
+def test_a_header_of_many_columns_is_read_in_linear_time(tmp_path):
+    # 200,000 columns: seconds; the old check (list.count per column) needed hours. A subprocess, so that a
+    # relapse fails on its timeout instead of hanging the suite.
+    _touch(tmp_path, "a.png")
+    extra = [f"c{i}" for i in range(200_000)]
+    wide = _csv(tmp_path, ",".join(["path", "label", *extra]) + "\n" + ",".join(["a.png", "1", *"0" * len(extra)])
+                + "\n", name="wide.csv")
+    repeated = _csv(tmp_path, ",".join(["path", "label", *extra, "c7"]) + "\na.png,1\n", name="repeated.csv")
+    code = ("import sys; from src.data.manifest import read_manifest; from src.errors import ManifestError\n"
+            f"print(read_manifest({str(wide)!r})['label'].tolist())\n"
+            f"try:\n    read_manifest({str(repeated)!r})\nexcept ManifestError as err:\n    print(err)")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "[1]" and lines[1].endswith("repeated column(s) c7 (headers ignore case)")
+
+
+@pytest.mark.parametrize("header", ["path,label", "path,label,"])
+def test_an_excel_trailing_comma_on_each_row_is_an_ignored_empty_column(tmp_path, header):
+    _touch(tmp_path, "a.png", "b.png")
+    frame = read_manifest(_csv(tmp_path, f"{header}\na.png,1,\nb.png,0,\n"))
+    assert frame["path"].tolist() == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert frame["label"].tolist() == [1, 0]
+
+
+def test_path_cells_are_kept_exactly_other_cells_are_stripped(tmp_path):
+    _touch(tmp_path, " a.png", "b.png")
+    frame = read_manifest(_csv(tmp_path, "path,label,video_id\n a.png, 1 , v1 \nb.png,0,v2\n"))
+    assert frame["path"].tolist() == [str(tmp_path / " a.png"), str(tmp_path / "b.png")]
+    assert frame["label"].tolist() == [1, 0] and frame["video_id"].tolist() == ["v1", "v2"]
+
+
+@pytest.mark.parametrize("column", ["label", "path"])
+def test_a_huge_cell_is_cut_in_the_error_line(tmp_path, column):
+    huge = "x" * 2_000_000
+    _touch(tmp_path, "a.png")
+    row = f"a.png,{huge}" if column == "label" else f"{huge}.png,1"
+    message = _error(_csv(tmp_path, f"path,label\na.png,0\n{row}\n"))
+    assert len(message) < 1000 and " characters)" in message
+
+
+# ---------------------------------------------------------------- source_id: one source on both sides of a split
+def _split(folder: Path, train_sources: list[str], val_sources: list[str]) -> tuple[Path, Path]:
+    names = [f"{side}{i}.png" for side, sources in (("t", train_sources), ("v", val_sources))
+             for i in range(len(sources))]
+    _touch(folder, *names)
+    rows = [f"t{i}.png,{i % 2},{s}" for i, s in enumerate(train_sources)]
+    train = _csv(folder, "path,label,source_id\n" + "\n".join(rows) + "\n", "train.csv")
+    rows = [f"v{i}.png,{i % 2},{s}" for i, s in enumerate(val_sources)]
+    return train, _csv(folder, "path,label,source_id\n" + "\n".join(rows) + "\n", "val.csv")
+
+
+def test_a_source_on_both_sides_of_the_split_is_refused_naming_it(tmp_path):
+    train, val = _split(tmp_path, ["alice", "alice", "bob", "bob"], ["carol", "bob", "", ""])
+    frames = read_manifest(train), read_manifest(val)
+    assert frames[0]["source_id"].tolist() == ["alice", "alice", "bob", "bob"]
+    with pytest.raises(ManifestError) as info:
+        check_source_leak(*frames)
+    message = str(info.value)
+    assert "\n" not in message and "train.csv" in message and "val.csv" in message
+    assert "1 source_id(s)" in message and "'bob'" in message and "alice" not in message and "carol" not in message
+
+
+def test_disjoint_sources_blank_ones_and_a_single_column_pass(tmp_path):
+    train, val = _split(tmp_path, ["alice", "", "bob", ""], ["carol", "", "dave", ""])
+    check_source_leak(read_manifest(train), read_manifest(val))
+    _touch(tmp_path, "x.png", "y.png")
+    no_column = _csv(tmp_path, "path,label\nx.png,0\ny.png,1\n", "plain.csv")
+    check_source_leak(read_manifest(train), read_manifest(no_column))
+
+
+def test_a_video_with_both_labels_points_to_source_id(tmp_path):
+    _touch(tmp_path, "a.png", "b.png")
+    manifest = _csv(tmp_path, "path,label,video_id\na.png,0,v1\nb.png,1,v1\n")
+    assert "source_id column" in _error(manifest)
+
+
+def test_training_refuses_a_leaking_split(effnet_args, tmp_path, capsys):
+    import train_stage2_effnet
+
+    train, val = _split(tmp_path / "data", ["s1", "s2", "s3", "s4"], ["s9", "s3"])
+    for path in (tmp_path / "data").glob("*.png"):  # real images this time: the trainer decodes val up front
+        Image.new("RGB", (32, 32), (len(path.stem) * 40, 90, 30)).save(path)
+    args = list(effnet_args)
+    args[args.index("--train-manifest") + 1], args[args.index("--val-manifest") + 1] = str(train), str(val)
+    with pytest.raises(SystemExit) as exit_info:
+        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+    assert exit_info.value.code == 2 and "source_id(s) on both sides" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best.pt").exists()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from src.engine.metrics import binary_metrics, eer, is_better, metric_direction, video_scores
+from src.engine.metrics import binary_metrics, eer, is_better, metric_direction, unresolved_targets, video_scores
 
 
 @pytest.fixture
@@ -149,3 +149,11 @@ def test_metric_directions():
     assert metric_direction("val_loss") == metric_direction("val_recon_loss") == metric_direction("log_loss") == "min"
     with pytest.raises(ValueError, match="unknown metric 'f1'"):
         is_better("f1", 1.0, 0.0)
+
+
+def test_a_target_fpr_finer_than_one_real_is_unresolved():
+    # 84 reals: one false positive is 1.19% FPR, so 1% and 0.1% can only be met with none (both the 0% point).
+    assert unresolved_targets(84) == ["1pct", "0.1pct"]
+    assert unresolved_targets(100) == ["0.1pct"]  # one real in 100 is exactly 1%
+    assert unresolved_targets(999) == ["0.1pct"]
+    assert unresolved_targets(1000) == []

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.engine.precision import autocast_dtype, cpu_has_native_bf16
+from src.engine import precision
+from src.engine.precision import autocast_dtype, cpu_has_native_bf16, cpu_threads
 
 
 def _cpu_flags() -> set[str]:
@@ -29,3 +30,36 @@ def test_amp_auto_on_cpu_is_bf16_only_with_native_bf16_and_explicit_choices_win(
     assert autocast_dtype("fp16", cpu) == torch.float16
     assert autocast_dtype("off", cpu) is None
     assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.fixture
+def fresh_threads(monkeypatch):
+    """cpu_threads decides once per process: forget that decision, and put torch's threads back afterwards."""
+    threads = torch.get_num_threads()
+    cpu_threads.cache_clear()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(precision, "usable_cores", lambda: 2)
+    yield
+    cpu_threads.cache_clear()
+    torch.set_num_threads(threads)
+
+
+def test_a_busy_cpu_gets_one_torch_thread_and_the_settings_say_why(fresh_threads, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    note = cpu_threads("cpu")
+    assert torch.get_num_threads() == 1
+    assert note.startswith("torch threads 1 (busy machine, load 6.0 on 2 cores") and "OMP_NUM_THREADS" in note
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cpu_threads("cpu") == note  # decided once: a later run in the process would see its own load
+
+
+def test_an_idle_cpu_a_gpu_and_omp_num_threads_keep_torchs_threads(fresh_threads, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert cpu_threads("cpu") == "torch threads 2" and torch.get_num_threads() == 2
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    assert cpu_threads("cuda") == "" and torch.get_num_threads() == 2
+    cpu_threads.cache_clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads("cpu") == "torch threads 2 (OMP_NUM_THREADS)" and torch.get_num_threads() == 2

@@ -3,7 +3,14 @@ points, the robustness report, and standard exports (timm local-dir, ONNX checke
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,30 +18,23 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import ROOT
+from PIL import Image
 
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
 from src.data.manifest import read_manifest
 from src.embeddings import FeatureExtractor, load_features
-from src.embeddings.export import export_expert
+from src.embeddings.export import ExportedExpert, check_images, check_onnx, export_expert
+from src.embeddings.extract import load_expert
 from src.engine.checkpoint import load_checkpoint, save_checkpoint
+from src.engine.cli import exit_on_error
 from src.engine.metrics import operating_points
-from src.errors import ConfigError, ManifestError
+from src.errors import CheckpointError, ConfigError, ExportCheckError, ManifestError
 from src.models.families import model_from_checkpoint
 from src.models.genconvit import GenConViTED
 from src.models.timm_models import create_timm_model, timm_data_config
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory) -> Path:
-    """A 2-epoch test_efficientnet run on the tiny demo data: its folder."""
-    train, val = tiny_data
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train_stage2_effnet.main(["--train-manifest", str(train), "--val-manifest", str(val), "--model",
-                              "test_efficientnet", "--no-pretrained", "--img-size", "32", "--batch-size", "8",
-                              "--workers", "0", "--epochs", "2", "--amp", "off", "--output-dir", str(out)])
-    return out
 
 
 def _main(args: list[str]) -> None:
@@ -42,7 +42,7 @@ def _main(args: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- 1. unlabeled inference
-def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelled_manifest(trained, tiny_data,
+def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelled_manifest(trained_run, tiny_data,
                                                                                           tmp_path):
     val = read_manifest(tiny_data[1])
     unlabeled = tmp_path / "paths.csv"
@@ -52,7 +52,7 @@ def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelle
         target = folder / f"sub{i % 2}" / f"{i:03d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(path).read_bytes())
-    base = ["--checkpoint", str(trained / "best.pt"), "--workers", "0"]
+    base = ["--checkpoint", str(trained_run / "best.pt"), "--workers", "0"]
     _main([*base, "--manifest", str(tiny_data[1]), "--out", str(tmp_path / "labelled.npz")])
     _main([*base, "--manifest", str(unlabeled), "--out", str(tmp_path / "unlabeled.npz")])
     _main([*base, "--images", str(folder), "--out", str(tmp_path / "folder.npz")])
@@ -66,8 +66,8 @@ def test_a_manifest_without_labels_and_a_folder_give_the_features_of_the_labelle
     assert (crops.labels == -1).all() and list(crops.paths) == sorted(crops.paths)
 
 
-def test_predict_and_extract_paths_for_notebooks(trained, tiny_data):
-    fx = FeatureExtractor(checkpoint_path=trained / "best.pt", workers=0, progress=False)
+def test_predict_and_extract_paths_for_notebooks(trained_run, tiny_data):
+    fx = FeatureExtractor(checkpoint_path=trained_run / "best.pt", workers=0, progress=False)
     val = read_manifest(tiny_data[1])
     predicted = fx.predict(list(val["path"]))
     embeddings, p_fake, paths = fx.extract_paths(list(val["path"]))
@@ -103,30 +103,32 @@ def test_operating_points_are_the_roc_points_a_cascade_uses():
     assert abs((scores[:100] >= e).mean() - (scores[100:] < e).mean()) < 0.02
 
 
-def test_runs_report_operating_points_on_calibrated_scores(trained):
-    history = pd.read_csv(trained / "metrics.csv")
+def test_runs_report_operating_points_on_calibrated_scores(trained_run):
+    history = pd.read_csv(trained_run / "metrics.csv")
     for column in ("tpr_at_fpr_1pct", "thr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "eer_threshold",
                    "video_tpr_at_fpr_1pct", "video_eer_threshold"):
         assert column in history, column
-    summary = json.loads((trained / "summary.json").read_text())
-    predictions = pd.read_csv(trained / "val_predictions.csv")
+    summary = json.loads((trained_run / "summary.json").read_text())
+    predictions = pd.read_csv(trained_run / "val_predictions.csv")
     expected = operating_points(predictions["label"].to_numpy(), predictions["p_fake_calibrated"].to_numpy())
     # JSON has no infinity: a threshold no score can reach (no fake above every real) is written as null.
     expected = {k: None if np.isinf(v) else v for k, v in expected.items()}
     stored = summary["operating_points"]["frame"]
+    n_real = int((predictions["label"] == 0).sum())
+    assert (stored.pop("n_real"), stored.pop("below_resolution")) == (n_real, ["1pct", "0.1pct"])  # 6 reals
     assert {k for k, v in stored.items() if v is None} == {k for k, v in expected.items() if v is None}
     assert {k: v for k, v in stored.items() if v is not None} == pytest.approx(
         {k: v for k, v in expected.items() if v is not None})
     assert "video" in summary["operating_points"]
 
 
-def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(trained, tiny_data, tmp_path, capsys):
+def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(trained_run, tiny_data, tmp_path, capsys):
     val = read_manifest(tiny_data[1])
     second = tmp_path / "other" / "test.csv"
     second.parent.mkdir()
     val.iloc[::-1].to_csv(second, index=False)
     out = tmp_path / "eval"
-    args = ["--evaluate", str(trained / "best.pt"), "--val-manifest", str(tiny_data[1]), str(second), "--model",
+    args = ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(tiny_data[1]), str(second), "--model",
             "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off", "--output-dir", str(out)]
     train_stage2_effnet.main(args)
     for name in ("val", "test"):
@@ -145,6 +147,40 @@ def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(tr
     train_stage2_effnet.main([*args, "--overwrite"])
 
 
+def test_evaluate_prints_the_calibrated_operating_points_and_marks_those_too_fine_for_its_reals(trained_run, tiny_data,
+                                                                                               tmp_path, capsys):
+    out = tmp_path / "eval"
+    train_stage2_effnet.main(["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(tiny_data[1]),
+                              "--model", "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
+                              "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval_val.json").read_text())
+    n_real = int((read_manifest(tiny_data[1])["label"] == 0).sum())
+    for level, unit in (("frame", "reals"), ("video", "real videos")):
+        points = report["operating_points"][level]
+        assert points["below_resolution"] == ["1pct", "0.1pct"] and points["n_real"] == (n_real if level == "frame"
+                                                                                          else n_real // 3)
+        rows = [line.split() for line in printed.splitlines() if line.split()[:1] == [level]]
+        assert [row[1] for row in rows] == ["1%", "0.1%", "EER"]
+        for row, key in ((rows[0], "thr_at_fpr_1pct"), (rows[1], "thr_at_fpr_0.1pct")):
+            assert row[4] == ("none" if points[key] is None else f"{points[key]:.4f}")  # JSON's null: no threshold
+        assert rows[2][2] == f"{points['eer_threshold']:.4f}"
+        note = f"below resolution: {points['n_real']} {unit} resolve FPR steps of"
+        assert all(note in " ".join(row) for row in rows[:2]) and note not in " ".join(rows[2])
+    # The thresholds on raw P(fake) stay in the JSON (and metrics.csv), off the console.
+    assert "thr_at_fpr_1pct" in report["metrics"] and "thr_at_fpr" not in printed and "eer_threshold" not in printed
+
+
+def test_evaluate_refuses_a_temperature_that_would_make_p_fake_nan_or_inverted(trained_run, tiny_data, tmp_path):
+    checkpoint = tmp_path / "nan.pt"
+    save_checkpoint({**load_checkpoint(trained_run / "best.pt"), "temperature": float("nan")}, checkpoint)
+    with pytest.raises(CheckpointError, match=f"checkpoint {checkpoint}: temperature nan is not a positive finite"):
+        train_stage2_effnet.main(["--evaluate", str(checkpoint), "--val-manifest", str(tiny_data[1]), "--model",
+                                  "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
+                                  "--output-dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval" / "eval_val.json").exists()
+
+
 def test_several_val_manifests_are_for_evaluation_only(effnet_args, tiny_data):
     args = list(effnet_args)
     args[args.index("--val-manifest") + 1: args.index("--val-manifest") + 2] = [str(tiny_data[1])] * 2
@@ -152,8 +188,8 @@ def test_several_val_manifests_are_for_evaluation_only(effnet_args, tiny_data):
         train_stage2_effnet.main(args)
 
 
-def test_the_robustness_report_is_deterministic_and_perturbs_the_images(trained, tiny_data, tmp_path):
-    common = ["--evaluate", str(trained / "best.pt"), "--val-manifest", str(tiny_data[1]), "--model",
+def test_the_robustness_report_is_deterministic_and_perturbs_the_images(trained_run, tiny_data, tmp_path):
+    common = ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(tiny_data[1]), "--model",
               "test_efficientnet", "--img-size", "32", "--workers", "0", "--amp", "off",
               "--perturb", "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02"]
     for run in ("a", "b"):
@@ -173,6 +209,23 @@ def test_the_robustness_report_is_deterministic_and_perturbs_the_images(trained,
 
 
 # ---------------------------------------------------------------- 5. standard export
+@pytest.fixture(scope="module")
+def uncalibrated(trained_run, tmp_path_factory) -> Path:
+    """The trained run's best.pt at temperature 1: the fitted one (0.01 on 12 val images the model separates
+    perfectly) puts every calibrated P(fake) at 0 or 1, where no difference in the scores could show."""
+    path = tmp_path_factory.mktemp("uncalibrated") / "best.pt"
+    save_checkpoint({**load_checkpoint(trained_run / "best.pt"), "temperature": 1.0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(uncalibrated, tmp_path_factory) -> Path:
+    """That checkpoint exported through the command line."""
+    out = tmp_path_factory.mktemp("exported") / "effnet"
+    _main(["--checkpoint", str(uncalibrated), "--export", str(out)])
+    return out
+
+
 def _onnx_outputs(path: Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime
 
@@ -181,14 +234,24 @@ def _onnx_outputs(path: Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return embedding, logit
 
 
-def test_timm_export_loads_in_timm_and_onnx_matches_the_extractor(trained, tiny_data, tmp_path):
-    out = tmp_path / "export"
-    _main(["--checkpoint", str(trained / "best.pt"), "--export", str(out)])
+def _assert_check_passed_on_val_images(report: dict, val: Path) -> None:
+    check = report["onnx"]["check"]
+    assert check["passed"] and check["inputs"] == f"4 val images of {val}" and check["batch_sizes"] == [1, 3]
+    for output in ("embedding", "fake_logit"):
+        figures = check[output]
+        assert figures["max_abs_diff"] <= figures["tolerance"] == pytest.approx(1e-5 + 1e-4 * figures["scale"])
+        assert figures["scale"] > 0 and figures["max_rel_diff"] <= 1e-4
+    assert check["embedding_cosine_min"] > 0.99999 and check["p_fake_max_diff"] < 1e-5
+
+
+def test_timm_export_loads_in_timm_and_onnx_matches_the_extractor(uncalibrated, exported, tiny_data):
+    out = exported
     report = json.loads((out / "export.json").read_text())
     assert set(report["files"]) == {"model.safetensors", "config.json", "model.onnx"}
-    assert report["onnx"]["check"]["max_abs_diff"] <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == sorted([*report["files"], "export.json"])
+    _assert_check_passed_on_val_images(report, tiny_data[1])
 
-    best = load_checkpoint(trained / "best.pt")
+    best = load_checkpoint(uncalibrated)
     reference = model_from_checkpoint(best).eval()
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.randn(3, 3, 32, 32)
@@ -197,7 +260,7 @@ def test_timm_export_loads_in_timm_and_onnx_matches_the_extractor(trained, tiny_
     assert list(loaded.pretrained_cfg["mean"]) == list(best["data_config"]["mean"])
 
     # On the real val images: ONNX from [0, 1] pixels gives the extractor's embeddings and (raw) P(fake).
-    fx = FeatureExtractor(checkpoint_path=trained / "best.pt", workers=0, progress=False)
+    fx = FeatureExtractor(checkpoint_path=uncalibrated, workers=0, progress=False)
     embeddings, _, p_fake = fx.extract(fx.make_loader(tiny_data[1]), return_probs=True)
     batch = next(iter(fx.make_loader(tiny_data[1])))
     pixels = (batch.images.float() / 255).numpy()
@@ -207,20 +270,164 @@ def test_timm_export_loads_in_timm_and_onnx_matches_the_extractor(trained, tiny_
     np.testing.assert_allclose(calibrated, p_fake[: len(pixels)], atol=1e-4)
 
     with pytest.raises(ConfigError, match="--overwrite"):
-        export_expert(trained / "best.pt", out)
+        export_expert(uncalibrated, out)
+
+
+def test_timms_own_preprocessing_of_the_export_gives_the_extractors_scores(uncalibrated, exported, tiny_data):
+    """Stage three's usual path: the model from the export folder, the eval transform timm builds from its
+    pretrained_cfg (or from the checkpoint's data config), PIL images in."""
+    loaded = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+    config = timm.data.resolve_data_config(model=loaded)
+    assert (config["crop_pct"], config["crop_mode"], config["interpolation"]) == (1.0, "squash", "bilinear")
+    transform = timm.data.create_transform(**config)
+    best = load_checkpoint(uncalibrated)
+    from_checkpoint = timm.data.create_transform(**best["data_config"])
+    fx = FeatureExtractor(checkpoint_path=uncalibrated, workers=0, progress=False)
+    predicted = fx.predict(tiny_data[1])  # 64px images, the model's input is 32px: every image is resized
+
+    with torch.no_grad():
+        images = [Image.open(path).convert("RGB") for path in predicted["path"]]
+        x = torch.stack([transform(image) for image in images])
+        torch.testing.assert_close(torch.stack([from_checkpoint(image) for image in images]), x, rtol=0, atol=0)
+        extractor_input = fx.normalise(torch.stack([fx.transform(image) for image in images]))
+        p_fake = torch.sigmoid(loaded(x).squeeze(1) / fx.temperature).numpy()
+    # PIL's and torchvision's antialiased bilinear round a few pixels differently: one uint8 level at most.
+    assert (x - extractor_input).abs().max() <= 1.01 / 255 / min(config["std"])
+    assert np.abs(p_fake - predicted["p_fake"].to_numpy()).max() <= 0.01
+
+
+def test_the_onnx_example_scores_a_folder_as_predict_does(uncalibrated, exported, tiny_data, tmp_path):
+    folder = tmp_path / "crops"
+    for path in read_manifest(tiny_data[1])["path"]:
+        target = folder / Path(path).parent.name / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(path).read_bytes())
+    result = subprocess.run([sys.executable, "examples/onnx_predict.py", str(exported), str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    scores = pd.read_csv(io.StringIO(result.stdout))
+    predicted = FeatureExtractor(checkpoint_path=uncalibrated, workers=0, progress=False).predict(folder)
+    assert scores["path"].tolist() == predicted["path"].tolist() and len(scores) == 12
+    assert np.abs(scores["p_fake"].to_numpy() - predicted["p_fake"].to_numpy()).max() <= 0.01
+
+
+@pytest.fixture(scope="module")
+def genconvit_runs(tiny_data, tmp_path_factory) -> Path:
+    """Both GenConViT variants trained 2 epochs on the tiny demo data: the folder holding ed/ and vae/."""
+    train, val = tiny_data
+    out = tmp_path_factory.mktemp("genconvit") / "gc"
+    train_stage2_genconvit.main(["--train-manifest", str(train), "--val-manifest", str(val), "--init", "scratch",
+                                 "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4",
+                                 "--epochs", "2", "--batch-size", "8", "--workers", "0", "--amp", "off",
+                                 "--variant", "both", "--output-dir", str(out)])
+    return out
 
 
 @pytest.mark.parametrize("variant", ["ed", "vae"])
-def test_genconvit_exports_to_onnx(tiny_data, tmp_path, variant):
-    train, val = tiny_data
-    train_stage2_genconvit.main(["--train-manifest", str(train), "--val-manifest", str(val), "--init", "scratch",
-                                 "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4",
-                                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--amp", "off",
-                                 "--variant", variant, "--output-dir", str(tmp_path / "gc")])
-    report = export_expert(tmp_path / "gc" / variant / "best.pt", tmp_path / "export")
-    assert report["files"] == ["model.onnx"] and report["onnx"]["check"]["max_abs_diff"] <= 1e-4
+def test_trained_genconvit_exports_to_onnx(genconvit_runs, tiny_data, tmp_path, variant):
+    report = export_expert(genconvit_runs / variant / "best.pt", tmp_path / "export")
+    assert report["files"] == ["model.onnx"]
+    _assert_check_passed_on_val_images(report, tiny_data[1])
+    # The checkpoint's data config names the loaders' resize, so timm's eval transform built from it is theirs.
+    data_config = load_checkpoint(genconvit_runs / variant / "best.pt")["data_config"]
+    resize = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+    assert {key: data_config.get(key) for key in resize} == resize == report["resize"]
     embedding, logit = _onnx_outputs(tmp_path / "export" / "model.onnx", np.random.rand(5, 3, 64, 64).astype("f4"))
     assert embedding.shape == (5, 500) and logit.shape == (5,)
+
+
+def test_the_onnx_check_judges_against_the_outputs_scale(trained_run, tmp_path):
+    """A correct export of a model with large outputs passes (an absolute 1e-4 failed it); one whose weights are
+    off by 1% fails, in one line naming the file and the figures."""
+    best = load_checkpoint(trained_run / "best.pt")
+    model = model_from_checkpoint(best)
+    with torch.no_grad():  # logits in the thousands: float32 rounding alone is then above 1e-4
+        model.get_classifier().weight.mul_(1e6)
+    best["model"] = model.state_dict()
+    save_checkpoint(best, tmp_path / "large.pt")
+    report = export_expert(tmp_path / "large.pt", tmp_path / "large")
+    logit = report["onnx"]["check"]["fake_logit"]
+    assert report["onnx"]["check"]["passed"] and logit["scale"] > 1000 and logit["max_abs_diff"] > 0
+
+    expert = load_expert(tmp_path / "large.pt")
+    wrapper = ExportedExpert(expert).eval()
+    with torch.no_grad():
+        wrapper.model.get_classifier().weight.mul_(1.01)
+    pixels, inputs = check_images(expert, 32)
+    with pytest.raises(ExportCheckError) as err:
+        check_onnx(wrapper, tmp_path / "large" / "model.onnx", pixels, expert.temperature, inputs)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'large' / 'model.onnx'}: ONNX and PyTorch differ on 4 val images of ")
+    assert "fake_logit max |diff|" in message and "embedding cosine" in message and "\n" not in message
+
+
+def _broken_checkpoint(trained_run: Path, path: Path, how: str) -> Path:
+    best = load_checkpoint(trained_run / "best.pt")
+    if how == "nan weight":
+        best["model"]["classifier.bias"] = torch.full_like(best["model"]["classifier.bias"], float("nan"))
+    else:
+        best["data_config"] = {**best["data_config"], "std": [0.0, 0.0, 0.0]}
+    save_checkpoint(best, path)
+    return path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("how", ["nan weight", "zero std"])
+def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(trained_run, exported, tmp_path, capsys,
+                                                                            how):
+    out = tmp_path / "effnet"
+    shutil.copytree(exported, out)
+    before = _files(out)
+    broken = _broken_checkpoint(trained_run, tmp_path / "broken.pt", how)
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_error(lambda: _main(["--checkpoint", str(broken), "--export", str(out), "--overwrite"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --export {out}: {broken}: ONNX check failed: non-finite ")
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "effnet"]
+
+
+def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained_run, exported, tiny_data, tmp_path):
+    out = tmp_path / "effnet"
+    shutil.copytree(exported, out)
+    before = _files(out)
+    other = tmp_path / "other.pt"
+    best = load_checkpoint(trained_run / "best.pt")
+    best["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in best["model"].items()}
+    save_checkpoint(best, other)
+    # kill -9 once the new weights and ONNX file are written, while the check runs
+    script = ("import os, signal, sys\n"
+              "import src.embeddings.export as export\n"
+              "export.check_onnx = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "export.export_expert(sys.argv[1], sys.argv[2], overwrite=True)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(other), str(out)], cwd=ROOT, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert _files(out) == before
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".effnet.")]) == 1  # the killed build's folder
+
+    _main(["--checkpoint", str(other), "--export", str(out), "--overwrite"])
+    report = json.loads((out / "export.json").read_text())
+    assert report["checkpoint"] == str(other) and _files(out)["model.safetensors"] != before["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["effnet", "other.pt"]  # the stale folder is gone
+
+
+def test_export_files_get_the_umask_mode_and_a_file_in_the_way_is_one_line(exported, trained_run, tmp_path, capsys):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in exported.iterdir()} == dict.fromkeys(
+        ["model.safetensors", "config.json", "model.onnx", "export.json"], 0o666 & ~mask)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~mask
+
+    in_the_way = tmp_path / "exported"
+    in_the_way.write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_error(lambda: _main(["--checkpoint", str(trained_run / "best.pt"), "--export", str(in_the_way)]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --export {in_the_way}: a file, not a folder; give the folder to " \
+                                      "write the export into\n"
+    assert in_the_way.read_text() == "a file"
 
 
 def _real_size_checkpoint(tmp_path: Path, model: torch.nn.Module, meta: dict, size: int, mean, std) -> Path:
@@ -230,13 +437,21 @@ def _real_size_checkpoint(tmp_path: Path, model: torch.nn.Module, meta: dict, si
     return path
 
 
+def _assert_check_passed_on_synthetic_images(report: dict) -> None:
+    check = report["onnx"]["check"]  # no val manifest in the checkpoint: smooth synthetic images
+    assert check["passed"] and check["inputs"] == "4 smooth synthetic images"
+    assert all(check[output]["max_abs_diff"] <= check[output]["tolerance"] for output in ("embedding", "fake_logit"))
+    assert check["embedding_cosine_min"] > 0.99999
+
+
 def test_real_size_efficientnetv2_b3_exports(tmp_path):
     model = create_timm_model("tf_efficientnetv2_b3", pretrained=False, num_classes=1)
     config = timm_data_config(model, 256)
     path = _real_size_checkpoint(tmp_path, model, {"family": "timm", "model_name": "tf_efficientnetv2_b3",
                                                    "num_classes": 1}, 256, config["mean"], config["std"])
     report = export_expert(path, tmp_path / "export")
-    assert report["onnx"]["check"]["max_abs_diff"] <= 1e-4 and report["input_size"] == [3, 256, 256]
+    _assert_check_passed_on_synthetic_images(report)
+    assert report["input_size"] == [3, 256, 256]
     loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
@@ -249,4 +464,5 @@ def test_real_size_genconvit_ed_exports(tmp_path):
                                                    "variant": "ed", "arch": "official", "model_kwargs": {}}, 224,
                                  (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     report = export_expert(path, tmp_path / "export")
-    assert report["onnx"]["check"]["max_abs_diff"] <= 1e-4 and report["input_size"] == [3, 224, 224]
+    _assert_check_passed_on_synthetic_images(report)
+    assert report["input_size"] == [3, 224, 224]

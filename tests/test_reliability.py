@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, fails, output_dir, set_flag, subprocess_env
 from PIL import Image
 
 import feature_extractor
@@ -27,74 +29,43 @@ from src.engine.trainer import run
 from src.errors import CheckpointError, TrainingDiverged
 from src.experts.effnet import TimmExpert
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _set(args: list[str], flag: str, value: str) -> list[str]:
-    args = list(args)
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
-    return args
-
-
-def _out(args: list[str]) -> Path:
-    return Path(args[args.index("--output-dir") + 1])
-
-
-def _fails(main, args: list[str], capsys, code: int = 2) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: main(args))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == code, err
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1"}
-
 
 # ---------------------------------------------------------------- 1. resume with changed flags
 def test_resume_with_more_epochs_replans_the_schedule_and_records_what_it_used(effnet_args):
     train_stage2_effnet.main(effnet_args)  # 2 epochs
-    before = pd.read_csv(_out(effnet_args) / "metrics.csv")["lr_last_step"].tolist()
-    longer = [*_set(effnet_args, "--epochs", "4"), "--resume"]
+    before = pd.read_csv(output_dir(effnet_args) / "metrics.csv")["lr_last_step"].tolist()
+    longer = [*set_flag(effnet_args, "--epochs", "4"), "--resume"]
     train_stage2_effnet.main(longer)
-    history = pd.read_csv(_out(effnet_args) / "metrics.csv")
+    history = pd.read_csv(output_dir(effnet_args) / "metrics.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     lrs = history["lr_last_step"].tolist()
     assert lrs[:2] == pytest.approx(before)
     # Epoch 2 ended on the 2-epoch cosine's floor; the re-planned 4-epoch cosine continues from its middle.
     assert lrs[2] > 10 * lrs[1] and lrs[3] < lrs[2]
-    assert json.loads((_out(effnet_args) / "args.json").read_text())["epochs"] == 4
+    assert json.loads((output_dir(effnet_args) / "args.json").read_text())["epochs"] == 4
 
 
 def test_resume_with_a_new_lr_uses_it(effnet_args):
-    args = _set(effnet_args, "--epochs", "3")
-    train_stage2_effnet.main(_set(args, "--epochs", "1"))
-    train_stage2_effnet.main([*_set(args, "--lr", "1e-2"), "--resume"])
-    lrs = pd.read_csv(_out(args) / "metrics.csv")["lr_last_step"].tolist()
+    args = set_flag(effnet_args, "--epochs", "3")
+    train_stage2_effnet.main(set_flag(args, "--epochs", "1"))
+    train_stage2_effnet.main([*set_flag(args, "--lr", "1e-2"), "--resume"])
+    lrs = pd.read_csv(output_dir(args) / "metrics.csv")["lr_last_step"].tolist()
     assert lrs[0] < 3e-4 < lrs[1]  # the default 3e-4 plan, then the 1e-2 one
-    assert json.loads((_out(args) / "args.json").read_text())["lr"] == 1e-2
+    assert json.loads((output_dir(args) / "args.json").read_text())["lr"] == 1e-2
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--batch-size", "4"), ("--img-size", "48"), ("--seed", "7"),
                                              ("--aug", "strong"), ("--label-smoothing", "0.1"),
                                              ("--model", "resnet10t")])
-def test_resume_refuses_a_change_that_would_mix_two_runs(effnet_args, capsys, flag, value):
-    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
-    last = (_out(effnet_args) / "last.pt").read_bytes()
-    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, flag, value), "--resume"], capsys)
+def test_resume_refuses_a_change_that_would_mix_two_runs(finished_run, capsys, flag, value):
+    last = (output_dir(finished_run) / "last.pt").read_bytes()
+    err = fails(train_stage2_effnet.main, [*set_flag(finished_run, flag, value), "--resume"], capsys)
     assert "--resume" in err and (flag in err or flag.removeprefix("--").replace("-", "_") in err)
-    assert (_out(effnet_args) / "last.pt").read_bytes() == last
+    assert (output_dir(finished_run) / "last.pt").read_bytes() == last
 
 
-def test_resume_refuses_fewer_epochs_than_already_trained(effnet_args, capsys):
-    train_stage2_effnet.main(effnet_args)
-    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, "--epochs", "1"), "--resume"], capsys)
+def test_resume_refuses_fewer_epochs_than_already_trained(finished_run, capsys):
+    err = fails(train_stage2_effnet.main, [*set_flag(finished_run, "--epochs", "1"), "--resume"], capsys)
     assert "--epochs 1" in err and "epoch 2" in err
 
 
@@ -121,15 +92,15 @@ def test_a_broken_statistic_stops_the_run_and_never_replaces_the_good_last_pt(ef
     expert = _InfStatisticMidEpoch2("test_efficientnet", img_size=32, pretrained=False)
     with pytest.raises(TrainingDiverged, match=r"non-finite values in bn1\.running_var .*the last good checkpoint"):
         run(cfg, expert)
-    last = load_checkpoint(_out(args) / "last.pt")
+    last = load_checkpoint(output_dir(args) / "last.pt")
     assert (last["next_epoch"], last["step"]) == (1, 1)  # the mid-epoch save just before it broke
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
 def test_divergence_before_any_checkpoint_says_so(effnet_args, capsys):
     args = [*effnet_args, "--opt", "sgd", "--clip-grad", "0", "--lr", "1e4", "--warmup-epochs", "0"]
-    err = _fails(train_stage2_effnet.main, args, capsys, code=3)
-    assert "no checkpoint was written yet" in err and not (_out(args) / "last.pt").exists()
+    err = fails(train_stage2_effnet.main, args, capsys, code=3)
+    assert "no checkpoint was written yet" in err and not (output_dir(args) / "last.pt").exists()
 
 
 # ---------------------------------------------------------------- 4. data problems before the first epoch
@@ -139,9 +110,9 @@ def test_a_video_with_real_and_fake_frames_is_refused_at_start(effnet_args, tiny
     val.loc[val.index[val["label"] == 0][0], "video_id"] = fake_video
     mixed = tiny_data[1].parent / "val_mixed.csv"
     val.to_csv(mixed, index=False)
-    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--val-manifest", str(mixed)), capsys)
+    err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--val-manifest", str(mixed)), capsys)
     assert "val_mixed.csv" in err and fake_video in err and "lines" in err
-    assert not (_out(effnet_args) / "metrics.csv").exists()
+    assert not (output_dir(effnet_args) / "metrics.csv").exists()
 
 
 def _with_corrupt_images(manifest: Path, tmp_path: Path, rows: tuple[int, ...] = (0,)) -> tuple[Path, list[str]]:
@@ -160,52 +131,52 @@ def _with_corrupt_images(manifest: Path, tmp_path: Path, rows: tuple[int, ...] =
 
 def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_data, tmp_path, capsys):
     manifest, (bad,) = _with_corrupt_images(tiny_data[1], tmp_path)
-    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--val-manifest", str(manifest)), capsys)
+    err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--val-manifest", str(manifest)), capsys)
     assert bad in err
-    assert not (_out(effnet_args) / "metrics.csv").exists() and not (_out(effnet_args) / "last.pt").exists()
+    assert not (output_dir(effnet_args) / "metrics.csv").exists() and not (output_dir(effnet_args) / "last.pt").exists()
 
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
 def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp_path):
     manifest, (bad,) = _with_corrupt_images(tiny_data[1], tmp_path)
-    args = [*_set(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
+    args = [*set_flag(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
     train_stage2_effnet.main(args)
-    assert (_out(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
-    assert (pd.read_csv(_out(args) / "metrics.csv")["val_skipped"] == 1).all()
+    assert (output_dir(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
+    assert (pd.read_csv(output_dir(args) / "metrics.csv")["val_skipped"] == 1).all()
 
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
 def test_more_bad_images_than_the_budget_stop_the_run(effnet_args, tiny_data, tmp_path, capsys):
     val, _ = _with_corrupt_images(tiny_data[1], tmp_path)
-    args = [*_set(effnet_args, "--val-manifest", str(val)), "--skip-bad-images", "--max-bad-images", "0"]
-    err = _fails(train_stage2_effnet.main, args, capsys)
+    args = [*set_flag(effnet_args, "--val-manifest", str(val)), "--skip-bad-images", "--max-bad-images", "0"]
+    err = fails(train_stage2_effnet.main, args, capsys)
     assert "1 undecodable val images, more than --max-bad-images 0" in err
-    assert not (_out(args) / "last.pt").exists()  # val is checked before the first step
+    assert not (output_dir(args) / "last.pt").exists()  # val is checked before the first step
 
     train, _ = _with_corrupt_images(tiny_data[0], tmp_path, rows=(1, 3))
-    args = [*_set(effnet_args, "--train-manifest", str(train)), "--skip-bad-images", "--max-bad-images", "1",
+    args = [*set_flag(effnet_args, "--train-manifest", str(train)), "--skip-bad-images", "--max-bad-images", "1",
             "--overwrite"]
-    err = _fails(train_stage2_effnet.main, args, capsys)
+    err = fails(train_stage2_effnet.main, args, capsys)
     assert "2 undecodable train images, more than --max-bad-images 1" in err and "bad_images.txt" in err
-    assert len((_out(args) / "bad_images.txt").read_text().splitlines()) == 2
-    assert not (_out(args) / "metrics.csv").exists()  # stopped before the epoch was validated
+    assert len((output_dir(args) / "bad_images.txt").read_text().splitlines()) == 2
+    assert not (output_dir(args) / "metrics.csv").exists()  # stopped before the epoch was validated
 
 
 # ---------------------------------------------------------------- 5. a worker's decode error is one line
 def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extractor(effnet_args, tiny_data,
                                                                                    tmp_path):
     manifest, (bad,) = _with_corrupt_images(tiny_data[0], tmp_path, rows=(3,))
-    effnet = [*_set(_set(effnet_args, "--train-manifest", str(manifest)), "--workers", "2")]
+    effnet = [*set_flag(set_flag(effnet_args, "--train-manifest", str(manifest)), "--workers", "2")]
     genconvit = ["--train-manifest", str(manifest), "--val-manifest", str(tiny_data[1]), "--init", "scratch",
                  "--backbone", "test_convnext", "--img-size", "64", "--latent-channels", "4", "--epochs", "1",
                  "--batch-size", "8", "--workers", "2", "--variant", "ed", "--output-dir", str(tmp_path / "gc")]
     extractor = ["--checkpoint", str(tmp_path / "best.pt"), "--manifest", str(manifest), "--out",
                  str(tmp_path / "f.npz"), "--workers", "2"]
-    train_stage2_effnet.main(_set(_set(effnet_args, "--epochs", "1"), "--output-dir", str(tmp_path / "ok")))
+    train_stage2_effnet.main(set_flag(set_flag(effnet_args, "--epochs", "1"), "--output-dir", str(tmp_path / "ok")))
     (tmp_path / "ok" / "best.pt").rename(tmp_path / "best.pt")
     for script, args in (("train_stage2_effnet.py", effnet), ("train_stage2_genconvit.py", genconvit),
                          ("feature_extractor.py", extractor)):
-        ran = subprocess.run([sys.executable, str(ROOT / script), *args], env=_env(), capture_output=True,
+        ran = subprocess.run([sys.executable, str(ROOT / script), *args], env=subprocess_env(), capture_output=True,
                              text=True, cwd=ROOT, timeout=300)
         err = ran.stderr.strip().splitlines()
         assert ran.returncode == 2, (script, ran.stderr[-2000:])
@@ -213,12 +184,14 @@ def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extract
 
 
 # ---------------------------------------------------------------- 6. clean stops
-@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True)])
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)])
 def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum, group):
-    args = [*_set(_set(effnet_args, "--epochs", "3"), "--workers", "2"), "--log-every", "1"]
+    args = [*set_flag(set_flag(effnet_args, "--epochs", "3"), "--workers", "2"), "--log-every", "1"]
     cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *args]
-    # Ctrl-C reaches the terminal's whole process group (the loader's workers too); SIGTERM only the main one.
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    # Ctrl-C reaches the terminal's whole process group (the loader's workers too); so does the SIGTERM of GNU
+    # `timeout`, systemd and Slurm, while `docker stop` and `kill PID` signal the main process only.
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT,
                             start_new_session=True)
     for line in proc.stdout:
         if line.startswith("epoch 2/3 step 2/"):
@@ -228,38 +201,69 @@ def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum
     assert proc.returncode == 128 + signum, stderr[-2000:]
     err = stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stopped: stopped by SIG") and "--resume" in err[0], stderr[-2000:]
-    last = load_checkpoint(_out(args) / "last.pt")
+    last = load_checkpoint(output_dir(args) / "last.pt")
     assert last["next_epoch"] == 1 and last["step"] >= 2
-    resumed = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    resumed = subprocess.run([*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert pd.read_csv(_out(args) / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    assert pd.read_csv(output_dir(args) / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
 
 
-def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args):
-    args = [*_set(effnet_args, "--epochs", "3"), "--log-every", "1"]
+def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
+    args = [*set_flag(effnet_args, "--epochs", "3"), "--log-every", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.Popen([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=_env(),
+    proc = subprocess.Popen([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("epoch 2/3 step 1/"):
+            # Rank 0 holds the run folder: a second run there is refused, naming it.
+            err = fails(train_stage2_effnet.main, [*args, "--resume"], capsys)
+            holder = int(re.search(r"in use by another run \(process (\d+)\)", err).group(1))
+            assert b"RANK=0\0" in Path(f"/proc/{holder}/environ").read_bytes()
             proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
             break
     seen += proc.stdout.readlines()
     proc.wait(timeout=120)
     assert proc.returncode != 0
-    # Two steps per rank and epoch: the stop comes at the end of epoch 2, written by rank 0 for both.
-    assert load_checkpoint(_out(args) / "last.pt")["next_epoch"] == 2, "".join(seen[-30:])
-    assert sum("stopped: stopped by SIGTERM at the end of epoch 2" in line for line in seen) == 2, "".join(seen[-30:])
+    # Where the stop lands depends on when the signal arrives (after step 1's stop check: at the end of epoch 2;
+    # before it: at epoch 2 step 1); every rank must stop at the same place, which last.pt holds.
+    stops = [m.group(1) for line in seen if (m := re.search(r"stopped: stopped by SIGTERM at (.+?);", line))]
+    assert len(stops) == 2 and stops[0] == stops[1], "".join(seen[-30:])
+    last = load_checkpoint(output_dir(args) / "last.pt")
+    where = f"epoch {last['next_epoch'] + 1} step {last['step']}" if last["step"] else \
+        f"the end of epoch {last['next_epoch']}"
+    assert stops[0] == where and stops[0] in ("epoch 2 step 1", "the end of epoch 2"), "".join(seen[-30:])
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no_obstacle(effnet_args, capsys):
+    first = [*set_flag(set_flag(effnet_args, "--epochs", "50"), "--workers", "2"), "--log-every", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_stage2_effnet.py"), *first], env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/50 step 1/"):  # epoch 1's last.pt is written, loader workers are running
+                break
+        for extra in (["--resume"], ["--overwrite"]):
+            err = fails(train_stage2_effnet.main, [*effnet_args, *extra], capsys)
+            assert f"--output-dir {output_dir(first)} is in use by another run (process {proc.pid})" in err
+        assert proc.poll() is None  # refused while the first run was alive, and its files are its own
+        assert json.loads((output_dir(first) / "args.json").read_text())["epochs"] == 50
+        assert load_checkpoint(output_dir(first) / "last.pt")["args"]["epochs"] == 50
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs, the kernel alone releases the lock (its loader workers hold none)
+        proc.wait(timeout=60)
+    train_stage2_effnet.main([*set_flag(effnet_args, "--epochs", "1"), "--overwrite"])
+    assert pd.read_csv(output_dir(first) / "metrics.csv")["epoch"].tolist() == [1]
 
 
 # ---------------------------------------------------------------- 7. the smaller ones
 def test_extractor_never_replaces_an_existing_file_or_writes_onto_a_folder(effnet_args, tiny_data, tmp_path, capsys):
-    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+    train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
     manifest_copy = tmp_path / "keep.csv"
     manifest_copy.write_text("path,label\n")
-    base = ["--checkpoint", str(_out(effnet_args) / "best.pt"), "--manifest", str(tiny_data[1]), "--workers", "0"]
+    base = ["--checkpoint", str(output_dir(effnet_args) / "best.pt"), "--manifest", str(tiny_data[1]), "--workers", "0"]
     for out, words in ((manifest_copy, "--overwrite"), (tmp_path, "a folder")):
         with pytest.raises(SystemExit) as exit_info:
             feature_extractor.exit_on_error(lambda o=out: feature_extractor.main([*base, "--out", str(o)]))
@@ -270,11 +274,10 @@ def test_extractor_never_replaces_an_existing_file_or_writes_onto_a_folder(effne
     assert manifest_copy.read_bytes()[:2] == b"PK"
 
 
-def test_evaluate_with_the_other_familys_checkpoint_is_one_line(effnet_args, tiny_data, tmp_path, capsys):
-    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
-    args = ["--val-manifest", str(tiny_data[1]), "--evaluate", str(_out(effnet_args) / "best.pt"), "--variant", "ed",
+def test_evaluate_with_the_other_familys_checkpoint_is_one_line(trained_run, tiny_data, tmp_path, capsys):
+    args = ["--val-manifest", str(tiny_data[1]), "--evaluate", str(trained_run / "best.pt"), "--variant", "ed",
             "--output-dir", str(tmp_path / "gc"), "--workers", "0"]
-    err = _fails(train_stage2_genconvit.main, args, capsys)
+    err = fails(train_stage2_genconvit.main, args, capsys)
     assert "--evaluate" in err and "timm" in err and "genconvit" in err
 
 
@@ -291,24 +294,24 @@ def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_p
 
 
 def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):
-    err = _fails(train_stage2_effnet.main, _set(effnet_args, "--output-dir", "/sys/stage2_run"), capsys)
+    err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--output-dir", "/sys/stage2_run"), capsys)
     assert "/sys/stage2_run" in err
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_file(effnet_args, capsys, monkeypatch):
-    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
-    best = _out(effnet_args) / "best.pt"
+    train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
+    best = output_dir(effnet_args) / "best.pt"
     before = best.read_bytes()
 
     def full(_fd: int) -> None:  # what fsync reports when the disk filled up during the write
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    err = _fails(train_stage2_effnet.main, [*_set(effnet_args, "--epochs", "2"), "--resume"], capsys)
-    assert "No space left on device" in err and str(_out(effnet_args)) in err
+    err = fails(train_stage2_effnet.main, [*set_flag(effnet_args, "--epochs", "2"), "--resume"], capsys)
+    assert "No space left on device" in err and str(output_dir(effnet_args)) in err
     monkeypatch.undo()
     assert best.read_bytes() == before
-    assert not [p for p in _out(effnet_args).iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in output_dir(effnet_args).iterdir() if p.name.endswith(".tmp")]
 
 
 def test_checkpoint_errors_say_what_is_wrong_in_one_whole_line(tmp_path):
@@ -321,11 +324,10 @@ def test_checkpoint_errors_say_what_is_wrong_in_one_whole_line(tmp_path):
     assert "\n" not in message and message.endswith(")")
 
 
-def test_run_files_get_the_normal_umask_mode(effnet_args):
-    train_stage2_effnet.main(_set(effnet_args, "--epochs", "1"))
+def test_run_files_get_the_normal_umask_mode(trained_run):
     for name in ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json", "roc.png", "curves.png",
                  "val_predictions.csv"):
-        assert (_out(effnet_args) / name).stat().st_mode & 0o777 == FILE_MODE, name
+        assert (trained_run / name).stat().st_mode & 0o777 == FILE_MODE, name
 
 
 def test_plots_are_written_atomically(tmp_path, monkeypatch):
@@ -345,9 +347,9 @@ def test_plots_are_written_atomically(tmp_path, monkeypatch):
 
 
 def test_workers_are_capped_by_the_cores_and_the_settings_say_so(effnet_args, recwarn):
-    args = _set(_set(effnet_args, "--workers", "64"), "--epochs", "1")
+    args = set_flag(set_flag(effnet_args, "--workers", "64"), "--epochs", "1")
     train_stage2_effnet.main(args)
-    log_text = (_out(args) / "train.log").read_text()
+    log_text = (output_dir(args) / "train.log").read_text()
     assert "--workers 64 capped to the" in log_text
     assert not [w for w in recwarn if "worker processes in total" in str(w.message)]
 
@@ -361,3 +363,53 @@ def test_a_video_id_shared_by_real_and_fake_train_frames_names_the_lines(tmp_pat
     (tmp_path / "m.csv").write_text("path,label,video_id\na.png,0,v1\nb.png,1,v1\n")
     with pytest.raises(ManifestError, match=r"m\.csv lines 2 and 3: video 'v1' has both real and fake frames"):
         read_manifest(tmp_path / "m.csv")
+
+
+def test_a_train_manifest_with_one_class_is_refused_at_start(effnet_args, tiny_data, tmp_path, capsys):
+    train = pd.read_csv(tiny_data[0])
+    only_real = tiny_data[0].parent / "train_only_real.csv"
+    train[train["label"] == 0].to_csv(only_real, index=False)
+    err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--train-manifest", str(only_real)), capsys)
+    assert "train_only_real.csv" in err and "only 'real' rows" in err
+    assert not (output_dir(effnet_args) / "last.pt").exists()
+
+
+def _flip_middle(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_it(effnet_args, tiny_data, tmp_path, capsys):
+    train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
+    best, last = output_dir(effnet_args) / "best.pt", output_dir(effnet_args) / "last.pt"
+    assert load_checkpoint(best)["tensors_sha256"] and load_checkpoint(last)["tensors_sha256"]
+    for path in (best, last):
+        _flip_middle(path)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(best))}: damaged"):
+        load_checkpoint(best)
+    with pytest.raises(SystemExit) as exit_info:
+        feature_extractor.exit_on_error(lambda: feature_extractor.main(
+            ["--checkpoint", str(best), "--manifest", str(tiny_data[1]), "--out", str(tmp_path / "f.npz"),
+             "--workers", "0"]))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"{best}: damaged" in err
+    assert not (tmp_path / "f.npz").exists()
+    err = fails(train_stage2_effnet.main, [*set_flag(effnet_args, "--epochs", "2"), "--resume"], capsys)
+    assert f"{last}: damaged" in err
+
+
+def test_an_image_over_the_pixel_limit_is_one_line_or_skipped(effnet_args, tiny_data, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 80)).save(big)  # 8,000 pixels; the others have 64x64 = 4,096
+    val = read_manifest(tiny_data[1])
+    val.loc[0, "path"] = str(big)
+    manifest = tmp_path / "val_big.csv"
+    val.to_csv(manifest, index=False)
+    args = [*set_flag(effnet_args, "--val-manifest", str(manifest)), "--max-image-pixels", "5000"]
+    err = fails(train_stage2_effnet.main, args, capsys)
+    assert f"cannot decode image {big}: 100x80 pixels, over the limit of 5000" in err
+    with pytest.warns(UserWarning, match="over the limit"):
+        train_stage2_effnet.main([*set_flag(args, "--epochs", "1"), "--skip-bad-images", "--overwrite"])
+    assert (output_dir(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{big}"]

@@ -1,7 +1,6 @@
 """A run killed mid-epoch resumes bit-identically; two DDP ranks score the val set exactly like one."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,24 +9,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 
 import train_stage2_effnet
 
-ROOT = Path(__file__).resolve().parents[1]
 TIME_COLUMNS = ["epoch_time", "images_per_s"]
-
-
-def _env() -> dict[str, str]:
-    # One thread per process keeps CPU kernels deterministic and two ranks from fighting over cores.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1"}
 
 
 def _flags(effnet_args: list[str], out: Path) -> list[str]:
     args = list(effnet_args)
     args[args.index("--output-dir") + 1] = str(out)
     args[args.index("--epochs") + 1] = "3"
-    return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1"]
+    # --self-blend: its fakes, like every augmentation, are a function of (seed, epoch, index): a resume repeats them
+    return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1", "--self-blend", "0.5"]
 
 
 def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path):
@@ -37,7 +31,8 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *_flags(effnet_args, killed)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -49,7 +44,8 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path):
     interrupted = torch.load(killed / "last.pt", weights_only=True)
     assert interrupted["next_epoch"] == 1 and interrupted["step"] >= 1, "expected a mid-epoch checkpoint"
 
-    resumed = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    resumed = subprocess.run([*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
 
@@ -70,11 +66,12 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     args = list(effnet_args)
     args[args.index("--val-manifest") + 1] = str(odd_val)
     args[args.index("--epochs") + 1] = "1"
+    args += ["--self-blend", "0.5"]  # self-blended fakes are made per sample: each rank makes its shard's
     out = Path(args[args.index("--output-dir") + 1])
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = str(ROOT / "train_stage2_effnet.py")
-    trained = subprocess.run([*torchrun, script, *args], env=_env(), capture_output=True, text=True, cwd=ROOT,
+    trained = subprocess.run([*torchrun, script, *args], env=subprocess_env(), capture_output=True, text=True, cwd=ROOT,
                              timeout=300)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "x 2 rank(s)" in trained.stdout
@@ -85,7 +82,8 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     one = tmp_path / "eval1"
     train_stage2_effnet.main([*evaluate, "--output-dir", str(one)])
     two = tmp_path / "eval2"
-    ran = subprocess.run([*torchrun, script, *evaluate, "--output-dir", str(two)], env=_env(), capture_output=True,
+    ran = subprocess.run([*torchrun, script, *evaluate, "--output-dir", str(two)], env=subprocess_env(),
+                         capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     m1 = json.loads((one / "eval_val_odd.json").read_text())["metrics"]

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import train_stage2_effnet
 from src.engine.cli import parse_args
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module_name(path: Path) -> str:
@@ -67,14 +67,44 @@ def test_src_imports_have_no_cycle():
 
 @pytest.mark.parametrize("script", ["train_stage2_effnet.py", "train_stage2_genconvit.py", "feature_extractor.py"])
 def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
-    for args, code in ((["--help"], 0), (["--batch-size", "many"] if "train" in script else ["--workers", "x"], 2)):
+    bad_type = ["--batch-size", "many"] if "train" in script else ["--workers", "x"]
+    for args, code in ((["--help"], 0), (bad_type, 2), (["--batch-size", "0"], 2)):  # a type, then a range
         ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
                              text=True, cwd=ROOT, timeout=60)
         assert ran.returncode == code, ran.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
         assert not imported & {"torch", "timm", "torchvision", "pandas"}, (script, args)
+    assert ran.stderr.splitlines()[-1] == "error: --batch-size 0: expected an integer >= 1"
     assert "usage:" in subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                                       cwd=ROOT, timeout=60).stdout
+
+
+def _imports_of(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    return ran, {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
+
+
+def test_a_taken_output_folder_is_refused_before_torch_loads(tmp_path):
+    # Importing torch and timm is most of half a minute on a busy box: a folder that cannot be used is said first.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"a run")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "robustness_val.png").write_bytes(b"a plot")
+    (tmp_path / "gc" / "vae").mkdir(parents=True)
+    (tmp_path / "gc" / "vae" / "last.pt").write_bytes(b"a run")
+    cases = [
+        ("train_stage2_effnet.py", ["--output-dir", str(tmp_path / "run")], "already holds a run (best.pt)"),
+        ("train_stage2_effnet.py", ["--evaluate", "ckpt.pt", "--val-manifest", "val.csv", "--perturb", "jpeg:50",
+                                    "--output-dir", str(tmp_path / "eval")], "already holds robustness_val.png"),
+        # --variant both: the VAE's folder is checked before the ED trains, not hours later.
+        ("train_stage2_genconvit.py", ["--output-dir", str(tmp_path / "gc")], f"{tmp_path / 'gc' / 'vae'} already"),
+    ]
+    for script, args, message in cases:
+        ran, imported = _imports_of(script, args)
+        assert ran.returncode == 2 and message in ran.stderr, (script, ran.stderr[-2000:])
+        assert not imported & {"torch", "timm", "torchvision"}, script
+    assert (tmp_path / "run" / "best.pt").read_bytes() == b"a run"
 
 
 def test_the_package_installs_and_its_commands_run(tmp_path):
@@ -84,39 +114,40 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     for name in ("pyproject.toml", "README.md", "train_stage2_effnet.py", "train_stage2_genconvit.py",
                  "feature_extractor.py"):
         shutil.copy(ROOT / name, source / name)
-    # No pip of its own: this one's (run for the venv's interpreter) builds with the setuptools the project has.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
-                   timeout=120)
-    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                          "--no-deps", "--no-build-isolation", "--quiet", str(source)], capture_output=True, text=True,
-                         timeout=300)
+    # Installed into a folder of its own with this interpreter's pip and setuptools (requirements-dev.txt brings a
+    # setuptools that builds wheels): a nested venv would see the base interpreter's packages, not a venv's.
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                          "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(site)}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     for command in ("stage2-train-effnet", "stage2-train-genconvit", "stage2-extract"):
-        ran = subprocess.run([str(venv / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
-                             timeout=60)
-        assert ran.returncode == 0 and "usage:" in ran.stdout, (command, ran.stderr[-2000:])
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import src.engine.trainer, feature_extractor; "
+        ran = subprocess.run([str(site / "bin" / command), "--help"], capture_output=True, text=True, cwd=outside,
+                             env=env, timeout=60)
+        assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
+        assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
+    where = subprocess.run([sys.executable, "-c", "import src.engine.trainer, feature_extractor; "
                             "print(src.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
-                           timeout=120)
+                           env=env, timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]
-    assert str(venv) in where.stdout
+    assert str(site) in where.stdout
 
 
-def test_a_run_replays_from_its_args_json_and_flags_win(effnet_args, tmp_path):
-    train_stage2_effnet.main([*effnet_args, "--lr", "5e-4", "--aug", "light"])
-    recorded = Path(effnet_args[effnet_args.index("--output-dir") + 1]) / "args.json"
+def test_a_run_replays_from_its_args_json_and_flags_win(trained_run, tmp_path):
+    recorded = trained_run / "args.json"
     replay = parse_args(train_stage2_effnet.build_parser(), ["--config", str(recorded), "--output-dir",
                                                              str(tmp_path / "replay"), "--epochs", "1"])
     first = json.loads(recorded.read_text())
-    assert (replay.lr, replay.aug, replay.model, replay.img_size) == (5e-4, "light", "test_efficientnet", 32)
-    assert (replay.epochs, replay.output_dir) == (1, str(tmp_path / "replay"))  # given on the command line: they win
-    train_stage2_effnet.main(["--config", str(recorded), "--output-dir", str(tmp_path / "replay")])
+    assert (replay.lr, replay.model, replay.img_size, replay.epochs) == (1e-2, "test_efficientnet", 32, 1)
+    assert replay.output_dir == str(tmp_path / "replay")  # given on the command line: flags win over the file
+    train_stage2_effnet.main(["--config", str(recorded), "--output-dir", str(tmp_path / "replay"), "--epochs", "1"])
     second = json.loads((tmp_path / "replay" / "args.json").read_text())
-    assert {k: v for k, v in second.items() if k != "output_dir"} == {k: v for k, v in first.items()
-                                                                      if k != "output_dir"}
+    changed = {"output_dir", "epochs"}
+    assert {k: v for k, v in second.items() if k not in changed} == {k: v for k, v in first.items()
+                                                                      if k not in changed}
+    assert (first["epochs"], second["epochs"]) == (2, 1)
 
 
 def test_a_yaml_config_sets_defaults_and_unknown_keys_are_one_line(tmp_path, capsys):

@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import output_dir, set_flag
 
 import train_stage2_effnet
 from src.data.dataset import ManifestDataset, collate
 from src.data.manifest import read_manifest
 from src.data.transforms import DeviceTransform
+from src.engine import trainer
 from src.engine.checkpoint import load_checkpoint
 from src.engine.config import config_from_args
 from src.engine.trainer import run
@@ -22,15 +24,19 @@ RUN_OUTPUTS = ["best.pt", "last.pt", "args.json", "metrics.csv", "summary.json",
                "train.log", "val_predictions.csv"]
 
 
-def _out(args: list[str]):
-    from pathlib import Path
+def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet_args, tiny_data, monkeypatch):
+    figures = {}  # the last figure each plot function returned
 
-    return Path(args[args.index("--output-dir") + 1])
+    def spy(plot):
+        def plot_and_keep(*args, **kwargs):
+            figures[plot.__name__] = plot(*args, **kwargs)
+            return figures[plot.__name__]
+        return plot_and_keep
 
-
-def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet_args, tiny_data):
+    for plot in (trainer.plot_roc, trainer.plot_training_curves):
+        monkeypatch.setattr(trainer, plot.__name__, spy(plot))
     train_stage2_effnet.main(effnet_args)
-    out = _out(effnet_args)
+    out = output_dir(effnet_args)
     for name in RUN_OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
@@ -46,6 +52,13 @@ def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet
     assert summary["best_epoch"] == int(history.loc[history["auc"].idxmax(), "epoch"])
     assert summary["metrics"]["auc"] == pytest.approx(best_row["auc"])
     assert {"nll_before", "nll_after", "ece_before", "ece_after"} <= summary["calibration"].keys()
+    # The plots: curves star the best epoch on the selecting metric; the ROC has a video-level curve (video_id).
+    validation = next(ax for ax in figures["plot_training_curves"].axes if ax.get_title() == "validation")
+    star = next(line for line in validation.get_lines() if line.get_label().startswith("best: epoch"))
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (summary["best_epoch"], pytest.approx(best_row["auc"]))
+    legend = [t.get_text() for t in figures["plot_roc"].axes[0].get_legend().get_texts()]
+    assert f"video (AUC = {summary['metrics']['video_auc']:.2f})" in legend
+    assert "torch threads" in (out / "train.log").read_text().split("settings:")[1].splitlines()[1]
 
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["model_name"] == "test_efficientnet" and best["num_classes"] == 1
@@ -65,9 +78,9 @@ def test_run_writes_every_output_and_best_reloads_to_the_same_predictions(effnet
 
 
 def test_a_previous_run_is_never_overwritten_silently(effnet_args, capsys):
-    args = [*effnet_args[:-4], "--epochs", "1", *effnet_args[-2:]]
+    args = set_flag(effnet_args, "--epochs", "1")
     train_stage2_effnet.main(args)
-    best = _out(args) / "best.pt"
+    best = output_dir(args) / "best.pt"
     before = best.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
@@ -92,7 +105,7 @@ def test_bad_input_is_one_line_and_exit_code_2(effnet_args, capsys, flag, value,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
-    assert not (_out(effnet_args) / "best.pt").exists()
+    assert not (output_dir(effnet_args) / "best.pt").exists()
 
 
 class _NaNInSecondEpoch(TimmExpert):
@@ -114,16 +127,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(effnet_args):
     expert = _NaNInSecondEpoch(36 // 8, model_name="test_efficientnet", img_size=32, pretrained=False)
     with pytest.raises(TrainingDiverged, match="non-finite loss in epoch 2"):
         run(cfg, expert)
-    last = load_checkpoint(_out(effnet_args) / "last.pt")
+    last = load_checkpoint(output_dir(effnet_args) / "last.pt")
     assert last["next_epoch"] == 1 and last["step"] == 0
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert pd.read_csv(_out(effnet_args) / "metrics.csv")["epoch"].tolist() == [1]
+    assert pd.read_csv(output_dir(effnet_args) / "metrics.csv")["epoch"].tolist() == [1]
 
 
 def test_warmup_reaches_the_peak_lr_exactly(effnet_args):
-    args = [*effnet_args[:-4], "--epochs", "3", "--lr", "3e-4", "--warmup-epochs", "1", *effnet_args[-2:]]
+    args = [*set_flag(effnet_args, "--epochs", "3"), "--lr", "3e-4", "--warmup-epochs", "1"]
     train_stage2_effnet.main(args)
-    lrs = pd.read_csv(_out(args) / "metrics.csv")["lr_last_step"]
+    lrs = pd.read_csv(output_dir(args) / "metrics.csv")["lr_last_step"]
     assert lrs.iloc[0] == pytest.approx(3e-4)  # the last update of epoch 1 ends the warmup at --lr
     assert lrs.iloc[1] < 3e-4 and lrs.iloc[2] < lrs.iloc[1]
 

@@ -1,7 +1,6 @@
 """train_stage2_genconvit.py end to end (tiny ConvNeXt, 64px PNGs) and its stage parsing."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,14 +10,15 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
+from src.engine.report import plot_recon_samples
 from src.errors import PretrainedWeightsError
+from src.experts import genconvit
 from src.experts.genconvit import GenConViTExpert, parse_stages
 from src.models.genconvit import GenConViTED, GenConViTVAE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -42,7 +42,14 @@ def test_stage_spec_parsing():
             parse_stages(bad, epochs=2, lr=1.0)
 
 
-def test_both_variants_write_every_output(gc_args):
+def test_both_variants_write_every_output(gc_args, monkeypatch):
+    grids = []  # the recon-sample figures, as drawn
+
+    def plot_and_keep(*args, **kwargs):
+        grids.append(plot_recon_samples(*args, **kwargs))
+        return grids[-1]
+
+    monkeypatch.setattr(genconvit, "plot_recon_samples", plot_and_keep)
     train_stage2_genconvit.main([*gc_args, "--variant", "both"])
     out = Path(gc_args[-1])
     for variant in ("ed", "vae"):
@@ -65,6 +72,12 @@ def test_both_variants_write_every_output(gc_args):
         assert best["model_name"] == f"genconvit_{variant}" and best["temperature"] == pytest.approx(
             cal["temperature"])
         assert best["model_kwargs"]["convnext_name"] == "test_convnext"
+    # Every epoch's grid of each variant says which column is which and which rows are real or fake.
+    assert len(grids) == 4
+    for grid in grids:
+        ax = grid.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["input", "reconstruction", "difference x4"]
+        assert [t.get_text().split("\n")[0] for t in ax.get_yticklabels()] == ["real"] * 4 + ["fake"] * 4
     vae_history = pd.read_csv(out / "vae" / "metrics.csv")
     assert (vae_history["train_kl"] > 0).all()
     assert (pd.read_csv(out / "ed" / "metrics.csv")["train_kl"] == 0).all()
@@ -76,7 +89,7 @@ def test_official_weights_file_initialises_the_model(gc_args, tmp_path):
     torch.save({"state_dict": reference.state_dict(), "epoch": 3}, weights)
     args = [a if a != "scratch" else "official" for a in gc_args]
     args[args.index("--epochs") + 1] = "1"
-    train_stage2_genconvit.main([*args, "--variant", "ed", "--weights", str(weights), "--lr", "0"])
+    train_stage2_genconvit.main([*args, "--variant", "ed", "--weights", str(weights), "--lr", "0", "--min-lr", "0"])
     best = torch.load(Path(gc_args[-1]) / "ed" / "best.pt", weights_only=True)
     # lr 0 (and frozen backbone): the trained weights are still the official ones.
     for key, value in reference.state_dict().items():
@@ -100,7 +113,7 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     train_stage2_genconvit.main([*flags, "--output-dir", str(straight)])
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     cmd = [sys.executable, str(ROOT / "train_stage2_genconvit.py"), *flags, "--output-dir", str(killed)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     for line in proc.stdout:

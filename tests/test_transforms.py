@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 
@@ -33,6 +34,23 @@ def test_cpu_part_degrades_a_fraction_of_the_images_and_keeps_uint8():
         changed = sum(not torch.equal(o, img) for o in outs) / len(outs)
         p = AUG_CONFIGS[level].degrade_p
         assert abs(changed - p) < 0.06, (level, changed)
+
+
+def test_degradations_start_in_the_second_half_of_the_run(tmp_path):
+    from PIL import Image
+
+    from src.data.dataset import ManifestDataset
+
+    img = _batch(1)[0]
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
+    tf = build_cpu_transform("standard", epochs=8)
+    assert tf.start == 4 and build_cpu_transform("standard", epochs=3).start == 2
+    dataset = ManifestDataset(pd.DataFrame({"path": [str(tmp_path / "a.png")] * 200, "label": 0}), 48,
+                              transform=tf)
+    for epoch, expected in ((0, 0.0), (3, 0.0), (4, 0.15), (7, 0.15)):
+        dataset.set_epoch(epoch)  # what the trainer calls before each epoch's loader starts
+        changed = sum(not torch.equal(dataset[i][0], img) for i in range(200)) / 200
+        assert abs(changed - expected) < 0.07, (epoch, changed)
 
 
 @pytest.mark.parametrize("level", ["light", "standard"])

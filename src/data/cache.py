@@ -5,20 +5,24 @@ array costs microseconds. Training for many epochs on hundreds of thousands of c
 decodes each file once (`--cache-dir`) and reads slots of `images.u8` afterwards.
 
 Layout of `CACHE_DIR/<size>px/`: `images.u8` (raw uint8, slot-major [slots, 3, size, size]) and
-`index.csv` (path, slot, bytes, mtime_ns, ok). A file whose size or mtime changed since it was
-cached is decoded again into its old slot. The index is rewritten (atomically) after every chunk,
-so an interrupted build resumes where it stopped. One build at a time per folder (a lock file).
+`index.csv` (path, slot, bytes, mtime_ns, ok, crc32). A file whose size or mtime changed since it was
+cached is decoded again into its old slot; so is a slot whose bytes no longer have the CRC-32 the index
+recorded, or that lies beyond the end of `images.u8` (a deleted, truncated or overwritten data file).
+The index is rewritten (atomically) after every chunk, so an interrupted build resumes where it stopped;
+SIGTERM or Ctrl-C stop a build after the chunks in progress. One build at a time per folder (a lock file
+that ends with its holder; the decoding workers die with their parent).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
+import time
 import warnings
+import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +30,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from src.data.decode import decode_image, resize_uint8
-from src.errors import ImageDecodeError
+from src.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
+from src.errors import ImageDecodeError, StopRequested
+from src.processes import StopRequest, exclusive_lock, init_worker, stop_requests
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["path", "slot", "bytes", "mtime_ns", "ok"]
+INDEX_COLUMNS = ["path", "slot", "bytes", "mtime_ns", "ok", "crc32"]
 CHUNK = 256
 
 
@@ -45,17 +50,30 @@ class DecodedCache:
         self.data_path = self.dir / "images.u8"
         self.index_path = self.dir / "index.csv"
 
-    def prepare(self, paths: Sequence[str], *, workers: int = 1, skip_bad_images: bool = False) -> np.ndarray:
-        """Decode whatever is missing or stale and return each path's slot (-1: undecodable, skipped)."""
+    def prepare(self, paths: Sequence[str], *, workers: int = 1, skip_bad_images: bool = False,
+                max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = True) -> np.ndarray:
+        """Decode whatever is missing, stale or damaged and return each path's slot (-1: undecodable, skipped).
+
+        `verify` checks every cached image against its CRC-32 first (a pass over its bytes, in `workers` threads);
+        a reader that another process has just prepared skips it.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        with _locked(self.dir / ".lock"):
+        with exclusive_lock(self.dir / ".lock", wait=True, on_wait=lambda pid: log.info(
+                "cache %s: waiting for process %s, which is building it", self.dir, pid)):
             index = self._load_index()
             stats = [os.stat(p) for p in paths]
             current = pd.DataFrame({"path": list(paths), "bytes": [s.st_size for s in stats],
                                     "mtime_ns": [s.st_mtime_ns for s in stats]})
             merged = current.merge(index, on="path", how="left", suffixes=("", "_cached"))
             fresh = ((merged["bytes"] == merged["bytes_cached"]) & (merged["mtime_ns"] == merged["mtime_ns_cached"])
-                     & merged["ok"].notna())
+                     & merged["ok"].notna()).to_numpy(copy=True)
+            if verify:
+                stored = fresh & merged["ok"].eq(True).to_numpy()
+                intact = self._intact(merged.loc[stored, ["slot", "crc32"]], workers)
+                if not intact.all():
+                    log.warning("cache %s: %d cached images no longer match their checksums (or lie beyond the end "
+                                "of %s): decoding them again", self.dir, int((~intact).sum()), self.data_path.name)
+                fresh[np.flatnonzero(stored)[~intact]] = False
             todo = merged.loc[~fresh, ["path", "slot"]].copy()
             next_slot = int(index["slot"].max()) + 1 if len(index) else 0
             new = todo["slot"].isna()
@@ -66,7 +84,7 @@ class DecodedCache:
                 self._grow(capacity)
                 log.info("cache %s: decoding %d of %d images (%.2f GiB on disk in all)", self.dir, len(todo),
                          len(paths), capacity * self.item_bytes / 2**30)
-                index = self._decode(todo, index, current, workers, skip_bad_images)
+                index = self._decode(todo, index, current, workers, skip_bad_images, max_pixels)
             rows = index.set_index("path").loc[list(paths)]
             ok = rows["ok"].to_numpy(dtype=bool)
             reported = set(todo["path"])  # failures of this build were just raised or warned about
@@ -82,10 +100,39 @@ class DecodedCache:
         return CacheView(self.data_path, self.img_size, slots)
 
     def _load_index(self) -> pd.DataFrame:
-        if not self.index_path.is_file():
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-                INDEX_COLUMNS, (str, np.int64, np.int64, np.int64, bool))})
-        return pd.read_csv(self.index_path, dtype={"path": str})
+        if self.index_path.is_file():
+            index = pd.read_csv(self.index_path, dtype={"path": str})
+            if list(index.columns) == INDEX_COLUMNS:
+                return index
+            log.warning("cache %s: index of an older version (no checksums): decoding everything again", self.dir)
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+            INDEX_COLUMNS, (str, np.int64, np.int64, np.int64, bool, np.int64))})
+
+    def _intact(self, rows: pd.DataFrame, workers: int) -> np.ndarray:
+        """Which of these cached rows (slot, crc32) still hold what the index recorded: the slot lies inside the
+        data file and its bytes have the recorded CRC-32."""
+        size = self.data_path.stat().st_size if self.data_path.is_file() else 0
+        slots = rows["slot"].to_numpy(dtype=np.int64)
+        intact = (slots + 1) * self.item_bytes <= size
+        inside = np.flatnonzero(intact)
+        if not len(inside):
+            return intact
+        started = time.perf_counter()
+        array = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=(size // self.item_bytes, self.item_bytes))
+        order = inside[np.argsort(slots[inside])]  # in file order: sequential reads
+        blocks = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
+        recorded = rows["crc32"].to_numpy(dtype=np.int64)
+
+        def crcs(block: np.ndarray) -> list[int]:
+            return [zlib.crc32(array[slot]) for slot in slots[block]]
+
+        # zlib.crc32 releases the GIL on large buffers: threads check blocks in parallel.
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for block, found in zip(blocks, pool.map(crcs, blocks)):
+                intact[block] = np.asarray(found, dtype=np.int64) == recorded[block]
+        log.info("cache %s: %d cached images checked against their checksums in %.1f s", self.dir, len(inside),
+                 time.perf_counter() - started)
+        return intact
 
     def _grow(self, slots: int) -> None:
         size = slots * self.item_bytes
@@ -94,34 +141,45 @@ class DecodedCache:
                 f.truncate(size)  # sparse: no disk is used until a slot is written
 
     def _decode(self, todo: pd.DataFrame, index: pd.DataFrame, current: pd.DataFrame, workers: int,
-                skip_bad_images: bool) -> pd.DataFrame:
+                skip_bad_images: bool, max_pixels: int) -> pd.DataFrame:
         meta = current.set_index("path")
         index = index.set_index("path")
         jobs = [todo.iloc[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
         bad: list[str] = []
-        with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool, tqdm(
-                total=len(todo), desc="caching", unit="img", disable=None) as bar:
+        stop, done = StopRequest(), 0
+        with stop_requests(stop), ProcessPoolExecutor(max_workers=max(workers, 1), initializer=init_worker) as pool, \
+                tqdm(total=len(todo), desc="caching", unit="img", disable=None) as bar:
             futures = [pool.submit(_decode_chunk, str(self.data_path), self.img_size, list(job["path"]),
-                                   list(job["slot"])) for job in jobs]
+                                   list(job["slot"]), max_pixels) for job in jobs]
             for job, future in zip(jobs, futures):
-                errors = future.result()
-                # Plain arrays: assign() would align a Series on its (positional) index and give NaN.
-                failed = job["path"].isin(errors).to_numpy()
-                rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~failed)
-                if errors and not skip_bad_images:
-                    # Keep what this build did decode, so the rebuild after the fix starts from there.
-                    index = pd.concat([index.drop(index.index.intersection(rows.index)), rows[~failed]])
+                try:
+                    errors, crcs = future.result()
+                except BrokenProcessPool:
+                    if stop.signum is None:
+                        raise
+                    errors = None  # a worker got the signal before it could leave it to us; the stop follows
+                if errors is not None:
+                    # Plain arrays: assign() would align a Series on its (positional) index and give NaN.
+                    failed = job["path"].isin(errors).to_numpy()
+                    rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~failed, crc32=crcs)
+                    if errors and not skip_bad_images:
+                        # Keep what this build did decode, so the rebuild after the fix starts from there.
+                        self._save_index(pd.concat([index.drop(index.index.intersection(rows.index)), rows[~failed]]))
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        path, error = next(iter(errors.items()))
+                        raise ImageDecodeError(path, error)
+                    for path, error in errors.items():
+                        warnings.warn(f"skipping cannot decode image {path}: {error}", stacklevel=2)
+                        bad.append(path)
+                    index = pd.concat([index.drop(index.index.intersection(rows.index)), rows])
                     self._save_index(index)
-                    for pending in futures:
-                        pending.cancel()
-                    path, error = next(iter(errors.items()))
-                    raise ImageDecodeError(path, error)
-                for path, error in errors.items():
-                    warnings.warn(f"skipping cannot decode image {path}: {error}", stacklevel=2)
-                    bad.append(path)
-                index = pd.concat([index.drop(index.index.intersection(rows.index)), rows])
-                self._save_index(index)
-                bar.update(len(job))
+                    done += len(job)
+                    bar.update(len(job))
+                if stop.signum is not None:  # after the chunks in progress: everything decoded so far is kept
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise StopRequested(stop.signum, f"stopped by {stop.name} while caching images in {self.dir} "
+                                        f"({done} of {len(todo)} decoded and kept): run the same command again to "
+                                        "continue from there")
         if bad:
             log.warning("cache: skipped %d undecodable images", len(bad))
         return index.reset_index()
@@ -133,10 +191,11 @@ class DecodedCache:
 
 
 def open_cache(cache_dir: str | Path, img_size: int, paths: Sequence[str], *, workers: int = 1,
-               skip_bad_images: bool = False) -> CacheView:
-    """Bring the cache up to date for `paths` (decoding only what is missing) and map it for reading."""
+               skip_bad_images: bool = False, max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = True) -> CacheView:
+    """Bring the cache up to date for `paths` (decoding only what is missing or damaged) and map it for reading."""
     cache = DecodedCache(cache_dir, img_size)
-    return cache.view(cache.prepare(paths, workers=workers, skip_bad_images=skip_bad_images))
+    return cache.view(cache.prepare(paths, workers=workers, skip_bad_images=skip_bad_images, max_pixels=max_pixels,
+                                    verify=verify))
 
 
 class CacheView:
@@ -160,24 +219,20 @@ class CacheView:
         return {**self.__dict__, "_array": None}
 
 
-def _decode_chunk(data_path: str, img_size: int, paths: list[str], slots: list[int]) -> dict[str, str]:
-    """Worker: decode, resize and write one chunk of images; returns {path: reason} for the bad ones."""
-    errors = {}
+def _decode_chunk(data_path: str, img_size: int, paths: list[str], slots: list[int], max_pixels: int
+                  ) -> tuple[dict[str, str], list[int]]:
+    """Worker: decode, resize and write one chunk of images; returns ({path: reason} for the bad ones, the CRC-32
+    of each slot as written, 0 for the bad ones)."""
+    errors, crcs = {}, []
     array = np.memmap(data_path, dtype=np.uint8, mode="r+").reshape(-1, 3, img_size, img_size)
     for path, slot in zip(paths, slots):
         try:
-            array[slot] = resize_uint8(decode_image(path), img_size).numpy()
+            pixels = resize_uint8(decode_image(path, max_pixels), img_size).numpy()
         except ImageDecodeError as err:
             errors[path] = str(err).split(": ", 1)[-1]
+            crcs.append(0)
+            continue
+        array[slot] = pixels
+        crcs.append(zlib.crc32(np.ascontiguousarray(pixels)))
     array.flush()
-    return errors
-
-
-@contextmanager
-def _locked(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return errors, crcs

@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from src.data.cache import CacheView
-from src.data.decode import decode_image, resize_uint8
+from src.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
+from src.data.self_blend import SelfBlend
 from src.errors import ImageDecodeError
 
 ImageItem = tuple[torch.Tensor | None, int, int]  # (image, label, index); image None: undecodable, skipped
@@ -27,7 +28,9 @@ class ManifestDataset(torch.utils.data.Dataset):
     Items are ``(image, label, index)``; with ``skip_bad_images`` an undecodable file warns and yields image None,
     which :func:`collate` drops and lists. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
     function of (seed, epoch, index); ``cache`` (a :class:`~src.data.cache.CacheView`) serves images decoded
-    and resized beforehand instead of reading the files.
+    and resized beforehand instead of reading the files. A file of more than ``max_pixels`` pixels is undecodable.
+    ``self_blend`` (``--self-blend``) turns some reals into self-blended fakes, label 1, before ``transform``,
+    seeded the same way.
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         skip_bad_images: bool = False,
         seed: int = 0,
         cache: CacheView | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        self_blend: SelfBlend | None = None,
     ) -> None:
         # numpy arrays rather than lists of Python objects: forked workers then don't touch (and copy) pages
         # of per-item refcounts.
@@ -49,10 +54,15 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.cache = cache
+        self.max_pixels = max_pixels
+        self.self_blend = self_blend
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed the augmentation: workers fork after this, so the new epoch reaches them."""
+        """Reseed the augmentation (and tell a transform with a schedule which epoch it is): workers fork after
+        this, so the new epoch reaches them."""
         self.epoch = epoch
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,21 +75,26 @@ class ManifestDataset(torch.utils.data.Dataset):
         else:
             path = str(self.paths[index])
             try:
-                image = decode_image(path)
+                image = decode_image(path, self.max_pixels)
             except ImageDecodeError as err:
                 if not self.skip_bad_images:
                     raise
                 warnings.warn(f"skipping {err}", stacklevel=2)
                 return None, int(self.labels[index]), int(index)
             image = resize_uint8(image, self.img_size)
-        if self.transform is not None:
+        label = int(self.labels[index])
+        if self.transform is not None or self.self_blend is not None:
             # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number
             # of workers or ranks, and after a resume from any step. Only the CPU generator is reseeded (the
             # transforms draw from it): torch.manual_seed also visits every accelerator backend, ~0.4 ms a call.
+            # The modulo keeps every --seed in torch's 64-bit range (it changes nothing below seed 1.8 million).
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-                image = self.transform(image)
-        return image, int(self.labels[index]), int(index)
+                torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**64)
+                if self.self_blend is not None:
+                    image, label = self.self_blend(image, label)
+                if self.transform is not None:
+                    image = self.transform(image)
+        return image, label, int(index)
 
 
 class Batch(NamedTuple):

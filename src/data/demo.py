@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
+from tqdm import tqdm
 
 FAKE_METHODS = ("resample_blend", "color_blend", "sharpen_blend")
 VAL_FRACTION = 2 / 7  # 5:2 train:val videos per class: 420 + 168 images with the defaults
@@ -169,7 +171,13 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def make_demo_dataset(
-    root: str | Path, n_videos: int = 196, frames_per_video: int = 3, size: int = 256, seed: int = 0
+    root: str | Path,
+    n_videos: int = 196,
+    frames_per_video: int = 3,
+    size: int = 256,
+    seed: int = 0,
+    *,
+    progress: bool = False,
 ) -> tuple[Path, Path]:
     """Write the synthetic demo under ``root`` and return ``(train_manifest, val_manifest)``.
 
@@ -179,6 +187,7 @@ def make_demo_dataset(
     few epochs to get well above chance.
     Deterministic for a seed; when ``root`` already holds a demo made with the same parameters it is reused.
     Call it from one process only (e.g. rank 0 before a barrier): it writes files without locking.
+    ``progress`` prints whether the demo is reused or generated, with a progress bar and the time it took.
     """
     if n_videos < 4 or frames_per_video < 1:
         raise ValueError(f"demo needs n_videos >= 4 and frames_per_video >= 1, got {n_videos} and {frames_per_video}")
@@ -194,9 +203,15 @@ def make_demo_dataset(
     if train_csv.is_file() and val_csv.is_file() and stamp_path.is_file():
         try:
             if json.loads(stamp_path.read_text()) == params:
+                if progress:
+                    print(f"demo: reusing the synthetic dataset in {root}", flush=True)
                 return train_csv, val_csv
         except json.JSONDecodeError:
             pass  # a damaged stamp just means "regenerate"
+    started = time.monotonic()
+    if progress:
+        print(f"demo: generating {n_videos * frames_per_video} synthetic {size}x{size} face crops ({n_videos} videos) "
+              f"in {root}, once (about 10 s on two idle cores, minutes on a busy machine)", flush=True)
 
     stamp_path.unlink(missing_ok=True)  # until the new stamp is written, a half-written demo is never reused
     n_real = n_videos // 2
@@ -209,7 +224,7 @@ def make_demo_dataset(
         val_videos.update(split_rng.permutation(videos)[:n_val].tolist())
 
     rows = {"train": [], "val": []}
-    for video, label in enumerate(labels):
+    for video, label in enumerate(tqdm(labels, desc="demo videos", disable=not progress, leave=False)):
         # One independent stream per video: a video's frames don't depend on how many others exist.
         rng = np.random.default_rng([seed, video])
         method = "real" if label == 0 else FAKE_METHODS[(video - n_real) % len(FAKE_METHODS)]
@@ -222,4 +237,7 @@ def make_demo_dataset(
     _write_csv(pd.DataFrame(rows["train"], columns=columns), train_csv)
     _write_csv(pd.DataFrame(rows["val"], columns=columns), val_csv)
     stamp_path.write_text(json.dumps(params))
+    if progress:
+        print(f"demo: {len(rows['train'])} train + {len(rows['val'])} val images written in "
+              f"{time.monotonic() - started:.0f} s", flush=True)
     return train_csv, val_csv

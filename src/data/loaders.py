@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 
 import pandas as pd
@@ -11,6 +10,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from src.data.cache import CacheView
 from src.data.dataset import ManifestDataset, collate
+from src.data.decode import MAX_IMAGE_PIXELS
+from src.data.self_blend import SelfBlend
+from src.processes import init_worker
 
 
 def manifest_loader(
@@ -26,17 +28,21 @@ def manifest_loader(
     cache: CacheView | None = None,
     pin_memory: bool = False,
     drop_last: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    self_blend: SelfBlend | None = None,
 ) -> DataLoader:
     """Batches (:class:`~src.data.dataset.Batch`) of `frame`'s images as uint8 at `img_size`, in `sampler`'s
-    order (the frame's order without one); `cache` serves them from the decoded cache instead of the files."""
+    order (the frame's order without one); `cache` serves them from the decoded cache instead of the files; a file
+    of more than `max_pixels` pixels is undecodable; `self_blend` makes some reals self-blended fakes (training
+    only)."""
     dataset = ManifestDataset(frame, img_size, transform=transform, skip_bad_images=skip_bad_images, seed=seed,
-                              cache=cache)
+                              cache=cache, max_pixels=max_pixels, self_blend=self_blend)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_ctrl_c if workers else None)
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=_init_worker if workers else None)
 
 
-def ignore_ctrl_c(_worker_id: int) -> None:
-    """Workers leave Ctrl-C (which reaches every process of the terminal's group) to the main process, which
-    stops the run cleanly and then shuts them down. SIGTERM stays theirs: the loader stops its workers with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(_worker_id: int) -> None:
+    """Workers leave Ctrl-C and an outside SIGTERM (which reach every process of the group) to the main process,
+    which stops the run cleanly and then ends them, and die with it (see init_worker)."""
+    init_worker()

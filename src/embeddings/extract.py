@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader
@@ -24,32 +26,29 @@ from tqdm.auto import tqdm
 
 from src.data.cache import open_cache
 from src.data.dataset import Batch
+from src.data.decode import RESIZE_CONFIG, pil_to_uint8, resize_uint8
 from src.data.loaders import manifest_loader
-from src.data.manifest import OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
+from src.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
-from src.engine.checkpoint import load_checkpoint
-from src.engine.precision import autocast, autocast_dtype, memory_format
-from src.errors import CheckpointError, OfficialCheckpointError
+from src.engine.checkpoint import checkpoint_temperature, load_checkpoint
+from src.engine.precision import autocast, autocast_dtype, memory_format, pick_device
+from src.errors import CheckpointError, ManifestError, OfficialCheckpointError
 from src.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from src.models.genconvit import GenConViTED, GenConViTVAE, detect_variant, load_official_checkpoint, read_state_dict
 
 log = logging.getLogger(__name__)
 
 # The official GenConViT weights were trained on 224px crops with ImageNet normalisation.
-OFFICIAL_DATA_CONFIG = {
-    "input_size": [3, 224, 224],
-    "mean": list(IMAGENET_DEFAULT_MEAN),
-    "std": list(IMAGENET_DEFAULT_STD),
-    "interpolation": "bilinear",
-}
+OFFICIAL_DATA_CONFIG = {"input_size": [3, 224, 224], "mean": list(IMAGENET_DEFAULT_MEAN),
+                        "std": list(IMAGENET_DEFAULT_STD), **RESIZE_CONFIG}
 
 
 class LoadedExpert(NamedTuple):
     model: nn.Module
     family: ModelFamily
     model_name: str
-    data_config: dict[str, Any]
+    data_config: dict[str, Any]  # input_size, mean, std and the loaders' resize (RESIZE_CONFIG)
     temperature: float
     train_args: dict[str, Any]  # the trainer's settings (val_manifest, data_root, ...); {} for official files
 
@@ -94,16 +93,14 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
         raise CheckpointError(f"checkpoint {path}: lacks 'model' or 'data_config' (not written by the trainers?)")
     try:
         model = model_from_checkpoint({**state, "model_name": recorded})
+    except CheckpointError as err:  # weights of another model: the message names a few keys
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {_first_line(err)}") from err
-    return LoadedExpert(
-        model.eval(),
-        family,
-        recorded,
-        state["data_config"],
-        float(state.get("temperature", 1.0)),
-        dict(state.get("args") or {}),
-    )
+    # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
+    data_config = {**state["data_config"], **RESIZE_CONFIG}
+    temperature = checkpoint_temperature(state, path)
+    return LoadedExpert(model.eval(), family, recorded, data_config, temperature, dict(state.get("args") or {}))
 
 
 def _from_official_file(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:
@@ -148,6 +145,21 @@ def _default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+class ImageTransform:
+    """PIL image -> uint8 RGB ``[3, S, S]``, as the loaders turn an image file into a batch row: upright by its
+    EXIF orientation, RGB, the whole image resized to S x S (see :mod:`src.data.decode`). Picklable, for
+    DataLoader workers."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return resize_uint8(pil_to_uint8(image), self.size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, resize={RESIZE_CONFIG})"
+
+
 class FeatureExtractor:
     """An expert with its last linear layer set aside: images in, embeddings (and P(fake)) out.
 
@@ -158,6 +170,11 @@ class FeatureExtractor:
         batch_size, workers: for the loaders this class builds from manifests.
         amp: bf16 autocast on CUDA (ignored elsewhere); channels_last is used on CUDA too.
         progress: show a tqdm bar (only on a terminal).
+
+    ``transform`` turns a PIL image into what the extractor's own loaders yield: uint8 RGB ``[3, S, S]``, the
+    whole image resized to the checkpoint's input size as in training (antialiased bilinear, no crop). A Dataset
+    of your own that returns ``(fx.transform(image), label)`` gives :meth:`extract` the same batches a manifest
+    gives; it warns (once) about batches of another size, or float ones that do not look normalised.
     """
 
     def __init__(
@@ -173,12 +190,12 @@ class FeatureExtractor:
     ) -> None:
         if checkpoint_path is None:
             raise TypeError("FeatureExtractor needs checkpoint_path")
+        self.device = pick_device(device)  # before the checkpoint (gigabytes) is read
         self.checkpoint_path = Path(checkpoint_path)
         expert = load_expert(self.checkpoint_path, model_name)
         self.model_name, self.family = expert.model_name, expert.family
         self.data_config, self.temperature, self.train_args = expert.data_config, expert.temperature, expert.train_args
         self.img_size = int(self.data_config["input_size"][-1])
-        self.device = torch.device(device) if device is not None else _default_device()
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
@@ -190,7 +207,10 @@ class FeatureExtractor:
             self.model.to(memory_format=torch.channels_last)
         self.embed_dim = self.family.classifier(self.model).in_features
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
-        self.transform = DeviceTransform(mean, std).to(self.device).eval()
+        self.normalise = DeviceTransform(mean, std).to(self.device).eval()  # uint8 batch -> model input
+        self.transform = ImageTransform(self.img_size)
+        # What mean/std normalisation of [0, 1] pixels can give, to tell preprocessed float batches from others.
+        self._normalised_range = (min(-m / d for m, d in zip(mean, std)), max((1 - m) / d for m, d in zip(mean, std)))
         log.info(
             "%s from %s: %d-d embeddings, %dpx input, temperature %.3f, device %s",
             self.model_name,
@@ -215,8 +235,8 @@ class FeatureExtractor:
         """Features of each batch, in the loader's order, as numpy arrays on the CPU.
 
         Batches are the project's :class:`~src.data.dataset.Batch` (uint8 images, normalised here with the
-        checkpoint's mean/std) or plain ``(images, labels)`` pairs: uint8 images are normalised the same way,
-        float images are taken as already preprocessed.
+        checkpoint's mean/std) or plain ``(images, labels)`` pairs: uint8 images (:attr:`transform`'s) are
+        normalised the same way, float images are taken as already preprocessed (resized and normalised).
         """
         self.model.eval()
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
@@ -228,7 +248,7 @@ class FeatureExtractor:
             disable=None if self.progress else True,  # None: on a terminal or in a notebook (tqdm.auto)
             dynamic_ncols=True,
         )
-        position = 0
+        position, warned = 0, False
         for batch in bar:
             if isinstance(batch, Batch):
                 images, labels, indices = batch.images, batch.labels, batch.indices
@@ -238,6 +258,10 @@ class FeatureExtractor:
             position += len(labels)
             if len(labels) == 0:  # every image of the batch was skipped as undecodable
                 continue
+            if not warned and (problem := self._unexpected(images)):
+                warnings.warn(f"{self.model_name}: {problem}; fx.transform (PIL image -> uint8 [3, {self.img_size}, "
+                              f"{self.img_size}]) preprocesses as training did", stacklevel=2)
+                warned = True
             with torch.inference_mode():
                 embeddings, logits = self.embed(self._prepare(images))
                 p_fake = self.p_fake(logits)
@@ -248,10 +272,27 @@ class FeatureExtractor:
                 indices.cpu().numpy().astype(np.int64),
             )
 
+    def _unexpected(self, images: torch.Tensor) -> str | None:
+        """How a batch differs from what the extractor's loaders (and :attr:`transform`) give, if it does."""
+        size = self.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            return f"batch of shape {list(images.shape)}, but the model was trained on [B, 3, {size}, {size}]"
+        if images.dtype == torch.uint8 or not images.is_floating_point():
+            return None
+        low, high = (float(v) for v in torch.aminmax(images.detach().float()))
+        if low >= 0 and high <= 1:
+            return (f"float batch in [{low:.3g}, {high:.3g}], like unnormalised [0, 1] pixels; float batches are "
+                    "taken as normalised with the checkpoint's mean/std (uint8 ones are normalised here)")
+        bottom, top = self._normalised_range
+        if low < bottom - 0.01 or high > top + 0.01:
+            return (f"float batch in [{low:.3g}, {high:.3g}], outside [{bottom:.3g}, {top:.3g}] that the checkpoint's "
+                    "mean/std give [0, 1] pixels")
+        return None
+
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
-            x = self.transform(x)
+            x = self.normalise(x)
         elif not x.is_floating_point():
             raise TypeError(f"images must be uint8 (raw) or float (preprocessed), got {x.dtype}")
         return memory_format(x, self.channels_last)
@@ -378,8 +419,13 @@ def source_frame(source: Source, data_root: str | os.PathLike | None = None) -> 
         if missing:
             raise ValueError(f"{len(missing)} of {len(frame)} image paths not found (first: {missing[0]})")
         return frame
-    if Path(source).is_dir():
+    path = Path(source)
+    if path.is_dir():
         return frame_from_images(source)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such manifest file or image folder")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise ManifestError(f"{path}: an image, not a manifest (CSV) or a folder; pass [path] for single images")
     return read_manifest(source, data_root, require_labels=False)
 
 
@@ -391,6 +437,3 @@ def _unpack_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"expected a Batch or an (images, labels) pair from the loader, got {kind}") from None
     return torch.as_tensor(images), torch.as_tensor(labels)
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

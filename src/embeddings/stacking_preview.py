@@ -89,12 +89,16 @@ def cross_validated_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None 
     return float(roc_auc_score(y, scores))
 
 
+def video_groups(video_id: np.ndarray | None) -> np.ndarray | None:
+    """The cross-validation groups: the video ids when every row has one, else None (plain stratified folds)."""
+    return video_id if video_id is not None and (video_id != "").all() else None
+
+
 def stacking_preview(sets: dict[str, FeatureSet]) -> list[tuple[str, int, float, float | None]]:
     """Rows ``(name, dims, CV AUC, the expert's own P(fake) AUC or None)`` per expert, then all combined."""
     joined = join_features(list(sets.values()))
     labels = joined.labels
-    video_id = joined.video_id
-    groups = video_id if video_id is not None and (video_id != "").all() else None
+    groups = video_groups(joined.video_id)
     rows = [
         (
             name,
@@ -114,12 +118,17 @@ def print_preview(sets: dict[str, FeatureSet]) -> list[tuple[str, int, float, fl
     """Print (and return) :func:`stacking_preview` of the experts' feature files, as `--example` shows it."""
     rows = stacking_preview(sets)
     first = next(iter(sets.values()))
-    grouping = "grouped by video_id" if first.video_id is not None else "stratified"
+    grouped = video_groups(first.video_id) is not None
+    folds = "folds grouped by video_id" if grouped else "stratified folds: no video_id on every row"
     print(
-        f"\nstacking preview: {len(first.labels)} validation images from {first.manifest}; logistic regression "
-        f"on standardised embeddings, out-of-fold AUC ({grouping} cross-validation)"
+        f"\nstacking preview on the {len(first.labels)} validation images of {first.manifest}, the set that picked "
+        "each expert's checkpoint:\n"
+        f"  CV AUC: a logistic regression on standardised embeddings, out-of-fold ({folds}): cross-validated\n"
+        "  expert AUC: the expert's own P(fake) on the same images: in-sample, it selected the checkpoint, so it "
+        "reads high\n"
+        "  Both use the images that chose the checkpoints: a stage-three estimate needs a held-out set."
     )
-    print(f"{'features':<40} {'dims':>6} {'CV AUC':>8} {'expert P(fake) AUC':>19}")
+    print(f"{'features':<40} {'dims':>6} {'CV AUC (cross-validated)':>25} {'expert AUC (in-sample)':>23}")
     for name, dims, auc, own in rows:
-        print(f"{name:<40} {dims:>6} {auc:>8.4f} {'' if own is None else f'{own:.4f}':>19}")
+        print(f"{name:<40} {dims:>6} {auc:>25.4f} {'' if own is None else f'{own:.4f}':>23}")
     return rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from src.atomic import naming, staging_dir
 from src.errors import FeatureFileError
 
 ROW_KEYS = ("embeddings", "labels", "p_fake", "paths", "index")
@@ -33,7 +33,9 @@ class NpzStreamWriter:
     ``np.savez`` needs every array in memory at once. Here each appended array grows in its own raw
     temporary file (C-order bytes, nothing else); :meth:`close` then writes each ``.npy`` member as its header
     followed by those bytes copied in fixed-size blocks, so memory stays flat however many rows there are.
-    The file appears atomically at ``path`` on :meth:`close`; leaving ``with`` without it leaves nothing behind.
+    The file appears atomically at ``path`` on :meth:`close`; leaving ``with`` without it leaves nothing behind,
+    and what a killed writer left (a hidden folder beside ``path``) is removed by the next writer of ``path``. An
+    OSError (full disk, read-only folder) names ``path``, not the temporary files.
 
     A column's dtype is fixed by ``dtypes`` or by its first block; later blocks are cast to it and must cast
     safely (a longer string than the declared width is an error, not a silent truncation).
@@ -41,16 +43,20 @@ class NpzStreamWriter:
 
     def __init__(self, path: str | os.PathLike, dtypes: Mapping[str, np.dtype | str] | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        self._dtypes = {name: np.dtype(dtype) for name, dtype in (dtypes or {}).items()}
         self._columns: dict[str, _Column] = {}
+        with naming(self.path):
+            self._tmp = staging_dir(self.path)
+        self._dtypes = {name: np.dtype(dtype) for name, dtype in (dtypes or {}).items()}
 
     @property
     def rows(self) -> int:
         return max((column.rows for column in self._columns.values()), default=0)
 
     def append(self, **blocks: np.ndarray) -> None:
+        with naming(self.path):
+            self._append(blocks)
+
+    def _append(self, blocks: Mapping[str, np.ndarray]) -> None:
         for name, block in blocks.items():
             block = np.asarray(block)
             column = self._columns.get(name)
@@ -62,6 +68,13 @@ class NpzStreamWriter:
     def close(self, scalars: Mapping[str, Any] | None = None) -> Path:
         """Write the ``.npz`` (appended columns, then ``scalars`` as 0-d arrays) and remove the temporary files."""
         try:
+            self._write(scalars)
+        finally:
+            self.discard()
+        return self.path
+
+    def _write(self, scalars: Mapping[str, Any] | None) -> None:
+        with naming(self.path):
             lengths = {name: column.rows for name, column in self._columns.items()}
             if len(set(lengths.values())) > 1:
                 raise ValueError(f"{self.path}: appended columns differ in length: {lengths}")
@@ -76,9 +89,6 @@ class NpzStreamWriter:
                     with archive.open(f"{name}.npy", "w") as member:
                         np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
             os.replace(partial, self.path)
-        finally:
-            self.discard()
-        return self.path
 
     def discard(self) -> None:
         for column in self._columns.values():

@@ -8,18 +8,41 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from src.engine.config import NOT_REPLAYED
-from src.errors import USER_ERRORS, StopRequested, TrainingDiverged
+from src.engine.flags import check_args, config_value
+from src.engine.outputs import RUN_FILES
+from src.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged
 
 DEMO_ROOT = Path("data/demo")
 # A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of the entry scripts: the docstring as written, and every flag's default after its help text.
+
+    Not for a flag whose default is None (its help says what happens without it) or a plain switch (off).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:  # the hook ArgumentDefaults overrides too
+        plain_switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if action.default is None or plain_switch:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def command_help(doc: str, script: str, command: str) -> str:
+    """A script's docstring as its --help shows it: the examples name the program as it was started, the script
+    (`python SCRIPT ...`) or the installed COMMAND (pyproject's [project.scripts]; torchrun runs it with
+    --no-python)."""
+    if Path(sys.argv[0]).name != command:
+        return doc
+    return doc.replace(f"python {script}", command).replace(f" {script}", f" --no-python {command}")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: Any) -> argparse.Namespace:
@@ -30,20 +53,27 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: 
     if given.demo:
         from src.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
 
-        train, val = make_demo_dataset(DEMO_ROOT)
+        # Logging is set up later, by the run: the demo speaks for itself before that.
+        train, val = make_demo_dataset(DEMO_ROOT, progress=True)
         output_dir = parser.get_default("output_dir") + "_demo"
         parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
                             overwrite=True, **demo)
-        logging.getLogger("src").info("demo: synthetic data in %s", DEMO_ROOT)
     if given.config:
         parser.set_defaults(**config_defaults(parser, Path(given.config)))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    out = Path(args.output_dir)
+    replaces = given.demo and not (args.evaluate_checkpoint or args.resume) and out.is_dir()
+    if replaces and any(path.name in RUN_FILES for path in out.rglob("*")):
+        print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+    return args
 
 
 def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     """Settings from a YAML or JSON file (a run's args.json replays that run) as parser defaults.
 
-    Keys are flag names with or without the dashes (`batch-size`, `batch_size`); an unknown key is an error.
+    Keys are flag names with or without the dashes (`batch-size`, `batch_size`); an unknown key is an error, and
+    so is a value the flag's own type and choices do not take (`"false"` for a switch, 1.5 for an integer).
     What describes an invocation rather than a run (--resume, --overwrite, --evaluate, --demo) is not taken.
     """
     try:
@@ -62,7 +92,8 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         raise ValueError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'YAML'} ({first})") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
-    dests = {action.dest for action in parser._actions}  # argparse keeps no public list of its options
+    # argparse keeps no public list of its options
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     defaults = {}
     for key, value in values.items():
         dest = str(key).lstrip("-").replace("-", "_")
@@ -70,10 +101,13 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
             dest = "evaluate_checkpoint"
         if dest == "expert":  # what args.json records about the model, for reading
             continue
-        if dest not in dests:
+        if dest not in actions:
             raise ValueError(f"--config {path}: unknown setting {key!r}")
         if dest not in NOT_REPLAYED:
-            defaults[dest] = value
+            try:
+                defaults[dest] = config_value(actions[dest], value)
+            except ValueError as err:
+                raise ConfigError(f"--config {path}: {key} {err}") from None
     return defaults
 
 

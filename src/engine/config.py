@@ -11,10 +11,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from src.data.levels import AUG_LEVELS
+from src.engine.flags import Float, Int
 from src.errors import ConfigError
 
 # torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
 TRACKERS = ("tensorboard",)
+# The largest --seed: every seed derived from it (per step, per sample, per epoch) stays within torch's range.
+SEED_MAX = 2**32 - 1
 # Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
 NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
@@ -27,8 +30,10 @@ class TrainConfig:
     data_root: str | None = None
     skip_bad_images: bool = False
     max_bad_images: int = 100
+    max_image_pixels: int = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS, as src.data.decode.MAX_IMAGE_PIXELS
     img_size: int = 256
     aug: str = "standard"
+    self_blend: float = 0.0
     workers: int = 8
     balanced_sampler: bool = False
     cache_dir: str | None = None
@@ -58,6 +63,7 @@ class TrainConfig:
     overwrite: bool = False
     save_every_minutes: float = 20.0
     evaluate_checkpoint: str | None = None
+    audit_only: bool = False
     eval_manifests: list[str] = field(default_factory=list)  # with --evaluate: every --val-manifest given
     perturb: str | None = None
     log_every: int = 50
@@ -70,8 +76,11 @@ class TrainConfig:
         return asdict(self)
 
 
-def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """The flags every trainer has; `defaults` overrides TrainConfig's defaults for this trainer."""
+def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int | None = None,
+                   **defaults: Any) -> None:
+    """The flags every trainer has; `defaults` overrides TrainConfig's defaults for this trainer, and
+    `img_size_multiple_of` is what its model needs of --img-size. Each numeric flag declares its range
+    (src.engine.flags), checked before anything runs."""
     d = {**TrainConfig().to_dict(), **defaults}
     data = parser.add_argument_group("data")
     data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")
@@ -82,59 +91,78 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     data.add_argument("--skip-bad-images", action="store_true",
                       help="skip undecodable images with a warning and a count instead of stopping; they are "
                       "listed in OUTPUT_DIR/bad_images.txt")
-    data.add_argument("--max-bad-images", type=int, default=d["max_bad_images"], metavar="N",
+    data.add_argument("--max-bad-images", type=Int(min=0), default=d["max_bad_images"], metavar="N",
                       help="with --skip-bad-images: stop once more than N images of the train or val set are "
-                      "undecodable (a lost mount or a broken export, not a few bad files)")
-    data.add_argument("--img-size", type=int, default=d["img_size"], help="square input size in pixels")
+                      "undecodable: a lost mount or a broken export, not a few bad files")
+    data.add_argument("--max-image-pixels", type=Int(min=1), default=d["max_image_pixels"], metavar="N",
+                      help="an image of more pixels than this (read from its header, before decoding) is "
+                      "undecodable: a small file can hold a huge image (the default is PIL's limit)")
+    multiple = f", a multiple of {img_size_multiple_of}" if img_size_multiple_of else ""
+    data.add_argument("--img-size", type=Int(min=img_size_multiple_of or 1, multiple_of=img_size_multiple_of),
+                      default=d["img_size"], help=f"square input size in pixels{multiple}")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
-    data.add_argument("--workers", type=int, default=d["workers"], help="DataLoader worker processes per rank")
+    data.add_argument("--self-blend", type=Float(min=0, max=1), default=d["self_blend"], metavar="P",
+                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off)")
+    data.add_argument("--workers", type=Int(min=0), default=d["workers"],
+                      help="DataLoader worker processes per rank, capped to the cores this process may use")
     data.add_argument("--cache-dir", default=d["cache_dir"],
-                      help="decode every image once into a memory-mapped uint8 cache here, then train from it")
+                      help="decode every image once into a memory-mapped uint8 cache here, then train from it "
+                           "(default: decode from the files every epoch)")
     data.add_argument("--balanced-sampler", action="store_true",
                       help="sample real and fake images equally often (alternative to --pos-weight)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=d["epochs"])
-    opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="per-GPU (per-rank) batch size")
-    opt.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
-    opt.add_argument("--min-lr", type=float, default=d["min_lr"], help="cosine floor")
-    opt.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"], help="linear warmup length")
-    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+    opt.add_argument("--epochs", type=Int(min=1), default=d["epochs"], help="length of the run, all stages together")
+    opt.add_argument("--batch-size", type=Int(min=1), default=d["batch_size"], help="per-GPU (per-rank) batch size")
+    opt.add_argument("--lr", type=Float(min=0), default=d["lr"], help="peak learning rate")
+    opt.add_argument("--min-lr", type=Float(min=0), default=d["min_lr"], help="cosine floor, at most --lr")
+    opt.add_argument("--warmup-epochs", type=Float(min=0), default=d["warmup_epochs"],
+                     help="linear warmup length in epochs, fractions allowed")
+    opt.add_argument("--weight-decay", type=Float(min=0), default=d["weight_decay"],
                      help="weight decay, never applied to norms and biases: decoupled with adamw (and lamb, "
                           "lion...), an L2 term added to the gradient with adam and sgd")
     opt.add_argument("--opt", default=d["opt"], help="timm optimizer name (adamw, adam, sgd, lamb, ...)")
-    opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
-    opt.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="max gradient norm; 0 disables")
+    opt.add_argument("--grad-accum", type=Int(min=1), default=d["grad_accum"],
+                     help="micro-batches per optimizer step")
+    opt.add_argument("--clip-grad", type=Float(min=0), default=d["clip_grad"],
+                     help="max gradient norm; 0 disables")
     opt.add_argument("--ema", action=argparse.BooleanOptionalAction, default=d["ema"],
                      help="keep an EMA of the weights and select/save it")
-    opt.add_argument("--ema-decay", type=float, default=d["ema_decay"])
+    opt.add_argument("--ema-decay", type=Float(min=0, below=1), default=d["ema_decay"],
+                     help="EMA weight of the past per optimizer step (with --ema)")
 
     ex = parser.add_argument_group("execution")
     ex.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=d["amp"],
                     help="mixed precision: auto = bf16 on CUDA, and on CPUs with native bf16")
-    ex.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d["channels_last"])
+    ex.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d["channels_last"],
+                    help="NHWC memory format (faster convolutions on GPUs with tensor cores)")
     ex.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ex.add_argument("--device", default=d["device"], help="cpu or cuda (default: cuda when available)")
-    ex.add_argument("--seed", type=int, default=d["seed"])
+    ex.add_argument("--device", default=d["device"],
+                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    ex.add_argument("--seed", type=Int(min=0, max=SEED_MAX), default=d["seed"],
+                    help="seeds initialisation, sampling and augmentation")
     ex.add_argument("--deterministic", action="store_true",
                     help="deterministic kernels (bit-identical reruns and resumes; slower on GPU)")
 
     out = parser.add_argument_group("selection and outputs")
     out.add_argument("--select-metric", default=d["select_metric"],
                      help="validation metric that picks best.pt (auc, ap, eer, log_loss, video_auc, ...)")
-    out.add_argument("--output-dir", default=d["output_dir"])
+    out.add_argument("--output-dir", default=d["output_dir"], help="the run folder")
     out.add_argument("--resume", nargs="?", const="auto", default=d["resume"], metavar="PATH|auto",
                      help="continue from a last.pt (auto: OUTPUT_DIR/last.pt)")
     out.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
-    out.add_argument("--save-every-minutes", type=float, default=d["save_every_minutes"],
+    out.add_argument("--save-every-minutes", type=Float(min=0), default=d["save_every_minutes"],
                      help="also write last.pt mid-epoch this often (0: only at epoch ends)")
     out.add_argument("--evaluate", metavar="CHECKPOINT", dest="evaluate_checkpoint",
                      default=d["evaluate_checkpoint"],
                      help="only evaluate this checkpoint on each --val-manifest (eval_NAME.json, predictions_NAME.csv)")
+    out.add_argument("--audit-only", action="store_true",
+                     help="only run the shortcut audit (file headers of the train and val manifests, or with "
+                          "--evaluate of its manifests): OUTPUT_DIR/shortcut_audit.csv and summary.json")
     out.add_argument("--perturb", metavar="SPEC",
                      help="with --evaluate: also score each manifest under these perturbations, e.g. "
                           "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest)")
-    out.add_argument("--log-every", type=int, default=d["log_every"],
+    out.add_argument("--log-every", type=Int(min=1), default=d["log_every"],
                      help="steps between progress lines when stdout is not a terminal")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
                      help="fit a temperature on the validation logits of the best epoch")
@@ -155,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if not args.evaluate_checkpoint:
         if len(manifests) > 1:
             raise ConfigError("--val-manifest: a training run validates on one manifest; several are for --evaluate")
-        if args.perturb:
+        if args.perturb is not None:
             raise ConfigError("--perturb: only with --evaluate CHECKPOINT")
     values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
     if not values.get("clip_grad"):

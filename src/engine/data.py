@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -12,13 +11,10 @@ from torch.utils.data import DataLoader
 
 from src.data.cache import CacheView, open_cache
 from src.data.loaders import manifest_loader
+from src.data.self_blend import SelfBlend
 from src.data.transforms import build_cpu_transform
 from src.engine.config import TrainConfig
 from src.engine.distributed import DistInfo, ShardedSampler, barrier
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
@@ -28,10 +24,11 @@ def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
         return None
     paths = frame["path"].tolist()
     if dist.is_main:
-        view = open_cache(cfg.cache_dir, img_size, paths, workers=max(workers, 1), skip_bad_images=cfg.skip_bad_images)
+        view = open_cache(cfg.cache_dir, img_size, paths, workers=max(workers, 1), skip_bad_images=cfg.skip_bad_images,
+                          max_pixels=cfg.max_image_pixels)
     barrier()
-    if not dist.is_main:  # rank 0 has decoded everything: this only reads the index
-        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images)
+    if not dist.is_main:  # rank 0 has decoded and checked everything: this only reads the index
+        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images, verify=False)
     return view
 
 
@@ -43,7 +40,7 @@ def val_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistI
     return manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
                            transform=transform,
                            skip_bad_images=cfg.skip_bad_images, cache=shared_cache(cfg, frame, img_size, dist, workers),
-                           pin_memory=dist.device.type == "cuda")
+                           pin_memory=dist.device.type == "cuda", max_pixels=cfg.max_image_pixels)
 
 
 def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
@@ -55,8 +52,10 @@ def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
                              weights=weights)
     drop_last = sampler.per_rank >= cfg.batch_size
     loader = manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
-                             transform=build_cpu_transform(cfg.aug), seed=cfg.seed,
+                             transform=build_cpu_transform(cfg.aug, cfg.epochs), seed=cfg.seed,
                              skip_bad_images=cfg.skip_bad_images,
                              cache=shared_cache(cfg, frame, img_size, dist, workers),
-                             pin_memory=dist.device.type == "cuda", drop_last=drop_last)
+                             pin_memory=dist.device.type == "cuda", drop_last=drop_last,
+                             max_pixels=cfg.max_image_pixels,
+                             self_blend=SelfBlend(cfg.self_blend) if cfg.self_blend else None)
     return loader, sampler, sampler.per_rank // cfg.batch_size if drop_last else 1

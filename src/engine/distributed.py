@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from src.engine.precision import pick_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,17 +35,16 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     """Join the torchrun process group when launched by torchrun (even as its only process, so that a
     one-GPU `torchrun` exercises the same NCCL path as eight); a plain single process otherwise.
 
-    NCCL on CUDA, gloo on CPU. `device` overrides the automatic choice ("cpu", "cuda").
+    NCCL on CUDA, gloo on CPU. `device` overrides the automatic choice ("cpu", "cuda", "cuda:N"; see
+    src.engine.precision.pick_device).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = pick_device(device, local_rank if world_size > 1 else None)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     backend = None
     if "LOCAL_RANK" in os.environ:  # set by torchrun
         backend = "nccl" if use_cuda else "gloo"

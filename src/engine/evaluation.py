@@ -14,17 +14,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from src.data.audit import run_audit
 from src.data.dataset import collate
-from src.data.manifest import read_manifest
-from src.data.perturb import Perturbation, parse_perturbations
+from src.data.manifest import LABEL_NAMES, read_manifest
+from src.data.perturb import Perturbation, check_image_size, parse_perturbations
 from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import last_good_note, load_checkpoint
+from src.engine.checkpoint import checkpoint_temperature, last_good_note, load_checkpoint
 from src.engine.config import TrainConfig
-from src.engine.data import usable_cores, val_loader
-from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index
-from src.engine.metrics import binary_metrics, operating_points, video_scores
-from src.engine.precision import autocast, autocast_dtype, memory_format
-from src.engine.report import format_metrics_table, plot_robustness, write_json_atomic, write_text_atomic
+from src.engine.data import val_loader
+from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
+from src.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
+from src.engine.outputs import check_output_dir, report_names
+from src.engine.precision import autocast, autocast_dtype, memory_format, usable_cores
+from src.engine.report import format_report, plot_robustness, tpr_footnote, write_json_atomic, write_text_atomic
 from src.engine.run_dir import BadImages, setup_logging
 from src.errors import ConfigError, TrainingDiverged
 from src.experts.base import Expert
@@ -67,15 +69,40 @@ class Evaluator:
         self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.bad_images = bad_images
-        if not cfg.cache_dir and perturbation is None:  # a cache build, or the clean pass, decoded every image
+        self.decoded = self.frame  # the rows whose images decode: all of them, or what _check_images finds
+        if perturbation is None:
             self._check_images()
 
     def _check_images(self) -> None:
-        """Decode every val image once, so that a corrupt one stops the run now (naming it) rather than after a
-        whole training epoch; with --skip-bad-images they are listed instead."""
-        rows = [i for batch in self.loader for i in batch.skipped.tolist()]
-        if rows:
-            self.bad_images.note("val", self.frame, rows)
+        """Decode every val image once (a cache build has already), so that a corrupt one stops the run now
+        (naming it) rather than after a whole training epoch; with --skip-bad-images they are listed instead, and
+        what is left must still hold both classes."""
+        cache = self.loader.dataset.cache
+        if cache is not None:
+            decodable = cache.slots >= 0
+        else:
+            rows = [i for batch in self.loader for i in batch.skipped.tolist()]
+            skipped = gather_objects(rows)  # every rank's, so that every rank takes the same decisions below
+            if skipped:
+                self.bad_images.note("val", self.frame, rows)
+            decodable = np.ones(len(self.frame), dtype=bool)
+            decodable[skipped] = False
+        self.decoded = self.frame[decodable]
+        for label, name in LABEL_NAMES.items():
+            if not (self.decoded["label"] == label).any():
+                raise ConfigError(f"{self.manifest}: none of its {name} images could be decoded (skipped with "
+                                  "--skip-bad-images): validation needs both classes")
+
+    def check_select_metric(self, name: str) -> None:
+        """Refuse, before training, a --select-metric this val set does not give: `auc/<method>` for a method
+        without a decodable fake, video_* without video ids, a train-side name."""
+        # The names binary_metrics gives for these rows (whatever the scores: these are placeholders).
+        available = {*_frame_metrics(self.decoded, self.decoded["label"].to_numpy(),
+                                     np.full(len(self.decoded), 0.5)), "val_loss"}
+        if name not in available:
+            selectable = sorted(m for m in available if _has_direction(m))
+            raise ConfigError(f"--select-metric {name}: not a metric of {self.manifest} (choose from "
+                              f"{', '.join(selectable)})")
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the normalised batch the model takes, on the device."""
@@ -117,12 +144,8 @@ class Evaluator:
 
     def metrics(self, result: EvalResult) -> dict[str, float]:
         s = result.seen
-        frame = self.frame[s]
-        labels, probs = result.labels[s], sigmoid(result.logits[s])
-        metrics = binary_metrics(
-            labels, probs,
-            video_ids=frame["video_id"].tolist() if "video_id" in frame else None,
-            methods=frame["method"].tolist() if "method" in frame else None)
+        labels = result.labels[s]
+        metrics = _frame_metrics(self.frame[s], labels, sigmoid(result.logits[s]))
         for name, values in result.terms.items():
             metrics[f"val_{name}"] = float(values[s].mean())
         for name in self.expert.per_class_terms:
@@ -141,40 +164,44 @@ class Evaluator:
         return self.prepare(batch.images), batch.labels
 
 
-def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dict[str, Any] | None:
+def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""
+                        ) -> dict[str, Any] | None:
     """--evaluate: a checkpoint on every --val-manifest (and under each --perturb perturbation).
 
-    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake)), predictions_NAME.csv
-    (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb, robustness_NAME.csv and
-    .png; then eval_summary.csv across manifests. Existing files are never replaced without --overwrite.
-    Returns {name: metrics} on rank 0.
+    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake); its shortcut audit),
+    predictions_NAME.csv (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb,
+    robustness_NAME.csv and .png; then eval_summary.csv across manifests and shortcut_audit.csv. Existing files
+    are never replaced without --overwrite.
+    Returns {name: metrics} on rank 0. `threads`: what `cpu_threads` chose, said first.
     """
     out = Path(cfg.output_dir)
     setup_logging(None, dist.is_main)
+    if threads:
+        log.info("device %s, %s", dist.device, threads)
     path = Path(cfg.evaluate_checkpoint)
     manifests = cfg.eval_manifests or [cfg.val_manifest]
-    names = _report_names(manifests)
-    perturbations = parse_perturbations(cfg.perturb) if cfg.perturb else []
-    planned = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
-    planned += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")] if perturbations else []
-    existing = [name for name in [*planned, "eval_summary.csv"] if (out / name).exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(f"--output-dir {out} already holds {', '.join(existing[:3])}"
-                          f"{' and more' if len(existing) > 3 else ''}: pass --overwrite or choose another folder")
+    names = report_names(manifests)
+    check_output_dir(cfg)  # the entry scripts checked already, before importing torch; this is for callers of run()
+    perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
     checkpoint = load_checkpoint(path)
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
         if checkpoint.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.get('model_name', 'no model')} "
                               f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    temperature = checkpoint_temperature(checkpoint, path)
+    check_image_size(perturbations, checkpoint["data_config"]["input_size"][-1])
+    bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
+    # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
+    evaluators = [Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+                  for manifest in manifests]
     model = model_from_checkpoint(checkpoint).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    temperature = float(checkpoint.get("temperature", 1.0))
-    bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
-    results, rows = {}, []
-    for manifest, name in zip(manifests, names):
-        evaluator = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+    if dist.is_main:  # what the file headers alone give away about each set's labels
+        audit = run_audit({name: e.frame for name, e in zip(names, evaluators)}, out, min(cfg.workers, usable_cores()))
+    results, rows, notes = {}, [], []
+    for manifest, name, evaluator in zip(manifests, names, evaluators):
         result = evaluator.evaluate(model)
         metrics = evaluator.metrics(result)
         robustness = [{"perturbation": "none", **_headline(metrics)}]
@@ -189,7 +216,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
         calibrated = sigmoid(result.logits / temperature)
         frame = evaluator.frame[seen]
         report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
-                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame)}
+                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame),
+                  "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / f"eval_{name}.json", report)
         predictions = evaluator.frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
@@ -197,25 +225,57 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo) -> dic
         if perturbations:
             table = pd.DataFrame(robustness)
             write_text_atomic(out / f"robustness_{name}.csv", table.to_csv(index=False))
-            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}")
-            log.info("\nrobustness on %s:\n%s", name, table.to_string(index=False, float_format="%.4f"))
-        log.info("\n%s", format_metrics_table(metrics, title=f"{path} on {manifest}"))
+            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}",
+                            n_real=report["operating_points"]["frame"]["n_real"])
+            log.info("\nrobustness on %s:\n%s%s", name, table.to_string(index=False, float_format="%.4f"),
+                     tpr_footnote(report["operating_points"]["frame"]))
+        log.info("\n%s", format_report(metrics, report["operating_points"], title=f"{path} on {manifest}"))
         results[name] = metrics
         rows.append({"manifest": name, **_headline(metrics)})
+        notes.append(tpr_footnote(report["operating_points"]["frame"], f"{name}: "))
     if not dist.is_main:
         return None
     summary = pd.DataFrame(rows)
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
-    log.info("\n%s across manifests:\n%s", path, summary.to_string(index=False, float_format="%.4f"))
+    log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
     return results
 
 
+def video_level(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """(video labels, mean P(fake) per video) when every row of `frame` has a video_id, else None."""
+    if "video_id" not in frame or not (frame["video_id"] != "").all():
+        return None
+    _, v_labels, v_probs = video_scores(labels, p_fake, frame["video_id"].to_numpy())
+    return v_labels, v_probs
+
+
+def _frame_metrics(frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """binary_metrics with the video ids and methods of the manifest rows, where it has them."""
+    return binary_metrics(labels, probs, video_ids=frame["video_id"].tolist() if "video_id" in frame else None,
+                          methods=frame["method"].tolist() if "method" in frame else None)
+
+
+def _has_direction(name: str) -> bool:
+    try:
+        metric_direction(name)
+    except ValueError:
+        return False
+    return True
+
+
 def calibrated_operating_points(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> dict[str, Any]:
-    """Frame- and video-level operating points on calibrated P(fake): the thresholds a cascade applies."""
-    points: dict[str, Any] = {"frame": operating_points(labels, p_fake)}
-    if "video_id" in frame and (frame["video_id"] != "").all():
-        _, v_labels, v_probs = video_scores(labels, p_fake, frame["video_id"].to_numpy())
-        points["video"] = operating_points(v_labels, v_probs)
+    """Frame- and video-level operating points on calibrated P(fake): the thresholds a cascade applies.
+
+    Each level also holds `n_real` and `below_resolution`: the FPR targets finer than one of its reals
+    (84 reals: 1% and 0.1% are both the 0% FPR point), whose TPR and threshold say nothing about that rate.
+    """
+    levels = {"frame": (labels, p_fake)}
+    if (video := video_level(labels, p_fake, frame)) is not None:
+        levels["video"] = video
+    points: dict[str, Any] = {}
+    for level, (y, p) in levels.items():
+        n_real = int((y == 0).sum())
+        points[level] = {**operating_points(y, p), "n_real": n_real, "below_resolution": unresolved_targets(n_real)}
     return points
 
 
@@ -224,12 +284,3 @@ HEADLINE = ("n", "auc", "ap", "eer", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "lo
 
 def _headline(metrics: dict[str, float]) -> dict[str, float]:
     return {key: metrics[key] for key in HEADLINE if key in metrics}
-
-
-def _report_names(manifests: list[str]) -> list[str]:
-    """A file-name part per manifest: its stem, with its folder's name where two stems are alike."""
-    stems = [Path(m).stem for m in manifests]
-    names = [f"{Path(m).parent.name}_{s}" if stems.count(s) > 1 else s for m, s in zip(manifests, stems)]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"--val-manifest: manifests {', '.join(manifests)} would write over each other's reports")
-    return names

@@ -71,6 +71,15 @@ def eer(labels: np.ndarray, scores: np.ndarray) -> float:
 FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
 
 
+def unresolved_targets(n_real: int) -> list[str]:
+    """The FPR_TARGETS names finer than one real image in `n_real` (target < 1/n_real).
+
+    At such a target the only ROC point allowed is FPR 0: with 84 reals the points at 1% and 0.1% FPR are the
+    same point, "no real flagged", and say nothing about the rate a deployment at that target would see.
+    """
+    return [name for name, target in FPR_TARGETS.items() if n_real * target < 1]
+
+
 def operating_points(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """TPR at each target FPR with the threshold that reaches it, and the EER threshold. NaN with one class.
 

@@ -1,26 +1,47 @@
-"""The run folder: what a run writes there, the fresh / resume / overwrite decision, logging to train.log, and
-the list of images skipped as undecodable."""
+"""The run folder: one run at a time in it, what a run writes there, the fresh / resume / overwrite decision,
+logging to train.log, and the list of images skipped as undecodable."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pandas as pd
 
-from src.engine.distributed import barrier, gather_objects
+from src.engine.distributed import DistInfo, barrier, gather_objects
+from src.engine.outputs import RUN_FILES, existing_run_error, run_files_in
 from src.engine.report import write_text_atomic
 from src.errors import ConfigError
+from src.processes import LockBusy, exclusive_lock
 
 log = logging.getLogger("src")
 
-# The files that make a folder hold a run (and that --overwrite must be asked for).
-RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
-               "recon_samples", "tensorboard")
+               "recon_samples", "tensorboard", "shortcut_audit.csv")
+
+
+@contextmanager
+def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
+    """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit; a
+    crashed or killed holder is no obstacle); while another process holds it, every rank refuses with one line."""
+    with ExitStack() as stack:
+        holder = None
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(exclusive_lock(out / ".lock"))
+            except LockBusy as busy:
+                holder = busy.holder
+        holder = gather_objects([holder] if dist.is_main else [])[0]
+        if holder is not None:
+            raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to end, "
+                              "or choose another --output-dir")
+        yield
 
 
 def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
@@ -29,7 +50,7 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: boo
     Returns the checkpoint to resume from, if any. `resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
     run when the folder holds none).
     """
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = run_files_in(out)
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
         if path.is_file():
@@ -38,8 +59,7 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: boo
             return None
         raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
     if existing and not overwrite:
-        raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}): pass --resume to continue "
-                          "it, --overwrite to replace it, or choose another --output-dir")
+        raise existing_run_error(out, existing)
     barrier()
     if existing and is_main:
         for name in RUN_OUTPUTS:

@@ -17,10 +17,9 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from src.data.audit import run_audit
 from src.data.dataset import Batch
-from src.data.manifest import read_manifest
+from src.data.manifest import check_source_leak, read_manifest
 from src.data.transforms import DeviceTransform
+from src.engine.audit import audit_only
 from src.engine.calibration import calibration_report, fit_temperature
 from src.engine.checkpoint import (
     ensure_finite,
@@ -47,23 +48,24 @@ from src.engine.checkpoint import (
     set_rng_state,
 )
 from src.engine.config import TrainConfig
-from src.engine.data import train_loader, usable_cores
+from src.engine.data import train_loader
 from src.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, broadcast_flags, setup_distributed
-from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid
+from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid, video_level
 from src.engine.metrics import is_better, metric_direction
-from src.engine.precision import autocast, autocast_dtype, memory_format
+from src.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format, usable_cores
 from src.engine.report import (
     MetricsLog,
-    format_metrics_table,
+    format_report,
     plot_roc,
     plot_training_curves,
     write_json_atomic,
     write_text_atomic,
 )
-from src.engine.run_dir import BadImages, prepare_run_dir, setup_logging
+from src.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock, setup_logging
 from src.engine.tracking import make_tracker
 from src.errors import ConfigError, StopRequested, TrainingDiverged
 from src.experts.base import Expert, Stage
+from src.processes import StopRequest, stop_requests
 
 log = logging.getLogger("src")
 
@@ -72,17 +74,22 @@ log = logging.getLogger("src")
 # length, a new --lr scales the rest of it. Everything else in TrainConfig, the model and its loss settings, must
 # stay as the run started: a different batch size, seed, image size or data would silently mix two runs.
 RESUME_REPLANS = ("epochs", "lr", "min_lr", "warmup_epochs")
-RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "max_bad_images", "amp", "channels_last", "compile", "device",
-               "deterministic", "clip_grad", "ema_decay", "output_dir", "resume", "overwrite", "save_every_minutes",
-               "evaluate_checkpoint", "eval_manifests", "perturb", "log_every", "calibrate", "log_to", "cli_args")
+RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "max_bad_images", "max_image_pixels", "amp", "channels_last",
+               "compile", "device", "deterministic", "clip_grad", "ema_decay", "output_dir", "resume", "overwrite",
+               "save_every_minutes", "evaluate_checkpoint", "eval_manifests", "perturb", "log_every",
+               "calibrate", "log_to", "cli_args")
 
 
 def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
     """Train (or with `cfg.evaluate_checkpoint`, only evaluate) and return the summary on rank 0."""
     dist = setup_distributed(cfg.device)
-    if cfg.evaluate_checkpoint:
-        return evaluate_checkpoint(cfg, expert, dist)
-    return Trainer(cfg, expert, dist).fit()
+    threads = cpu_threads(dist.device.type)
+    with run_dir_lock(Path(cfg.output_dir), dist):
+        if cfg.audit_only:
+            return audit_only(cfg, dist)
+        if cfg.evaluate_checkpoint:
+            return evaluate_checkpoint(cfg, expert, dist, threads=threads)
+        return Trainer(cfg, expert, dist, threads=threads).fit()
 
 
 @dataclass
@@ -102,8 +109,13 @@ class StageState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo):
-        self.cfg, self.expert, self.dist = cfg, expert, dist
+    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""):
+        """`threads`: what `cpu_threads` chose, for the settings line."""
+        self.cfg, self.expert, self.dist, self.threads = cfg, expert, dist, threads
+        try:  # a name no run gives; whether this val set gives it is checked once it is read, below
+            metric_direction(cfg.select_metric)
+        except ValueError as err:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.device = dist.device
         self.out = Path(cfg.output_dir)
         self.resume_path = prepare_run_dir(self.out, cfg.resume, cfg.overwrite, dist.is_main)
@@ -113,7 +125,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.workers = min(cfg.workers, usable_cores())
         self.bad_images = BadImages(self.out, dist.is_main, cfg.max_bad_images)
-        self.stop_signal: int | None = None
+        self.stop = StopRequest()  # set by SIGTERM or Ctrl-C during fit(): the loop stops at the next step
         self.tracker = make_tracker(cfg.log_to, self.out, dist.is_main)
 
         self.model = expert.build_model()
@@ -124,16 +136,15 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
-        try:
-            metric_direction(cfg.select_metric)
-        except ValueError as err:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.evaluator = Evaluator(cfg, expert, dist, self.data_config, bad_images=self.bad_images,
                                    last=self.out / "last.pt")
-        if cfg.select_metric.startswith("video_") and "video_id" not in self.evaluator.frame:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: {cfg.val_manifest} has no video_id column")
+        self.evaluator.check_select_metric(cfg.select_metric)
 
-        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root)
+        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
+        check_source_leak(self.train_frame, self.evaluator.frame)
+        # What the file headers alone give away about the labels: warned about before any GPU time is spent.
+        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
+                               self.workers) if dist.is_main else None
         expert.prepare(self.train_frame["label"].to_numpy())
         img_size = self.data_config["input_size"][-1]
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
@@ -161,7 +172,7 @@ class Trainer:
             # What this run uses, replayable with --config; on a resume the flags that may change are the new ones.
             write_json_atomic(self.out / "args.json", {**cfg.cli_args, "expert": self.expert.describe()})
 
-        with _stop_signals(self):
+        with stop_requests(self.stop):
             first_epoch = 0
             for index, stage in enumerate(stages):
                 end = first_epoch + stage.epochs
@@ -226,7 +237,7 @@ class Trainer:
                    disable=not interactive, dynamic_ncols=True, leave=False)
         t0, images_seen, last_save = time.perf_counter(), 0, time.monotonic()
         step, done, bad_rows = start_step, start_step, []
-        for step, batch in enumerate(self._batches() if batches is None else batches, start=start_step):
+        for step, batch in enumerate(self.train_loader if batches is None else batches, start=start_step):
             labels = batch.labels.to(self.device, non_blocking=True)
             images = batch.images.to(self.device, non_blocking=True)
             seed = _step_seed(cfg.seed, epoch, step, dist.rank)
@@ -263,7 +274,7 @@ class Trainer:
                 if done < n_steps:
                     # Every rank takes the same decision: the save below runs collectives.
                     stop, due = broadcast_flags(
-                        self.stop_signal is not None,
+                        self.stop.signum is not None,
                         cfg.save_every_minutes > 0 and time.monotonic() - last_save > cfg.save_every_minutes * 60,
                         device=self.device)
                     if stop or due:
@@ -276,9 +287,6 @@ class Trainer:
                         raise self._stopped(epoch, done)
             bar.update(1)
         bar.close()
-        if self.stop_signal is not None and done < n_steps:  # the signal also ended the loader's workers
-            self._save_last(ctx, epoch, done, sums)
-            raise self._stopped(epoch, done)
         if sums is None:
             raise ConfigError(f"{cfg.train_manifest}: no training batch in epoch {epoch + 1}")
         if self._diverged(sums):
@@ -292,21 +300,6 @@ class Trainer:
         images = all_reduce_sum(torch.tensor(float(images_seen), device=self.device)).item()
         return {**stats, "train_skipped": skipped, "lr_last_step": ctx.lr, "epoch_time": elapsed,
                 "images_per_s": images / elapsed}
-
-    def _batches(self) -> Iterator[Batch]:
-        """The train loader's batches. A SIGTERM sent to the whole process group (as some schedulers do) also
-        ends the loader's workers; the epoch then ends quietly after the last complete step and the loop
-        stops there."""
-        batches = iter(self.train_loader)
-        while True:
-            try:
-                yield next(batches)
-            except StopIteration:
-                return
-            except RuntimeError:
-                if self.stop_signal is None:
-                    raise
-                return
 
     def _optimizer_step(self, ctx: StageState) -> None:
         if self.cfg.clip_grad:
@@ -327,15 +320,14 @@ class Trainer:
         return last_good_note(self.out / "last.pt")
 
     def _stop_requested(self) -> bool:
-        return broadcast_flag(self.stop_signal is not None, self.device)
+        return broadcast_flag(self.stop.signum is not None, self.device)
 
     def _stopped(self, next_epoch: int, step: int) -> StopRequested:
-        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal"
         where = f"epoch {next_epoch + 1} step {step}" if step else f"the end of epoch {next_epoch}"
-        log.warning("%s: stopped at %s, last.pt written", name, where)
-        return StopRequested(self.stop_signal or signal.SIGTERM,
-                             f"stopped by {name} at {where}; {self.out / 'last.pt'} holds the run: resume it by "
-                             "running the same command with --resume")
+        log.warning("%s: stopped at %s, last.pt written", self.stop.name, where)
+        return StopRequested(self.stop.signum or signal.SIGTERM,
+                             f"stopped by {self.stop.name} at {where}; {self.out / 'last.pt'} holds the run: resume it "
+                             "by running the same command with --resume")
 
     # ------------------------------------------------------------------ validation
     def _end_epoch(self, epoch: int, train_stats: dict[str, float], ctx: StageState) -> None:
@@ -346,10 +338,7 @@ class Trainer:
         result = self.evaluator.evaluate(eval_model, when=when)
         self.bad_images.note("val", self.evaluator.frame, np.flatnonzero(~result.seen).tolist())
         metrics = self.evaluator.metrics(result)
-        if cfg.select_metric not in metrics:
-            raise ConfigError(f"--select-metric {cfg.select_metric}: not among the validation metrics "
-                              f"({', '.join(sorted(metrics))})")
-        value = metrics[cfg.select_metric]
+        value = metrics[cfg.select_metric]  # one the val set gives (Evaluator.check_select_metric)
         improved = self.best_value is None or is_better(cfg.select_metric, value, self.best_value)
         if improved:
             self.best_value, self.best_epoch = value, epoch + 1
@@ -357,7 +346,8 @@ class Trainer:
             self.history.append({"epoch": epoch + 1, "stage": ctx.stage.name, **train_stats, **metrics})
             if improved:
                 save_checkpoint(self._weights_state(eval_model, epoch + 1, metrics), self.out / "best.pt")
-            plot_training_curves(self.history.frame(), self.out / "curves.png")
+            plot_training_curves(self.history.frame(), self.out / "curves.png", best_epoch=self.best_epoch,
+                                 select_metric=cfg.select_metric)
             images, labels = self.evaluator.fixed_batch
             for tag, path in self.expert.epoch_artifacts(eval_model, images, labels, epoch + 1, self.out).items():
                 self.tracker.image(tag, path, epoch + 1)
@@ -457,24 +447,26 @@ class Trainer:
         metrics = self.evaluator.metrics(result)
         s = result.seen
         summary: dict[str, Any] = {"best_epoch": best["epoch"], "select_metric": self.cfg.select_metric,
-                                   "metrics": metrics, "model": self.expert.describe()}
+                                   "metrics": metrics, "model": self.expert.describe(),
+                                   "shortcut_audit": self.audit.to_dict("records")}
         temperature = 1.0
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
             best["temperature"] = temperature
             save_checkpoint(best, self.out / "best.pt")
-        summary["operating_points"] = calibrated_operating_points(
-            result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s])
-        frame = self.evaluator.frame.assign(p_fake=sigmoid(result.logits),
-                                            p_fake_calibrated=sigmoid(result.logits / temperature))[s]
-        write_text_atomic(self.out / "val_predictions.csv", frame.to_csv(index=False))
-        plot_roc(result.labels[s], sigmoid(result.logits[s]), self.out / "roc.png",
-                 title=f"{self.expert.describe().get('model', '')} - best epoch {best['epoch']}")
+        labels, p_fake, frame = result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s]
+        summary["operating_points"] = calibrated_operating_points(labels, p_fake, frame)
+        predictions = frame.assign(p_fake=sigmoid(result.logits[s]), p_fake_calibrated=p_fake)
+        write_text_atomic(self.out / "val_predictions.csv", predictions.to_csv(index=False))
+        video_labels, video_probs = video_level(labels, p_fake, frame) or (None, None)
+        plot_roc(labels, p_fake, self.out / "roc.png", video_labels=video_labels, video_probs=video_probs,
+                 title=f"{self.expert.describe().get('model', '')}: best epoch {best['epoch']} on validation")
         self.tracker.image("roc", self.out / "roc.png", best["epoch"])
         self.tracker.close()
         write_json_atomic(self.out / "summary.json", summary)
-        log.info("\n%s", format_metrics_table(metrics, title=f"best epoch {best['epoch']} (validation)"))
+        log.info("\n%s", format_report(metrics, summary["operating_points"],
+                                       title=f"best epoch {best['epoch']} (validation)"))
         if "calibration" in summary:
             cal = summary["calibration"]
             log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, cal["nll_before"],
@@ -484,14 +476,18 @@ class Trainer:
 
     def _log_settings(self, stages: list[Stage]) -> None:
         cfg, dc = self.cfg, self.data_config
+        degrade = self.train_loader.dataset.transform
         n_params = sum(p.numel() for p in self.model.parameters())
         lines = [
             f"device {self.device} x {self.dist.world_size} rank(s)"
             f"{f' (process group {self.dist.backend})' if self.dist.backend else ''}, amp {self.amp_dtype or 'off'}, "
-            f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}",
+            f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}"
+            + (f", {self.threads}" if self.threads else ""),
             f"train {len(self.train_frame)} images ({int(self.train_frame['label'].sum())} fake) from "
             f"{cfg.train_manifest}; val {len(self.evaluator.frame)} from {cfg.val_manifest}",
-            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}, "
+            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
+            + (f" (degradations from epoch {degrade.start + 1})" if degrade else "")
+            + f", self-blend {cfg.self_blend:g}, "
             f"workers {self.workers}"
             + (f" (--workers {cfg.workers} capped to the {self.workers} cores this process may use)"
                if self.workers < cfg.workers else ""),
@@ -523,28 +519,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, wa
 
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_009 + rank) % (2**63)
-
-
-@contextmanager
-def _stop_signals(trainer: Trainer) -> Iterator[None]:
-    """While training, SIGTERM and the first Ctrl-C only ask the loop to stop at the next step boundary (it
-    then writes last.pt); a second Ctrl-C interrupts at once."""
-
-    def request(signum: int, _frame: object) -> None:
-        # No logging here: a handler that runs while the log stream is mid-write would re-enter it.
-        if signum == signal.SIGINT and trainer.stop_signal is not None:
-            raise KeyboardInterrupt
-        trainer.stop_signal = signum
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _set_determinism(deterministic: bool) -> None:

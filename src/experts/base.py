@@ -51,7 +51,8 @@ class Expert:
         """Called once with the training labels (1 = fake) before training, e.g. to balance the loss."""
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
-        """input_size [3, S, S], mean, std, interpolation: the preprocessing the model expects."""
+        """input_size [3, S, S], mean, std and the resize (src.data.decode.RESIZE_CONFIG): the preprocessing the
+        model expects, in timm's data-config terms."""
         raise NotImplementedError
 
     def checkpoint_meta(self) -> dict[str, Any]:

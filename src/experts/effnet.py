@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,6 @@ def _parse_pos_weight(value: str | float | None) -> str | float | None:
         weight = float(value)
     except ValueError:
         raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number") from None
-    if weight <= 0:
+    if not (math.isfinite(weight) and weight > 0):
         raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number")
     return weight

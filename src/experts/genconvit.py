@@ -8,16 +8,17 @@ of reconstructions per epoch.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from src.atomic import atomic_write
+from src.data.decode import RESIZE_CONFIG
+from src.engine.report import plot_recon_samples
 from src.errors import PretrainedWeightsError
 from src.experts.base import Expert, Stage
 from src.models.families import FAMILIES
@@ -47,6 +48,8 @@ def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
             scale = float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
             raise ValueError(f"--stages {spec!r}: item {item!r} has a bad number") from None
+        if (parts[1] != "rest" and n < 0) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
         if n == -1:
             if rest_index is not None:
                 raise ValueError(f"--stages {spec!r}: only one stage may take the rest")
@@ -156,8 +159,7 @@ class GenConViTExpert(Expert):
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         size = self.img_size
-        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
-                "interpolation": "bilinear"}
+        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std), **RESIZE_CONFIG}
 
     def checkpoint_meta(self) -> dict[str, Any]:
         suffix = "" if self.arch == "official" else f"_{self.arch}"
@@ -187,47 +189,25 @@ class GenConViTExpert(Expert):
     def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
                         out_dir: Path) -> dict[str, Path]:
         """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
-        the [0, 1] pixel space the reconstruction loss is computed in; rows labelled real / fake.
+        the [0, 1] pixel space the reconstruction loss is computed in, each row labelled real or fake with its MSE;
+        the title compares the reconstruction's PSNR with that of each image's own mean colour.
 
         Real images come first, then fakes: GenConViT's premise is that fakes reconstruct worse.
         """
         model.eval()
         outputs = model(images)
         shown, rebuilt = self.criterion.pixels(images).clamp(0, 1), outputs.recon.float().clamp(0, 1)
-        psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
-        path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        title = (f"epoch {epoch}: reconstruction PSNR {psnr['recon_psnr']:.1f} dB\n"
-                 f"(each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
-        plot_recon_grid(shown.cpu(), rebuilt.cpu(), labels.cpu().numpy(), path, title)
         per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
         labels_np = labels.cpu().numpy()
+        psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
+        path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
+        title = (f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}\n"
+                 f"PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
+        plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path, title)
         log.info("recon samples: %s (MSE real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB)", path,
                  float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
                  psnr["recon_psnr"], psnr["mean_colour_psnr"])
         return {"recon_samples": path}
-
-
-RECON_COLUMNS = ("input", "reconstruction", "difference x4")
-
-
-def plot_recon_grid(inputs: torch.Tensor, recons: torch.Tensor, labels: np.ndarray, path: Path, title: str) -> None:
-    """Rows of input | reconstruction | |input - reconstruction| x 4 ([N, 3, H, W] in [0, 1]), each tile at its
-    own resolution, with column headers and real / fake row labels (labels: 1 = fake)."""
-    diffs = ((inputs - recons).abs() * 4).clamp(0, 1)
-    side = max(inputs.shape[-1] / 100, 1.0)  # inches per tile at dpi 100: no resampling from 100 px up
-    fig = Figure(figsize=(3 * side + 0.6, len(inputs) * side + 0.6), layout="constrained")
-    axes = fig.subplots(len(inputs), 3, squeeze=False)
-    for row, tiles in enumerate(zip(inputs, recons, diffs)):
-        for col, tile in enumerate(tiles):
-            ax = axes[row, col]
-            ax.imshow(tile.permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(RECON_COLUMNS[col], fontsize=9)
-        axes[row, 0].set_ylabel("fake" if labels[row] == 1 else "real", fontsize=9)
-    fig.suptitle(title, fontsize=8)
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def _str(path: str | Path | None) -> str | None:

@@ -82,9 +82,11 @@ class TimmFamily(ModelFamily):
             return False
 
     def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
-        """timm's own format, which ``timm.create_model("local-dir:OUT", pretrained=True)`` loads as it was."""
+        """timm's own format, which ``timm.create_model("local-dir:OUT", pretrained=True)`` loads as it was; its
+        pretrained_cfg is `data_config` (size, mean, std, resize), so timm's eval transform is the training one."""
         preprocessing = {"input_size": tuple(data_config["input_size"]), "mean": tuple(data_config["mean"]),
-                         "std": tuple(data_config["std"]), "interpolation": data_config.get("interpolation")}
+                         "std": tuple(data_config["std"]),
+                         **{key: data_config[key] for key in ("interpolation", "crop_pct", "crop_mode")}}
         save_for_hf(model, str(out), safe_serialization=True, data_config=preprocessing)
         return list(self.native_files)
 
@@ -121,5 +123,21 @@ def family_of(meta: Mapping[str, Any]) -> ModelFamily:
 def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> nn.Module:
     """Rebuild the model a trainer checkpoint describes and load its weights (no download)."""
     model = family_of(checkpoint).build(checkpoint)
+    check_weights_fit(model, checkpoint["model"], checkpoint.get("model_name", "the model"))
     model.load_state_dict(checkpoint["model"])
     return model
+
+
+def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str, shown: int = 3) -> None:
+    """Raise CheckpointError, in one line naming a few keys of each kind, unless `weights` has exactly the model's
+    keys at the model's shapes (load_state_dict says so over many lines, keys after the first)."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    reshaped = [f"{key} {list(weights[key].shape)} vs {list(value.shape)}" for key, value in expected.items()
+                if key in weights and hasattr(weights[key], "shape") and weights[key].shape != value.shape]
+    problems = [f"{len(keys)} {kind} ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})"
+                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+                if keys]
+    if problems:
+        raise CheckpointError(f"weights do not fit {name}: keys {'; '.join(problems)}")

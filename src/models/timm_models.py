@@ -14,6 +14,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from src.data.decode import RESIZE_CONFIG
 from src.errors import PretrainedWeightsError
 from src.models.names import MODEL_ALIASES
 
@@ -74,13 +75,14 @@ def create_timm_model(
 
 
 def timm_data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
-    """Input size, mean, std and interpolation from the model's pretrained config (never hard-coded)."""
+    """Mean and std from the model's pretrained config (never hard-coded), the input size trained at, and the
+    resize every loader applies (not the pretrained config's bicubic centre crop: images are never cropped)."""
     cfg = timm.data.resolve_data_config({}, model=model)
     return {
         "input_size": [3, img_size, img_size],
         "mean": [float(v) for v in cfg["mean"]],
         "std": [float(v) for v in cfg["std"]],
-        "interpolation": cfg["interpolation"],
+        **RESIZE_CONFIG,
     }
 
 

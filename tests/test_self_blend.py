@@ -1,0 +1,100 @@
+"""Self-blended fakes (--self-blend): the mask, the label flip, determinism, and the same images from the cache."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import train_stage2_effnet
+from src.data.cache import DecodedCache
+from src.data.dataset import ManifestDataset
+from src.data.self_blend import SelfBlend, face_mask, self_blended
+from src.data.transforms import build_cpu_transform
+
+SIZE = 64
+
+
+@pytest.fixture
+def crops(tmp_path) -> pd.DataFrame:
+    """Six 80x80 PNGs (resized to 64 on reading): three real, three fake, with texture and a colour gradient."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:80, 0:80] / 80
+    rows = []
+    for i in range(6):
+        image = np.stack([yy * 200, xx * 200, (1 - yy) * 150], axis=2) + rng.normal(0, 12, (80, 80, 3))
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+        rows.append((str(path), i % 2))
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def test_the_mask_is_a_soft_face_shaped_blob_around_the_centre():
+    masks = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        mask = face_mask(SIZE)
+        assert mask.shape == (1, SIZE, SIZE) and mask.min() >= 0 and mask.max() <= 1 + 1e-6
+        m = mask[0]
+        assert m[SIZE // 2, SIZE // 2] >= 0.2  # the face centre is blended (at the smallest ratio, 0.25)
+        assert max(m[0, 0], m[0, -1], m[-1, 0], m[-1, -1]) < 0.01  # the crop's corners are not
+        ramp = ((m > 0.05 * m.max()) & (m < 0.95 * m.max())).float().mean()
+        assert ramp > 0.05  # a soft edge, not a cut-out
+        masks.append(m)
+    assert all(not torch.allclose(masks[0], m) for m in masks[1:])  # every mask its own shape and blend ratio
+
+
+def test_a_real_becomes_a_fake_blended_inside_the_mask_and_a_fake_is_left_alone(crops):
+    image = torch.from_numpy(np.array(Image.open(crops["path"][0]).resize((SIZE, SIZE)))).permute(2, 0, 1)
+    torch.manual_seed(0)
+    blended, mask = self_blended(image)
+    assert blended.dtype == torch.uint8 and blended.shape == image.shape
+    delta, mask = (blended.float() - image.float()).abs().mean(0), mask[0]
+    assert delta[mask > 0.5].mean() > 3 * max(float(delta[mask < 0.01].mean()), 0.3)
+    assert torch.equal(blended[:, mask == 0], image[:, mask == 0])  # outside the mask: the original pixels
+    blend = SelfBlend(1.0)
+    changed, label = blend(image.clone(), 0)
+    assert label == 1 and not torch.equal(changed, image)
+    unchanged, kept = blend(image.clone(), 1)
+    assert kept == 1 and torch.equal(unchanged, image)
+    kept_real, real = SelfBlend(0.0)(image.clone(), 0)
+    assert real == 0 and torch.equal(kept_real, image)
+    with pytest.raises(ValueError, match="--self-blend"):
+        SelfBlend(1.5)
+
+
+def test_the_chance_is_per_image_and_deterministic_per_seed_epoch_and_index(crops):
+    frame = pd.concat([crops] * 20, ignore_index=True)
+    frame["path"] = list(crops["path"]) * 20
+    frame = frame[frame["label"] == 0].reset_index(drop=True)  # 60 real rows
+
+    def items(seed, epoch):
+        dataset = ManifestDataset(frame.assign(path=frame["path"]), SIZE, seed=seed, self_blend=SelfBlend(0.3))
+        dataset.set_epoch(epoch)
+        return [dataset[i] for i in range(len(frame))]
+
+    first, again, next_epoch = items(1, 0), items(1, 0), items(1, 1)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again))
+    flipped = [item[1] for item in first]
+    assert 0.1 < np.mean(flipped) < 0.5  # about 30% of the reals became fakes
+    assert flipped != [item[1] for item in next_epoch]  # a new draw each epoch
+
+
+def test_from_the_cache_and_with_the_cpu_augmentation_it_gives_the_same_items(crops, tmp_path):
+    cache = DecodedCache(tmp_path / "cache", SIZE)
+    view = cache.view(cache.prepare(list(crops["path"])))
+    kwargs = {"transform": build_cpu_transform("standard"), "seed": 5, "self_blend": SelfBlend(1.0)}
+    files, cached = ManifestDataset(crops, SIZE, **kwargs), ManifestDataset(crops, SIZE, cache=view, **kwargs)
+    for i in range(len(crops)):
+        (a, label_a, _), (b, label_b, _) = files[i], cached[i]
+        assert torch.equal(a, b) and label_a == label_b == 1
+
+
+def test_the_flag_is_checked_and_a_run_trains_with_it(effnet_args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main([*effnet_args, "--self-blend", "1.5"]))
+    assert exit_info.value.code == 2 and "--self-blend 1.5: expected a number >= 0 and <= 1" in capsys.readouterr().err
+    train_stage2_effnet.main([*effnet_args, "--self-blend", "0.5", "--epochs", "1"])
+    out = tmp_path / "run"
+    assert "self-blend 0.5" in (out / "train.log").read_text()
+    assert (out / "best.pt").is_file()
