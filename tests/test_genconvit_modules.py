@@ -130,7 +130,9 @@ def test_kl_term_is_added_and_reaches_the_var_head(vae_model, images):
     out = vae_model(images)  # eval: z = mu, so only the KL term depends on the var head
     without_kl = GenConViTLoss(recon_weight=1.0, kl_weight=0.0)(out, images, labels)["loss"]
     terms = GenConViTLoss(recon_weight=1.0, kl_weight=0.5)(out, images, labels)
-    expected_kl = kl_divergence(Normal(out.mu, (0.5 * out.logvar).exp()), Normal(0.0, 1.0)).flatten(1).mean(1)
+    # Summed over the latent, per pixel value (the MSE's scale).
+    expected_kl = kl_divergence(Normal(out.mu, (0.5 * out.logvar).exp()), Normal(0.0, 1.0)).flatten(1).sum(1)
+    expected_kl = expected_kl / images[0].numel()
     torch.testing.assert_close(terms["kl"], expected_kl.detach())
     torch.testing.assert_close(terms["loss"] - without_kl, 0.5 * expected_kl)
     terms["loss"].mean().backward()

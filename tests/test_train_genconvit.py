@@ -60,8 +60,11 @@ def test_both_variants_write_every_output(gc_args, monkeypatch):
             assert (run / name).is_file(), f"{variant}/{name}"
         history = pd.read_csv(run / "metrics.csv")
         assert history["stage"].tolist() == ["frozen", "full"]
-        for column in ("train_cls", "train_recon", "train_kl", "val_recon_real", "val_recon_fake", "auc"):
+        for column in ("train_cls", "train_recon", "train_kl", "val_recon_real", "val_recon_fake", "auc",
+                       "val_recon_psnr", "val_mean_colour_psnr"):
             assert history[column].notna().all(), column
+        assert history["val_mean_colour_psnr"].between(5, 60).all()  # the same val images every epoch: one value
+        assert history["val_mean_colour_psnr"].nunique() == 1
         summary = json.loads((run / "summary.json").read_text())
         cal = summary["calibration"]
         assert cal["nll_after"] <= cal["nll_before"] + 1e-9

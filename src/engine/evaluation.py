@@ -129,7 +129,7 @@ class Evaluator:
                 labels = batch.labels.to(self.device, non_blocking=True)
                 x = self.prepare(batch.images)
                 outputs = model(x)
-                terms = self.expert.loss(outputs, x, labels)
+                terms = {**self.expert.loss(outputs, x, labels), **self.expert.sample_metrics(outputs, x)}
                 names = list(terms)
                 columns = [labels.float(), self.expert.fake_logit(outputs).float(), *(terms[k].float() for k in names)]
                 indices.append(batch.indices.to(self.device))

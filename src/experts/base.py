@@ -67,6 +67,10 @@ class Expert:
         """Per-sample loss terms, each [B]; "loss" is the total that is optimised (its batch mean)."""
         raise NotImplementedError
 
+    def sample_metrics(self, outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample validation measures besides the loss terms, each [B]; logged as their means, val_<name>."""
+        return {}
+
     def fake_logit(self, outputs: Any) -> torch.Tensor:
         """Log-odds of "fake" per sample, [B]: P(fake) = sigmoid(fake_logit); its model family reads it."""
         return self.family.fake_logit(outputs)

@@ -169,6 +169,10 @@ class GenConViTExpert(Expert):
     def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.criterion(outputs, images, labels)
 
+    def sample_metrics(self, outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """val_recon_psnr and, for comparison, val_mean_colour_psnr (see GenConViTLoss.psnr)."""
+        return self.criterion.psnr(outputs, images)
+
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return parse_stages(self.stage_spec, epochs, lr)
 
@@ -185,20 +189,24 @@ class GenConViTExpert(Expert):
     def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
                         out_dir: Path) -> dict[str, Path]:
         """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
-        the [0, 1] pixel space the reconstruction loss is computed in, each row labelled real or fake with its MSE.
+        the [0, 1] pixel space the reconstruction loss is computed in, each row labelled real or fake with its MSE;
+        the title compares the reconstruction's PSNR with that of each image's own mean colour.
 
-        Real images come first, then fakes; a detector that works shows brighter differences on fakes.
+        Real images come first, then fakes: GenConViT's premise is that fakes reconstruct worse.
         """
         model.eval()
         outputs = model(images)
         shown, rebuilt = self.criterion.pixels(images).clamp(0, 1), outputs.recon.float().clamp(0, 1)
         per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
         labels_np = labels.cpu().numpy()
+        psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
         path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path,
-                           f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}")
-        log.info("recon samples: %s (MSE real %.4f, fake %.4f)", path, float(np.mean(per_image[labels_np == 0])),
-                 float(np.mean(per_image[labels_np == 1])))
+        title = (f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}\n"
+                 f"PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
+        plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path, title)
+        log.info("recon samples: %s (MSE real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB)", path,
+                 float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
+                 psnr["recon_psnr"], psnr["mean_colour_psnr"])
         return {"recon_samples": path}
 
 

@@ -7,18 +7,42 @@ model's Swin "hybrid embed" is not built here: timm's ConvNeXt never calls ``pat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 from typing import NamedTuple
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN
 from torch import nn
 
 from src.models.names import CONVNEXT_NAME
 from src.models.timm_models import create_timm_model
 
 EMBED_DIM = 500  # width of ``fc``; fixed by the official checkpoints
+OUTPUT_GAIN = 0.1  # init scale of a decoder's output layer, relative to a variance-preserving one
+
+
+def init_upsampling(features: nn.Sequential, negative_slope: float) -> None:
+    """Initialise a stack of [ConvTranspose2d(kernel 2, stride 2), (Leaky)ReLU] blocks so that it learns to reconstruct.
+
+    PyTorch's default init takes a transposed conv's fan-in from its *output* channels and scales it by 1/sqrt(3),
+    so each block shrinks the signal ~6x: the untrained decoder outputs its last bias, and a final ReLU whose
+    bias starts negative is dead (ED: blue 0% active at init; trained, green stayed exactly 0). Here every output
+    pixel of a kernel-2 stride-2 conv sums exactly ``in_channels`` products, so He init uses that fan-in; the
+    output layer starts small (``OUTPUT_GAIN``) around the mean ImageNet pixel, inside the [0, 1] target range.
+    Starting large instead, the image-dependent part of the output is noise the optimiser removes by killing the
+    path that carries it, and the autoencoder settles on the mean image (measured on the demo crops). Official
+    weights overwrite all of this.
+    """
+    convs = [m for m in features if isinstance(m, nn.ConvTranspose2d)]
+    for conv in convs:
+        last = conv is convs[-1]
+        gain = OUTPUT_GAIN if last else nn.init.calculate_gain("leaky_relu", negative_slope)
+        nn.init.normal_(conv.weight, std=gain / math.sqrt(conv.in_channels))
+        with torch.no_grad():
+            conv.bias.copy_(torch.tensor(IMAGENET_DEFAULT_MEAN) if last else torch.zeros_like(conv.bias))
 
 
 @contextmanager
@@ -41,6 +65,19 @@ def input_statistics_only(backbone: nn.Module) -> Iterator[None]:
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
+
+
+def classifier_view(recon: torch.Tensor) -> torch.Tensor:
+    """The reconstruction as the classifier reads it: without a gradient path back into the autoencoder.
+
+    The autoencoder learns from the reconstruction loss alone. Let the classification loss reach it too and its
+    gradient (56x the reconstruction's on the demo's ED decoder at init, 10^4x on the encoder) decides what the
+    decoder outputs: a near-constant image the classifier can use (ED, demo: val MSE 0.029 after 8 epochs, worse
+    than each image's mean colour, 0.020) instead of a reconstruction. The forward pass is unchanged, so official
+    weights give upstream's outputs. Upstream's training (erprogs/GenConViT, train/train_ed.py, train_vae.py) does
+    not detach: its ED autoencoder learns from the classification loss only, its VAE from classification + MSE.
+    """
+    return recon.detach()
 
 
 class GenConViTOutput(NamedTuple):
@@ -94,8 +131,8 @@ class EDEncoder(nn.Module):
 class EDDecoder(nn.Module):
     """Five [transposed conv 2x2 stride 2, ReLU] blocks, 256 -> 3 channels, H/32 -> H.
 
-    The final ReLU is upstream's: the reconstruction is non-negative although its target (a normalised image)
-    is not, which only matters if a reconstruction loss is used.
+    The final ReLU is upstream's; the reconstruction is trained towards the input in [0, 1] pixels, which it can
+    reach (see ``GenConViTLoss``).
     """
 
     def __init__(self, channels: tuple[int, ...] = (256, 128, 64, 32, 16, 3)) -> None:
@@ -104,6 +141,7 @@ class EDDecoder(nn.Module):
         for c_in, c_out in pairwise(channels):
             layers += [nn.ConvTranspose2d(c_in, c_out, 2, stride=2), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
+        init_upsampling(self.features, negative_slope=0.0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.features(z)
@@ -138,7 +176,7 @@ class GenConViTED(GenConViTHead):
         recon = self.decoder(self.encoder(x))
         seen = self.backbone(x)
         with input_statistics_only(self.backbone):
-            rebuilt = self.backbone(recon)
+            rebuilt = self.backbone(classifier_view(recon))
         # Order (reconstruction, input) is the official one; fc's weight columns depend on it.
         fc_out = self.fc(self.act(torch.cat([rebuilt, seen], dim=1)))
         features = self.act(fc_out)

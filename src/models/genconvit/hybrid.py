@@ -16,7 +16,7 @@ from torch import nn
 from src.models.names import CONVNEXT_NAME, SWIN_NAME
 from src.models.timm_models import create_timm_model
 
-from .ed import EDDecoder, EDEncoder, GenConViTHead, GenConViTOutput
+from .ed import EDDecoder, EDEncoder, GenConViTHead, GenConViTOutput, classifier_view
 from .vae import VAEDecoder, VAEEncoder, check_img_size, resize_to
 
 
@@ -83,7 +83,7 @@ class GenConViTHybrid(GenConViTHead):
             decoded = recon = self.decoder(self.encoder(x))
             mu = logvar = None
         # Both backbones normalise per sample (LayerNorm), so input and reconstruction can share one batch.
-        pair = torch.cat([x, recon])
+        pair = torch.cat([x, classifier_view(recon)])
         f = torch.cat([*self.convnext(pair).chunk(2), *self.swin(pair).chunk(2)], dim=1)
         fc_out = self.fc(f)
         features = self.act(fc_out)

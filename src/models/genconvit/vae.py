@@ -26,10 +26,18 @@ from torch import nn
 from src.models.names import CONVNEXT_NAME
 from src.models.timm_models import create_timm_model
 
-from .ed import EMBED_DIM, GenConViTHead, GenConViTOutput, input_statistics_only
+from .ed import (
+    EMBED_DIM,
+    GenConViTHead,
+    GenConViTOutput,
+    classifier_view,
+    init_upsampling,
+    input_statistics_only,
+)
 
 ENCODER_CHANNELS = (3, 16, 32, 64, 128)
 DECODER_CHANNELS = (64, 32, 16, 3)  # after the latent channels
+LEAKY_SLOPE = 0.01
 
 
 def check_img_size(img_size: int) -> None:
@@ -70,7 +78,7 @@ class VAEEncoder(nn.Module):
             layers += [
                 nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
                 nn.BatchNorm2d(c_out),
-                nn.LeakyReLU(0.01),
+                nn.LeakyReLU(LEAKY_SLOPE),
             ]
         self.features = nn.Sequential(*layers)
         flat = ENCODER_CHANNELS[-1] * (img_size // 16) ** 2
@@ -103,8 +111,9 @@ class VAEDecoder(nn.Module):
         channels = (latent_channels, *DECODER_CHANNELS)
         layers: list[nn.Module] = []
         for c_in, c_out in pairwise(channels):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 2, stride=2), nn.LeakyReLU(0.01)]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 2, stride=2), nn.LeakyReLU(LEAKY_SLOPE)]
         self.features = nn.Sequential(*layers)
+        init_upsampling(self.features, LEAKY_SLOPE)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.features(self.unflatten(z))
@@ -146,7 +155,7 @@ class GenConViTVAE(GenConViTHead):
         # Official order is (input, reconstruction), the reverse of ED; the reconstruction enters at 112x112.
         seen = self.convnext_backbone(x)
         with input_statistics_only(self.convnext_backbone):
-            rebuilt = self.convnext_backbone(decoded)
+            rebuilt = self.convnext_backbone(classifier_view(decoded))
         f = torch.cat([seen, rebuilt], dim=1)
         fc_out = self.fc(self.act(f))
         features = self.act(fc_out)

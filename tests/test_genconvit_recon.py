@@ -1,0 +1,106 @@
+"""GenConViT's autoencoders reconstruct: they learn to beat each image's own mean colour; PSNR; their init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from src.models.genconvit import GenConViTLoss, build_genconvit
+from src.models.genconvit.loss import psnr
+
+IMG = 64
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+STEPS = 40  # batches of 12 from the 36 tiny training crops
+
+
+def load_split(manifest: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A manifest's PNGs as the normalised batch the trainer feeds the model, and their labels (1 = fake)."""
+    frame = pd.read_csv(manifest)
+    pixels = np.stack([np.asarray(Image.open(manifest.parent / p).convert("RGB")) for p in frame["path"]])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    return (x - MEAN) / STD, torch.tensor(frame["label"].to_numpy())
+
+
+def tiny_model(variant: str, latent_channels: int = 4) -> torch.nn.Module:
+    kwargs = {"img_size": IMG, "latent_channels": latent_channels} if variant == "vae" else {}
+    return build_genconvit(variant, convnext_name="test_convnext", **kwargs)
+
+
+def mean_colour_mse(images: torch.Tensor) -> float:
+    """MSE of the trivial reconstruction: every pixel of an image set to that image's mean colour."""
+    pixels = images * STD + MEAN
+    return float((pixels - pixels.mean(dim=(2, 3), keepdim=True)).pow(2).mean())
+
+
+@pytest.mark.parametrize(("variant", "lr"), [("ed", 1e-3), ("vae", 3e-3)])
+def test_a_few_training_steps_reconstruct_better_than_each_images_mean_colour(variant, lr, tiny_data):
+    # The whole model and loss, classification included: before the fix the ED decoder's output sat at a
+    # near-constant image (dead final ReLU, classifier gradient) and the VAE's latent collapsed (KL too strong).
+    images, labels = load_split(tiny_data[0])
+    torch.manual_seed(0)
+    model = tiny_model(variant, latent_channels=16)
+    criterion = GenConViTLoss(recon_weight=1.0, kl_weight=0.5)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(STEPS):
+        pick = torch.randperm(len(images), generator=generator)[:12]
+        loss = criterion(model(images[pick]), images[pick], labels[pick])["loss"].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        recon = float(criterion(model(images), images, labels)["recon"].mean())
+    # Measured: 0.52x (ED) and 0.80x (VAE) the mean colour's MSE after 40 steps; both start 1.5x above it.
+    assert recon < 0.9 * mean_colour_mse(images), (recon, mean_colour_mse(images))
+
+
+def test_psnr_of_known_errors():
+    target = torch.zeros(2, 3, 4, 4)
+    prediction = torch.stack([torch.full((3, 4, 4), 0.1), torch.zeros(3, 4, 4)])
+    torch.testing.assert_close(psnr(prediction, target), torch.tensor([20.0, 100.0]))  # MSE 0.01; exact
+
+
+def test_mean_colour_psnr_is_each_images_own_baseline():
+    # Image 0: left half black, right half white (mean grey, MSE 0.25, 6.02 dB); image 1: one flat colour (exact).
+    pixels = torch.zeros(2, 3, 32, 32)
+    pixels[0, :, :, 16:] = 1.0
+    pixels[1] = torch.tensor([0.2, 0.5, 0.7]).view(3, 1, 1)
+    images = (pixels - MEAN) / STD
+    out = tiny_model("ed")(images)
+    scores = GenConViTLoss(recon_weight=1.0, kl_weight=0.0).psnr(out._replace(recon=pixels.clone()), images)
+    torch.testing.assert_close(scores["mean_colour_psnr"], torch.tensor([10 * float(np.log10(4)), 100.0]))
+    torch.testing.assert_close(scores["recon_psnr"], torch.tensor([100.0, 100.0]))
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_the_classifier_loss_does_not_reach_the_autoencoder(variant):
+    # The autoencoder learns from the reconstruction loss alone (see ed.classifier_view).
+    model = tiny_model(variant).train()
+    images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    GenConViTLoss(recon_weight=0.0, kl_weight=0.0)(model(images), images, torch.tensor([0, 1]))["loss"].sum().backward()
+    for part in (model.encoder, model.decoder):
+        assert all(p.grad is None or not p.grad.any() for p in part.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in model.fc.parameters())
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_untrained_decoder_outputs_an_image_dependent_picture_in_range(variant):
+    # PyTorch's default init shrank the signal ~6x per transposed conv: the output was its last bias, and ED's final
+    # ReLU was dead on whole channels.
+    torch.manual_seed(0)
+    model = tiny_model(variant).eval()
+    images = torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        recon = model(images).recon
+    per_channel = recon.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(per_channel, torch.tensor(IMAGENET_DEFAULT_MEAN), atol=0.05, rtol=0)
+    assert (recon > 0).float().mean(dim=(0, 2, 3)).min() > 0.9  # every channel alive
