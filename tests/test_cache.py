@@ -87,6 +87,7 @@ def test_a_second_prepare_decodes_nothing(tmp_path, pngs, caplog):
     slots = cache.prepare(pngs)
     index_before = cache.index_path.stat()
 
+    caplog.clear()  # the first build's lines, captured where an earlier test left the package's logger at INFO
     with caplog.at_level(logging.INFO, logger="src.data.cache"):
         again = cache.prepare(pngs)
     np.testing.assert_array_equal(again, slots)

@@ -52,11 +52,11 @@ def test_grain_is_removed_or_amplified_inside_the_region(method, smoother):
     assert (np.median(ratios) < 0.7) if smoother else (np.median(ratios) > 1.3), ratios
 
 
-def test_colour_scales_the_region_by_a_few_percent_per_channel():
+def test_colour_scales_the_region_by_15_to_25_percent_per_channel():
     real, fake, changed = _pair("colour")
     core = region(np.random.default_rng([0, 3, 1 + TRACES.index("colour")]), SIZE)[..., 0] == 1
     gain = (fake[core].mean(axis=0) / real[core].mean(axis=0)) - 1
-    assert np.all((np.abs(gain) > 0.03) & (np.abs(gain) < 0.15)), gain
+    assert np.all((np.abs(gain) > 0.12) & (np.abs(gain) < 0.28)), gain  # the soft edge and clipping shave a little
 
 
 def test_splice_pastes_another_scene_through_a_hard_edge():
