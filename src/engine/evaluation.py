@@ -19,7 +19,7 @@ from src.data.dataset import collate
 from src.data.manifest import LABEL_NAMES, read_manifest
 from src.data.perturb import Perturbation, check_image_size, parse_perturbations
 from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import checkpoint_temperature, last_good_note, load_checkpoint
+from src.engine.checkpoint import last_good_note, read_best
 from src.engine.config import TrainConfig
 from src.engine.data import val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
@@ -184,19 +184,19 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     names = report_names(manifests)
     check_output_dir(cfg)  # the entry scripts checked already, before importing torch; this is for callers of run()
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
-    checkpoint = load_checkpoint(path)
+    checkpoint = read_best(path)
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
-        if checkpoint.get(key) != meta.get(key):
-            raise ConfigError(f"--evaluate {path}: holds {checkpoint.get('model_name', 'no model')} "
-                              f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
-    temperature = checkpoint_temperature(checkpoint, path)
-    check_image_size(perturbations, checkpoint["data_config"]["input_size"][-1])
+        if checkpoint.meta.get(key) != meta.get(key):
+            raise ConfigError(f"--evaluate {path}: holds {checkpoint.meta.get('model_name', 'no model')} "
+                              f"({key} {checkpoint.meta.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    temperature = checkpoint.temperature
+    check_image_size(perturbations, checkpoint.data_config["input_size"][-1])
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
-    evaluators = [Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+    evaluators = [Evaluator(cfg, expert, dist, checkpoint.data_config, bad_images=bad_images, manifest=manifest)
                   for manifest in manifests]
-    model = model_from_checkpoint(checkpoint).to(dist.device)
+    model = model_from_checkpoint(checkpoint.to_dict()).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if dist.is_main:  # what the file headers alone give away about each set's labels
@@ -207,7 +207,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         metrics = evaluator.metrics(result)
         robustness = [{"perturbation": "none", **_headline(metrics)}]
         for perturbation in perturbations:
-            perturbed = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images,
+            perturbed = Evaluator(cfg, expert, dist, checkpoint.data_config, bad_images=bad_images,
                                   manifest=manifest, perturbation=perturbation)
             robustness.append({"perturbation": perturbation.name,
                                **_headline(perturbed.metrics(perturbed.evaluate(model)))})
@@ -226,7 +226,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         if perturbations:
             table = pd.DataFrame(robustness)
             write_text_atomic(out / f"robustness_{name}.csv", table.to_csv(index=False))
-            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}",
+            plot_robustness(table, out / f"robustness_{name}.png",
+                            title=f"{checkpoint.meta.get('model_name')} on {name}",
                             n_real=report["operating_points"]["frame"]["n_real"])
             log.info("\nrobustness on %s:\n%s%s", name, table.to_string(index=False, float_format="%.4f"),
                      tpr_footnote(report["operating_points"]["frame"]))

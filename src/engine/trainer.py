@@ -40,9 +40,12 @@ from src.data.transforms import DeviceTransform
 from src.engine.audit import audit_only
 from src.engine.calibration import calibration_report, fit_temperature
 from src.engine.checkpoint import (
+    BestCheckpoint,
+    LastCheckpoint,
     ensure_finite,
     last_good_note,
-    load_checkpoint,
+    read_best,
+    read_last,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -166,7 +169,7 @@ class Trainer:
         resume = self.resume
         if resume:
             self._restore(resume)
-        start_epoch, start_step = (resume["next_epoch"], resume["step"]) if resume else (0, 0)
+        start_epoch, start_step = (resume.next_epoch, resume.step) if resume else (0, 0)
         self._log_settings(stages)
         if self.dist.is_main:
             # What this run uses, replayable with --config; on a resume the flags that may change are the new ones.
@@ -177,7 +180,7 @@ class Trainer:
             for index, stage in enumerate(stages):
                 end = first_epoch + stage.epochs
                 if start_epoch < end:
-                    state = resume if resume and resume["stage"] == index else None
+                    state = resume if resume and resume.stage == index else None
                     begin = max(start_epoch, first_epoch)
                     step = start_step if state and begin == start_epoch else 0
                     ctx = self.start_stage(index, stage, (begin - first_epoch) * self.updates_per_epoch
@@ -185,7 +188,7 @@ class Trainer:
                     log.info("stage %d '%s': epochs %d-%d, lr %.3g", index + 1, stage.name, first_epoch + 1, end,
                              stage.lr)
                     for epoch in range(begin, end):
-                        sums = state["train_sums"] if state and step else None
+                        sums = state.train_sums if state and step else None
                         train_stats = self.train_epoch(epoch, ctx, start_step=step, sums=sums)
                         step = 0
                         self._end_epoch(epoch, train_stats, ctx)
@@ -194,7 +197,7 @@ class Trainer:
                 first_epoch = end
         return self._finish()
 
-    def start_stage(self, index: int, stage: Stage, updates: int = 0, state: dict[str, Any] | None = None
+    def start_stage(self, index: int, stage: Stage, updates: int = 0, state: LastCheckpoint | None = None
                     ) -> StageState:
         """Freeze what the stage freezes, build its optimizer and warmup-cosine schedule, wrap the model for DDP
         and --compile, and put the schedule at `updates` (where a resumed stage stands)."""
@@ -207,8 +210,8 @@ class Trainer:
         if state:
             # The schedule is not restored: it follows from the flags and the position below, so a resume with a
             # new --epochs or --lr re-plans it (the optimizer's own lr is overwritten by the first step_update).
-            optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
+            optimizer.load_state_dict(state.optimizer)
+            self.scaler.load_state_dict(state.scaler)
         train_model: nn.Module = self.model
         if self.dist.enabled:
             train_model = DistributedDataParallel(
@@ -345,7 +348,7 @@ class Trainer:
         if self.dist.is_main:
             self.history.append({"epoch": epoch + 1, "stage": ctx.stage.name, **train_stats, **metrics})
             if improved:
-                save_checkpoint(self._weights_state(eval_model, epoch + 1, metrics), self.out / "best.pt")
+                save_checkpoint(self._best_checkpoint(eval_model, epoch + 1, metrics).to_dict(), self.out / "best.pt")
             plot_training_curves(self.history.frame(), self.out / "curves.png", best_epoch=self.best_epoch,
                                  select_metric=cfg.select_metric)
             images, labels = self.evaluator.fixed_batch
@@ -358,16 +361,10 @@ class Trainer:
         self._save_last(ctx, epoch + 1, 0, None)
 
     # ------------------------------------------------------------------ checkpoints
-    def _weights_state(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            **self.expert.checkpoint_meta(),
-            "data_config": self.data_config,
-            "args": self.cfg.to_dict(),
-            "epoch": epoch,
-            "metrics": metrics,
-            "temperature": 1.0,
-        }
+    def _best_checkpoint(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> BestCheckpoint:
+        return BestCheckpoint(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                              meta=self.expert.checkpoint_meta(), data_config=self.data_config,
+                              args=self.cfg.to_dict(), epoch=epoch, metrics=metrics)
 
     def _save_last(self, ctx: StageState, next_epoch: int, step: int, sums: dict[str, torch.Tensor] | None) -> None:
         """Everything a resume needs; `step` > 0 marks a checkpoint taken mid-epoch. Called on every rank."""
@@ -377,37 +374,35 @@ class Trainer:
             ensure_finite(self.ema.module, self.device, where, self.out / "last.pt")
         if not self.dist.is_main:
             return
-        state = self._weights_state(self.model, next_epoch, {})
-        state.update({
-            "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.module.state_dict().items()},
-            "optimizer": ctx.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "recipe": self.expert.recipe(),
-            "stage": ctx.index,
-            "next_epoch": next_epoch,
-            "step": step,
-            "train_sums": {k: v.cpu() for k, v in sums.items()} if sums else None,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "rng": rng_state(),
-        })
-        save_checkpoint(state, self.out / "last.pt")
+        last = LastCheckpoint(
+            **vars(self._best_checkpoint(self.model, next_epoch, {})),
+            ema=None if self.ema is None else {k: v.cpu() for k, v in self.ema.module.state_dict().items()},
+            optimizer=ctx.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            recipe=self.expert.recipe(),
+            stage=ctx.index,
+            next_epoch=next_epoch,
+            step=step,
+            train_sums={k: v.cpu() for k, v in sums.items()} if sums else None,
+            best_value=self.best_value,
+            best_epoch=self.best_epoch,
+            rng=rng_state(),
+        )
+        save_checkpoint(last.to_dict(), self.out / "last.pt")
 
-    def _read_resume_state(self) -> dict[str, Any]:
+    def _read_resume_state(self) -> LastCheckpoint:
         """Load last.pt and check, before anything is built, that this command may continue that run."""
-        state = load_checkpoint(self.resume_path)
         what = f"--resume {self.resume_path}"
-        if "optimizer" not in state:
-            raise ConfigError(f"{what}: not a last.pt (it holds no optimizer state)")
+        state = read_last(self.resume_path)
         for key, value in self.expert.checkpoint_meta().items():
-            if state.get(key) != value:
-                raise ConfigError(f"{what}: checkpoint has {key}={state.get(key)!r} but this run uses {value!r}")
+            if state.meta.get(key) != value:
+                raise ConfigError(f"{what}: checkpoint has {key}={state.meta.get(key)!r} but this run uses {value!r}")
         recipe = self.expert.recipe()
-        for key, value in (state.get("recipe") or {}).items():
+        for key, value in state.recipe.items():
             if recipe.get(key) != value:
                 raise ConfigError(f"{what}: the run was trained with {key}={value!r}, this command says "
                                   f"{recipe.get(key)!r}; it cannot change on resume (start a new run)")
-        before, now = state.get("args") or {}, self.cfg.to_dict()
+        before, now = state.args, self.cfg.to_dict()
         for key in now:
             if key in before and before[key] != now[key]:
                 flag = "--" + key.replace("_", "-")
@@ -417,20 +412,20 @@ class Trainer:
                 if key not in ("resume", "overwrite", "output_dir", "cli_args"):
                     how = "the schedule is re-planned from here" if key in RESUME_REPLANS else "applies from here"
                     log.info("resume: %s %s -> %s (%s)", flag, before[key], now[key], how)
-        trained = state["next_epoch"] + (1 if state["step"] else 0)
+        trained = state.next_epoch + (1 if state.step else 0)
         if self.cfg.epochs < trained:
             raise ConfigError(f"{what}: --epochs {self.cfg.epochs}, but the run has already reached epoch {trained}")
         return state
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+    def _restore(self, state: LastCheckpoint) -> None:
+        self.model.load_state_dict(state.model)
+        if self.ema is not None and state.ema is not None:
+            self.ema.module.load_state_dict(state.ema)
+        self.best_value, self.best_epoch = state.best_value, state.best_epoch
         if self.dist.is_main:
-            self.history.truncate(state["next_epoch"])
-        set_rng_state(state["rng"])
-        where = f"epoch {state['next_epoch'] + 1}" + (f" step {state['step']}" if state["step"] else "")
+            self.history.truncate(state.next_epoch)
+        set_rng_state(state.rng)
+        where = f"epoch {state.next_epoch + 1}" + (f" step {state.step}" if state.step else "")
         log.info("resuming from %s at %s (best %s so far: %s)", self.resume_path, where, self.cfg.select_metric,
                  self.best_value)
 
@@ -438,35 +433,35 @@ class Trainer:
     def _finish(self) -> dict[str, Any] | None:
         """Reload the best weights, calibrate, and write predictions, ROC, summary and the final table."""
         barrier()
-        best = load_checkpoint(self.out / "best.pt")
+        best = read_best(self.out / "best.pt")
         eval_model = self.ema.module if self.ema is not None else self.model
-        eval_model.load_state_dict(best["model"])
+        eval_model.load_state_dict(best.model)
         result = self.evaluator.evaluate(eval_model)
         if not self.dist.is_main:
             return None
         metrics = self.evaluator.metrics(result)
         s = result.seen
-        summary: dict[str, Any] = {"best_epoch": best["epoch"], "select_metric": self.cfg.select_metric,
+        summary: dict[str, Any] = {"best_epoch": best.epoch, "select_metric": self.cfg.select_metric,
                                    "metrics": metrics, "model": self.expert.describe(),
                                    "shortcut_audit": self.audit.to_dict("records")}
         temperature = 1.0
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
-            best["temperature"] = temperature
-            save_checkpoint(best, self.out / "best.pt")
+            best.temperature = temperature
+            save_checkpoint(best.to_dict(), self.out / "best.pt")
         labels, p_fake, frame = result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s]
         summary["operating_points"] = calibrated_operating_points(labels, p_fake, frame)
         predictions = frame.assign(p_fake=sigmoid(result.logits[s]), p_fake_calibrated=p_fake)
         write_text_atomic(self.out / "val_predictions.csv", predictions.to_csv(index=False))
         video_labels, video_probs = video_level(labels, p_fake, frame) or (None, None)
         plot_roc(labels, p_fake, self.out / "roc.png", video_labels=video_labels, video_probs=video_probs,
-                 title=f"{self.expert.describe().get('model', '')}: best epoch {best['epoch']} on validation")
-        self.tracker.image("roc", self.out / "roc.png", best["epoch"])
+                 title=f"{self.expert.describe().get('model', '')}: best epoch {best.epoch} on validation")
+        self.tracker.image("roc", self.out / "roc.png", best.epoch)
         self.tracker.close()
         write_json_atomic(self.out / "summary.json", summary)
         log.info("\n%s", format_report(metrics, summary["operating_points"],
-                                       title=f"best epoch {best['epoch']} (validation)"))
+                                       title=f"best epoch {best.epoch} (validation)"))
         if "calibration" in summary:
             cal = summary["calibration"]
             log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, cal["nll_before"],
