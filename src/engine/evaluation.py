@@ -213,16 +213,12 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
                                **_headline(perturbed.metrics(perturbed.evaluate(model)))})
         if not dist.is_main:
             continue
-        seen = result.seen
-        calibrated = sigmoid(result.logits / temperature)
-        frame = evaluator.frame[seen]
-        report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
-                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame),
-                  "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         out.mkdir(parents=True, exist_ok=True)
+        points = final_report(evaluator.frame, result, metrics, temperature, out / f"predictions_{name}.csv",
+                              title=f"{path} on {manifest}")
+        report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
+                  "operating_points": points, "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         write_json_atomic(out / f"eval_{name}.json", report)
-        predictions = evaluator.frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
-        write_text_atomic(out / f"predictions_{name}.csv", predictions.to_csv(index=False))
         if perturbations:
             table = pd.DataFrame(robustness)
             write_text_atomic(out / f"robustness_{name}.csv", table.to_csv(index=False))
@@ -231,7 +227,6 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
                             n_real=report["operating_points"]["frame"]["n_real"])
             log.info("\nrobustness on %s:\n%s%s", name, table.to_string(index=False, float_format="%.4f"),
                      tpr_footnote(report["operating_points"]["frame"]))
-        log.info("\n%s", format_report(metrics, report["operating_points"], title=f"{path} on {manifest}"))
         results[name] = metrics
         rows.append({"manifest": name, **_headline(metrics)})
         notes.append(tpr_footnote(report["operating_points"]["frame"], f"{name}: "))
@@ -241,6 +236,20 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
     return results
+
+
+def final_report(frame: pd.DataFrame, result: EvalResult, metrics: dict[str, float], temperature: float,
+                 predictions: Path, *, title: str) -> dict[str, Any]:
+    """The end of a training run and of each --evaluate manifest: write `predictions` (the decoded rows of `frame`
+    with P(fake) raw and calibrated), print the metrics table, and return the operating points on calibrated
+    P(fake)."""
+    seen = result.seen
+    calibrated = sigmoid(result.logits / temperature)
+    points = calibrated_operating_points(result.labels[seen], calibrated[seen], frame[seen])
+    rows = frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
+    write_text_atomic(predictions, rows.to_csv(index=False))
+    log.info("\n%s", format_report(metrics, points, title=title))
+    return points
 
 
 def video_level(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
