@@ -52,7 +52,7 @@ from src.data.levels import AUG_LEVELS
 from src.data.manifest import read_manifest
 from src.data.perturb import Perturbation, parse_perturbations
 from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import load_checkpoint
+from src.engine.checkpoint import read_best
 from src.engine.config import TrainConfig
 from src.models.families import model_from_checkpoint
 
@@ -190,11 +190,11 @@ def ours(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, seed: int, 
         "--lr", str(plan.lr), "--workers", str(plan.workers), "--seed", str(seed), "--device", plan.device,
         "--output-dir", str(out), "--overwrite", "--log-every", "1000000", *flags,
     ])
-    best = load_checkpoint(out / "best.pt")
+    best = read_best(out / "best.pt")
     history = pd.read_csv(out / "metrics.csv")
-    figures = {"clean": float(best["metrics"]["auc"]), "final_train_loss": float(history["train_loss"].iloc[-1]),
-               "data_config": best["data_config"]}
-    return model_from_checkpoint(best).to(plan.device), figures
+    figures = {"clean": float(best.metrics["auc"]), "final_train_loss": float(history["train_loss"].iloc[-1]),
+               "data_config": best.data_config}
+    return model_from_checkpoint(best.to_dict()).to(plan.device), figures
 
 
 Scorer = Callable[[nn.Module, dict[str, Any]], dict[str, float]]

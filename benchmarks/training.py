@@ -22,7 +22,7 @@ from benchmarks.timing import Row, interleaved, row
 from src.data.dataset import Batch, ManifestDataset, collate
 from src.data.transforms import DeviceTransform
 from src.embeddings import FeatureExtractor
-from src.engine.checkpoint import save_checkpoint
+from src.engine.checkpoint import BestCheckpoint, save_checkpoint
 from src.engine.config import TrainConfig
 from src.engine.distributed import setup_distributed
 from src.engine.trainer import Trainer
@@ -202,18 +202,12 @@ def cpu_training(
 
 def effnet_checkpoint(work: Path, img_size: int = 256, model_name: str = EFFNET) -> Path:
     """A trainer-format best.pt of a randomly initialised model, for the FeatureExtractor to load."""
-    model = effnet_expert(img_size, model_name).build_model()
+    expert = effnet_expert(img_size, model_name)
+    model = expert.build_model()
     path = work / f"{model_name}_{img_size}.pt"
-    save_checkpoint(
-        {
-            "family": "timm",
-            "model_name": model_name,
-            "num_classes": 1,
-            "model": model.state_dict(),
-            "data_config": timm_data_config(model, img_size),
-        },
-        path,
-    )
+    best = BestCheckpoint(model=model.state_dict(), meta=expert.checkpoint_meta(),
+                          data_config=timm_data_config(model, img_size))
+    save_checkpoint(best.to_dict(), path)
     return path
 
 

@@ -32,7 +32,7 @@ from src.embeddings import (
 from src.embeddings.extract import source_frame
 from src.embeddings.stacking_preview import print_preview
 from src.embeddings.store import FeatureSet
-from src.engine.checkpoint import save_checkpoint
+from src.engine.checkpoint import BestCheckpoint, save_checkpoint
 from src.engine.cli import exit_on_error
 from src.errors import CheckpointError
 from src.models.families import FAMILIES
@@ -82,17 +82,9 @@ def data_config(size: int = IMG) -> dict:
 
 
 def save_trainer_checkpoint(path: Path, model: torch.nn.Module, meta: dict, temperature: float, **extra) -> Path:
-    state = {
-        "model": model.state_dict(),
-        **meta,
-        "data_config": data_config(),
-        "args": {},
-        "epoch": 1,
-        "metrics": {},
-        "temperature": temperature,
-        **extra,
-    }
-    save_checkpoint(state, path)
+    best = BestCheckpoint(model=model.state_dict(), meta=meta, data_config=data_config(), epoch=1,
+                          temperature=temperature)
+    save_checkpoint({**best.to_dict(), **extra}, path)
     return path
 
 

@@ -23,7 +23,7 @@ from src.data.manifest import read_manifest
 from src.data.perturb import check_image_size, parse_perturbations
 from src.data.transforms import build_cpu_transform
 from src.engine import cli
-from src.engine.checkpoint import save_checkpoint
+from src.engine.checkpoint import BestCheckpoint, save_checkpoint
 from src.engine.config import NOT_REPLAYED, SEED_MAX, config_from_args
 from src.engine.precision import pick_device
 from src.engine.trainer import Trainer
@@ -280,8 +280,9 @@ def checkpoint(tmp_path) -> Path:
     expert = TimmExpert("test_efficientnet", img_size=32, pretrained=False)
     model = expert.build_model()
     path = tmp_path / "best.pt"
-    save_checkpoint({"model": model.state_dict(), **expert.checkpoint_meta(), "data_config": expert.data_config(model),
-                     "temperature": 1.0}, path)
+    best = BestCheckpoint(model=model.state_dict(), meta=expert.checkpoint_meta(),
+                          data_config=expert.data_config(model))
+    save_checkpoint(best.to_dict(), path)
     return path
 
 

@@ -28,7 +28,7 @@ from src.data.manifest import read_manifest
 from src.embeddings import FeatureExtractor, load_features
 from src.embeddings.export import ExportedExpert, check_images, check_onnx, export_expert
 from src.embeddings.extract import load_expert
-from src.engine.checkpoint import load_checkpoint, save_checkpoint
+from src.engine.checkpoint import BestCheckpoint, load_checkpoint, save_checkpoint
 from src.engine.cli import exit_on_error
 from src.engine.metrics import operating_points
 from src.errors import CheckpointError, ConfigError, ExportCheckError, ManifestError
@@ -433,7 +433,8 @@ def test_export_files_get_the_umask_mode_and_a_file_in_the_way_is_one_line(expor
 def _real_size_checkpoint(tmp_path: Path, model: torch.nn.Module, meta: dict, size: int, mean, std) -> Path:
     path = tmp_path / "best.pt"
     data_config = {"input_size": [3, size, size], "mean": list(mean), "std": list(std), "interpolation": "bilinear"}
-    save_checkpoint({"model": model.state_dict(), **meta, "data_config": data_config, "temperature": 1.3}, path)
+    save_checkpoint(BestCheckpoint(model=model.state_dict(), meta=meta, data_config=data_config, temperature=1.3
+                                   ).to_dict(), path)
     return path
 
 

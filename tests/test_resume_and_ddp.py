@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,8 @@ import torch
 from conftest import ROOT, subprocess_env
 
 import train_stage2_effnet
+from src.engine.config import TrainConfig
+from src.engine.resume import POLICIES, resume_policy
 
 TIME_COLUMNS = ["epoch_time", "images_per_s"]
 
@@ -97,3 +100,14 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     stored = torch.load(out / "best.pt", weights_only=True)["metrics"]
     for key in ("auc", "ap", "eer", "acc", "val_loss", "log_loss"):
         assert stored[key] == pytest.approx(m1[key], abs=1e-6), key
+
+
+def test_every_train_config_field_says_what_a_resume_may_do_with_it():
+    """A field added to TrainConfig without `metadata=REFUSE/REPLAN/FREE/INVOCATION` fails here, not on a resume."""
+    missing = [f.name for f in fields(TrainConfig) if f.metadata.get("resume") not in POLICIES]
+    assert not missing, f"TrainConfig fields without a resume policy: {missing}"
+    assert {name for name in TrainConfig().to_dict() if resume_policy(name) == "replan"} == {
+        "epochs", "lr", "min_lr", "warmup_epochs"}
+    assert {resume_policy(name) for name in ("seed", "batch_size", "img_size", "train_manifest", "grad_accum")} == {
+        "refuse"}
+    assert {resume_policy(name) for name in ("resume", "overwrite", "output_dir", "cli_args")} == {"invocation"}

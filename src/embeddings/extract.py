@@ -31,7 +31,7 @@ from src.data.loaders import manifest_loader
 from src.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from src.data.transforms import DeviceTransform
 from src.embeddings.store import NpzStreamWriter
-from src.engine.checkpoint import checkpoint_temperature, load_checkpoint
+from src.engine.checkpoint import BestCheckpoint, checkpoint_from_state, load_checkpoint
 from src.engine.precision import autocast, autocast_dtype, memory_format, pick_device
 from src.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from src.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
@@ -82,26 +82,24 @@ def load_expert(checkpoint_path: str | os.PathLike, model_name: str | None = Non
 
 
 def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:
-    recorded = state.get("model_name") or model_name
+    best = checkpoint_from_state(BestCheckpoint, state, path)  # a last.pt reads as one too
+    recorded = best.meta.get("model_name") or model_name
     if recorded is None:
         raise CheckpointError(f"checkpoint {path} records no model name: pass model_name / --model-name")
     try:
-        family = family_of(state)
+        family = family_of(best.meta)
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     check_model_name(model_name, recorded, family, f"checkpoint {path}")
-    if "model" not in state or "data_config" not in state:
-        raise CheckpointError(f"checkpoint {path}: lacks 'model' or 'data_config' (not written by the trainers?)")
     try:
-        model = model_from_checkpoint({**state, "model_name": recorded})
+        model = model_from_checkpoint({**best.to_dict(), "model_name": recorded})
     except CheckpointError as err:  # weights of another model: the message names a few keys
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {first_line(err)}") from err
     # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
-    data_config = {**state["data_config"], **RESIZE_CONFIG}
-    temperature = checkpoint_temperature(state, path)
-    return LoadedExpert(model.eval(), family, recorded, data_config, temperature, dict(state.get("args") or {}))
+    data_config = {**best.data_config, **RESIZE_CONFIG}
+    return LoadedExpert(model.eval(), family, recorded, data_config, best.temperature, dict(best.args))
 
 
 def _from_official_file(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:

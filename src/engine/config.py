@@ -21,56 +21,66 @@ SEED_MAX = 2**32 - 1
 # Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
 NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
+# What a resumed run may change, on each field below (src.engine.resume applies it; README, "Resuming and
+# stopping"). REPLAN: the schedule is a function of these and of where the run stands, so a change re-plans it
+# from there (a longer --epochs continues on the cosine of the new length, a new --lr scales the rest of it).
+# FREE: how the run executes, not what it learns; a change applies from the resume on. INVOCATION: describes this
+# command, not the run; never reported. REFUSE: the model, data and optimisation as the run started; a different
+# batch size, seed, image size or data would silently mix two runs.
+REFUSE, REPLAN, FREE, INVOCATION = ({"resume": policy} for policy in ("refuse", "replan", "free", "invocation"))
+
 
 @dataclass
 class TrainConfig:
     # data
-    train_manifest: str = "train_manifest.csv"
-    val_manifest: str = "val_manifest.csv"
-    data_root: str | None = None
-    skip_bad_images: bool = False
-    max_bad_images: int = 100
-    max_image_pixels: int = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS, as src.data.decode.MAX_IMAGE_PIXELS
-    img_size: int = 256
-    aug: str = "standard"
-    self_blend: float = 0.0
-    workers: int = 8
-    balanced_sampler: bool = False
-    cache_dir: str | None = None
+    train_manifest: str = field(default="train_manifest.csv", metadata=REFUSE)
+    val_manifest: str = field(default="val_manifest.csv", metadata=REFUSE)
+    data_root: str | None = field(default=None, metadata=REFUSE)
+    skip_bad_images: bool = field(default=False, metadata=FREE)
+    max_bad_images: int = field(default=100, metadata=FREE)
+    # PIL's Image.MAX_IMAGE_PIXELS, as src.data.decode.MAX_IMAGE_PIXELS
+    max_image_pixels: int = field(default=89_478_485, metadata=FREE)
+    img_size: int = field(default=256, metadata=REFUSE)
+    aug: str = field(default="standard", metadata=REFUSE)
+    self_blend: float = field(default=0.0, metadata=REFUSE)
+    workers: int = field(default=8, metadata=FREE)
+    balanced_sampler: bool = field(default=False, metadata=REFUSE)
+    cache_dir: str | None = field(default=None, metadata=FREE)
     # optimisation
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 3e-4
-    min_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    opt: str = "adamw"
-    grad_accum: int = 1
-    clip_grad: float | None = 1.0
-    ema: bool = False
-    ema_decay: float = 0.999
+    epochs: int = field(default=20, metadata=REPLAN)
+    batch_size: int = field(default=128, metadata=REFUSE)
+    lr: float = field(default=3e-4, metadata=REPLAN)
+    min_lr: float = field(default=1e-6, metadata=REPLAN)
+    warmup_epochs: float = field(default=1.0, metadata=REPLAN)
+    weight_decay: float = field(default=0.05, metadata=REFUSE)
+    opt: str = field(default="adamw", metadata=REFUSE)
+    grad_accum: int = field(default=1, metadata=REFUSE)
+    clip_grad: float | None = field(default=1.0, metadata=FREE)
+    ema: bool = field(default=False, metadata=REFUSE)
+    ema_decay: float = field(default=0.999, metadata=FREE)
     # execution
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    device: str | None = None
-    seed: int = 42
-    deterministic: bool = False
+    amp: str = field(default="auto", metadata=FREE)
+    channels_last: bool = field(default=True, metadata=FREE)
+    compile: bool = field(default=False, metadata=FREE)
+    device: str | None = field(default=None, metadata=FREE)
+    seed: int = field(default=42, metadata=REFUSE)
+    deterministic: bool = field(default=False, metadata=FREE)
     # selection, outputs, resume
-    select_metric: str = "auc"
-    output_dir: str = "output/stage2_effnet"
-    resume: str | None = None
-    overwrite: bool = False
-    save_every_minutes: float = 20.0
-    evaluate_checkpoint: str | None = None
-    audit_only: bool = False
-    eval_manifests: list[str] = field(default_factory=list)  # with --evaluate: every --val-manifest given
-    perturb: str | None = None
-    log_every: int = 50
-    calibrate: bool = True
-    log_to: str | None = None
+    select_metric: str = field(default="auc", metadata=REFUSE)
+    output_dir: str = field(default="output/stage2_effnet", metadata=INVOCATION)
+    resume: str | None = field(default=None, metadata=INVOCATION)
+    overwrite: bool = field(default=False, metadata=INVOCATION)
+    save_every_minutes: float = field(default=20.0, metadata=FREE)
+    evaluate_checkpoint: str | None = field(default=None, metadata=FREE)
+    audit_only: bool = field(default=False, metadata=REFUSE)
+    # with --evaluate: every --val-manifest given
+    eval_manifests: list[str] = field(default_factory=list, metadata=FREE)
+    perturb: str | None = field(default=None, metadata=FREE)
+    log_every: int = field(default=50, metadata=FREE)
+    calibrate: bool = field(default=True, metadata=FREE)
+    log_to: str | None = field(default=None, metadata=FREE)
     # Every flag of the command line as parsed (replayable with --config); written to args.json.
-    cli_args: dict[str, Any] = field(default_factory=dict)
+    cli_args: dict[str, Any] = field(default_factory=dict, metadata=INVOCATION)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

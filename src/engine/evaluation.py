@@ -20,7 +20,7 @@ from src.data.dataset import collate
 from src.data.manifest import LABEL_NAMES, read_manifest
 from src.data.perturb import Perturbation, check_image_size, parse_perturbations
 from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import checkpoint_temperature, last_good_note, load_checkpoint
+from src.engine.checkpoint import last_good_note, read_best
 from src.engine.config import TrainConfig
 from src.engine.data import val_loader
 from src.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
@@ -185,19 +185,19 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     names = report_names(manifests)
     check_output_dir(cfg)  # the entry scripts checked already, before importing torch; this is for callers of run()
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
-    checkpoint = load_checkpoint(path)
+    checkpoint = read_best(path)
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
-        if checkpoint.get(key) != meta.get(key):
-            raise ConfigError(f"--evaluate {path}: holds {checkpoint.get('model_name', 'no model')} "
-                              f"({key} {checkpoint.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
-    temperature = checkpoint_temperature(checkpoint, path)
-    check_image_size(perturbations, checkpoint["data_config"]["input_size"][-1])
+        if checkpoint.meta.get(key) != meta.get(key):
+            raise ConfigError(f"--evaluate {path}: holds {checkpoint.meta.get('model_name', 'no model')} "
+                              f"({key} {checkpoint.meta.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    temperature = checkpoint.temperature
+    check_image_size(perturbations, checkpoint.data_config["input_size"][-1])
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
-    evaluators = [Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images, manifest=manifest)
+    evaluators = [Evaluator(cfg, expert, dist, checkpoint.data_config, bad_images=bad_images, manifest=manifest)
                   for manifest in manifests]
-    model = model_from_checkpoint(checkpoint).to(dist.device)
+    model = model_from_checkpoint(checkpoint.to_dict()).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if dist.is_main:  # what the file headers alone give away about each set's labels
@@ -208,30 +208,26 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         metrics = evaluator.metrics(result)
         robustness = [{"perturbation": "none", **_headline(metrics)}]
         for perturbation in perturbations:
-            perturbed = Evaluator(cfg, expert, dist, checkpoint["data_config"], bad_images=bad_images,
+            perturbed = Evaluator(cfg, expert, dist, checkpoint.data_config, bad_images=bad_images,
                                   manifest=manifest, perturbation=perturbation)
             robustness.append({"perturbation": perturbation.name,
                                **_headline(perturbed.metrics(perturbed.evaluate(model)))})
         if not dist.is_main:
             continue
-        seen = result.seen
-        calibrated = sigmoid(result.logits / temperature)
-        frame = evaluator.frame[seen]
-        report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
-                  "operating_points": calibrated_operating_points(result.labels[seen], calibrated[seen], frame),
-                  "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         out.mkdir(parents=True, exist_ok=True)
+        points = final_report(evaluator.frame, result, metrics, temperature, out / f"predictions_{name}.csv",
+                              title=f"{path} on {manifest}")
+        report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
+                  "operating_points": points, "shortcut_audit": audit[audit["set"] == name].to_dict("records")}
         write_json_atomic(out / f"eval_{name}.json", report)
-        predictions = evaluator.frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
-        write_text_atomic(out / f"predictions_{name}.csv", predictions.to_csv(index=False))
         if perturbations:
             table = pd.DataFrame(robustness)
             write_text_atomic(out / f"robustness_{name}.csv", table.to_csv(index=False))
-            plot_robustness(table, out / f"robustness_{name}.png", title=f"{checkpoint.get('model_name')} on {name}",
+            plot_robustness(table, out / f"robustness_{name}.png",
+                            title=f"{checkpoint.meta.get('model_name')} on {name}",
                             n_real=report["operating_points"]["frame"]["n_real"])
             log.info("\nrobustness on %s:\n%s%s", name, table.to_string(index=False, float_format="%.4f"),
                      tpr_footnote(report["operating_points"]["frame"]))
-        log.info("\n%s", format_report(metrics, report["operating_points"], title=f"{path} on {manifest}"))
         results[name] = metrics
         rows.append({"manifest": name, **_headline(metrics)})
         notes.append(tpr_footnote(report["operating_points"]["frame"], f"{name}: "))
@@ -241,6 +237,20 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
     return results
+
+
+def final_report(frame: pd.DataFrame, result: EvalResult, metrics: dict[str, float], temperature: float,
+                 predictions: Path, *, title: str) -> dict[str, Any]:
+    """The end of a training run and of each --evaluate manifest: write `predictions` (the decoded rows of `frame`
+    with P(fake) raw and calibrated), print the metrics table, and return the operating points on calibrated
+    P(fake)."""
+    seen = result.seen
+    calibrated = sigmoid(result.logits / temperature)
+    points = calibrated_operating_points(result.labels[seen], calibrated[seen], frame[seen])
+    rows = frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
+    write_text_atomic(predictions, rows.to_csv(index=False))
+    log.info("\n%s", format_report(metrics, points, title=title))
+    return points
 
 
 def video_level(labels: np.ndarray, p_fake: np.ndarray, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:

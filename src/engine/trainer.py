@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from src.atomic import write_json_atomic, write_text_atomic
+from src.atomic import write_json_atomic
 from src.data.audit import run_audit
 from src.data.dataset import Batch
 from src.data.manifest import check_source_leak, read_manifest
@@ -41,20 +41,22 @@ from src.data.transforms import DeviceTransform
 from src.engine.audit import audit_only
 from src.engine.calibration import calibration_report, fit_temperature
 from src.engine.checkpoint import (
+    BestCheckpoint,
+    LastCheckpoint,
     ensure_finite,
     last_good_note,
-    load_checkpoint,
+    read_best,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from src.engine.config import TrainConfig
 from src.engine.data import train_loader
 from src.engine.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag, broadcast_flags, setup_distributed
-from src.engine.evaluation import Evaluator, calibrated_operating_points, evaluate_checkpoint, sigmoid, video_level
+from src.engine.evaluation import Evaluator, evaluate_checkpoint, final_report, sigmoid, video_level
 from src.engine.metrics import is_better, metric_direction
 from src.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
-from src.engine.report import MetricsLog, format_report, plot_roc, plot_training_curves
+from src.engine.report import MetricsLog, plot_roc, plot_training_curves
+from src.engine.resume import read_resume_state, restore
 from src.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock, setup_logging
 from src.engine.tracking import make_tracker
 from src.errors import ConfigError, StopRequested, TrainingDiverged
@@ -62,16 +64,6 @@ from src.experts.base import Expert, Stage
 from src.processes import StopRequest, stop_requests, usable_cores
 
 log = logging.getLogger("src")
-
-# What a resumed run may change (README, "Resuming and stopping"). The schedule is a function of these and of
-# where the run stands, so a change re-plans it from there: a longer --epochs continues on the cosine of the new
-# length, a new --lr scales the rest of it. Everything else in TrainConfig, the model and its loss settings, must
-# stay as the run started: a different batch size, seed, image size or data would silently mix two runs.
-RESUME_REPLANS = ("epochs", "lr", "min_lr", "warmup_epochs")
-RESUME_FREE = ("workers", "cache_dir", "skip_bad_images", "max_bad_images", "max_image_pixels", "amp", "channels_last",
-               "compile", "device", "deterministic", "clip_grad", "ema_decay", "output_dir", "resume", "overwrite",
-               "save_every_minutes", "evaluate_checkpoint", "eval_manifests", "perturb", "log_every",
-               "calibrate", "log_to", "cli_args")
 
 
 def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
@@ -102,6 +94,17 @@ class StageState:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+@dataclass
+class Progress:
+    """An epoch's progress bar and counters: images this rank has seen, its start and the last mid-epoch save."""
+
+    bar: tqdm
+    images: int = 0
+    loss: torch.Tensor | None = None  # the latest micro-batch's mean loss, for the tracker
+    t0: float = field(default_factory=time.perf_counter)
+    last_save: float = field(default_factory=time.monotonic)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""):
         """`threads`: what `cpu_threads` chose, for the settings line."""
@@ -114,7 +117,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.resume_path = prepare_run_dir(self.out, cfg.resume, cfg.overwrite, dist.is_main)
         setup_logging(self.out / "train.log" if dist.is_main else None, dist.is_main)
-        self.resume = self._read_resume_state() if self.resume_path else None
+        self.resume = read_resume_state(self.resume_path, cfg, expert) if self.resume_path else None
         _set_determinism(cfg.deterministic)
         torch.manual_seed(cfg.seed)
         self.workers = min(cfg.workers, usable_cores())
@@ -155,31 +158,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any] | None:
-        cfg = self.cfg
+        cfg, resume = self.cfg, self.resume
         stages = self.expert.stages(cfg.epochs, cfg.lr)
-        resume = self.resume
         if resume:
-            self._restore(resume)
-        start_epoch, start_step = (resume["next_epoch"], resume["step"]) if resume else (0, 0)
+            restore(resume, self.model, None if self.ema is None else self.ema.module,
+                    self.history if self.dist.is_main else None)
+            self.best_value, self.best_epoch = resume.best_value, resume.best_epoch
+            where = f"epoch {resume.next_epoch + 1}" + (f" step {resume.step}" if resume.step else "")
+            log.info("resuming from %s at %s (best %s so far: %s)", self.resume_path, where, cfg.select_metric,
+                     self.best_value)
+        # Epochs are counted over the whole run (0-based), stages one after another; a last.pt says where the run
+        # stands: epoch `next_epoch`, `step` steps into it (0: at its start).
+        start_epoch, start_step = (resume.next_epoch, resume.step) if resume else (0, 0)
         self._log_settings(stages)
         if self.dist.is_main:
             # What this run uses, replayable with --config; on a resume the flags that may change are the new ones.
             write_json_atomic(self.out / "args.json", {**cfg.cli_args, "expert": self.expert.describe()})
 
         with stop_requests(self.stop):
-            first_epoch = 0
+            first_epoch = 0  # the run's epoch at which this stage begins
             for index, stage in enumerate(stages):
                 end = first_epoch + stage.epochs
-                if start_epoch < end:
-                    state = resume if resume and resume["stage"] == index else None
+                if start_epoch < end:  # stages the run has finished are skipped whole
+                    # The optimizer state in last.pt belongs to the stage it was saved in; a stage after it starts
+                    # fresh, as it would have without the stop.
+                    state = resume if resume and resume.stage == index else None
                     begin = max(start_epoch, first_epoch)
                     step = start_step if state and begin == start_epoch else 0
-                    ctx = self.start_stage(index, stage, (begin - first_epoch) * self.updates_per_epoch
-                                           + step // cfg.grad_accum, state)
+                    # The schedule stands where the uninterrupted run would: the updates of this stage's finished
+                    # epochs, plus those of the steps already taken in this one (an update per grad_accum steps).
+                    updates = (begin - first_epoch) * self.updates_per_epoch + step // cfg.grad_accum
+                    ctx = self.start_stage(index, stage, updates, state)
                     log.info("stage %d '%s': epochs %d-%d, lr %.3g", index + 1, stage.name, first_epoch + 1, end,
                              stage.lr)
                     for epoch in range(begin, end):
-                        sums = state["train_sums"] if state and step else None
+                        # Only a mid-epoch resume continues an epoch, with the train statistics summed so far.
+                        sums = state.train_sums if state and step else None
                         train_stats = self.train_epoch(epoch, ctx, start_step=step, sums=sums)
                         step = 0
                         self._end_epoch(epoch, train_stats, ctx)
@@ -188,7 +202,7 @@ class Trainer:
                 first_epoch = end
         return self._finish()
 
-    def start_stage(self, index: int, stage: Stage, updates: int = 0, state: dict[str, Any] | None = None
+    def start_stage(self, index: int, stage: Stage, updates: int = 0, state: LastCheckpoint | None = None
                     ) -> StageState:
         """Freeze what the stage freezes, build its optimizer and warmup-cosine schedule, wrap the model for DDP
         and --compile, and put the schedule at `updates` (where a resumed stage stands)."""
@@ -201,8 +215,8 @@ class Trainer:
         if state:
             # The schedule is not restored: it follows from the flags and the position below, so a resume with a
             # new --epochs or --lr re-plans it (the optimizer's own lr is overwritten by the first step_update).
-            optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
+            optimizer.load_state_dict(state.optimizer)
+            self.scaler.load_state_dict(state.scaler)
         train_model: nn.Module = self.model
         if self.dist.enabled:
             train_model = DistributedDataParallel(
@@ -226,59 +240,20 @@ class Trainer:
         self.train_loader.dataset.set_epoch(epoch)
         sums = {k: v.to(self.device) for k, v in sums.items()} if sums else None
         n_steps = steps or self.steps_per_epoch
-        interactive = dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=n_steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not interactive, dynamic_ncols=True, leave=False)
-        t0, images_seen, last_save = time.perf_counter(), 0, time.monotonic()
-        step, done, bad_rows = start_step, start_step, []
+                   disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+        progress = Progress(bar)
+        bad_rows: list[int] = []
         for step, batch in enumerate(self.train_loader if batches is None else batches, start=start_step):
-            labels = batch.labels.to(self.device, non_blocking=True)
-            images = batch.images.to(self.device, non_blocking=True)
-            seed = _step_seed(cfg.seed, epoch, step, dist.rank)
-            torch.manual_seed(seed)
-            self.aug_gen.manual_seed(seed)
-            x = memory_format(self.train_tf(images, generator=self.aug_gen), cfg.channels_last)
+            # The last micro-batches of an epoch make an update of their own even when fewer than grad_accum.
             update = (step + 1) % cfg.grad_accum == 0 or step + 1 == n_steps
-            sync = nullcontext() if update or not dist.enabled else ctx.train_model.no_sync()
-            with sync:
-                with autocast(self.device, self.amp_dtype):
-                    outputs = ctx.train_model(x)
-                    terms = self.expert.loss(outputs, x, labels)
-                loss = terms["loss"].mean()
-                self.scaler.scale(loss / cfg.grad_accum).backward()
-            batch_sums = {k: v.detach().float().sum() for k, v in terms.items()}
-            batch_sums["n"] = torch.tensor(float(labels.numel()), device=self.device)
-            batch_sums["skipped"] = torch.tensor(float(batch.skipped.numel()), device=self.device)
+            batch_sums, progress.loss = self._step(ctx, batch, _step_seed(cfg.seed, epoch, step, dist.rank), update)
             bad_rows += batch.skipped.tolist()
             sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
-            images_seen += labels.numel()
+            progress.images += batch.labels.numel()
             if update:
                 self._optimizer_step(ctx)
-                done = step + 1
-                if (done % cfg.log_every == 0 or done == n_steps) and self._diverged(sums):
-                    raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped; "
-                                           f"{self._last_good()}")
-                if dist.is_main and done % cfg.log_every == 0:
-                    msg = (f"loss {float(sums['loss'] / sums['n']):.4f} lr {ctx.lr:.3g} "
-                           f"{images_seen * dist.world_size / (time.perf_counter() - t0):.0f} img/s")
-                    bar.set_postfix_str(msg, refresh=False)
-                    if not interactive:
-                        log.info("epoch %d/%d step %d/%d %s", epoch + 1, cfg.epochs, done, n_steps, msg)
-                    self.tracker.scalars(epoch * n_steps + done, train_loss=float(loss.detach()), lr=ctx.lr)
-                if done < n_steps:
-                    # Every rank takes the same decision: the save below runs collectives.
-                    stop, due = broadcast_flags(
-                        self.stop.signum is not None,
-                        cfg.save_every_minutes > 0 and time.monotonic() - last_save > cfg.save_every_minutes * 60,
-                        device=self.device)
-                    if stop or due:
-                        if self._diverged(sums):
-                            raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped "
-                                                   f"before saving; {self._last_good()}")
-                        self._save_last(ctx, epoch, done, sums)
-                        last_save = time.monotonic()
-                    if stop:
-                        raise self._stopped(epoch, done)
+                self._after_update(ctx, epoch, step + 1, n_steps, sums, progress)
             bar.update(1)
         bar.close()
         if sums is None:
@@ -286,12 +261,69 @@ class Trainer:
         if self._diverged(sums):
             raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1}: stopped; {self._last_good()}")
         self.bad_images.note("train", self.train_frame, bad_rows)
-        elapsed = time.perf_counter() - t0
+        return self._epoch_stats(ctx, sums, progress)
+
+    def _step(self, ctx: StageState, batch: Batch, seed: int, update: bool
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward and backward of one micro-batch, every random draw seeded from `seed`; returns the sums of its
+        loss terms, its image count ("n") and skipped images, and its mean loss. Gradients sync across ranks only
+        on `update`."""
+        labels = batch.labels.to(self.device, non_blocking=True)
+        images = batch.images.to(self.device, non_blocking=True)
+        torch.manual_seed(seed)
+        self.aug_gen.manual_seed(seed)
+        x = memory_format(self.train_tf(images, generator=self.aug_gen), self.cfg.channels_last)
+        sync = nullcontext() if update or not self.dist.enabled else ctx.train_model.no_sync()
+        with sync:
+            with autocast(self.device, self.amp_dtype):
+                outputs = ctx.train_model(x)
+                terms = self.expert.loss(outputs, x, labels)
+            loss = terms["loss"].mean()
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+        sums = {k: v.detach().float().sum() for k, v in terms.items()}
+        sums["n"] = torch.tensor(float(labels.numel()), device=self.device)
+        sums["skipped"] = torch.tensor(float(batch.skipped.numel()), device=self.device)
+        return sums, loss.detach()
+
+    def _after_update(self, ctx: StageState, epoch: int, done: int, n_steps: int, sums: dict[str, torch.Tensor],
+                      progress: Progress) -> None:
+        """After the update at step `done` of `n_steps`: check for divergence, report progress, and write last.pt
+        mid-epoch when it is due or a stop was requested (then stop)."""
+        cfg, dist = self.cfg, self.dist
+        if (done % cfg.log_every == 0 or done == n_steps) and self._diverged(sums):
+            raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped; "
+                                   f"{self._last_good()}")
+        if dist.is_main and done % cfg.log_every == 0:
+            msg = (f"loss {float(sums['loss'] / sums['n']):.4f} lr {ctx.lr:.3g} "
+                   f"{progress.images * dist.world_size / (time.perf_counter() - progress.t0):.0f} img/s")
+            progress.bar.set_postfix_str(msg, refresh=False)
+            if progress.bar.disable:
+                log.info("epoch %d/%d step %d/%d %s", epoch + 1, cfg.epochs, done, n_steps, msg)
+            self.tracker.scalars(epoch * n_steps + done, train_loss=float(progress.loss), lr=ctx.lr)
+        if done == n_steps:
+            return  # the epoch's end writes last.pt and checks for a stop (fit)
+        # Every rank takes the same decision: the save below runs collectives.
+        stop, due = broadcast_flags(
+            self.stop.signum is not None,
+            cfg.save_every_minutes > 0 and time.monotonic() - progress.last_save > cfg.save_every_minutes * 60,
+            device=self.device)
+        if stop or due:
+            if self._diverged(sums):
+                raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped "
+                                       f"before saving; {self._last_good()}")
+            self._save_last(ctx, epoch, done, sums)
+            progress.last_save = time.monotonic()
+        if stop:
+            raise self._stopped(epoch, done)
+
+    def _epoch_stats(self, ctx: StageState, sums: dict[str, torch.Tensor], progress: Progress) -> dict[str, float]:
+        """The epoch's mean loss terms over all ranks, images skipped, last lr, time and throughput."""
+        elapsed = time.perf_counter() - progress.t0
         keys = list(sums)
         totals = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist(), strict=True))
         n, skipped = totals.pop("n"), totals.pop("skipped")
         stats = {f"train_{k}": v / n for k, v in totals.items()}
-        images = all_reduce_sum(torch.tensor(float(images_seen), device=self.device)).item()
+        images = all_reduce_sum(torch.tensor(float(progress.images), device=self.device)).item()
         return {**stats, "train_skipped": skipped, "lr_last_step": ctx.lr, "epoch_time": elapsed,
                 "images_per_s": images / elapsed}
 
@@ -339,7 +371,7 @@ class Trainer:
         if self.dist.is_main:
             self.history.append({"epoch": epoch + 1, "stage": ctx.stage.name, **train_stats, **metrics})
             if improved:
-                save_checkpoint(self._weights_state(eval_model, epoch + 1, metrics), self.out / "best.pt")
+                save_checkpoint(self._best_checkpoint(eval_model, epoch + 1, metrics).to_dict(), self.out / "best.pt")
             plot_training_curves(self.history.frame(), self.out / "curves.png", best_epoch=self.best_epoch,
                                  select_metric=cfg.select_metric)
             images, labels = self.evaluator.fixed_batch
@@ -352,16 +384,10 @@ class Trainer:
         self._save_last(ctx, epoch + 1, 0, None)
 
     # ------------------------------------------------------------------ checkpoints
-    def _weights_state(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            **self.expert.checkpoint_meta(),
-            "data_config": self.data_config,
-            "args": self.cfg.to_dict(),
-            "epoch": epoch,
-            "metrics": metrics,
-            "temperature": 1.0,
-        }
+    def _best_checkpoint(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> BestCheckpoint:
+        return BestCheckpoint(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                              meta=self.expert.checkpoint_meta(), data_config=self.data_config,
+                              args=self.cfg.to_dict(), epoch=epoch, metrics=metrics)
 
     def _save_last(self, ctx: StageState, next_epoch: int, step: int, sums: dict[str, torch.Tensor] | None) -> None:
         """Everything a resume needs; `step` > 0 marks a checkpoint taken mid-epoch. Called on every rank."""
@@ -371,96 +397,53 @@ class Trainer:
             ensure_finite(self.ema.module, self.device, where, self.out / "last.pt")
         if not self.dist.is_main:
             return
-        state = self._weights_state(self.model, next_epoch, {})
-        state.update({
-            "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.module.state_dict().items()},
-            "optimizer": ctx.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "recipe": self.expert.recipe(),
-            "stage": ctx.index,
-            "next_epoch": next_epoch,
-            "step": step,
-            "train_sums": {k: v.cpu() for k, v in sums.items()} if sums else None,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "rng": rng_state(),
-        })
-        save_checkpoint(state, self.out / "last.pt")
-
-    def _read_resume_state(self) -> dict[str, Any]:
-        """Load last.pt and check, before anything is built, that this command may continue that run."""
-        state = load_checkpoint(self.resume_path)
-        what = f"--resume {self.resume_path}"
-        if "optimizer" not in state:
-            raise ConfigError(f"{what}: not a last.pt (it holds no optimizer state)")
-        for key, value in self.expert.checkpoint_meta().items():
-            if state.get(key) != value:
-                raise ConfigError(f"{what}: checkpoint has {key}={state.get(key)!r} but this run uses {value!r}")
-        recipe = self.expert.recipe()
-        for key, value in (state.get("recipe") or {}).items():
-            if recipe.get(key) != value:
-                raise ConfigError(f"{what}: the run was trained with {key}={value!r}, this command says "
-                                  f"{recipe.get(key)!r}; it cannot change on resume (start a new run)")
-        before, now = state.get("args") or {}, self.cfg.to_dict()
-        for key in now:
-            if key in before and before[key] != now[key]:
-                flag = "--" + key.replace("_", "-")
-                if key not in RESUME_REPLANS + RESUME_FREE:
-                    raise ConfigError(f"{what}: the run was trained with {flag} {before[key]}, this command says "
-                                      f"{now[key]}; it cannot change on resume (start a new run)")
-                if key not in ("resume", "overwrite", "output_dir", "cli_args"):
-                    how = "the schedule is re-planned from here" if key in RESUME_REPLANS else "applies from here"
-                    log.info("resume: %s %s -> %s (%s)", flag, before[key], now[key], how)
-        trained = state["next_epoch"] + (1 if state["step"] else 0)
-        if self.cfg.epochs < trained:
-            raise ConfigError(f"{what}: --epochs {self.cfg.epochs}, but the run has already reached epoch {trained}")
-        return state
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
-        if self.dist.is_main:
-            self.history.truncate(state["next_epoch"])
-        set_rng_state(state["rng"])
-        where = f"epoch {state['next_epoch'] + 1}" + (f" step {state['step']}" if state["step"] else "")
-        log.info("resuming from %s at %s (best %s so far: %s)", self.resume_path, where, self.cfg.select_metric,
-                 self.best_value)
+        last = LastCheckpoint(
+            **vars(self._best_checkpoint(self.model, next_epoch, {})),
+            ema=None if self.ema is None else {k: v.cpu() for k, v in self.ema.module.state_dict().items()},
+            optimizer=ctx.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            recipe=self.expert.recipe(),
+            stage=ctx.index,
+            next_epoch=next_epoch,
+            step=step,
+            train_sums={k: v.cpu() for k, v in sums.items()} if sums else None,
+            best_value=self.best_value,
+            best_epoch=self.best_epoch,
+            rng=rng_state(),
+        )
+        save_checkpoint(last.to_dict(), self.out / "last.pt")
 
     # ------------------------------------------------------------------ the end
     def _finish(self) -> dict[str, Any] | None:
         """Reload the best weights, calibrate, and write predictions, ROC, summary and the final table."""
         barrier()
-        best = load_checkpoint(self.out / "best.pt")
+        best = read_best(self.out / "best.pt")
         eval_model = self.ema.module if self.ema is not None else self.model
-        eval_model.load_state_dict(best["model"])
+        eval_model.load_state_dict(best.model)
         result = self.evaluator.evaluate(eval_model)
         if not self.dist.is_main:
             return None
         metrics = self.evaluator.metrics(result)
         s = result.seen
-        summary: dict[str, Any] = {"best_epoch": best["epoch"], "select_metric": self.cfg.select_metric,
+        summary: dict[str, Any] = {"best_epoch": best.epoch, "select_metric": self.cfg.select_metric,
                                    "metrics": metrics, "model": self.expert.describe(),
                                    "shortcut_audit": self.audit.to_dict("records")}
         temperature = 1.0
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
-            best["temperature"] = temperature
-            save_checkpoint(best, self.out / "best.pt")
+            best.temperature = temperature
+            save_checkpoint(best.to_dict(), self.out / "best.pt")
+        summary["operating_points"] = final_report(self.evaluator.frame, result, metrics, temperature,
+                                                   self.out / "val_predictions.csv",
+                                                   title=f"best epoch {best.epoch} (validation)")
         labels, p_fake, frame = result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s]
-        summary["operating_points"] = calibrated_operating_points(labels, p_fake, frame)
-        predictions = frame.assign(p_fake=sigmoid(result.logits[s]), p_fake_calibrated=p_fake)
-        write_text_atomic(self.out / "val_predictions.csv", predictions.to_csv(index=False))
         video_labels, video_probs = video_level(labels, p_fake, frame) or (None, None)
         plot_roc(labels, p_fake, self.out / "roc.png", video_labels=video_labels, video_probs=video_probs,
-                 title=f"{self.expert.describe().get('model', '')}: best epoch {best['epoch']} on validation")
-        self.tracker.image("roc", self.out / "roc.png", best["epoch"])
+                 title=f"{self.expert.describe().get('model', '')}: best epoch {best.epoch} on validation")
+        self.tracker.image("roc", self.out / "roc.png", best.epoch)
         self.tracker.close()
         write_json_atomic(self.out / "summary.json", summary)
-        log.info("\n%s", format_report(metrics, summary["operating_points"],
-                                       title=f"best epoch {best['epoch']} (validation)"))
         if "calibration" in summary:
             cal = summary["calibration"]
             log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, cal["nll_before"],
