@@ -9,7 +9,7 @@
 
 A feature file (.npz) holds, row for row: embeddings, calibrated P(fake), paths, the manifest row, labels (-1 where
 unlabeled) and video_id/method where known. --export writes ONNX (every expert) and safetensors + config.json that
-timm loads (timm experts); see src/embeddings/export.py. From Python, as --example does below:
+timm loads (timm experts); see src/stage2/embeddings/export.py. From Python, as --example does below:
 
     from feature_extractor import FeatureExtractor
     fx = FeatureExtractor(checkpoint_path="output/stage2_effnet/best.pt")
@@ -26,12 +26,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from src.engine.cli import HelpFormatter, command_help, exit_on_error
-from src.engine.flags import Int, check_args
-from src.errors import ManifestError
+# A checkout runs without `pip install -e .`: the package is src/stage2 (src-layout).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
+from stage2.engine.flags import Int, check_args
+from stage2.errors import ManifestError
 
 if TYPE_CHECKING:
-    from src.embeddings import FeatureExtractor, join_features, load_features
+    from stage2.embeddings import FeatureExtractor, join_features, load_features
 
 __all__ = ["FeatureExtractor", "join_features", "load_features", "example", "main"]
 _LAZY = ("FeatureExtractor", "join_features", "load_features")
@@ -41,9 +44,9 @@ COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 def __getattr__(name: str) -> Any:
     """`from feature_extractor import FeatureExtractor` loads torch then, not at import: --help answers at once."""
     if name in _LAZY:
-        import src.embeddings
+        import stage2.embeddings
 
-        return getattr(src.embeddings, name)
+        return getattr(stage2.embeddings, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -53,8 +56,8 @@ def example(output_root: str | Path = "output", features_dir: str | Path = "feat
 
     `options` go to FeatureExtractor (device, batch_size, workers, amp).
     """
-    from src.embeddings import FeatureExtractor, load_features
-    from src.embeddings.stacking_preview import find_checkpoints, print_preview
+    from stage2.embeddings import FeatureExtractor, load_features
+    from stage2.embeddings.stacking_preview import find_checkpoints, print_preview
 
     features = {}
     for name, checkpoint in find_checkpoints(Path(output_root)).items():  # effnet, genconvit_ed, genconvit_vae
@@ -118,13 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("src").setLevel(logging.INFO)
+    logging.getLogger("stage2").setLevel(logging.INFO)
     if args.example:
         example(args.output_root, args.features_dir, device=args.device, batch_size=args.batch_size,
                 workers=args.workers, amp=args.amp)
         return
     if args.export:
-        from src.embeddings.export import export_expert
+        from stage2.embeddings.export import export_expert
 
         export_expert(args.checkpoint, args.export, overwrite=args.overwrite)
         return
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
-    from src.embeddings import FeatureExtractor
+    from stage2.embeddings import FeatureExtractor
 
     extractor = FeatureExtractor(
         args.model_name, args.checkpoint, args.device, batch_size=args.batch_size, amp=args.amp, workers=args.workers

@@ -10,12 +10,17 @@ Keeps the best epoch by validation AUC in OUTPUT_DIR/best.pt; see README.md for 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from src.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from src.engine.config import add_train_args, config_from_args
-from src.engine.flags import Float
-from src.engine.outputs import check_output_dir
-from src.models.names import DEFAULT_EFFNET
+# A checkout runs without `pip install -e .`: the package is src/stage2 (src-layout).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.engine.config import add_train_args, config_from_args
+from stage2.engine.flags import Float
+from stage2.engine.outputs import check_output_dir
+from stage2.models.names import DEFAULT_EFFNET
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
 
@@ -45,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)
     check_output_dir(cfg)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
-    from src.engine.trainer import run
-    from src.experts.effnet import TimmExpert
-    from src.models.timm_models import resolve_model_name
+    from stage2.engine.trainer import run
+    from stage2.experts.effnet import TimmExpert
+    from stage2.models.timm_models import resolve_model_name
 
     expert = TimmExpert(
         resolve_model_name(args.model),

@@ -19,13 +19,17 @@ AUC, with a fitted temperature), last.pt, metrics.csv, plots and recon_samples/.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from src.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from src.engine.config import add_train_args, config_from_args
-from src.engine.flags import Float, Int
-from src.engine.outputs import check_output_dir
-from src.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
+# A checkout runs without `pip install -e .`: the package is src/stage2 (src-layout).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.engine.config import add_train_args, config_from_args
+from stage2.engine.flags import Float, Int
+from stage2.engine.outputs import check_output_dir
+from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("--weights names one file; with --variant both use --weights-dir")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
     if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
-        from src.engine.checkpoint import load_checkpoint
+        from stage2.engine.checkpoint import load_checkpoint
 
         variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
     configs = {}
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         check_output_dir(cfg)  # every variant's folder, before the first one trains
         configs[variant] = cfg
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
-    from src.engine.trainer import run
-    from src.experts.genconvit import GenConViTExpert
+    from stage2.engine.trainer import run
+    from stage2.experts.genconvit import GenConViTExpert
 
     runs = []  # every variant's settings are checked before the first one trains
     for variant, cfg in configs.items():

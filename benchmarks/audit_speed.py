@@ -1,4 +1,4 @@
-"""Speed of the shortcut audit (``src.data.audit``): file headers only, no pixel decoded.
+"""Speed of the shortcut audit (``stage2.data.audit``): file headers only, no pixel decoded.
 
     python -m benchmarks.audit_speed                          # 100,000 files in a temporary folder
     python -m benchmarks.audit_speed --files 20000 --dir /tmp/audit_files --workers 2
@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.timing import machine
-from src.data.audit import audit_table, read_headers
-from src.data.decode import decode_image
-from src.processes import usable_cores
+from stage2.data.audit import audit_table, read_headers
+from stage2.data.decode import decode_image
+from stage2.processes import usable_cores
 
 
 def write_files(folder: Path, n: int, size: int = 64) -> list[str]:

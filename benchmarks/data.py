@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from src.data.demo import make_demo_dataset
+from stage2.data.demo import make_demo_dataset
 
 SIZE = 256
 

@@ -27,7 +27,7 @@ from benchmarks.training import (
     genconvit_expert,
     resident_batch,
 )
-from src.processes import usable_cores
+from stage2.processes import usable_cores
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from src.processes import usable_cores
+from stage2.processes import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "pandas", "sklearn", "matplotlib", "tqdm", "safetensors", "pytest")
@@ -91,7 +91,7 @@ def cuda_tests(out: Path, limit: float) -> dict[str, Any]:
 
 def trainings(out: Path, limit: float) -> list[dict[str, Any]]:
     """Short real runs through the CLIs on the generated demo data; images/s per epoch from metrics.csv."""
-    from src.data.demo import make_demo_dataset
+    from stage2.data.demo import make_demo_dataset
 
     runs = []
     deadline = time.perf_counter() + limit

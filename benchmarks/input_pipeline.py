@@ -22,11 +22,11 @@ from torchvision import transforms as T
 
 from benchmarks.data import SIZE
 from benchmarks.timing import Row, derived, interleaved, row
-from src.data.cache import DecodedCache
-from src.data.dataset import ManifestDataset, collate
-from src.data.decode import decode_image
-from src.data.perturb import parse_perturbations
-from src.data.transforms import AUG_CONFIGS, DeviceTransform, build_cpu_transform
+from stage2.data.cache import DecodedCache
+from stage2.data.dataset import ManifestDataset, collate
+from stage2.data.decode import decode_image
+from stage2.data.perturb import parse_perturbations
+from stage2.data.transforms import AUG_CONFIGS, DeviceTransform, build_cpu_transform
 
 LEVEL = "standard"
 DEVICE_BATCH = 16

@@ -12,7 +12,7 @@ fake; every fake carries one trace, its ``method``), with the same model, budget
 
 - **per-type**: for each trace type alone, the **plain loop** (below: PIL load, random h-flip, AdamW + one-cycle,
   BCE; best epoch by clean val AUC) against **ours** (``train_stage2_effnet.py`` through its own ``main``) at
-  every ``--aug`` level. Each best model is also scored on perturbed copies of val (``src.data.perturb``: JPEG
+  every ``--aug`` level. Each best model is also scored on perturbed copies of val (``stage2.data.perturb``: JPEG
   50-70, down-scale x0.5, blur, noise) and "perturbed" is their mean.
 - **held-out** (leave one type out): train and select on the other types, score the best model on the held-out
   type's fakes against the same val reals: the cross-dataset test in miniature.
@@ -46,15 +46,15 @@ from torch import nn
 import train_stage2_effnet
 from benchmarks.timing import machine
 from benchmarks.traces import TRACES, split_items, write_set
-from src.data.audit import format_audit, shortcut_audit, warn_shortcuts
-from src.data.dataset import ManifestDataset, collate
-from src.data.levels import AUG_LEVELS
-from src.data.manifest import read_manifest
-from src.data.perturb import Perturbation, parse_perturbations
-from src.data.transforms import DeviceTransform
-from src.engine.checkpoint import read_best
-from src.engine.config import TrainConfig
-from src.models.families import model_from_checkpoint
+from stage2.data.audit import format_audit, shortcut_audit, warn_shortcuts
+from stage2.data.dataset import ManifestDataset, collate
+from stage2.data.levels import AUG_LEVELS
+from stage2.data.manifest import read_manifest
+from stage2.data.perturb import Perturbation, parse_perturbations
+from stage2.data.transforms import DeviceTransform
+from stage2.engine.checkpoint import read_best
+from stage2.engine.config import TrainConfig
+from stage2.models.families import model_from_checkpoint
 
 PERTURBATIONS = "jpeg:50-70,down:0.5,blur:1.0,noise:0.02"
 PLAIN = "plain loop (flip only)"

@@ -8,7 +8,7 @@ re-encoding both classes identically so that no file property tells them apart.
 Public real/fake sets are usually two folders collected or encoded differently (LFW FaceSwap on GitHub: reals JPEG
 quality 90, fakes 95), and a detector learns that difference before any forgery trace. ``--reencode png`` (or
 ``jpeg:Q``) decodes every image, resizes it to ``--size`` and saves it the same way whatever its class, under
-OUT/images/; without it the manifests list the original files. Each manifest is audited (``src.data.audit``) as
+OUT/images/; without it the manifests list the original files. Each manifest is audited (``stage2.data.audit``) as
 it is written. The images are the data's owners': keep them out of any repository.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from src.data.audit import format_audit, shortcut_audit
-from src.data.manifest import IMAGE_SUFFIXES
+from stage2.data.audit import format_audit, shortcut_audit
+from stage2.data.manifest import IMAGE_SUFFIXES
 
 
 def class_files(folder: Path) -> list[Path]:

@@ -19,17 +19,17 @@ from torch import nn
 
 from benchmarks.data import write_manifests
 from benchmarks.timing import Row, interleaved, row
-from src.data.dataset import Batch, ManifestDataset, collate
-from src.data.transforms import DeviceTransform
-from src.embeddings import FeatureExtractor
-from src.engine.checkpoint import BestCheckpoint, save_checkpoint
-from src.engine.config import TrainConfig
-from src.engine.distributed import setup_distributed
-from src.engine.trainer import Trainer
-from src.experts.base import Expert
-from src.experts.effnet import TimmExpert
-from src.experts.genconvit import GenConViTExpert
-from src.models.timm_models import timm_data_config
+from stage2.data.dataset import Batch, ManifestDataset, collate
+from stage2.data.transforms import DeviceTransform
+from stage2.embeddings import FeatureExtractor
+from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
+from stage2.engine.config import TrainConfig
+from stage2.engine.distributed import setup_distributed
+from stage2.engine.trainer import Trainer
+from stage2.experts.base import Expert
+from stage2.experts.effnet import TimmExpert
+from stage2.experts.genconvit import GenConViTExpert
+from stage2.models.timm_models import timm_data_config
 
 EFFNET = "tf_efficientnetv2_b3"
 
@@ -76,7 +76,7 @@ def build_trainer(
         calibrate=False,
     )
     trainer = Trainer(cfg, expert, setup_distributed(device))
-    logging.getLogger("src").setLevel(logging.WARNING)  # the Trainer logs its set-up to stdout
+    logging.getLogger("stage2").setLevel(logging.WARNING)  # the Trainer logs its set-up to stdout
     return trainer
 
 

@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from src.data.demo import make_demo_dataset  # noqa: E402
+from stage2.data.demo import make_demo_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests import it as `from conftest import ROOT`
 
@@ -19,8 +19,8 @@ def subprocess_env() -> dict[str, str]:
     """The environment of a script or `python -c` run as a child process: the checkout importable, no hub, output
     unbuffered (tests read it as it comes), and one torch thread: deterministic CPU kernels, and several processes
     (DDP ranks, cache workers) that do not fight over the cores."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "src")])  # the scripts and benchmarks, and the package
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
 
 def fails(main, args: list[str], capsys, code: int = 2) -> str:
     """Run `main(args)` as the command does; assert the exit code and one line on stderr, and return that line."""
-    from src.engine.cli import exit_on_error
+    from stage2.engine.cli import exit_on_error
 
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: main(args))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import train_stage2_effnet
-from src.data.audit import header_features, jpeg_quality, run_audit, shortcut_audit
+from stage2.data.audit import header_features, jpeg_quality, run_audit, shortcut_audit
 
 SIZE = 48
 

@@ -17,20 +17,20 @@ from conftest import ROOT, subprocess_env
 from PIL import Image
 
 import train_stage2_effnet
-from src.data import cache as cache_module
-from src.data.cache import DecodedCache
-from src.data.dataset import ManifestDataset
-from src.data.decode import decode_image, resize_uint8
-from src.data.transforms import build_cpu_transform
-from src.errors import ImageDecodeError
+from stage2.data import cache as cache_module
+from stage2.data.cache import DecodedCache
+from stage2.data.dataset import ManifestDataset
+from stage2.data.decode import decode_image, resize_uint8
+from stage2.data.transforms import build_cpu_transform
+from stage2.errors import ImageDecodeError
 
 SIZE = 32
 # A cache build that takes seconds (each decode sleeps 0.2 s, two images a chunk, two workers), under the CLI's
 # error handling: argv is the cache folder, then the images.
 _SLOW_BUILD = """
 import sys, time
-from src.data import cache
-from src.engine.cli import exit_on_error
+from stage2.data import cache
+from stage2.engine.cli import exit_on_error
 
 decode = cache.decode_image
 def slow(*args):
@@ -72,7 +72,7 @@ def _indexed_paths(cache: DecodedCache) -> list[str]:
 
 def test_cached_pixels_equal_decode_and_resize(tmp_path, pngs, caplog):
     cache = DecodedCache(tmp_path / "cache", SIZE)
-    with caplog.at_level(logging.INFO, logger="src.data.cache"):
+    with caplog.at_level(logging.INFO, logger="stage2.data.cache"):
         slots = cache.prepare(pngs, workers=2)
     assert "decoding 5 of 5 images" in caplog.text and "GiB on disk" in caplog.text
     assert sorted(slots.tolist()) == [0, 1, 2, 3, 4]
@@ -88,7 +88,7 @@ def test_a_second_prepare_decodes_nothing(tmp_path, pngs, caplog):
     index_before = cache.index_path.stat()
 
     caplog.clear()  # the first build's lines, captured where an earlier test left the package's logger at INFO
-    with caplog.at_level(logging.INFO, logger="src.data.cache"):
+    with caplog.at_level(logging.INFO, logger="stage2.data.cache"):
         again = cache.prepare(pngs)
     np.testing.assert_array_equal(again, slots)
     assert cache.index_path.stat().st_ino == index_before.st_ino  # the index was not rewritten
@@ -103,7 +103,7 @@ def test_a_changed_file_is_decoded_again_into_its_old_slot(tmp_path, pngs, caplo
     os.utime(pngs[2], ns=(stamp, stamp))  # same content, new mtime
     extra = _write_png(tmp_path / "images" / "extra.png", seed=7)
 
-    with caplog.at_level(logging.INFO, logger="src.data.cache"):
+    with caplog.at_level(logging.INFO, logger="stage2.data.cache"):
         again = cache.prepare([*pngs, extra])
     assert "decoding 3 of 6 images" in caplog.text  # the unchanged files are not decoded again
     np.testing.assert_array_equal(again[:5], slots)
@@ -130,7 +130,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, pngs, monkeypat
 
     with open(pngs[3], "wb") as f:
         f.write(original)
-    with caplog.at_level(logging.INFO, logger="src.data.cache"):
+    with caplog.at_level(logging.INFO, logger="stage2.data.cache"):
         slots = cache.prepare(pngs)
     assert "decoding 2 of 5 images" in caplog.text  # the first three are kept from the first build
     assert sorted(_indexed_paths(cache)) == sorted(pngs)
@@ -144,7 +144,7 @@ def test_a_cached_image_that_no_longer_matches_its_checksum_is_decoded_again(tmp
     cache = DecodedCache(tmp_path / "cache", SIZE)
     slots = cache.prepare(pngs)
     _zero_slot(cache, int(slots[3]))
-    with caplog.at_level(logging.INFO, logger="src.data.cache"):
+    with caplog.at_level(logging.INFO, logger="stage2.data.cache"):
         again = cache.prepare(pngs)
     assert "1 cached images no longer match their checksums" in caplog.text and "decoding 1 of 5" in caplog.text
     np.testing.assert_array_equal(again, slots)

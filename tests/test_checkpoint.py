@@ -1,4 +1,4 @@
-"""The checkpoint schema (src/engine/checkpoint.py): one builder and one reader per file kind, versioned."""
+"""The checkpoint schema (src/stage2/engine/checkpoint.py): one builder and one reader per file kind, versioned."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ from conftest import fails, output_dir
 
 import feature_extractor
 import train_stage2_effnet
-from src.engine.checkpoint import (
+from stage2.engine.checkpoint import (
     CHECKSUM_KEY,
     SCHEMA_KEY,
     SCHEMA_VERSION,
@@ -21,7 +21,7 @@ from src.engine.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from src.errors import CheckpointError
+from stage2.errors import CheckpointError
 
 META = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
 DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}

@@ -5,7 +5,7 @@ from functools import partial
 import pytest
 
 import train_stage2_effnet
-from src.engine import cli
+from stage2.engine import cli
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_without_demo_nothing_changes(demo_root):
 
 
 def test_demo_says_when_it_reuses_its_data_and_replaces_an_earlier_run(demo_root, tmp_path, capsys, monkeypatch):
-    from src.data import demo
+    from stage2.data import demo
 
     monkeypatch.setattr(demo, "make_demo_dataset", partial(demo.make_demo_dataset, n_videos=4, frames_per_video=1,
                                                            size=16))

@@ -21,8 +21,8 @@ from conftest import ROOT, subprocess_env
 
 import train_stage2_effnet
 import train_stage2_genconvit
-from src.embeddings import FeatureExtractor
-from src.models.genconvit import GenConViTLoss, GenConViTVAE
+from stage2.embeddings import FeatureExtractor
+from stage2.models.genconvit import GenConViTLoss, GenConViTVAE
 
 pytestmark = [
     pytest.mark.cuda,

@@ -11,11 +11,11 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader
 
-from src.data.cache import DecodedCache
-from src.data.dataset import Batch, ManifestDataset, collate
-from src.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
-from src.engine.config import TrainConfig
-from src.errors import ImageDecodeError
+from stage2.data.cache import DecodedCache
+from stage2.data.dataset import Batch, ManifestDataset, collate
+from stage2.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
+from stage2.engine.config import TrainConfig
+from stage2.errors import ImageDecodeError
 
 H, W = 13, 21  # odd, non-square
 

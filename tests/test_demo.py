@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.data import demo
-from src.data.decode import decode_image
-from src.data.demo import FAKE_METHODS, make_demo_dataset
-from src.data.manifest import read_manifest
+from stage2.data import demo
+from stage2.data.decode import decode_image
+from stage2.data.demo import FAKE_METHODS, make_demo_dataset
+from stage2.data.manifest import read_manifest
 
 SIZE = 40
 SMALL = {"n_videos": 12, "frames_per_video": 2, "size": SIZE}

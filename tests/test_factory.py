@@ -3,9 +3,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from src.errors import PretrainedWeightsError
-from src.experts.effnet import TimmExpert
-from src.models.timm_models import create_timm_model, resolve_model_name, timm_data_config
+from stage2.errors import PretrainedWeightsError
+from stage2.experts.effnet import TimmExpert
+from stage2.models.timm_models import create_timm_model, resolve_model_name, timm_data_config
 
 
 def test_design_note_alias_maps_to_the_timm_name():

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import feature_extractor
-from src.embeddings import (
+from stage2.embeddings import (
     FeatureExtractor,
     FeatureFileError,
     NpzStreamWriter,
@@ -29,15 +29,15 @@ from src.embeddings import (
     join_features,
     load_features,
 )
-from src.embeddings.extract import source_frame
-from src.embeddings.stacking_preview import print_preview
-from src.embeddings.store import FeatureSet
-from src.engine.checkpoint import BestCheckpoint, save_checkpoint
-from src.engine.cli import exit_on_error
-from src.errors import CheckpointError
-from src.models.families import FAMILIES
-from src.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
-from src.models.timm_models import create_timm_model, timm_data_config
+from stage2.embeddings.extract import source_frame
+from stage2.embeddings.stacking_preview import print_preview
+from stage2.embeddings.store import FeatureSet
+from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
+from stage2.engine.cli import exit_on_error
+from stage2.errors import CheckpointError
+from stage2.models.families import FAMILIES
+from stage2.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
+from stage2.models.timm_models import create_timm_model, timm_data_config
 
 IMG = 64
 N = 6
@@ -495,7 +495,7 @@ def test_a_feature_file_that_cannot_be_written_names_out_not_a_temporary_file(tm
     assert err.value.filename == str(out)
     script = (  # a write that runs out of room half way (the file size limit stands in for a full disk)
         "import resource, signal, sys, numpy as np\n"
-        "from src.embeddings.store import NpzStreamWriter\n"
+        "from stage2.embeddings.store import NpzStreamWriter\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
         "with NpzStreamWriter(sys.argv[1]) as writer:\n"
@@ -514,7 +514,7 @@ def test_a_feature_file_that_cannot_be_written_names_out_not_a_temporary_file(tm
 def test_a_killed_feature_file_write_is_cleaned_by_the_next_one(tmp_path):
     script = (
         "import os, signal, sys, numpy as np\n"
-        "from src.embeddings.store import NpzStreamWriter\n"
+        "from stage2.embeddings.store import NpzStreamWriter\n"
         "writer = NpzStreamWriter(sys.argv[1])\n"
         "writer.append(x=np.zeros((1000, 8), dtype=np.float32))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

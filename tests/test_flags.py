@@ -17,19 +17,19 @@ from conftest import fails, output_dir
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
-from src.atomic import write_json_atomic
-from src.data.dataset import ManifestDataset
-from src.data.manifest import read_manifest
-from src.data.perturb import check_image_size, parse_perturbations
-from src.data.transforms import build_cpu_transform
-from src.engine import cli
-from src.engine.checkpoint import BestCheckpoint, save_checkpoint
-from src.engine.config import NOT_REPLAYED, SEED_MAX, config_from_args
-from src.engine.precision import pick_device
-from src.engine.trainer import Trainer
-from src.errors import ConfigError, ManifestError
-from src.experts.effnet import TimmExpert
-from src.experts.genconvit import parse_stages
+from stage2.atomic import write_json_atomic
+from stage2.data.dataset import ManifestDataset
+from stage2.data.manifest import read_manifest
+from stage2.data.perturb import check_image_size, parse_perturbations
+from stage2.data.transforms import build_cpu_transform
+from stage2.engine import cli
+from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
+from stage2.engine.config import NOT_REPLAYED, SEED_MAX, config_from_args
+from stage2.engine.precision import pick_device
+from stage2.engine.trainer import Trainer
+from stage2.errors import ConfigError, ManifestError
+from stage2.experts.effnet import TimmExpert
+from stage2.experts.genconvit import parse_stages
 
 SCRIPTS = (train_stage2_effnet, train_stage2_genconvit, feature_extractor)
 

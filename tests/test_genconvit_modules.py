@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.distributions import Normal, kl_divergence
 
-from src.models.genconvit import (
+from stage2.models.genconvit import (
     GenConViTED,
     GenConViTHybrid,
     GenConViTLoss,
@@ -20,7 +20,7 @@ from src.models.genconvit import (
     build_genconvit,
     init_var_from_mu,
 )
-from src.models.genconvit.vae import VAEEncoder
+from stage2.models.genconvit.vae import VAEEncoder
 
 # Small inputs keep the suite fast; the official 224x224 sizes are covered by test_genconvit_official.py.
 IMG = 64

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.errors import OfficialCheckpointError
-from src.models.genconvit import (
+from stage2.errors import OfficialCheckpointError
+from stage2.models.genconvit import (
     FAKE_INDEX,
     REAL_INDEX,
     GenConViTED,
@@ -25,7 +25,7 @@ from src.models.genconvit import (
     load_official_checkpoint,
     targets_from_labels,
 )
-from src.models.genconvit.official import SWIN_PREFIXES
+from stage2.models.genconvit.official import SWIN_PREFIXES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "genconvit"
 ATOL = 1e-4
@@ -150,7 +150,7 @@ def test_loads_raw_and_wrapped_with_or_without_swin(ed_model, ed_state, tmp_path
     with torch.no_grad():
         ed_model.fc2.weight.zero_()
 
-    with caplog.at_level(logging.INFO, logger="src.models.genconvit.official"):
+    with caplog.at_level(logging.INFO, logger="stage2.models.genconvit.official"):
         report = load_official_checkpoint(ed_model, source)
 
     dropped = 382 if with_swin else 0

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from src.models.genconvit import GenConViTLoss, build_genconvit
-from src.models.genconvit.loss import psnr
+from stage2.models.genconvit import GenConViTLoss, build_genconvit
+from stage2.models.genconvit.loss import psnr
 
 IMG = 64
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from src.data.manifest import check_source_leak, read_manifest
-from src.errors import ManifestError
+from stage2.data.manifest import check_source_leak, read_manifest
+from stage2.errors import ManifestError
 
 
 def _csv(folder: Path, text: str, name: str = "train.csv") -> Path:
@@ -189,7 +189,7 @@ def test_a_header_of_many_columns_is_read_in_linear_time(tmp_path):
     wide = _csv(tmp_path, ",".join(["path", "label", *extra]) + "\n" + ",".join(["a.png", "1", *"0" * len(extra)])
                 + "\n", name="wide.csv")
     repeated = _csv(tmp_path, ",".join(["path", "label", *extra, "c7"]) + "\na.png,1\n", name="repeated.csv")
-    code = ("import sys; from src.data.manifest import read_manifest; from src.errors import ManifestError\n"
+    code = ("import sys; from stage2.data.manifest import read_manifest; from stage2.errors import ManifestError\n"
             f"print(read_manifest({str(wide)!r})['label'].tolist())\n"
             f"try:\n    read_manifest({str(repeated)!r})\nexcept ManifestError as err:\n    print(err)")
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

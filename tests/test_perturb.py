@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from src.data.dataset import ManifestDataset
-from src.data.manifest import read_manifest
-from src.data.perturb import Perturbation, parse_perturbations
+from stage2.data.dataset import ManifestDataset
+from stage2.data.manifest import read_manifest
+from stage2.data.perturb import Perturbation, parse_perturbations
 
 
 def _image(size: int = 48) -> torch.Tensor:

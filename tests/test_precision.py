@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.engine import precision
-from src.engine.precision import autocast_dtype, cpu_has_native_bf16, cpu_threads
+from stage2.engine import precision
+from stage2.engine.precision import autocast_dtype, cpu_has_native_bf16, cpu_threads
 
 
 def _cpu_flags() -> set[str]:

@@ -24,17 +24,17 @@ from PIL import Image
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
-from src.data.manifest import read_manifest
-from src.embeddings import FeatureExtractor, load_features
-from src.embeddings.export import ExportedExpert, check_images, check_onnx, export_expert
-from src.embeddings.extract import load_expert
-from src.engine.checkpoint import BestCheckpoint, load_checkpoint, save_checkpoint
-from src.engine.cli import exit_on_error
-from src.engine.metrics import operating_points
-from src.errors import CheckpointError, ConfigError, ExportCheckError, ManifestError
-from src.models.families import model_from_checkpoint
-from src.models.genconvit import GenConViTED
-from src.models.timm_models import create_timm_model, timm_data_config
+from stage2.data.manifest import read_manifest
+from stage2.embeddings import FeatureExtractor, load_features
+from stage2.embeddings.export import ExportedExpert, check_images, check_onnx, export_expert
+from stage2.embeddings.extract import load_expert
+from stage2.engine.checkpoint import BestCheckpoint, load_checkpoint, save_checkpoint
+from stage2.engine.cli import exit_on_error
+from stage2.engine.metrics import operating_points
+from stage2.errors import CheckpointError, ConfigError, ExportCheckError, ManifestError
+from stage2.models.families import model_from_checkpoint
+from stage2.models.genconvit import GenConViTED
+from stage2.models.timm_models import create_timm_model, timm_data_config
 
 
 def _main(args: list[str]) -> None:
@@ -399,7 +399,7 @@ def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained_run, ex
     save_checkpoint(best, other)
     # kill -9 once the new weights and ONNX file are written, while the check runs
     script = ("import os, signal, sys\n"
-              "import src.embeddings.export as export\n"
+              "import stage2.embeddings.export as export\n"
               "export.check_onnx = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)\n"
               "export.export_expert(sys.argv[1], sys.argv[2], overwrite=True)\n")
     result = subprocess.run([sys.executable, "-c", script, str(other), str(out)], cwd=ROOT, capture_output=True)

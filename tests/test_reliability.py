@@ -20,14 +20,14 @@ from PIL import Image
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
-from src.atomic import FILE_MODE
-from src.data.manifest import read_manifest
-from src.engine.checkpoint import load_checkpoint
-from src.engine.config import config_from_args
-from src.engine.report import plot_roc
-from src.engine.trainer import run
-from src.errors import CheckpointError, TrainingDiverged
-from src.experts.effnet import TimmExpert
+from stage2.atomic import FILE_MODE
+from stage2.data.manifest import read_manifest
+from stage2.engine.checkpoint import load_checkpoint
+from stage2.engine.config import config_from_args
+from stage2.engine.report import plot_roc
+from stage2.engine.trainer import run
+from stage2.errors import CheckpointError, TrainingDiverged
+from stage2.experts.effnet import TimmExpert
 
 
 # ---------------------------------------------------------------- 1. resume with changed flags
@@ -355,7 +355,7 @@ def test_workers_are_capped_by_the_cores_and_the_settings_say_so(effnet_args, re
 
 
 def test_a_video_id_shared_by_real_and_fake_train_frames_names_the_lines(tmp_path):
-    from src.errors import ManifestError
+    from stage2.errors import ManifestError
 
     image = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(image)

@@ -8,10 +8,10 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from src import atomic
-from src.atomic import write_json_atomic
-from src.engine.metrics import FPR_TARGETS, operating_points
-from src.engine.report import (
+from stage2 import atomic
+from stage2.atomic import write_json_atomic
+from stage2.engine.metrics import FPR_TARGETS, operating_points
+from stage2.engine.report import (
     MetricsLog,
     format_metrics_table,
     plot_recon_samples,

@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, subprocess_env
 
 import train_stage2_effnet
-from src.engine.config import TrainConfig
-from src.engine.resume import POLICIES, resume_policy
+from stage2.engine.config import TrainConfig
+from stage2.engine.resume import POLICIES, resume_policy
 
 TIME_COLUMNS = ["epoch_time", "images_per_s"]
 

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 import train_stage2_effnet
-from src.data.cache import DecodedCache
-from src.data.dataset import ManifestDataset
-from src.data.self_blend import SelfBlend, face_mask, self_blended
-from src.data.transforms import build_cpu_transform
+from stage2.data.cache import DecodedCache
+from stage2.data.dataset import ManifestDataset
+from stage2.data.self_blend import SelfBlend, face_mask, self_blended
+from stage2.data.transforms import build_cpu_transform
 
 SIZE = 64
 

@@ -15,17 +15,17 @@ import pytest
 from conftest import ROOT
 
 import train_stage2_effnet
-from src.engine.cli import parse_args
+from stage2.engine.cli import parse_args
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(ROOT / "src").with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _import_graph() -> dict[str, set[str]]:
-    """Edges module -> the modules of `src` it imports (absolute and relative), read from the source."""
-    files = {_module_name(p): p for p in (ROOT / "src").rglob("*.py")}
+    """Edges module -> the modules of `stage2` it imports (absolute and relative), read from the source."""
+    files = {_module_name(p): p for p in (ROOT / "src" / "stage2").rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
@@ -46,8 +46,8 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_src_imports_have_no_cycle():
     graph = _import_graph()
-    assert "src.engine.evaluation" in graph["src.engine.trainer"]  # the graph is read, relative imports too:
-    assert "src.models.genconvit.ed" in graph["src.models.genconvit.hybrid"]
+    assert "stage2.engine.evaluation" in graph["stage2.engine.trainer"]  # the graph is read, relative imports too:
+    assert "stage2.models.genconvit.ed" in graph["stage2.models.genconvit.hybrid"]
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
@@ -128,8 +128,8 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
                              env=env, timeout=60)
         assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
         assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
-    where = subprocess.run([sys.executable, "-c", "import src.engine.trainer, feature_extractor; "
-                            "print(src.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
+    where = subprocess.run([sys.executable, "-c", "import stage2.engine.trainer, feature_extractor; "
+                            "print(stage2.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
                            env=env, timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]
     assert str(site) in where.stdout

@@ -9,16 +9,16 @@ import torch
 from conftest import output_dir, set_flag
 
 import train_stage2_effnet
-from src.data.dataset import ManifestDataset, collate
-from src.data.manifest import read_manifest
-from src.data.transforms import DeviceTransform
-from src.engine import trainer
-from src.engine.checkpoint import load_checkpoint
-from src.engine.config import config_from_args
-from src.engine.trainer import run
-from src.errors import TrainingDiverged
-from src.experts.effnet import TimmExpert
-from src.models.families import model_from_checkpoint
+from stage2.data.dataset import ManifestDataset, collate
+from stage2.data.manifest import read_manifest
+from stage2.data.transforms import DeviceTransform
+from stage2.engine import trainer
+from stage2.engine.checkpoint import load_checkpoint
+from stage2.engine.config import config_from_args
+from stage2.engine.trainer import run
+from stage2.errors import TrainingDiverged
+from stage2.experts.effnet import TimmExpert
+from stage2.models.families import model_from_checkpoint
 
 RUN_OUTPUTS = ["best.pt", "last.pt", "args.json", "metrics.csv", "summary.json", "roc.png", "curves.png",
                "train.log", "val_predictions.csv"]

@@ -14,11 +14,11 @@ from conftest import ROOT, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
-from src.engine.report import plot_recon_samples
-from src.errors import PretrainedWeightsError
-from src.experts import genconvit
-from src.experts.genconvit import GenConViTExpert, parse_stages
-from src.models.genconvit import GenConViTED, GenConViTVAE
+from stage2.engine.report import plot_recon_samples
+from stage2.errors import PretrainedWeightsError
+from stage2.experts import genconvit
+from stage2.experts.genconvit import GenConViTExpert, parse_stages
+from stage2.models.genconvit import GenConViTED, GenConViTVAE
 
 
 @pytest.fixture

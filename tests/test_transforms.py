@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from src.data.transforms import AUG_CONFIGS, AugConfig, DeviceTransform, build_cpu_transform
+from stage2.data.transforms import AUG_CONFIGS, AugConfig, DeviceTransform, build_cpu_transform
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 IDENTITY = ((0.0,) * 3, (1.0,) * 3)
@@ -39,7 +39,7 @@ def test_cpu_part_degrades_a_fraction_of_the_images_and_keeps_uint8():
 def test_degradations_start_in_the_second_half_of_the_run(tmp_path):
     from PIL import Image
 
-    from src.data.dataset import ManifestDataset
+    from stage2.data.dataset import ManifestDataset
 
     img = _batch(1)[0]
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "a.png")

@@ -1,0 +1,238 @@
+"""A decoded-image cache: every manifest image decoded once into a uint8 memory-mapped array.
+
+PNG decoding costs ~1 ms per 256x256 crop per core; reading the same pixels from a memory-mapped
+array costs microseconds. Training for many epochs on hundreds of thousands of crops therefore
+decodes each file once (`--cache-dir`) and reads slots of `images.u8` afterwards.
+
+Layout of `CACHE_DIR/<size>px/`: `images.u8` (raw uint8, slot-major [slots, 3, size, size]) and
+`index.csv` (path, slot, bytes, mtime_ns, ok, crc32). A file whose size or mtime changed since it was
+cached is decoded again into its old slot; so is a slot whose bytes no longer have the CRC-32 the index
+recorded, or that lies beyond the end of `images.u8` (a deleted, truncated or overwritten data file).
+The index is rewritten (atomically) after every chunk, so an interrupted build resumes where it stopped;
+SIGTERM or Ctrl-C stop a build after the chunks in progress. One build at a time per folder (a lock file
+that ends with its holder; the decoding workers die with their parent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from stage2.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
+from stage2.errors import ImageDecodeError, StopRequested
+from stage2.processes import StopRequest, exclusive_lock, init_worker, stop_requests
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["path", "slot", "bytes", "mtime_ns", "ok", "crc32"]
+CHUNK = 256
+
+
+class DecodedCache:
+    """Decoded images of one input size; `prepare(paths)` fills it, `view(slots)` reads it."""
+
+    def __init__(self, cache_dir: str | Path, img_size: int):
+        self.dir = Path(cache_dir) / f"{img_size}px"
+        self.img_size = img_size
+        self.item_bytes = 3 * img_size * img_size
+        self.data_path = self.dir / "images.u8"
+        self.index_path = self.dir / "index.csv"
+
+    def prepare(self, paths: Sequence[str], *, workers: int = 1, skip_bad_images: bool = False,
+                max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = True) -> np.ndarray:
+        """Decode whatever is missing, stale or damaged and return each path's slot (-1: undecodable, skipped).
+
+        `verify` checks every cached image against its CRC-32 first (a pass over its bytes, in `workers` threads);
+        a reader that another process has just prepared skips it.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.dir / ".lock", wait=True, on_wait=lambda pid: log.info(
+                "cache %s: waiting for process %s, which is building it", self.dir, pid)):
+            index = self._load_index()
+            stats = [os.stat(p) for p in paths]
+            current = pd.DataFrame({"path": list(paths), "bytes": [s.st_size for s in stats],
+                                    "mtime_ns": [s.st_mtime_ns for s in stats]})
+            merged = current.merge(index, on="path", how="left", suffixes=("", "_cached"))
+            fresh = ((merged["bytes"] == merged["bytes_cached"]) & (merged["mtime_ns"] == merged["mtime_ns_cached"])
+                     & merged["ok"].notna()).to_numpy(copy=True)
+            if verify:
+                stored = fresh & merged["ok"].eq(True).to_numpy()
+                intact = self._intact(merged.loc[stored, ["slot", "crc32"]], workers)
+                if not intact.all():
+                    log.warning("cache %s: %d cached images no longer match their checksums (or lie beyond the end "
+                                "of %s): decoding them again", self.dir, int((~intact).sum()), self.data_path.name)
+                fresh[np.flatnonzero(stored)[~intact]] = False
+            todo = merged.loc[~fresh, ["path", "slot"]].copy()
+            next_slot = int(index["slot"].max()) + 1 if len(index) else 0
+            new = todo["slot"].isna()
+            todo.loc[new, "slot"] = np.arange(next_slot, next_slot + int(new.sum()))
+            todo["slot"] = todo["slot"].astype(np.int64)
+            capacity = max(next_slot + int(new.sum()), 1)
+            if len(todo):
+                self._grow(capacity)
+                log.info("cache %s: decoding %d of %d images (%.2f GiB on disk in all)", self.dir, len(todo),
+                         len(paths), capacity * self.item_bytes / 2**30)
+                index = self._decode(todo, index, current, workers, skip_bad_images, max_pixels)
+            rows = index.set_index("path").loc[list(paths)]
+            ok = rows["ok"].to_numpy(dtype=bool)
+            reported = set(todo["path"])  # failures of this build were just raised or warned about
+            for path in rows.index[~ok]:
+                if not skip_bad_images:
+                    raise ImageDecodeError(path, "undecodable when the cache was built")
+                if path not in reported:
+                    warnings.warn(f"skipping cannot decode image {path}: undecodable when the cache was built",
+                                  stacklevel=2)
+            return np.where(ok, rows["slot"].to_numpy(dtype=np.int64), -1)
+
+    def view(self, slots: np.ndarray) -> CacheView:
+        return CacheView(self.data_path, self.img_size, slots)
+
+    def _load_index(self) -> pd.DataFrame:
+        if self.index_path.is_file():
+            index = pd.read_csv(self.index_path, dtype={"path": str})
+            if list(index.columns) == INDEX_COLUMNS:
+                return index
+            log.warning("cache %s: index of an older version (no checksums): decoding everything again", self.dir)
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+            INDEX_COLUMNS, (str, np.int64, np.int64, np.int64, bool, np.int64))})
+
+    def _intact(self, rows: pd.DataFrame, workers: int) -> np.ndarray:
+        """Which of these cached rows (slot, crc32) still hold what the index recorded: the slot lies inside the
+        data file and its bytes have the recorded CRC-32."""
+        size = self.data_path.stat().st_size if self.data_path.is_file() else 0
+        slots = rows["slot"].to_numpy(dtype=np.int64)
+        intact = (slots + 1) * self.item_bytes <= size
+        inside = np.flatnonzero(intact)
+        if not len(inside):
+            return intact
+        started = time.perf_counter()
+        array = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=(size // self.item_bytes, self.item_bytes))
+        order = inside[np.argsort(slots[inside])]  # in file order: sequential reads
+        blocks = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
+        recorded = rows["crc32"].to_numpy(dtype=np.int64)
+
+        def crcs(block: np.ndarray) -> list[int]:
+            return [zlib.crc32(array[slot]) for slot in slots[block]]
+
+        # zlib.crc32 releases the GIL on large buffers: threads check blocks in parallel.
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            for block, found in zip(blocks, pool.map(crcs, blocks)):
+                intact[block] = np.asarray(found, dtype=np.int64) == recorded[block]
+        log.info("cache %s: %d cached images checked against their checksums in %.1f s", self.dir, len(inside),
+                 time.perf_counter() - started)
+        return intact
+
+    def _grow(self, slots: int) -> None:
+        size = slots * self.item_bytes
+        with open(self.data_path, "ab") as f:
+            if f.tell() < size:
+                f.truncate(size)  # sparse: no disk is used until a slot is written
+
+    def _decode(self, todo: pd.DataFrame, index: pd.DataFrame, current: pd.DataFrame, workers: int,
+                skip_bad_images: bool, max_pixels: int) -> pd.DataFrame:
+        meta = current.set_index("path")
+        index = index.set_index("path")
+        jobs = [todo.iloc[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+        bad: list[str] = []
+        stop, done = StopRequest(), 0
+        with stop_requests(stop), ProcessPoolExecutor(max_workers=max(workers, 1), initializer=init_worker) as pool, \
+                tqdm(total=len(todo), desc="caching", unit="img", disable=None) as bar:
+            futures = [pool.submit(_decode_chunk, str(self.data_path), self.img_size, list(job["path"]),
+                                   list(job["slot"]), max_pixels) for job in jobs]
+            for job, future in zip(jobs, futures):
+                try:
+                    errors, crcs = future.result()
+                except BrokenProcessPool:
+                    if stop.signum is None:
+                        raise
+                    errors = None  # a worker got the signal before it could leave it to us; the stop follows
+                if errors is not None:
+                    # Plain arrays: assign() would align a Series on its (positional) index and give NaN.
+                    failed = job["path"].isin(errors).to_numpy()
+                    rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~failed, crc32=crcs)
+                    if errors and not skip_bad_images:
+                        # Keep what this build did decode, so the rebuild after the fix starts from there.
+                        self._save_index(pd.concat([index.drop(index.index.intersection(rows.index)), rows[~failed]]))
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        path, error = next(iter(errors.items()))
+                        raise ImageDecodeError(path, error)
+                    for path, error in errors.items():
+                        warnings.warn(f"skipping cannot decode image {path}: {error}", stacklevel=2)
+                        bad.append(path)
+                    index = pd.concat([index.drop(index.index.intersection(rows.index)), rows])
+                    self._save_index(index)
+                    done += len(job)
+                    bar.update(len(job))
+                if stop.signum is not None:  # after the chunks in progress: everything decoded so far is kept
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise StopRequested(stop.signum, f"stopped by {stop.name} while caching images in {self.dir} "
+                                        f"({done} of {len(todo)} decoded and kept): run the same command again to "
+                                        "continue from there")
+        if bad:
+            log.warning("cache: skipped %d undecodable images", len(bad))
+        return index.reset_index()
+
+    def _save_index(self, index: pd.DataFrame) -> None:
+        tmp = self.index_path.with_suffix(".tmp")
+        index.reset_index()[INDEX_COLUMNS].to_csv(tmp, index=False)
+        os.replace(tmp, self.index_path)
+
+
+def open_cache(cache_dir: str | Path, img_size: int, paths: Sequence[str], *, workers: int = 1,
+               skip_bad_images: bool = False, max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = True) -> CacheView:
+    """Bring the cache up to date for `paths` (decoding only what is missing or damaged) and map it for reading."""
+    cache = DecodedCache(cache_dir, img_size)
+    return cache.view(cache.prepare(paths, workers=workers, skip_bad_images=skip_bad_images, max_pixels=max_pixels,
+                                    verify=verify))
+
+
+class CacheView:
+    """Read-only access to cached images by dataset row; opened lazily so each worker maps it itself."""
+
+    def __init__(self, data_path: Path, img_size: int, slots: np.ndarray):
+        self.data_path, self.img_size, self.slots = data_path, img_size, slots
+        self._array: np.memmap | None = None
+
+    def __getitem__(self, row: int) -> torch.Tensor | None:
+        """uint8 [3, S, S], or None when the image was undecodable and skipped at build time."""
+        slot = int(self.slots[row])
+        if slot < 0:
+            return None
+        if self._array is None:
+            self._array = np.memmap(self.data_path, dtype=np.uint8, mode="r").reshape(-1, 3, self.img_size,
+                                                                                      self.img_size)
+        return torch.from_numpy(np.array(self._array[slot]))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
+def _decode_chunk(data_path: str, img_size: int, paths: list[str], slots: list[int], max_pixels: int
+                  ) -> tuple[dict[str, str], list[int]]:
+    """Worker: decode, resize and write one chunk of images; returns ({path: reason} for the bad ones, the CRC-32
+    of each slot as written, 0 for the bad ones)."""
+    errors, crcs = {}, []
+    array = np.memmap(data_path, dtype=np.uint8, mode="r+").reshape(-1, 3, img_size, img_size)
+    for path, slot in zip(paths, slots):
+        try:
+            pixels = resize_uint8(decode_image(path, max_pixels), img_size).numpy()
+        except ImageDecodeError as err:
+            errors[path] = str(err).split(": ", 1)[-1]
+            crcs.append(0)
+            continue
+        array[slot] = pixels
+        crcs.append(zlib.crc32(np.ascontiguousarray(pixels)))
+    array.flush()
+    return errors, crcs

@@ -1,0 +1,124 @@
+"""The manifest-backed dataset and its batches.
+
+Workers only decode, resize and run an optional uint8 transform; images stay uint8 so batches are small to
+move, and float conversion/normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stage2.data.cache import CacheView
+from stage2.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
+from stage2.data.self_blend import SelfBlend
+from stage2.errors import ImageDecodeError
+
+ImageItem = tuple[torch.Tensor | None, int, int]  # (image, label, index); image None: undecodable, skipped
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Images of a manifest frame (see :func:`stage2.data.manifest.read_manifest`) as uint8 ``[3, S, S]``.
+
+    Items are ``(image, label, index)``; with ``skip_bad_images`` an undecodable file warns and yields image None,
+    which :func:`collate` drops and lists. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
+    function of (seed, epoch, index); ``cache`` (a :class:`~stage2.data.cache.CacheView`) serves images decoded
+    and resized beforehand instead of reading the files. A file of more than ``max_pixels`` pixels is undecodable.
+    ``self_blend`` (``--self-blend``) turns some reals into self-blended fakes, label 1, before ``transform``,
+    seeded the same way.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        img_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        skip_bad_images: bool = False,
+        seed: int = 0,
+        cache: CacheView | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        self_blend: SelfBlend | None = None,
+    ) -> None:
+        # numpy arrays rather than lists of Python objects: forked workers then don't touch (and copy) pages
+        # of per-item refcounts.
+        self.paths = frame["path"].to_numpy(dtype=str)
+        self.labels = frame["label"].to_numpy(dtype=np.int64)
+        self.img_size = img_size
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self.seed = seed
+        self.epoch = 0
+        self.cache = cache
+        self.max_pixels = max_pixels
+        self.self_blend = self_blend
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the augmentation (and tell a transform with a schedule which epoch it is): workers fork after
+        this, so the new epoch reaches them."""
+        self.epoch = epoch
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        if self.cache is not None:
+            image = self.cache[index]  # already resized; None: skipped (and reported) when the cache was built
+            if image is None:
+                return None, int(self.labels[index]), int(index)
+        else:
+            path = str(self.paths[index])
+            try:
+                image = decode_image(path, self.max_pixels)
+            except ImageDecodeError as err:
+                if not self.skip_bad_images:
+                    raise
+                warnings.warn(f"skipping {err}", stacklevel=2)
+                return None, int(self.labels[index]), int(index)
+            image = resize_uint8(image, self.img_size)
+        label = int(self.labels[index])
+        if self.transform is not None or self.self_blend is not None:
+            # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number
+            # of workers or ranks, and after a resume from any step. Only the CPU generator is reseeded (the
+            # transforms draw from it): torch.manual_seed also visits every accelerator backend, ~0.4 ms a call.
+            # The modulo keeps every --seed in torch's 64-bit range (it changes nothing below seed 1.8 million).
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**64)
+                if self.self_blend is not None:
+                    image, label = self.self_blend(image, label)
+                if self.transform is not None:
+                    image = self.transform(image)
+        return image, label, int(index)
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # int64 [B], rows of the manifest frame
+    skipped: torch.Tensor  # int64 [k], rows dropped as undecodable
+
+
+def collate(items: Sequence[ImageItem]) -> Batch:
+    """Stack dataset items into a :class:`Batch`, dropping (and listing) the undecodable ones.
+
+    A batch where every item was skipped has zero-length tensors and ``images`` of shape ``[0, 3, 0, 0]``
+    (the image size is unknown here); callers should skip batches with ``len(batch.labels) == 0``.
+    """
+    kept = [item for item in items if item[0] is not None]
+    skipped = torch.tensor([item[2] for item in items if item[0] is None], dtype=torch.int64)
+    if not kept:
+        empty = torch.empty(0, dtype=torch.int64)
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), empty, empty.clone(), skipped)
+    images, labels, indices = zip(*kept)
+    return Batch(
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(indices, dtype=torch.int64),
+        skipped,
+    )

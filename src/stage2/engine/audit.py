@@ -1,0 +1,43 @@
+"""``--audit-only``: the shortcut audit of a command's manifests (``stage2.data.audit``), without training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from stage2.atomic import write_json_atomic
+from stage2.data.audit import AUDIT_FILE, run_audit
+from stage2.data.manifest import check_source_leak, read_manifest
+from stage2.engine.config import TrainConfig
+from stage2.engine.distributed import DistInfo
+from stage2.engine.outputs import report_names
+from stage2.engine.run_dir import setup_logging
+from stage2.errors import ConfigError
+from stage2.processes import usable_cores
+
+
+def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:
+    """Audit the train and val manifests (with --evaluate: its manifests), checking them as training would;
+    writes OUTPUT_DIR/shortcut_audit.csv and summary.json, and returns the summary on rank 0."""
+    setup_logging(None, dist.is_main)
+    if not dist.is_main:
+        return None
+    out = Path(cfg.output_dir)
+    existing = [name for name in (AUDIT_FILE, "summary.json") if (out / name).exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"--output-dir {out} already holds {', '.join(existing)}: pass --overwrite or choose "
+                          "another folder")
+    if cfg.evaluate_checkpoint:
+        manifests = cfg.eval_manifests or [cfg.val_manifest]
+        frames = {name: read_manifest(m, cfg.data_root, require_both_classes=True)
+                  for m, name in zip(manifests, report_names(manifests))}
+    else:
+        frames = {"train": read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True),
+                  "val": read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)}
+        check_source_leak(frames["train"], frames["val"])
+    table = run_audit(frames, out, min(cfg.workers, usable_cores()))
+    summary = {"shortcut_audit": table.to_dict("records"), "shortcuts": int(table["shortcut"].sum())}
+    write_json_atomic(out / "summary.json", summary)
+    logging.getLogger("stage2").info("wrote %s and %s", out / AUDIT_FILE, out / "summary.json")
+    return summary

@@ -1,0 +1,132 @@
+"""What the entry scripts do around their work: parsing (with --config and --demo defaults) and one-line errors.
+
+Torch-free at import, like the parsers: `--help` and argument errors answer at once, before any heavy import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stage2.engine.config import NOT_REPLAYED
+from stage2.engine.flags import check_args, config_value
+from stage2.engine.outputs import RUN_FILES
+from stage2.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged, first_line
+
+DEMO_ROOT = Path("data/demo")
+# A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of the entry scripts: the docstring as written, and every flag's default after its help text.
+
+    Not for a flag whose default is None (its help says what happens without it) or a plain switch (off).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:  # the hook ArgumentDefaults overrides too
+        plain_switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if action.default is None or plain_switch:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def command_help(doc: str, script: str, command: str) -> str:
+    """A script's docstring as its --help shows it: the examples name the program as it was started, the script
+    (`python SCRIPT ...`) or the installed COMMAND (pyproject's [project.scripts]; torchrun runs it with
+    --no-python)."""
+    if Path(sys.argv[0]).name != command:
+        return doc
+    return doc.replace(f"python {script}", command).replace(f" {script}", f" --no-python {command}")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: Any) -> argparse.Namespace:
+    """Parse the command line. Defaults come, weakest first, from the parser, from `demo` (with --demo, which
+    also generates the built-in dataset), then from the --config file; a flag given on the command line wins
+    over all of them, even one given at its usual default."""
+    given = parser.parse_known_args(argv)[0]
+    if given.demo:
+        from stage2.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
+
+        # Logging is set up later, by the run: the demo speaks for itself before that.
+        train, val = make_demo_dataset(DEMO_ROOT, progress=True)
+        output_dir = parser.get_default("output_dir") + "_demo"
+        parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
+                            overwrite=True, **demo)
+    if given.config:
+        parser.set_defaults(**config_defaults(parser, Path(given.config)))
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    out = Path(args.output_dir)
+    replaces = given.demo and not (args.evaluate_checkpoint or args.resume) and out.is_dir()
+    if replaces and any(path.name in RUN_FILES for path in out.rglob("*")):
+        print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+    return args
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """Settings from a YAML or JSON file (a run's args.json replays that run) as parser defaults.
+
+    Keys are flag names with or without the dashes (`batch-size`, `batch_size`); an unknown key is an error, and
+    so is a value the flag's own type and choices do not take (`"false"` for a switch, 1.5 for an integer).
+    What describes an invocation rather than a run (--resume, --overwrite, --evaluate, --demo) is not taken.
+    """
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # json and yaml raise their own many kinds; all mean "not a config file"
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise ValueError(f"--config {path}: not valid {kind} ({first_line(err)})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
+    # argparse keeps no public list of its options
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest == "evaluate":
+            dest = "evaluate_checkpoint"
+        if dest == "expert":  # what args.json records about the model, for reading
+            continue
+        if dest not in actions:
+            raise ValueError(f"--config {path}: unknown setting {key!r}")
+        if dest not in NOT_REPLAYED:
+            try:
+                defaults[dest] = config_value(actions[dest], value)
+            except ValueError as err:
+                raise ConfigError(f"--config {path}: {key} {err}") from None
+    return defaults
+
+
+def exit_on_error(main: Callable[[], object]) -> None:
+    """Run `main`; turn bad input into `error: ...` on stderr with exit code 2, a diverged run into exit code 3,
+    and a stop by signal (after last.pt was written) into 128 + the signal number, as shells report it."""
+    try:
+        main()
+    except StopRequested as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,116 @@
+"""The run folder: one run at a time in it, what a run writes there, the fresh / resume / overwrite decision,
+logging to train.log, and the list of images skipped as undecodable."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from stage2.atomic import write_text_atomic
+from stage2.engine.distributed import DistInfo, barrier, gather_objects
+from stage2.engine.outputs import RUN_FILES, existing_run_error, run_files_in
+from stage2.errors import ConfigError
+from stage2.processes import LockBusy, exclusive_lock
+
+log = logging.getLogger("stage2")
+
+# Everything a run writes into its folder; --overwrite removes exactly these.
+RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
+               "recon_samples", "tensorboard", "shortcut_audit.csv")
+
+
+@contextmanager
+def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
+    """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit; a
+    crashed or killed holder is no obstacle); while another process holds it, every rank refuses with one line."""
+    with ExitStack() as stack:
+        holder = None
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(exclusive_lock(out / ".lock"))
+            except LockBusy as busy:
+                holder = busy.holder
+        holder = gather_objects([holder] if dist.is_main else [])[0]
+        if holder is not None:
+            raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to end, "
+                              "or choose another --output-dir")
+        yield
+
+
+def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
+    """Decide between a fresh run, a resume and an overwrite; never lose a previous best.pt silently.
+
+    Returns the checkpoint to resume from, if any. `resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
+    run when the folder holds none).
+    """
+    existing = run_files_in(out)
+    if resume:
+        path = out / "last.pt" if resume == "auto" else Path(resume)
+        if path.is_file():
+            return path
+        if resume == "auto" and not existing:
+            return None
+        raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
+    if existing and not overwrite:
+        raise existing_run_error(out, existing)
+    barrier()
+    if existing and is_main:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return None
+
+
+def setup_logging(log_file: Path | None, is_main: bool) -> None:
+    """Project messages to stdout (rank 0 only) and to OUTPUT_DIR/train.log; warnings from every rank."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_file, mode="a")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(file)
+    logging.captureWarnings(True)
+
+
+class BadImages:
+    """Images skipped as undecodable (with --skip-bad-images), listed in OUTPUT_DIR/bad_images.txt; more than
+    `limit` in one split stops the run."""
+
+    def __init__(self, out: Path, is_main: bool, limit: int) -> None:
+        self.path, self.is_main, self.limit = out / "bad_images.txt", is_main, limit
+        self.found: dict[str, set[str]] = {"train": set(), "val": set()}
+
+    def note(self, split: str, frame: pd.DataFrame, rows: list[int]) -> None:
+        """Add `frame`'s `rows` (this rank's; every rank must call) and rewrite the list if it grew."""
+        found = {str(frame["path"].iloc[i]) for i in gather_objects(rows)}
+        if not found - self.found[split]:
+            return
+        self.found[split] |= found
+        if self.is_main:
+            lines = [f"{kind}\t{path}" for kind in self.found for path in sorted(self.found[kind])]
+            write_text_atomic(self.path, "\n".join(lines) + "\n")
+            log.warning("%d undecodable %s images skipped so far, listed in %s", len(self.found[split]), split,
+                        self.path)
+        if len(self.found[split]) > self.limit:
+            raise ConfigError(f"{len(self.found[split])} undecodable {split} images, more than --max-bad-images "
+                              f"{self.limit}: stopped; they are listed in {self.path}")

@@ -1,0 +1,95 @@
+"""What the shared training loop needs to know about one expert model.
+
+The loop in `stage2.engine.trainer` is model-agnostic: everything that differs between the
+EfficientNet and GenConViT experts (model construction and initialisation, loss terms, training
+stages, per-epoch artefacts) enters through an `Expert`, and how a model is rebuilt and read through
+its `ModelFamily`, never through `if model == ...` branches inside the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stage2.models.families import ModelFamily
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A block of epochs with its own learning rate and set of trainable parameters.
+
+    Each stage gets a fresh optimizer and warmup+cosine schedule; `trainable(name)` picks the
+    parameters that learn in it (None: all of them).
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    trainable: Callable[[str], bool] | None = field(default=None, compare=False)
+
+
+class Expert:
+    """Base class: subclasses build the model and define the loss; the loop does the rest."""
+
+    #: Loss terms whose per-class (real / fake) validation means are worth logging.
+    per_class_terms: tuple[str, ...] = ()
+    #: DDP must be told when some parameters get no gradient (unused upstream layers).
+    find_unused_parameters: bool = False
+    #: How its models are rebuilt from a checkpoint and read (stage2.models.families).
+    family: ModelFamily
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare(self, labels: np.ndarray) -> None:
+        """Called once with the training labels (1 = fake) before training, e.g. to balance the loss."""
+
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        """input_size [3, S, S], mean, std and the resize (stage2.data.decode.RESIZE_CONFIG): the preprocessing the
+        model expects, in timm's data-config terms."""
+        raise NotImplementedError
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint must record to rebuild the model (see stage2.models.families.model_from_checkpoint)."""
+        raise NotImplementedError
+
+    def recipe(self) -> dict[str, Any]:
+        """Loss and regularisation settings a resumed run must keep (recorded in last.pt)."""
+        return {}
+
+    def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms, each [B]; "loss" is the total that is optimised (its batch mean)."""
+        raise NotImplementedError
+
+    def sample_metrics(self, outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample validation measures besides the loss terms, each [B]; logged as their means, val_<name>."""
+        return {}
+
+    def fake_logit(self, outputs: Any) -> torch.Tensor:
+        """Log-odds of "fake" per sample, [B]: P(fake) = sigmoid(fake_logit); its model family reads it."""
+        return self.family.fake_logit(outputs)
+
+    def stages(self, epochs: int, lr: float) -> list[Stage]:
+        return [Stage("train", epochs, lr)]
+
+    def describe(self) -> dict[str, Any]:
+        """Expert-specific settings printed at start."""
+        return {}
+
+    def epoch_artifacts(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        epoch: int,
+        out_dir: Path,
+    ) -> dict[str, Path]:
+        """Hook run on rank 0 after each validation with a fixed batch of normalised val images; returns the
+        images it wrote ({tag: path}), which a tracker (--log-to) shows."""
+        return {}

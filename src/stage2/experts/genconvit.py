@@ -1,0 +1,214 @@
+"""The generative-discriminative expert: GenConViT ED or VAE in the shared training loop.
+
+Adds to the loop what only GenConViT needs: official / ImageNet / scratch initialisation, the
+classification + reconstruction + KL loss, staged training (backbone frozen first), and a grid
+of reconstructions per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from stage2.data.decode import RESIZE_CONFIG
+from stage2.engine.report import plot_recon_samples
+from stage2.errors import PretrainedWeightsError
+from stage2.experts.base import Expert, Stage
+from stage2.models.families import FAMILIES
+from stage2.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
+from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_HF_REPO, GENCONVIT_INIT_MODES
+
+log = logging.getLogger(__name__)
+
+# Attribute names of the timm backbones inside the GenConViT modules; frozen in a "frozen" stage.
+BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "convnext.", "swin.")
+# Every stage trains at --lr (the recipe's Adam 1e-4). From ImageNet backbones, the new autoencoder and heads
+# first learn for an epoch with the backbones frozen, so their random gradients do not disturb the pretrained
+# features; from scratch or from the official weights nothing is new, so everything trains from the start.
+DEFAULT_STAGES = {"official": "full:rest", "imagenet": "frozen:1,full:rest", "scratch": "full:rest"}
+
+
+def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
+    """`NAME:EPOCHS[:LR_SCALE],...` with NAME frozen (backbones frozen) or full, EPOCHS a number or
+    `rest` (what is left of --epochs). Stages that end up with no epochs are dropped."""
+    stages, used, rest_index = [], 0, None
+    for i, item in enumerate(filter(None, (part.strip() for part in spec.split(",")))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("frozen", "full"):
+            raise ValueError(f"--stages {spec!r}: item {item!r} is not NAME:EPOCHS[:LR_SCALE] with NAME frozen|full")
+        try:
+            n = -1 if parts[1] == "rest" else int(parts[1])
+            scale = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            raise ValueError(f"--stages {spec!r}: item {item!r} has a bad number") from None
+        if (parts[1] != "rest" and n < 0) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
+        if n == -1:
+            if rest_index is not None:
+                raise ValueError(f"--stages {spec!r}: only one stage may take the rest")
+            rest_index = i
+        else:
+            used += n
+        trainable = _not_backbone if parts[0] == "frozen" else None
+        stages.append(Stage(parts[0], n, lr * scale, trainable))
+    if used > epochs:
+        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs}")
+    if rest_index is not None:
+        rest = stages[rest_index]
+        stages[rest_index] = Stage(rest.name, epochs - used, rest.lr, rest.trainable)
+    elif used != epochs:
+        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs} (use 'rest')")
+    return [s for s in stages if s.epochs > 0]
+
+
+def _not_backbone(name: str) -> bool:
+    return not name.startswith(BACKBONE_PREFIXES)
+
+
+class GenConViTExpert(Expert):
+    """GenConViT ED or VAE. Labels are 1 = fake; the two logits keep the official order (FAKE first)
+    so that fine-tuning from the official weights and training from scratch read P(fake) the same way."""
+
+    per_class_terms = ("recon",)
+    family = FAMILIES["genconvit"]
+
+    def __init__(
+        self,
+        variant: str,
+        *,
+        img_size: int = 224,
+        arch: str = "official",
+        init: str = "official",
+        weights: str | Path | None = None,
+        backbone_file: str | Path | None = None,
+        swin_file: str | Path | None = None,
+        recon_weight: float = 1.0,
+        kl_weight: float = 0.5,
+        label_smoothing: float = 0.0,
+        stages: str | None = None,
+        backbone: str = CONVNEXT_NAME,
+        latent_channels: int = 256,
+        model_kwargs: dict[str, Any] | None = None,
+    ):
+        if init not in GENCONVIT_INIT_MODES:
+            raise ValueError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
+        if init == "official" and arch != "official":
+            raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
+        if swin_file is not None and arch != "hybrid":
+            raise ValueError("--swin-file: only --arch hybrid has a Swin that is used")
+        self.variant, self.arch, self.init = variant, arch, init
+        self.img_size = img_size
+        self.weights = weights
+        self.backbone_file = backbone_file
+        self.swin_file = swin_file
+        self.stage_spec = stages or DEFAULT_STAGES[init]
+        # Constructor arguments beyond the official defaults, recorded in checkpoints to rebuild the model;
+        # `model_kwargs` adds others (the tests' tiny Swin sizes).
+        self.model_kwargs: dict[str, Any] = {}
+        if backbone != CONVNEXT_NAME:
+            self.model_kwargs["convnext_name"] = backbone
+        if variant == "vae" or arch == "hybrid":  # ED's official module is fully convolutional
+            self.model_kwargs["img_size"] = img_size
+        if variant == "vae":
+            self.model_kwargs["latent_channels"] = latent_channels
+        self.model_kwargs.update(model_kwargs or {})
+        self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
+                                       self.mean, self.std)
+
+    def build_model(self) -> nn.Module:
+        files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
+            "convnext_file": _str(self.backbone_file), "swin_file": _str(self.swin_file)}
+        try:
+            model = build_genconvit(self.variant, self.arch, **self.model_kwargs,
+                                    backbone_pretrained=self.init == "imagenet", **files)
+        except PretrainedWeightsError as err:
+            swin = " and --swin-file (Swin)" if self.arch == "hybrid" else ""
+            raise PretrainedWeightsError(f"{err}; offline, pass --backbone-file (ConvNeXt){swin}, or use "
+                                         "--init scratch") from err
+        if self.init == "official":
+            report = load_official_checkpoint(model, self._official_weights())
+            log.info("loaded official GenConViT-%s weights: %s", self.variant.upper(), report)
+            if self.variant == "vae":
+                init_var_from_mu(model)
+                log.info("VAE var head initialised from the mu head: the first steps sample as the official "
+                         "model was trained (std = exp(mu / 2)); see src/stage2/models/genconvit/vae.py")
+        return model
+
+    def _official_weights(self) -> str:
+        if self.weights is not None:
+            if not Path(self.weights).is_file():
+                raise PretrainedWeightsError(f"--weights {self.weights}: no such file")
+            return str(self.weights)
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return hf_hub_download(GENCONVIT_HF_REPO, GENCONVIT_HF_FILES[self.variant])
+        except Exception as err:
+            raise PretrainedWeightsError(
+                f"could not download {GENCONVIT_HF_REPO}/{GENCONVIT_HF_FILES[self.variant]} ({type(err).__name__}); "
+                "offline, pass "
+                "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch") from err
+
+    def data_config(self, model: nn.Module) -> dict[str, Any]:
+        size = self.img_size
+        return {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std), **RESIZE_CONFIG}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        suffix = "" if self.arch == "official" else f"_{self.arch}"
+        return {"family": self.family.name, "model_name": f"genconvit_{self.variant}{suffix}", "variant": self.variant,
+                "arch": self.arch, "model_kwargs": self.model_kwargs}
+
+    def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.criterion(outputs, images, labels)
+
+    def sample_metrics(self, outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """val_recon_psnr and, for comparison, val_mean_colour_psnr (see GenConViTLoss.psnr)."""
+        return self.criterion.psnr(outputs, images)
+
+    def stages(self, epochs: int, lr: float) -> list[Stage]:
+        return parse_stages(self.stage_spec, epochs, lr)
+
+    def recipe(self) -> dict[str, Any]:
+        return {"recon_weight": self.criterion.recon_weight, "kl_weight": self.criterion.kl_weight,
+                "label_smoothing": self.criterion.label_smoothing, "stages": self.stage_spec}
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.checkpoint_meta()["model_name"], "init": self.init,
+                "weights": self.weights or self.backbone_file, "recon_weight": self.criterion.recon_weight,
+                "kl_weight": self.criterion.kl_weight, "stages": self.stage_spec}
+
+    @torch.no_grad()
+    def epoch_artifacts(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                        out_dir: Path) -> dict[str, Path]:
+        """recon_samples/epoch_NNN.png: one row per image, input | reconstruction | |difference| x 4, all in
+        the [0, 1] pixel space the reconstruction loss is computed in, each row labelled real or fake with its MSE;
+        the title compares the reconstruction's PSNR with that of each image's own mean colour.
+
+        Real images come first, then fakes: GenConViT's premise is that fakes reconstruct worse.
+        """
+        model.eval()
+        outputs = model(images)
+        shown, rebuilt = self.criterion.pixels(images).clamp(0, 1), outputs.recon.float().clamp(0, 1)
+        per_image = self.criterion(outputs, images, labels.to(images.device))["recon"].cpu().numpy()
+        labels_np = labels.cpu().numpy()
+        psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
+        path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
+        title = (f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}\n"
+                 f"PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
+        plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path, title)
+        log.info("recon samples: %s (MSE real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB)", path,
+                 float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
+                 psnr["recon_psnr"], psnr["mean_colour_psnr"])
+        return {"recon_samples": path}
+
+
+def _str(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)

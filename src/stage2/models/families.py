@@ -1,0 +1,143 @@
+"""Model families: how each kind of expert model is rebuilt from a checkpoint and how its outputs are read.
+
+A checkpoint records its family ("timm" or "genconvit") and the arguments that rebuild its model. The trainer,
+the feature extractor, the exporter and the benchmarks ask that family (rebuild, embedding and fake-logit
+read-out, native export format), never switch on a model name: another kind of expert adds a family here and an
+Expert (its training recipe) in ``src/stage2/experts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models import get_arch_name, save_for_hf
+from torch import nn
+
+from stage2.errors import CheckpointError
+from stage2.models.genconvit import build_genconvit, fake_logit
+from stage2.models.timm_models import create_timm_model, resolve_model_name
+
+
+class ModelFamily:
+    """What every family provides; `embed` and `fake_logit` agree: embed's logit is the fake logit."""
+
+    name: str
+    #: Files `export_native` writes (beyond the ONNX file every family gets, see stage2.embeddings.export).
+    native_files: tuple[str, ...] = ()
+
+    def build(self, meta: Mapping[str, Any]) -> nn.Module:
+        """The (randomly initialised) model a checkpoint's metadata describes; nothing is downloaded."""
+        raise NotImplementedError
+
+    def fake_logit(self, outputs: Any) -> torch.Tensor:
+        """Log-odds of "fake" per sample, [B], from the model's forward output: P(fake) = sigmoid of it."""
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [B, D], fake logits [B]): the activation the last linear layer reads, and what it gives."""
+        raise NotImplementedError
+
+    def classifier(self, model: nn.Module) -> nn.Linear:
+        """The last linear layer (its input is the embedding)."""
+        raise NotImplementedError
+
+    def same_model(self, requested: str, recorded: str) -> bool:
+        """Whether a model name someone asks for names the model a checkpoint records."""
+        return requested == recorded
+
+    def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
+        """Write the family's own standard format into `out` (none by default); returns the file names."""
+        return []
+
+
+class TimmFamily(ModelFamily):
+    """Any timm classifier with a one-logit head (EfficientNetV2-B3 by default)."""
+
+    name = "timm"
+    native_files = ("model.safetensors", "config.json")
+
+    def build(self, meta: Mapping[str, Any]) -> nn.Module:
+        return create_timm_model(meta["model_name"], pretrained=False, num_classes=meta["num_classes"])
+
+    def fake_logit(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.squeeze(1).float()
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # timm's pooled pre-logits features: what num_classes=0 would return (1536-d for EfficientNetV2-B3).
+        embeddings = model.forward_head(model.forward_features(x), pre_logits=True)
+        return embeddings, self.classifier(model)(embeddings).squeeze(1)
+
+    def classifier(self, model: nn.Module) -> nn.Linear:
+        return model.get_classifier()
+
+    def same_model(self, requested: str, recorded: str) -> bool:
+        """By architecture: aliases (``efficientnetv2_b3.in21k_ft_in1k``) and pretrained tags (where training
+        started, irrelevant once the checkpoint's own weights are loaded) match."""
+        try:
+            return get_arch_name(resolve_model_name(requested)) == get_arch_name(recorded)
+        except ValueError:
+            return False
+
+    def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
+        """timm's own format, which ``timm.create_model("local-dir:OUT", pretrained=True)`` loads as it was; its
+        pretrained_cfg is `data_config` (size, mean, std, resize), so timm's eval transform is the training one."""
+        preprocessing = {"input_size": tuple(data_config["input_size"]), "mean": tuple(data_config["mean"]),
+                         "std": tuple(data_config["std"]),
+                         **{key: data_config[key] for key in ("interpolation", "crop_pct", "crop_mode")}}
+        save_for_hf(model, str(out), safe_serialization=True, data_config=preprocessing)
+        return list(self.native_files)
+
+
+class GenConViTFamily(ModelFamily):
+    """GenConViT ED, VAE and the Swin hybrid; two logits in the official order (fake first)."""
+
+    name = "genconvit"
+
+    def build(self, meta: Mapping[str, Any]) -> nn.Module:
+        return build_genconvit(meta["variant"], meta["arch"], **meta.get("model_kwargs", {}))
+
+    def fake_logit(self, outputs: Any) -> torch.Tensor:
+        return fake_logit(outputs.logits.float())
+
+    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(x)  # `features` is the 500-d activation that feeds the classifier (fc2)
+        return out.features, fake_logit(out.logits)
+
+    def classifier(self, model: nn.Module) -> nn.Linear:
+        return model.classifier
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (TimmFamily(), GenConViTFamily())}
+
+
+def family_of(meta: Mapping[str, Any]) -> ModelFamily:
+    name = meta.get("family")
+    if name not in FAMILIES:
+        raise CheckpointError(f"checkpoint names an unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the model a trainer checkpoint describes and load its weights (no download)."""
+    model = family_of(checkpoint).build(checkpoint)
+    check_weights_fit(model, checkpoint["model"], checkpoint.get("model_name", "the model"))
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str, shown: int = 3) -> None:
+    """Raise CheckpointError, in one line naming a few keys of each kind, unless `weights` has exactly the model's
+    keys at the model's shapes (load_state_dict says so over many lines, keys after the first)."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    reshaped = [f"{key} {list(weights[key].shape)} vs {list(value.shape)}" for key, value in expected.items()
+                if key in weights and hasattr(weights[key], "shape") and weights[key].shape != value.shape]
+    problems = [f"{len(keys)} {kind} ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})"
+                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+                if keys]
+    if problems:
+        raise CheckpointError(f"weights do not fit {name}: keys {'; '.join(problems)}")
