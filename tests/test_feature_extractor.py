@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -505,7 +505,8 @@ def test_a_feature_file_that_cannot_be_written_names_out_not_a_temporary_file(tm
         "    except OSError as err:\n"
         "        print(err.filename)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.npz")], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "f.npz")], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True,
                             text=True)
     assert result.stdout == f"{tmp_path / 'f.npz'}\n", result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -520,7 +521,8 @@ def test_a_killed_feature_file_write_is_cleaned_by_the_next_one(tmp_path):
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     out = tmp_path / "f.npz"
-    result = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert [p.name.startswith(".f.npz.") for p in tmp_path.iterdir()] == [True]  # what the killed write left
     with NpzStreamWriter(out) as writer:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, subprocess_env
 from PIL import Image
 
 from stage2.data.manifest import check_source_leak, read_manifest
@@ -192,8 +193,8 @@ def test_a_header_of_many_columns_is_read_in_linear_time(tmp_path):
     code = ("import sys; from stage2.data.manifest import read_manifest; from stage2.errors import ManifestError\n"
             f"print(read_manifest({str(wide)!r})['label'].tolist())\n"
             f"try:\n    read_manifest({str(repeated)!r})\nexcept ManifestError as err:\n    print(err)")
-    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=subprocess_env())
     assert ran.returncode == 0, ran.stderr[-2000:]
     lines = ran.stdout.splitlines()
     assert lines[0] == "[1]" and lines[1].endswith("repeated column(s) c7 (headers ignore case)")

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 from PIL import Image
 
 import feature_extractor
@@ -402,7 +402,8 @@ def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained_run, ex
               "import stage2.embeddings.export as export\n"
               "export.check_onnx = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)\n"
               "export.export_expert(sys.argv[1], sys.argv[2], overwrite=True)\n")
-    result = subprocess.run([sys.executable, "-c", script, str(other), str(out)], cwd=ROOT, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", script, str(other), str(out)], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert _files(out) == before
     assert len([p for p in tmp_path.iterdir() if p.name.startswith(".effnet.")]) == 1  # the killed build's folder

@@ -101,7 +101,8 @@ class GenConViTHead(nn.Module):
     """Base of every GenConViT variant: the head they share, under the official checkpoints' names.
 
     ``fc`` maps the backbone features of input and reconstruction to the 500-d embedding, ``act`` follows it, and
-    ``fc2`` (the ``classifier``) gives the two logits (real, fake).
+    ``fc2`` (the ``classifier``) gives the two logits in the official class order, fake first
+    (``official.FAKE_INDEX``).
     """
 
     def _build_head(self, in_features: int, act: nn.Module) -> None:
