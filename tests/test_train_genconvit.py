@@ -144,16 +144,6 @@ def test_default_stages_train_every_epoch_at_the_recipe_lr(init, names):
     assert all(s.lr == args.lr for s in stages)
 
 
-def test_weight_decay_help_says_adam_is_l2():
-    help_text = " ".join(train_stage2_genconvit.build_parser().format_help().split())
-    assert "L2 term added to the gradient with adam" in help_text and "decoupled with adamw" in help_text
-
-
-def test_script_header_explains_the_generative_part():
-    doc = train_stage2_genconvit.__doc__
-    assert doc.index("reconstruction") < doc.index("python train_stage2_genconvit.py")
-
-
 def test_official_vae_starts_with_var_equal_to_mu(tmp_path):
     reference = GenConViTVAE(img_size=64, latent_channels=4, convnext_name="test_convnext")
     weights = tmp_path / "genconvit_vae_inference.pth"
