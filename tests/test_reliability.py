@@ -228,9 +228,11 @@ def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
     proc.wait(timeout=120)
     assert proc.returncode != 0
     # Where the stop lands depends on when the signal arrives (after step 1's stop check: at the end of epoch 2;
-    # before it: at epoch 2 step 1); every rank must stop at the same place, which last.pt holds.
+    # before it: at epoch 2 step 1); every rank must stop at the same place, which last.pt holds. A rank may not
+    # get to say so: torchrun's agent SIGKILLs the ranks still running 30 s after it passed the signal on, which a
+    # loaded box can reach after last.pt is written; what they do say must agree.
     stops = [m.group(1) for line in seen if (m := re.search(r"stopped: stopped by SIGTERM at (.+?);", line))]
-    assert len(stops) == 2 and stops[0] == stops[1], "".join(seen[-30:])
+    assert 1 <= len(stops) <= 2 and len(set(stops)) == 1, "".join(seen[-30:])
     last = load_checkpoint(output_dir(args) / "last.pt")
     where = f"epoch {last['next_epoch'] + 1} step {last['step']}" if last["step"] else \
         f"the end of epoch {last['next_epoch']}"
