@@ -3,7 +3,9 @@ full disks, and the smaller ways a run or an export could go quietly wrong."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -25,6 +27,7 @@ from stage2.data.manifest import read_manifest
 from stage2.engine.checkpoint import load_checkpoint
 from stage2.engine.config import config_from_args
 from stage2.engine.report import plot_roc
+from stage2.engine.run_dir import setup_logging
 from stage2.engine.trainer import run
 from stage2.errors import CheckpointError, TrainingDiverged
 from stage2.experts.effnet import TimmExpert
@@ -415,3 +418,15 @@ def test_an_image_over_the_pixel_limit_is_one_line_or_skipped(effnet_args, tiny_
     with pytest.warns(UserWarning, match="over the limit"):
         train_stage2_effnet.main([*set_flag(args, "--epochs", "1"), "--skip-bad-images", "--overwrite"])
     assert (output_dir(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{big}"]
+
+
+def test_console_messages_follow_sys_stdout_when_it_is_swapped_and_closed(monkeypatch):
+    # A notebook cell or a test's captured output swaps sys.stdout and closes the old one: the console handler of a
+    # finished run must not answer every later message with "--- Logging error ---".
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    setup_logging(None, is_main=True)
+    first.close()
+    monkeypatch.setattr(sys, "stdout", second)
+    logging.getLogger("stage2").info("still heard")
+    assert second.getvalue() == "still heard\n"

@@ -73,6 +73,22 @@ def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: boo
     return None
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to the sys.stdout of the moment, not the one it was made with: a notebook or a test that swaps
+    sys.stdout (and closes the old one) would otherwise get "--- Logging error ---" from every later message."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # noqa: ANN201 - the stream logging.StreamHandler reads
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it; the property decides
+        pass
+
+
 def setup_logging(log_file: Path | None, is_main: bool) -> None:
     """Project messages to stdout (rank 0 only) and to OUTPUT_DIR/train.log; warnings from every rank."""
     root = logging.getLogger()
@@ -81,7 +97,7 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
         handler.close()
     root.setLevel(logging.WARNING)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
+    console = _StdoutHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
     if log_file is not None:
