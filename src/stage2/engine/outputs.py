@@ -13,6 +13,8 @@ from stage2.errors import ConfigError
 
 # The files that make a folder hold a run (and that --overwrite must be asked for).
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
+# The shortcut audit's table: stage2.data.audit.AUDIT_FILE, named here too so that this module stays torch-free.
+AUDIT_FILE = "shortcut_audit.csv"
 
 
 def run_files_in(out: Path) -> list[str]:
@@ -40,7 +42,7 @@ def eval_outputs(cfg: TrainConfig) -> list[str]:
     files = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
     if cfg.perturb:
         files += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")]
-    return [*files, "eval_summary.csv", "shortcut_audit.csv"]  # the last: stage2.data.audit.AUDIT_FILE
+    return [*files, "eval_summary.csv", AUDIT_FILE]
 
 
 def check_output_dir(cfg: TrainConfig) -> None:

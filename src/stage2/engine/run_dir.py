@@ -14,7 +14,7 @@ import pandas as pd
 
 from stage2.atomic import write_text_atomic
 from stage2.engine.distributed import DistInfo, barrier, gather_objects
-from stage2.engine.outputs import RUN_FILES, existing_run_error, run_files_in
+from stage2.engine.outputs import AUDIT_FILE, RUN_FILES, existing_run_error, run_files_in
 from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
 
@@ -22,7 +22,7 @@ log = logging.getLogger("stage2")
 
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
-               "recon_samples", "tensorboard", "shortcut_audit.csv")
+               "recon_samples", "tensorboard", AUDIT_FILE)
 
 
 @contextmanager
