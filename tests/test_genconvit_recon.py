@@ -11,6 +11,10 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from stage2.engine.config import TrainConfig
+from stage2.engine.distributed import setup_distributed
+from stage2.engine.trainer import Trainer
+from stage2.experts.genconvit import GenConViTExpert
 from stage2.models.genconvit import GenConViTLoss, build_genconvit
 from stage2.models.genconvit.loss import psnr
 
@@ -61,6 +65,41 @@ def test_a_few_training_steps_reconstruct_better_than_each_images_mean_colour(va
         recon = float(criterion(model(images), images, labels)["recon"].mean())
     # Measured: 0.52x (ED) and 0.80x (VAE) the mean colour's MSE after 40 steps; both start 1.5x above it.
     assert recon < 0.9 * mean_colour_mse(images), (recon, mean_colour_mse(images))
+
+
+def test_the_trainers_steps_reconstruct_better_than_each_images_mean_colour(tiny_data, tmp_path):
+    # The loop's own optimizer and gradient clipping at GenConViT's defaults (Adam with L2 decay 1e-4, clip 1), a
+    # constant lr, one update per epoch of the 36 training crops. Before the fix the L2 term outweighed the
+    # autoencoder's small gradient, clipped by the classifier's norm, and Adam shrank the encoder's weights towards
+    # zero (measured: 0.84x the mean colour's MSE here; on the demo the ED output one image for every input).
+    cfg = TrainConfig(train_manifest=str(tiny_data[0]), val_manifest=str(tiny_data[1]), img_size=IMG, aug="none",
+                      workers=0, epochs=STEPS, batch_size=36, lr=2e-3, min_lr=2e-3, warmup_epochs=0.0,
+                      weight_decay=1e-4, opt="adam", clip_grad=1.0, amp="off", channels_last=False, device="cpu",
+                      output_dir=str(tmp_path), save_every_minutes=0, calibrate=False)
+    expert = GenConViTExpert("ed", img_size=IMG, init="scratch", backbone="test_convnext")
+    trainer = Trainer(cfg, expert, setup_distributed("cpu"))
+    ctx = trainer.start_stage(0, expert.stages(cfg.epochs, cfg.lr)[0])
+    decay = {id(p): group["weight_decay"] for group in ctx.optimizer.param_groups for p in group["params"]}
+    assert {decay[id(p)] for p in trainer.model.autoencoder_parameters()} == {0.0}
+    assert decay[id(trainer.model.fc.weight)] == 1e-4
+    batch = next(iter(trainer.train_loader))
+    for epoch in range(STEPS):
+        trainer.train_epoch(epoch, ctx, batches=[batch], steps=1)
+    images = (batch.images.float() / 255 - MEAN) / STD
+    trainer.model.eval()
+    with torch.no_grad():
+        recon = float(expert.criterion(trainer.model(images), images, batch.labels)["recon"].mean())
+    assert recon < 0.75 * mean_colour_mse(images), (recon, mean_colour_mse(images))  # measured: 0.67x
+
+
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_the_autoencoder_and_the_classifier_are_clipped_apart(variant):
+    expert = GenConViTExpert(variant, img_size=IMG, init="scratch", backbone="test_convnext", latent_channels=4)
+    model = expert.build_model()
+    autoencoder, rest = expert.clip_groups(model)
+    assert {id(p) for p in autoencoder} == {id(p) for p in [*model.encoder.parameters(), *model.decoder.parameters()]}
+    assert {id(p) for p in autoencoder} | {id(p) for p in rest} == {id(p) for p in model.parameters()}
+    assert not {id(p) for p in autoencoder} & {id(p) for p in rest}
 
 
 def test_psnr_of_known_errors():

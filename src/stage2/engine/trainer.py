@@ -337,7 +337,8 @@ class Trainer:
     def _optimizer_step(self, ctx: StageState) -> None:
         if self.cfg.clip_grad:
             self.scaler.unscale_(ctx.optimizer)
-            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.clip_grad)
+            for group in self.expert.clip_groups(self.model):
+                nn.utils.clip_grad_norm_([p for p in group if p.requires_grad], self.cfg.clip_grad)
         self.scaler.step(ctx.optimizer)
         self.scaler.update()
         ctx.optimizer.zero_grad(set_to_none=True)

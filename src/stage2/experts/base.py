@@ -78,6 +78,14 @@ class Expert:
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return [Stage("train", epochs, lr)]
 
+    def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
+        """Parameters whose gradients --clip-grad bounds as one norm, a norm per group; the loop skips frozen ones.
+
+        One group by default. Parts of a model that learn from separate losses each get their own group, so that
+        one part's large gradients do not shrink every step of the other.
+        """
+        return [list(model.parameters())]
+
     def describe(self) -> dict[str, Any]:
         """Expert-specific settings printed at start."""
         return {}
