@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                 workers=args.workers, amp=args.amp)
         return
     if args.export:
-        from stage2.embeddings.export import export_expert
+        from stage2.embeddings.export import export_checkpoint
 
-        export_expert(args.checkpoint, args.export, overwrite=args.overwrite)
+        export_checkpoint(args.checkpoint, args.export, overwrite=args.overwrite)
         return
     if args.images and not Path(args.images).is_dir():
         what = "no such folder" if not Path(args.images).exists() else "a file, not a folder of images"

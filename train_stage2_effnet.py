@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     check_output_dir(cfg)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.trainer import run
-    from stage2.experts.effnet import TimmExpert
+    from stage2.experts.timm_classifier import TimmExpert
     from stage2.models.timm_models import resolve_model_name
 
     expert = TimmExpert(

@@ -27,8 +27,8 @@ from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import setup_distributed
 from stage2.engine.trainer import Trainer
 from stage2.experts.base import Expert
-from stage2.experts.effnet import TimmExpert
 from stage2.experts.genconvit import GenConViTExpert
+from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.timm_models import timm_data_config
 
 EFFNET = "tf_efficientnetv2_b3"

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from stage2.errors import PretrainedWeightsError
-from stage2.experts.effnet import TimmExpert
+from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.timm_models import create_timm_model, resolve_model_name, timm_data_config
 
 

@@ -28,8 +28,8 @@ from stage2.engine.config import NOT_REPLAYED, SEED_MAX, config_from_args
 from stage2.engine.precision import pick_device
 from stage2.engine.trainer import Trainer
 from stage2.errors import ConfigError, ManifestError
-from stage2.experts.effnet import TimmExpert
 from stage2.experts.genconvit import parse_stages
+from stage2.experts.timm_classifier import TimmExpert
 
 SCRIPTS = (train_stage2_effnet, train_stage2_genconvit, feature_extractor)
 

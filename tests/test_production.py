@@ -26,8 +26,8 @@ import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.data.manifest import read_manifest
 from stage2.embeddings import FeatureExtractor, load_features
-from stage2.embeddings.export import ExportedExpert, check_images, check_onnx, export_expert
-from stage2.embeddings.extract import load_expert
+from stage2.embeddings.export import ExportGraph, check_images, check_onnx, export_checkpoint
+from stage2.embeddings.extract import load_model
 from stage2.engine.checkpoint import BestCheckpoint, load_checkpoint, save_checkpoint
 from stage2.engine.cli import exit_on_error
 from stage2.engine.metrics import operating_points
@@ -270,7 +270,7 @@ def test_timm_export_loads_in_timm_and_onnx_matches_the_extractor(uncalibrated, 
     np.testing.assert_allclose(calibrated, p_fake[: len(pixels)], atol=1e-4)
 
     with pytest.raises(ConfigError, match="--overwrite"):
-        export_expert(uncalibrated, out)
+        export_checkpoint(uncalibrated, out)
 
 
 def test_timms_own_preprocessing_of_the_export_gives_the_extractors_scores(uncalibrated, exported, tiny_data):
@@ -324,7 +324,7 @@ def genconvit_runs(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("variant", ["ed", "vae"])
 def test_trained_genconvit_exports_to_onnx(genconvit_runs, tiny_data, tmp_path, variant):
-    report = export_expert(genconvit_runs / variant / "best.pt", tmp_path / "export")
+    report = export_checkpoint(genconvit_runs / variant / "best.pt", tmp_path / "export")
     assert report["files"] == ["model.onnx"]
     _assert_check_passed_on_val_images(report, tiny_data[1])
     # The checkpoint's data config names the loaders' resize, so timm's eval transform built from it is theirs.
@@ -344,17 +344,17 @@ def test_the_onnx_check_judges_against_the_outputs_scale(trained_run, tmp_path):
         model.get_classifier().weight.mul_(1e6)
     best["model"] = model.state_dict()
     save_checkpoint(best, tmp_path / "large.pt")
-    report = export_expert(tmp_path / "large.pt", tmp_path / "large")
+    report = export_checkpoint(tmp_path / "large.pt", tmp_path / "large")
     logit = report["onnx"]["check"]["fake_logit"]
     assert report["onnx"]["check"]["passed"] and logit["scale"] > 1000 and logit["max_abs_diff"] > 0
 
-    expert = load_expert(tmp_path / "large.pt")
-    wrapper = ExportedExpert(expert).eval()
+    loaded = load_model(tmp_path / "large.pt")
+    wrapper = ExportGraph(loaded).eval()
     with torch.no_grad():
         wrapper.model.get_classifier().weight.mul_(1.01)
-    pixels, inputs = check_images(expert, 32)
+    pixels, inputs = check_images(loaded, 32)
     with pytest.raises(ExportCheckError) as err:
-        check_onnx(wrapper, tmp_path / "large" / "model.onnx", pixels, expert.temperature, inputs)
+        check_onnx(wrapper, tmp_path / "large" / "model.onnx", pixels, loaded.temperature, inputs)
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'large' / 'model.onnx'}: ONNX and PyTorch differ on 4 val images of ")
     assert "fake_logit max |diff|" in message and "embedding cosine" in message and "\n" not in message
@@ -401,7 +401,7 @@ def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained_run, ex
     script = ("import os, signal, sys\n"
               "import stage2.embeddings.export as export\n"
               "export.check_onnx = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "export.export_expert(sys.argv[1], sys.argv[2], overwrite=True)\n")
+              "export.export_checkpoint(sys.argv[1], sys.argv[2], overwrite=True)\n")
     result = subprocess.run([sys.executable, "-c", script, str(other), str(out)], cwd=ROOT, env=subprocess_env(),
                             capture_output=True)
     assert result.returncode == -signal.SIGKILL
@@ -451,7 +451,7 @@ def test_real_size_efficientnetv2_b3_exports(tmp_path):
     config = timm_data_config(model, 256)
     path = _real_size_checkpoint(tmp_path, model, {"family": "timm", "model_name": "tf_efficientnetv2_b3",
                                                    "num_classes": 1}, 256, config["mean"], config["std"])
-    report = export_expert(path, tmp_path / "export")
+    report = export_checkpoint(path, tmp_path / "export")
     _assert_check_passed_on_synthetic_images(report)
     assert report["input_size"] == [3, 256, 256]
     loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
@@ -465,6 +465,6 @@ def test_real_size_genconvit_ed_exports(tmp_path):
     path = _real_size_checkpoint(tmp_path, model, {"family": "genconvit", "model_name": "genconvit_ed",
                                                    "variant": "ed", "arch": "official", "model_kwargs": {}}, 224,
                                  (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    report = export_expert(path, tmp_path / "export")
+    report = export_checkpoint(path, tmp_path / "export")
     _assert_check_passed_on_synthetic_images(report)
     assert report["input_size"] == [3, 224, 224]

@@ -26,11 +26,11 @@ from stage2.atomic import FILE_MODE
 from stage2.data.manifest import read_manifest
 from stage2.engine.checkpoint import load_checkpoint
 from stage2.engine.config import config_from_args
+from stage2.engine.logs import setup_logging
 from stage2.engine.report import plot_roc
-from stage2.engine.run_dir import setup_logging
 from stage2.engine.trainer import run
 from stage2.errors import CheckpointError, TrainingDiverged
-from stage2.experts.effnet import TimmExpert
+from stage2.experts.timm_classifier import TimmExpert
 
 
 # ---------------------------------------------------------------- 1. resume with changed flags

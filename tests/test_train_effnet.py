@@ -17,7 +17,7 @@ from stage2.engine.checkpoint import load_checkpoint
 from stage2.engine.config import config_from_args
 from stage2.engine.trainer import run
 from stage2.errors import TrainingDiverged
-from stage2.experts.effnet import TimmExpert
+from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.families import model_from_checkpoint
 
 RUN_OUTPUTS = ["best.pt", "last.pt", "args.json", "metrics.csv", "summary.json", "roc.png", "curves.png",

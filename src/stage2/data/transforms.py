@@ -27,6 +27,7 @@ model's own normalisation; workers return uint8, so a batch costs 1/4 of float32
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,26 @@ def _chance(n: int, p: float, like: torch.Tensor, generator: torch.Generator | N
     return torch.rand(n, device=like.device, generator=generator) < p
 
 
+class Normalize(nn.Module):
+    """Pixels in [0, 1] <-> the model's normalised input, per channel, as buffers that follow the module's device.
+
+    Written here rather than torchvision's v2.Normalize because GenConViT's reconstruction loss also needs the
+    inverse (normalised input -> pixels), and the ONNX export needs the normalisation inside its graph.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], persistent: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=persistent)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=persistent)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse: normalised input -> float32 pixels in [0, 1] (on x's device)."""
+        return x.float() * self.std.to(x.device) + self.mean.to(x.device)
+
+
 class DeviceTransform(nn.Module):
     """uint8 [B,3,H,W] batch -> normalised float batch, with per-image random augmentation in training.
 
@@ -124,15 +145,14 @@ class DeviceTransform(nn.Module):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], level: str = "none"):
         super().__init__()
         self.cfg = aug_config(level)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(mean, std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float().div_(255)
         if self.training:
             x = self._augment(x, generator)
-        return (x - self.mean) / self.std
+        return self.normalize(x)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         cfg, b = self.cfg, x.shape[0]

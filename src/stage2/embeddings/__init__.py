@@ -1,6 +1,6 @@
 """Stage-two embeddings for stage three: extraction (``extract``), feature files (``store``), ``--example``."""
 
-from .extract import FeatureBatch, FeatureExtractor, LoadedExpert, check_model_name, load_expert
+from .extract import FeatureBatch, FeatureExtractor, LoadedModel, check_model_name, load_model
 from .store import FeatureFileError, FeatureSet, JoinedFeatures, NpzStreamWriter, join_features, load_features
 
 __all__ = [
@@ -9,10 +9,10 @@ __all__ = [
     "FeatureFileError",
     "FeatureSet",
     "JoinedFeatures",
-    "LoadedExpert",
+    "LoadedModel",
     "NpzStreamWriter",
     "check_model_name",
     "join_features",
-    "load_expert",
+    "load_model",
     "load_features",
 ]

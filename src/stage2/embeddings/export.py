@@ -40,7 +40,8 @@ from torch import nn
 from stage2.atomic import DIR_MODE, FILE_MODE, naming, staging_dir, write_json_atomic
 from stage2.data.decode import decode_image, resize_uint8
 from stage2.data.manifest import read_manifest
-from stage2.embeddings.extract import LoadedExpert, load_expert
+from stage2.data.transforms import Normalize
+from stage2.embeddings.extract import LoadedModel, load_model
 from stage2.errors import ConfigError, ExportCheckError, ImageDecodeError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -55,31 +56,30 @@ EXTERNAL_DATA_BYTES = 1.8 * 2**30
 EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.safetensors", "config.json", "export.json")
 
 
-class ExportedExpert(nn.Module):
+class ExportGraph(nn.Module):
     """pixels in [0, 1] -> (embedding, fake logit): the model's normalisation and its family's read-out."""
 
-    def __init__(self, expert: LoadedExpert) -> None:
+    def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
-        self.model, self.family = expert.model, expert.family
-        self.register_buffer("mean", torch.tensor(expert.data_config["mean"]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(expert.data_config["std"]).view(1, 3, 1, 1))
+        self.model, self.family = loaded.model, loaded.family
+        self.normalize = Normalize(loaded.data_config["mean"], loaded.data_config["std"])
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding, fake_logit = self.family.embed(self.model, (pixels - self.mean) / self.std)
+        embedding, fake_logit = self.family.embed(self.model, self.normalize(pixels))
         return embedding.float(), fake_logit.float()
 
 
-def export_expert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False
                   ) -> dict[str, Any]:
     """Write the formats above for a trainer checkpoint (or an official GenConViT file); returns export.json."""
     out = Path(out_dir)
     _check_target(out, overwrite)
-    expert = load_expert(checkpoint)
+    loaded = load_model(checkpoint)
     with naming(out):
         stage = staging_dir(out)
     try:
         with naming(out):
-            report = _build(expert, Path(checkpoint), stage, out)
+            report = _build(loaded, Path(checkpoint), stage, out)
             for path in stage.iterdir():
                 os.chmod(path, FILE_MODE)
             os.chmod(stage, DIR_MODE)
@@ -88,7 +88,7 @@ def export_expert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, 
         shutil.rmtree(stage, ignore_errors=True)
     check = report["onnx"]["check"]
     log.info("exported %s to %s: %s (ONNX vs PyTorch on %s: max |diff| embedding %.2e, fake_logit %.2e; "
-             "embedding cosine >= %.7f; P(fake) max diff %.2e)", expert.model_name, out, ", ".join(report["files"]),
+             "embedding cosine >= %.7f; P(fake) max diff %.2e)", loaded.model_name, out, ", ".join(report["files"]),
              check["inputs"], check["embedding"]["max_abs_diff"], check["fake_logit"]["max_abs_diff"],
              check["embedding_cosine_min"], check["p_fake_max_diff"])
     return report
@@ -106,11 +106,11 @@ def _check_target(out: Path, overwrite: bool) -> None:
                           "export into a folder of its own")
 
 
-def _build(expert: LoadedExpert, checkpoint: Path, out: Path, target: Path) -> dict[str, Any]:
+def _build(loaded: LoadedModel, checkpoint: Path, out: Path, target: Path) -> dict[str, Any]:
     """Write the export into `out` (a staging folder that becomes `target`)."""
-    data_config = expert.data_config
-    written = expert.family.export_native(expert.model, out, data_config)
-    wrapper = ExportedExpert(expert).eval()
+    data_config = loaded.data_config
+    written = loaded.family.export_native(loaded.model, out, data_config)
+    wrapper = ExportGraph(loaded).eval()
     size = int(data_config["input_size"][-1])
     external = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > EXTERNAL_DATA_BYTES
     with torch.inference_mode(False), torch.no_grad():
@@ -118,14 +118,14 @@ def _build(expert: LoadedExpert, checkpoint: Path, out: Path, target: Path) -> d
                           input_names=["pixels"], output_names=["embedding", "fake_logit"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=external)
     written += [name for name in ("model.onnx", "model.onnx.data") if (out / name).exists()]
-    pixels, inputs = check_images(expert, size)
-    check = check_onnx(wrapper, out / "model.onnx", pixels, expert.temperature, inputs,
+    pixels, inputs = check_images(loaded, size)
+    check = check_onnx(wrapper, out / "model.onnx", pixels, loaded.temperature, inputs,
                        where=f"--export {target}: {checkpoint}")
-    report = {"checkpoint": os.path.abspath(checkpoint), "model_name": expert.model_name,
-              "family": expert.family.name, "input_size": [3, size, size], "mean": list(data_config["mean"]),
+    report = {"checkpoint": os.path.abspath(checkpoint), "model_name": loaded.model_name,
+              "family": loaded.family.name, "input_size": [3, size, size], "mean": list(data_config["mean"]),
               "std": list(data_config["std"]), "resize": {key: data_config[key] for key in
                                                           ("interpolation", "crop_pct", "crop_mode")},
-              "temperature": expert.temperature, "files": written,
+              "temperature": loaded.temperature, "files": written,
               "onnx": {"inputs": {"pixels": "float32 RGB in [0, 1], [batch, 3, S, S], the whole image, upright "
                                             "by EXIF, resized to S x S (bilinear, antialiased, no crop)"},
                        "outputs": {"embedding": "[batch, D]", "fake_logit": "[batch]"}, "check": check}}
@@ -144,14 +144,14 @@ def _swap_in(stage: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_images(expert: LoadedExpert, size: int) -> tuple[torch.Tensor, str]:
+def check_images(loaded: LoadedModel, size: int) -> tuple[torch.Tensor, str]:
     """[CHECK_IMAGES, 3, S, S] pixels in [0, 1] to compare the runtimes on, and where they come from: images of
     the val manifest the checkpoint records, resized as the loaders do, when it can be read from here; else
     smooth random images (upsampled noise), which keep the activations in the range real images give."""
-    manifest = expert.train_args.get("val_manifest")
+    manifest = loaded.train_args.get("val_manifest")
     if manifest:
         try:
-            frame = read_manifest(manifest, expert.train_args.get("data_root"), check_files=False,
+            frame = read_manifest(manifest, loaded.train_args.get("data_root"), check_files=False,
                                   require_labels=False)
         except ManifestError as err:
             log.info("ONNX check on synthetic images: %s", err)

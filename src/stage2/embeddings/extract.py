@@ -8,7 +8,6 @@ GenConViT's 500-d ``features``. The classifier is kept, so one forward pass also
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -19,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,17 +33,13 @@ from stage2.engine.checkpoint import BestCheckpoint, checkpoint_from_state, load
 from stage2.engine.precision import autocast, autocast_dtype, memory_format, pick_device
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
-from stage2.models.genconvit import GenConViTED, GenConViTVAE, detect_variant, load_official_checkpoint, read_state_dict
+from stage2.models.genconvit import OFFICIAL_IMG_SIZE, read_state_dict
 from stage2.processes import usable_cores
 
 log = logging.getLogger(__name__)
 
-# The official GenConViT weights were trained on 224px crops with ImageNet normalisation.
-OFFICIAL_DATA_CONFIG = {"input_size": [3, 224, 224], "mean": list(IMAGENET_DEFAULT_MEAN),
-                        "std": list(IMAGENET_DEFAULT_STD), **RESIZE_CONFIG}
 
-
-class LoadedExpert(NamedTuple):
+class LoadedModel(NamedTuple):
     model: nn.Module
     family: ModelFamily
     model_name: str
@@ -72,7 +66,7 @@ def check_model_name(requested: str | None, recorded: str, family: ModelFamily, 
     raise CheckpointError(f"model name {requested!r} does not match {where}, which holds {recorded!r}")
 
 
-def load_expert(checkpoint_path: str | os.PathLike, model_name: str | None = None) -> LoadedExpert:
+def load_model(checkpoint_path: str | os.PathLike, model_name: str | None = None) -> LoadedModel:
     """A trainer checkpoint (best.pt / last.pt) or an official GenConViT file, as an eval-mode model on the CPU."""
     path = Path(checkpoint_path)
     state = load_checkpoint(path)
@@ -81,7 +75,7 @@ def load_expert(checkpoint_path: str | os.PathLike, model_name: str | None = Non
     return _from_official_file(state, path, model_name)
 
 
-def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:
+def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedModel:
     best = checkpoint_from_state(BestCheckpoint, state, path)  # a last.pt reads as one too
     recorded = best.meta.get("model_name") or model_name
     if recorded is None:
@@ -99,42 +93,25 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {first_line(err)}") from err
     # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
     data_config = {**best.data_config, **RESIZE_CONFIG}
-    return LoadedExpert(model.eval(), family, recorded, data_config, best.temperature, dict(best.args))
+    return LoadedModel(model.eval(), family, recorded, data_config, best.temperature, dict(best.args))
 
 
-def _from_official_file(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedExpert:
+def _from_official_file(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedModel:
+    family = FAMILIES["genconvit"]
     try:
         weights = read_state_dict(state)
-        variant = detect_variant(weights)
+        meta = family.official_meta(weights)
     except OfficialCheckpointError as err:
         raise CheckpointError(
             f"checkpoint {path}: neither a trainer checkpoint (no 'family' key) nor an official GenConViT file ({err})"
         ) from None
-    recorded = f"genconvit_{variant}"
-    family = FAMILIES["genconvit"]
-    check_model_name(model_name, recorded, family, f"official GenConViT file {path}")
-    data_config = dict(OFFICIAL_DATA_CONFIG)
-    kwargs: dict[str, int] = {}
-    if variant == "vae":
-        kwargs = _official_vae_sizes(weights)
-        data_config["input_size"] = [3, kwargs["img_size"], kwargs["img_size"]]
-    # Built on the meta device and filled by assignment: the official VAE is 2.8 GB, so never hold it twice.
-    with torch.device("meta"):
-        model = GenConViTED() if variant == "ed" else GenConViTVAE(**kwargs)
+    check_model_name(model_name, meta["model_name"], family, f"official GenConViT file {path}")
     try:
-        load_official_checkpoint(model, weights, assign=True)
+        model = family.load_official(weights, meta)
     except OfficialCheckpointError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
-    return LoadedExpert(model.eval(), family, recorded, data_config, 1.0, {})
-
-
-def _official_vae_sizes(weights: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Input size and latent channels from the VAE encoder's ``mu`` head (official: 224px, 256 channels)."""
-    latent, flat = weights["encoder.mu.weight"].shape  # latent_channels*(S/32)^2, 128*(S/16)^2
-    side = 16 * math.isqrt(flat // 128)
-    return {"img_size": side, "latent_channels": latent // (side // 32) ** 2}
-
-
+    data_config = family.data_config(meta["model_kwargs"].get("img_size", OFFICIAL_IMG_SIZE))
+    return LoadedModel(model.eval(), family, meta["model_name"], data_config, 1.0, {})
 
 
 def _default_workers() -> int:
@@ -188,9 +165,9 @@ class FeatureExtractor:
             raise TypeError("FeatureExtractor needs checkpoint_path")
         self.device = pick_device(device)  # before the checkpoint (gigabytes) is read
         self.checkpoint_path = Path(checkpoint_path)
-        expert = load_expert(self.checkpoint_path, model_name)
-        self.model_name, self.family = expert.model_name, expert.family
-        self.data_config, self.temperature, self.train_args = expert.data_config, expert.temperature, expert.train_args
+        loaded = load_model(self.checkpoint_path, model_name)
+        self.model_name, self.family = loaded.model_name, loaded.family
+        self.data_config, self.temperature, self.train_args = loaded.data_config, loaded.temperature, loaded.train_args
         self.img_size = int(self.data_config["input_size"][-1])
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
@@ -198,7 +175,7 @@ class FeatureExtractor:
         on_gpu = self.device.type == "cuda"
         self.amp_dtype = autocast_dtype("bf16" if amp and on_gpu else "off", self.device)
         self.channels_last = on_gpu
-        self.model = expert.model.to(self.device).eval()
+        self.model = loaded.model.to(self.device).eval()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.embed_dim = self.family.classifier(self.model).in_features

@@ -11,8 +11,8 @@ from stage2.data.audit import AUDIT_FILE, run_audit
 from stage2.data.manifest import check_source_leak, read_manifest
 from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import DistInfo
+from stage2.engine.logs import setup_logging
 from stage2.engine.outputs import report_names
-from stage2.engine.run_dir import setup_logging
 from stage2.errors import ConfigError
 from stage2.processes import usable_cores
 

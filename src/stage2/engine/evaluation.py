@@ -22,13 +22,14 @@ from stage2.data.perturb import Perturbation, check_image_size, parse_perturbati
 from stage2.data.transforms import DeviceTransform
 from stage2.engine.checkpoint import last_good_note, read_best
 from stage2.engine.config import TrainConfig
-from stage2.engine.data import val_loader
 from stage2.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
+from stage2.engine.logs import setup_logging
 from stage2.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
 from stage2.engine.outputs import check_output_dir, report_names
 from stage2.engine.precision import autocast, autocast_dtype, memory_format
 from stage2.engine.report import format_report, plot_robustness, tpr_footnote
-from stage2.engine.run_dir import BadImages, setup_logging
+from stage2.engine.run_dir import BadImages
+from stage2.engine.run_loaders import val_loader
 from stage2.errors import ConfigError, TrainingDiverged
 from stage2.experts.base import Expert
 from stage2.models.families import model_from_checkpoint
@@ -131,7 +132,8 @@ class Evaluator:
                 outputs = model(x)
                 terms = {**self.expert.loss(outputs, x, labels), **self.expert.sample_metrics(outputs, x)}
                 names = list(terms)
-                columns = [labels.float(), self.expert.fake_logit(outputs).float(), *(terms[k].float() for k in names)]
+                logit = self.expert.family.fake_logit(outputs)
+                columns = [labels.float(), logit.float(), *(terms[k].float() for k in names)]
                 indices.append(batch.indices.to(self.device))
                 rows.append(torch.stack(columns, dim=1))
         if not rows:

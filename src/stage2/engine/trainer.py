@@ -50,7 +50,6 @@ from stage2.engine.checkpoint import (
     save_checkpoint,
 )
 from stage2.engine.config import TrainConfig
-from stage2.engine.data import train_loader
 from stage2.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -60,11 +59,13 @@ from stage2.engine.distributed import (
     setup_distributed,
 )
 from stage2.engine.evaluation import Evaluator, evaluate_checkpoint, final_report, sigmoid, video_level
+from stage2.engine.logs import setup_logging
 from stage2.engine.metrics import is_better, metric_direction
 from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
 from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
 from stage2.engine.resume import read_resume_state, restore
-from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock, setup_logging
+from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock
+from stage2.engine.run_loaders import train_loader
 from stage2.engine.tracking import make_tracker
 from stage2.errors import ConfigError, StopRequested, TrainingDiverged
 from stage2.experts.base import Expert, Stage

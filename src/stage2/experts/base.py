@@ -56,7 +56,7 @@ class Expert:
         raise NotImplementedError
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What a checkpoint must record to rebuild the model (see stage2.models.families.model_from_checkpoint)."""
+        """What a checkpoint must record to rebuild the model: its family's ``meta`` for this recipe's model."""
         raise NotImplementedError
 
     def recipe(self) -> dict[str, Any]:
@@ -70,10 +70,6 @@ class Expert:
     def sample_metrics(self, outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample validation measures besides the loss terms, each [B]; logged as their means, val_<name>."""
         return {}
-
-    def fake_logit(self, outputs: Any) -> torch.Tensor:
-        """Log-odds of "fake" per sample, [B]: P(fake) = sigmoid(fake_logit); its model family reads it."""
-        return self.family.fake_logit(outputs)
 
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return [Stage("train", epochs, lr)]

@@ -1,9 +1,10 @@
-"""Model families: how each kind of expert model is rebuilt from a checkpoint and how its outputs are read.
+"""Model families: what a checkpoint records about each kind of expert model, and how it is rebuilt and read.
 
-A checkpoint records its family ("timm" or "genconvit") and the arguments that rebuild its model. The trainer,
-the feature extractor, the exporter and the benchmarks ask that family (rebuild, embedding and fake-logit
-read-out, native export format), never switch on a model name: another kind of expert adds a family here and an
-Expert (its training recipe) in ``src/stage2/experts``.
+A checkpoint records its family ("timm" or "genconvit") and the arguments that rebuild its model; the family
+writes that record (``meta``) and reads it back (``build``). The trainer, the feature extractor, the exporter and
+the benchmarks ask that family (rebuild, embedding and fake-logit read-out, native export format, GenConViT's
+official files), never switch on a model name: another kind of expert adds a family here and an Expert (its
+training recipe) in ``src/stage2/experts``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_arch_name, save_for_hf
 from torch import nn
 
+from stage2.data.decode import RESIZE_CONFIG
 from stage2.errors import CheckpointError
-from stage2.models.genconvit import build_genconvit, fake_logit
+from stage2.models.genconvit import (
+    build_genconvit,
+    detect_variant,
+    fake_logit,
+    load_official_checkpoint,
+    official_vae_sizes,
+)
 from stage2.models.timm_models import create_timm_model, resolve_model_name
 
 
@@ -29,7 +38,8 @@ class ModelFamily:
     native_files: tuple[str, ...] = ()
 
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
-        """The (randomly initialised) model a checkpoint's metadata describes; nothing is downloaded."""
+        """The (randomly initialised) model a checkpoint's metadata (this family's ``meta``) describes; nothing is
+        downloaded."""
         raise NotImplementedError
 
     def fake_logit(self, outputs: Any) -> torch.Tensor:
@@ -58,6 +68,10 @@ class TimmFamily(ModelFamily):
 
     name = "timm"
     native_files = ("model.safetensors", "config.json")
+
+    def meta(self, model_name: str) -> dict[str, Any]:
+        """What a checkpoint records to rebuild the model (read back by ``build``)."""
+        return {"family": self.name, "model_name": model_name, "num_classes": 1}
 
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         return create_timm_model(meta["model_name"], pretrained=False, num_classes=meta["num_classes"])
@@ -96,8 +110,35 @@ class GenConViTFamily(ModelFamily):
 
     name = "genconvit"
 
+    def meta(self, variant: str, arch: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """What a checkpoint records to rebuild the model (read back by ``build``): `model_kwargs` are the
+        constructor arguments beyond the official defaults."""
+        suffix = "" if arch == "official" else f"_{arch}"
+        return {"family": self.name, "model_name": f"genconvit_{variant}{suffix}", "variant": variant, "arch": arch,
+                "model_kwargs": dict(model_kwargs)}
+
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         return build_genconvit(meta["variant"], meta["arch"], **meta.get("model_kwargs", {}))
+
+    def data_config(self, img_size: int) -> dict[str, Any]:
+        """ImageNet normalisation (the official weights' and every GenConViT run's) at `img_size`, and the resize
+        every loader applies."""
+        return {"input_size": [3, img_size, img_size], "mean": list(IMAGENET_DEFAULT_MEAN),
+                "std": list(IMAGENET_DEFAULT_STD), **RESIZE_CONFIG}
+
+    def official_meta(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The meta of an official file's model: the variant from its keys, a VAE's sizes from its ``mu`` head.
+        Raises OfficialCheckpointError for weights that are no official GenConViT."""
+        variant = detect_variant(weights)
+        return self.meta(variant, "official", official_vae_sizes(weights) if variant == "vae" else {})
+
+    def load_official(self, weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> nn.Module:
+        """The official model `meta` (from ``official_meta``) describes, holding `weights` (strictly loaded)."""
+        # Built on the meta device and filled by assignment: the official VAE is 2.8 GB, so never hold it twice.
+        with torch.device("meta"):
+            model = self.build(meta)
+        load_official_checkpoint(model, weights, assign=True)
+        return model
 
     def fake_logit(self, outputs: Any) -> torch.Tensor:
         return fake_logit(outputs.logits.float())

@@ -25,11 +25,13 @@ from .hybrid import GenConViTHybrid
 from .loss import GenConViTLoss, gaussian_kl
 from .official import (
     FAKE_INDEX,
+    OFFICIAL_IMG_SIZE,
     REAL_INDEX,
     LoadReport,
     detect_variant,
     fake_logit,
     load_official_checkpoint,
+    official_vae_sizes,
     read_state_dict,
     targets_from_labels,
 )
@@ -37,6 +39,7 @@ from .vae import GenConViTVAE, init_var_from_mu
 
 __all__ = [
     "FAKE_INDEX",
+    "OFFICIAL_IMG_SIZE",
     "REAL_INDEX",
     "GenConViTED",
     "GenConViTHybrid",
@@ -50,6 +53,7 @@ __all__ = [
     "gaussian_kl",
     "init_var_from_mu",
     "load_official_checkpoint",
+    "official_vae_sizes",
     "read_state_dict",
     "targets_from_labels",
 ]

@@ -31,10 +31,10 @@ def init_upsampling(features: nn.Sequential, negative_slope: float) -> None:
     so each block shrinks the signal ~6x: the untrained decoder outputs its last bias, and a final ReLU whose
     bias starts negative is dead (ED: blue 0% active at init; trained, green stayed exactly 0). Here every output
     pixel of a kernel-2 stride-2 conv sums exactly ``in_channels`` products, so He init uses that fan-in; the
-    output layer starts small (``OUTPUT_GAIN``) around the mean ImageNet pixel, inside the [0, 1] target range.
-    Starting large instead, the image-dependent part of the output is noise the optimiser removes by killing the
-    path that carries it, and the autoencoder settles on the mean image (measured on the demo crops). Official
-    weights overwrite all of this.
+    output layer starts small (``OUTPUT_GAIN``) around the mean ImageNet pixel, so the untrained reconstruction
+    lies inside the [0, 1] target range with every ReLU alive. (A variance-preserving output layer, gain 1, learns
+    as fast: 21.2 dB val PSNR after 210 Adam steps on the demo crops, against 21.3 dB.) Official weights overwrite
+    all of this.
     """
     convs = [m for m in features if isinstance(m, nn.ConvTranspose2d)]
     for conv in convs:
@@ -72,10 +72,11 @@ def classifier_view(recon: torch.Tensor) -> torch.Tensor:
 
     The autoencoder learns from the reconstruction loss alone. Let the classification loss reach it too and its
     gradient (56x the reconstruction's on the demo's ED decoder at init, 10^4x on the encoder) decides what the
-    decoder outputs: a near-constant image the classifier can use (ED, demo: val MSE 0.029 after 8 epochs, worse
-    than each image's mean colour, 0.020) instead of a reconstruction. The forward pass is unchanged, so official
-    weights give upstream's outputs. Upstream's training (erprogs/GenConViT, train/train_ed.py, train_vae.py) does
-    not detach: its ED autoencoder learns from the classification loss only, its VAE from classification + MSE.
+    decoder outputs: a near-constant image the classifier can use instead of a reconstruction (ED demo, 8 epochs:
+    val PSNR 15.9 dB, below each image's mean colour at 17.6 dB, and best AUC 0.898; detached: 19.9 dB, 0.952).
+    The forward pass is unchanged, so official weights give upstream's outputs. Upstream's training
+    (erprogs/GenConViT, train/train_ed.py, train_vae.py) does not detach: its ED autoencoder learns from the
+    classification loss only, its VAE from classification + MSE.
     """
     return recon.detach()
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from stage2.data.transforms import Normalize
+
 from .ed import GenConViTOutput
 from .official import targets_from_labels
 
@@ -63,12 +65,11 @@ class GenConViTLoss(nn.Module):
         self.recon_weight = recon_weight
         self.kl_weight = kl_weight
         self.label_smoothing = label_smoothing
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(mean, std)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised model inputs -> pixels in [0, 1], the space of the reconstruction target."""
-        return images.float() * self.std.to(images.device) + self.mean.to(images.device)
+        return self.normalize.pixels(images)
 
     def psnr(self, out: GenConViTOutput, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"recon_psnr", "mean_colour_psnr"}``, each ``[B]``: how well the reconstruction matches the input, and

@@ -9,6 +9,7 @@ no forward pass uses; those keys are dropped and every other key must match exac
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ FAKE_INDEX = 0
 REAL_INDEX = 1
 
 SWIN_PREFIXES = ("embedder.", "backbone.patch_embed.", "convnext_backbone.patch_embed.")
+OFFICIAL_IMG_SIZE = 224  # the official weights were trained on 224px crops
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,13 @@ def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
 def fake_logit(logits: torch.Tensor) -> torch.Tensor:
     """[B, 2] logits -> [B] log-odds of fake; ``sigmoid(fake_logit(l)) == softmax(l)[:, FAKE_INDEX]``."""
     return logits[:, FAKE_INDEX] - logits[:, REAL_INDEX]
+
+
+def official_vae_sizes(weights: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Input size and latent channels from an official VAE's encoder ``mu`` head (official: 224px, 256 channels)."""
+    latent, flat = weights["encoder.mu.weight"].shape  # latent_channels*(S/32)^2, 128*(S/16)^2
+    side = 16 * math.isqrt(flat // 128)
+    return {"img_size": side, "latent_channels": latent // (side // 32) ** 2}
 
 
 def detect_variant(keys: Iterable[str]) -> Literal["ed", "vae"]:

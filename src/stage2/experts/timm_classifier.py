@@ -13,7 +13,7 @@ from torch import nn
 
 from stage2.errors import PretrainedWeightsError
 from stage2.experts.base import Expert
-from stage2.models.families import FAMILIES
+from stage2.models.families import FAMILIES, TimmFamily
 from stage2.models.timm_models import create_timm_model, timm_data_config
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class TimmExpert(Expert):
     imbalanced manifest; `label_smoothing` pulls targets towards 0.5 by that amount.
     """
 
-    family = FAMILIES["timm"]
+    family: TimmFamily = FAMILIES["timm"]
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class TimmExpert(Expert):
         return timm_data_config(model, self.img_size)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"family": self.family.name, "model_name": self.model_name, "num_classes": 1}
+        return self.family.meta(self.model_name)
 
     def loss(self, outputs: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = outputs.squeeze(1).float()
