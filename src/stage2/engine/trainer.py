@@ -67,7 +67,7 @@ from stage2.engine.resume import read_resume_state, restore
 from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock
 from stage2.engine.run_loaders import train_loader
 from stage2.engine.tracking import make_tracker
-from stage2.errors import ConfigError, StopRequested, TrainingDiverged
+from stage2.errors import ConfigError, StopRequested, TrainingDiverged, first_line
 from stage2.experts.base import Expert, Stage
 from stage2.processes import StopRequest, stop_requests, usable_cores
 
@@ -223,7 +223,11 @@ class Trainer:
         if state:
             # The schedule is not restored: it follows from the flags and the position below, so a resume with a
             # new --epochs or --lr re-plans it (the optimizer's own lr is overwritten by the first step_update).
-            optimizer.load_state_dict(state.optimizer)
+            try:
+                optimizer.load_state_dict(state.optimizer)
+            except ValueError as err:  # e.g. a last.pt from before GenConViT's autoencoder got its own group
+                raise ConfigError(f"--resume {self.resume_path}: its optimizer state does not fit this version's "
+                                  f"parameter groups ({first_line(err)}); start a new run") from None
             self.scaler.load_state_dict(state.scaler)
         train_model: nn.Module = self.model
         if self.dist.enabled:
