@@ -43,10 +43,10 @@ def mean_colour_mse(images: torch.Tensor) -> float:
     return float((pixels - pixels.mean(dim=(2, 3), keepdim=True)).pow(2).mean())
 
 
-@pytest.mark.parametrize(("variant", "lr"), [("ed", 1e-3), ("vae", 3e-3)])
-def test_a_few_training_steps_reconstruct_better_than_each_images_mean_colour(variant, lr, tiny_data):
-    # The whole model and loss, classification included: before the fix the ED decoder's output sat at a
-    # near-constant image (dead final ReLU, classifier gradient) and the VAE's latent collapsed (KL too strong).
+def test_a_few_plain_adam_steps_make_the_vae_reconstruct_better_than_each_images_mean_colour(tiny_data):
+    # The whole model and loss, classification included: before the fix the VAE's latent collapsed (KL too strong).
+    # The ED learns through the trainer's own steps below, which cover its model and loss as well.
+    variant, lr = "vae", 3e-3
     images, labels = load_split(tiny_data[0])
     torch.manual_seed(0)
     model = tiny_model(variant, latent_channels=16)
@@ -63,7 +63,7 @@ def test_a_few_training_steps_reconstruct_better_than_each_images_mean_colour(va
     model.eval()
     with torch.no_grad():
         recon = float(criterion(model(images), images, labels)["recon"].mean())
-    # Measured: 0.52x (ED) and 0.80x (VAE) the mean colour's MSE after 40 steps; both start 1.5x above it.
+    # Measured: 0.80x the mean colour's MSE after 40 steps; it starts 1.5x above it.
     assert recon < 0.9 * mean_colour_mse(images), (recon, mean_colour_mse(images))
 
 
