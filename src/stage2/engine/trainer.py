@@ -88,13 +88,15 @@ def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
 
 @dataclass
 class StageState:
-    """What one stage trains with: its optimizer, schedule, the (DDP/compiled) model it steps, updates so far."""
+    """What one stage trains with: its optimizer, schedule, the (DDP/compiled) model it steps, the parameters
+    --clip-grad bounds (a norm per group), updates so far."""
 
     index: int
     stage: Stage
     optimizer: torch.optim.Optimizer
     scheduler: Any
     train_model: nn.Module
+    clip_groups: list[list[nn.Parameter]]
     updates: int = 0
 
     @property
@@ -237,7 +239,9 @@ class Trainer:
         if cfg.compile:
             train_model = torch.compile(train_model)
         scheduler.step_update(num_updates=updates)
-        return StageState(index, stage, optimizer, scheduler, train_model, updates)
+        # What the stage trains is fixed for the stage: the groups are taken once, not at every step.
+        clip_groups = [[p for p in group if p.requires_grad] for group in self.expert.clip_groups(self.model)]
+        return StageState(index, stage, optimizer, scheduler, train_model, clip_groups, updates)
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int, ctx: StageState, *, start_step: int = 0,
@@ -342,8 +346,8 @@ class Trainer:
     def _optimizer_step(self, ctx: StageState) -> None:
         if self.cfg.clip_grad:
             self.scaler.unscale_(ctx.optimizer)
-            for group in self.expert.clip_groups(self.model):
-                nn.utils.clip_grad_norm_([p for p in group if p.requires_grad], self.cfg.clip_grad)
+            for group in ctx.clip_groups:
+                nn.utils.clip_grad_norm_(group, self.cfg.clip_grad)
         self.scaler.step(ctx.optimizer)
         self.scaler.update()
         ctx.optimizer.zero_grad(set_to_none=True)

@@ -75,7 +75,8 @@ class Expert:
         return [Stage("train", epochs, lr)]
 
     def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
-        """Parameters whose gradients --clip-grad bounds as one norm, a norm per group; the loop skips frozen ones.
+        """Parameters whose gradients --clip-grad bounds as one norm, a norm per group; the loop asks once per stage
+        and skips the stage's frozen ones.
 
         One group by default. Parts of a model that learn from separate losses each get their own group, so that
         one part's large gradients do not shrink every step of the other.

@@ -174,8 +174,9 @@ class GenConViTExpert(Expert):
         0.02-0.06 for the autoencoder's) would otherwise set the clip factor of the autoencoder's steps too: with
         a norm per part the demo ED's val PSNR after 8 epochs was 19.95 dB against 19.49 dB with one (AUC 0.952
         and 0.953)."""
-        autoencoder = {id(p) for p in model.autoencoder_parameters()}
-        return [model.autoencoder_parameters(), [p for p in model.parameters() if id(p) not in autoencoder]]
+        autoencoder = model.autoencoder_parameters()
+        ids = {id(p) for p in autoencoder}
+        return [autoencoder, [p for p in model.parameters() if id(p) not in ids]]
 
     def recipe(self) -> dict[str, Any]:
         return {"recon_weight": self.criterion.recon_weight, "kl_weight": self.criterion.kl_weight,
