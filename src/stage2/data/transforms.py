@@ -121,10 +121,10 @@ class Normalize(nn.Module):
     inverse (normalised input -> pixels), and the ONNX export needs the normalisation inside its graph.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], persistent: bool = False) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=persistent)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=persistent)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
