@@ -1,10 +1,20 @@
-"""Where a run's messages go: the console (rank 0) and OUTPUT_DIR/train.log, under the "stage2" logger."""
+"""Where a run's messages go (the console on rank 0 and OUTPUT_DIR/train.log, under the "stage2" logger), and the
+settings banner a training run opens with."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from stage2.engine.config import TrainConfig
+from stage2.engine.distributed import DistInfo
+from stage2.experts.base import Stage
 
 log = logging.getLogger("stage2")
 
@@ -42,3 +52,34 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file)
     logging.captureWarnings(True)
+
+
+def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, amp_dtype: torch.dtype | None,
+                 threads: str, train_frame: pd.DataFrame, n_val: int, data_config: dict[str, Any],
+                 degrade_start: int | None, workers: int, n_params: int, model: dict[str, Any]) -> None:
+    """What a training run is about to do, in one block: device, data, recipe, stages and model.
+
+    `degrade_start` is the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
+    loader workers after the cap to usable cores; `model` the expert's description."""
+    dc = data_config
+    lines = [
+        f"device {dist.device} x {dist.world_size} rank(s)"
+        f"{f' (process group {dist.backend})' if dist.backend else ''}, amp {amp_dtype or 'off'}, "
+        f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}"
+        + (f", {threads}" if threads else ""),
+        f"train {len(train_frame)} images ({int(train_frame['label'].sum())} fake) from "
+        f"{cfg.train_manifest}; val {n_val} from {cfg.val_manifest}",
+        f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
+        + (f" (degradations from epoch {degrade_start + 1})" if degrade_start is not None else "")
+        + f", self-blend {cfg.self_blend:g}, workers {workers}"
+        + (f" (--workers {cfg.workers} capped to the {workers} cores this process may use)"
+           if workers < cfg.workers else ""),
+        f"epochs {cfg.epochs}, batch {cfg.batch_size}/rank x accum {cfg.grad_accum}, {cfg.opt} lr {cfg.lr:g} "
+        f"(warmup {cfg.warmup_epochs:g} ep, cosine to {cfg.min_lr:g}), wd {cfg.weight_decay:g}, "
+        f"clip {cfg.clip_grad}, ema {cfg.ema_decay if cfg.ema else 'off'}",
+        f"stages: {', '.join(f'{s.name} ({s.epochs} ep, lr {s.lr:g})' for s in stages)}",
+        f"{n_params / 1e6:.1f}M parameters; " + ", ".join(f"{k} {v}" for k, v in model.items()),
+        f"best checkpoint by val {cfg.select_metric}; outputs in {cfg.output_dir}"
+        + (f"; tracking: {cfg.log_to}" if cfg.log_to else ""),
+    ]
+    log.info("settings:\n  %s", "\n  ".join(lines))

@@ -59,7 +59,7 @@ from stage2.engine.distributed import (
     setup_distributed,
 )
 from stage2.engine.evaluation import Evaluator, evaluate_checkpoint, final_report, sigmoid, video_level
-from stage2.engine.logs import setup_logging
+from stage2.engine.logs import log_settings, setup_logging
 from stage2.engine.metrics import is_better, metric_direction
 from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
 from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
@@ -180,7 +180,11 @@ class Trainer:
         # Epochs are counted over the whole run (0-based), stages one after another; a last.pt says where the run
         # stands: epoch `next_epoch`, `step` steps into it (0: at its start).
         start_epoch, start_step = (resume.next_epoch, resume.step) if resume else (0, 0)
-        self._log_settings(stages)
+        degrade = self.train_loader.dataset.transform
+        log_settings(cfg, stages, dist=self.dist, amp_dtype=self.amp_dtype, threads=self.threads,
+                     train_frame=self.train_frame, n_val=len(self.evaluator.frame), data_config=self.data_config,
+                     degrade_start=degrade.start if degrade else None, workers=self.workers,
+                     n_params=sum(p.numel() for p in self.model.parameters()), model=self.expert.describe())
         if self.dist.is_main:
             # What this run uses, replayable with --config; on a resume the flags that may change are the new ones.
             write_json_atomic(self.out / "args.json", {**cfg.cli_args, "expert": self.expert.describe()})
@@ -467,33 +471,6 @@ class Trainer:
                      cal["nll_after"], cal["ece_before"], cal["ece_after"])
         log.info("outputs in %s", self.out)
         return summary
-
-    def _log_settings(self, stages: list[Stage]) -> None:
-        cfg, dc = self.cfg, self.data_config
-        degrade = self.train_loader.dataset.transform
-        n_params = sum(p.numel() for p in self.model.parameters())
-        lines = [
-            f"device {self.device} x {self.dist.world_size} rank(s)"
-            f"{f' (process group {self.dist.backend})' if self.dist.backend else ''}, amp {self.amp_dtype or 'off'}, "
-            f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}"
-            + (f", {self.threads}" if self.threads else ""),
-            f"train {len(self.train_frame)} images ({int(self.train_frame['label'].sum())} fake) from "
-            f"{cfg.train_manifest}; val {len(self.evaluator.frame)} from {cfg.val_manifest}",
-            f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
-            + (f" (degradations from epoch {degrade.start + 1})" if degrade else "")
-            + f", self-blend {cfg.self_blend:g}, "
-            f"workers {self.workers}"
-            + (f" (--workers {cfg.workers} capped to the {self.workers} cores this process may use)"
-               if self.workers < cfg.workers else ""),
-            f"epochs {cfg.epochs}, batch {cfg.batch_size}/rank x accum {cfg.grad_accum}, {cfg.opt} lr {cfg.lr:g} "
-            f"(warmup {cfg.warmup_epochs:g} ep, cosine to {cfg.min_lr:g}), wd {cfg.weight_decay:g}, "
-            f"clip {cfg.clip_grad}, ema {cfg.ema_decay if cfg.ema else 'off'}",
-            f"stages: {', '.join(f'{s.name} ({s.epochs} ep, lr {s.lr:g})' for s in stages)}",
-            f"{n_params / 1e6:.1f}M parameters; " + ", ".join(f"{k} {v}" for k, v in self.expert.describe().items()),
-            f"best checkpoint by val {cfg.select_metric}; outputs in {self.out}"
-            + (f"; tracking: {cfg.log_to}" if cfg.log_to else ""),
-        ]
-        log.info("settings:\n  %s", "\n  ".join(lines))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, warmup_epochs: float, epochs: int,
