@@ -74,7 +74,9 @@ def cuda_tests(out: Path, limit: float) -> dict[str, Any]:
     figures = out / "test_figures.jsonl"
     figures.unlink(missing_ok=True)
     junit = out / "tests.xml"
-    result = _run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+    # One process (-n 0, not the suite's xdist workers): the tests share one GPU, and their speed figures are
+    # only figures when nothing else runs on it.
+    result = _run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0", "-p", "no:cacheprovider",
                    f"--junitxml={junit}", "tests/test_cuda.py"], limit, out / "tests.log",
                   env={"GPU_CHECK_FIGURES": str(figures)})
     cases = []
