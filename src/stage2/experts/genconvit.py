@@ -117,7 +117,10 @@ class GenConViTExpert(Expert):
         if variant == "vae":
             self.model_kwargs["latent_channels"] = latent_channels
         self.model_kwargs.update(model_kwargs or {})
-        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing)
+        # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
+        norm = self.family.data_config(img_size)
+        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
+                                       norm["mean"], norm["std"])
 
     def build_model(self) -> nn.Module:
         files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
