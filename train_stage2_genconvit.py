@@ -1,119 +1,20 @@
 """Train GenConViT (ED, VAE or both) as stage two's generative-discriminative expert.
 
-Why a generative part: an autoencoder that learnt to rebuild faces reproduces what it models well (the
-natural structure of a face) and smooths away what it does not: blending seams, warped or resampled
-regions, GAN and diffusion upsampling fingerprints. GenConViT feeds the input *and* its reconstruction
-through the same ConvNeXt, so the classifier sees where the two disagree, and the reconstruction error itself
-is higher on manipulated regions. That makes it catch forgeries by what does not fit a model of real faces,
-which complements the EfficientNet expert's purely discriminative reading of local artefacts; the VAE's
-KL-regularised latent adds a compact, smooth description of the face that stage three can stack.
+    python train_stage2_genconvit.py --help                      # every flag; the examples and the README say more
 
-    python train_stage2_genconvit.py --variant both --init official --weights-dir weights/
-    python train_stage2_genconvit.py --variant ed --init imagenet --backbone-file convnext_tiny.safetensors
-    python train_stage2_genconvit.py --demo                      # built-in synthetic data, CPU minutes
-
-Each variant gets its own folder, OUTPUT_DIR/ed and OUTPUT_DIR/vae, with best.pt (best validation
-AUC, with a fitted temperature), last.pt, metrics.csv, plots and recon_samples/.
+The command is src/stage2/commands/train_genconvit.py (installed as stage2-train-genconvit); this file runs it
+from a checkout, uninstalled, and `main(argv)` runs it from Python.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 # A checkout runs without `pip install -e .`: the package is src/stage2 (src-layout).
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from stage2.engine.config import add_train_args, config_from_args
-from stage2.engine.flags import Float, Int
-from stage2.engine.outputs import check_output_dir
-from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
+from stage2.commands.train_genconvit import build_parser, cli, main  # noqa: E402
 
-COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
-                                     formatter_class=HelpFormatter)
-    # Upstream's recipe (erprogs/GenConViT): Adam (L2 weight decay 1e-4), lr 1e-4, batch 32, 224px input,
-    # ImageNet normalisation, no warmup. Upstream steps the lr down 10x at epoch 15; we decay it by cosine.
-    # Both autoencoders halve the input five times and double it back: sides must be multiples of 32.
-    add_train_args(parser, img_size_multiple_of=32, output_dir="output/stage2_genconvit", img_size=224,
-                   batch_size=32, lr=1e-4, opt="adam", weight_decay=1e-4, warmup_epochs=0.0, epochs=20)
-    model = parser.add_argument_group("GenConViT")
-    model.add_argument("--variant", choices=("ed", "vae", "both"), default="both",
-                       help="which autoencoder: ed, vae, or both (one after the other, each in its own folder)")
-    model.add_argument("--arch", choices=("official", "hybrid"), default="official",
-                       help="official: weight-compatible (Swin inert); hybrid: ConvNeXt + Swin features")
-    model.add_argument("--init", choices=GENCONVIT_INIT_MODES, default="official",
-                       help="official weights, ImageNet backbones, or random")
-    model.add_argument("--weights", help="official checkpoint file (one variant; default: the hub's)")
-    model.add_argument("--weights-dir",
-                       help=f"folder holding {' and '.join(GENCONVIT_HF_FILES.values())} (--variant both)")
-    model.add_argument("--backbone-file",
-                       help="local ImageNet ConvNeXt weights for --init imagenet (default: the hub's)")
-    model.add_argument("--swin-file",
-                       help="local ImageNet Swin weights for --arch hybrid --init imagenet (default: the hub's)")
-    model.add_argument("--recon-weight", type=Float(min=0), default=1.0, help="weight of the reconstruction MSE")
-    model.add_argument("--kl-weight", type=Float(min=0), default=0.5, help="weight of the VAE's KL term")
-    model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=0.0,
-                       help="label smoothing of the classification loss")
-    model.add_argument("--stages",
-                       help="NAME:EPOCHS[:LR_SCALE],... with NAME frozen (backbones frozen) or full; EPOCHS may be "
-                            "'rest' (default: full:rest; with --init imagenet frozen:1,full:rest)")
-    model.add_argument("--backbone", default=CONVNEXT_NAME,
-                       help="timm ConvNeXt of the classifier; the official weights need convnext_tiny")
-    model.add_argument("--latent-channels", type=Int(min=1), default=256,
-                       help="VAE latent size / 49; 256 gives the official 12544-d latent")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    # The demo trains from scratch, on two CPU cores, with EfficientNetV2-B0 as the classifier backbone: a ConvNeXt
-    # from random weights does not learn this task from 420 crops in CPU minutes (best val AUC 0.51-0.60 over
-    # atto/96-128px/lr 1e-4..4e-3), while every GenConViT part (autoencoder, both passes, heads, losses) runs as is.
-    args = parse_args(build_parser(), argv, init="scratch", backbone="tf_efficientnetv2_b0", img_size=96, epochs=8,
-                      batch_size=16, lr=1e-3, workers=2, latent_channels=8)
-    if args.variant == "both" and args.weights:
-        raise ValueError("--weights names one file; with --variant both use --weights-dir")
-    variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
-    if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
-        from stage2.engine.checkpoint import load_checkpoint
-
-        variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
-    configs = {}
-    for variant in variants:
-        cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
-        cfg.output_dir = str(Path(args.output_dir) / variant)
-        check_output_dir(cfg)  # every variant's folder, before the first one trains
-        configs[variant] = cfg
-    # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
-    from stage2.engine.trainer import run
-    from stage2.experts.genconvit import GenConViTExpert
-
-    runs = []  # every variant's settings are checked before the first one trains
-    for variant, cfg in configs.items():
-        weights = args.weights
-        if args.weights_dir:
-            weights = str(Path(args.weights_dir) / GENCONVIT_HF_FILES[variant])
-        expert = GenConViTExpert(
-            variant, img_size=args.img_size, arch=args.arch, init=args.init, weights=weights,
-            backbone_file=args.backbone_file, swin_file=args.swin_file,
-            recon_weight=args.recon_weight, kl_weight=args.kl_weight, label_smoothing=args.label_smoothing,
-            stages=args.stages, backbone=args.backbone, latent_channels=args.latent_channels)
-        if not args.evaluate_checkpoint:
-            expert.stages(args.epochs, args.lr)  # a bad --stages answers now, not once the data is read
-        runs.append((cfg, expert))
-    for cfg, expert in runs:
-        run(cfg, expert)
-
-
-def cli() -> None:
-    """The `stage2-train-genconvit` command."""
-    exit_on_error(main)
-
+__all__ = ["build_parser", "cli", "main"]
 
 if __name__ == "__main__":
     cli()

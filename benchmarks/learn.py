@@ -11,9 +11,9 @@ Synthetic protocols, on the forgery families of ``benchmarks.traces`` (400 train
 fake; every fake carries one trace, its ``method``), with the same model, budget and seed on both sides:
 
 - **per-type**: for each trace type alone, the **plain loop** (below: PIL load, random h-flip, AdamW + one-cycle,
-  BCE; best epoch by clean val AUC) against **ours** (``train_stage2_effnet.py`` through its own ``main``) at
-  every ``--aug`` level. Each best model is also scored on perturbed copies of val (``stage2.data.perturb``: JPEG
-  50-70, down-scale x0.5, blur, noise) and "perturbed" is their mean.
+  BCE; best epoch by clean val AUC) against **ours** (the ``train_stage2_effnet.py`` command, through
+  ``stage2.commands.train_effnet.main``) at every ``--aug`` level. Each best model is also scored on perturbed
+  copies of val (``stage2.data.perturb``: JPEG 50-70, down-scale x0.5, blur, noise) and "perturbed" is their mean.
 - **held-out** (leave one type out): train and select on the other types, score the best model on the held-out
   type's fakes against the same val reals: the cross-dataset test in miniature.
 
@@ -43,9 +43,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-import train_stage2_effnet
 from benchmarks.timing import machine
 from benchmarks.traces import TRACES, split_items, write_set
+from stage2.commands import train_effnet
 from stage2.data.audit import format_audit, shortcut_audit, warn_shortcuts
 from stage2.data.dataset import ManifestDataset, collate
 from stage2.data.levels import AUG_LEVELS
@@ -184,7 +184,7 @@ def ours(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, seed: int, 
          ) -> tuple[nn.Module, dict]:
     """train_stage2_effnet.py as a user runs it: only the model, budget, data and ``flags`` are set."""
     weights = ["--pretrained-file", plan.pretrained_file] if plan.pretrained_file else ["--no-pretrained"]
-    train_stage2_effnet.main([
+    train_effnet.main([
         "--train-manifest", str(train_csv), "--val-manifest", str(val_csv), "--model", plan.model, *weights,
         "--img-size", str(plan.img_size), "--epochs", str(plan.epochs), "--batch-size", str(plan.batch),
         "--lr", str(plan.lr), "--workers", str(plan.workers), "--seed", str(seed), "--device", plan.device,

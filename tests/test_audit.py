@@ -12,6 +12,7 @@ from PIL import Image
 
 import train_stage2_effnet
 from stage2.data.audit import header_features, jpeg_quality, run_audit, shortcut_audit
+from stage2.engine.cli import exit_on_error
 
 SIZE = 48
 
@@ -117,7 +118,7 @@ def test_audit_only_writes_the_table_and_summary_and_keeps_them(tmp_path, capsys
     assert not (out / "best.pt").exists()  # nothing trained
     before = (out / "summary.json").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+        exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "summary.json").read_bytes() == before
 

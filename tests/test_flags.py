@@ -18,6 +18,7 @@ import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.atomic import write_json_atomic
+from stage2.commands import extract_features
 from stage2.data.dataset import ManifestDataset
 from stage2.data.manifest import read_manifest
 from stage2.data.perturb import check_image_size, parse_perturbations
@@ -36,7 +37,7 @@ SCRIPTS = (train_stage2_effnet, train_stage2_genconvit, feature_extractor)
 
 def _parse(script, argv: list[str]):
     if script is feature_extractor:
-        return feature_extractor.parse_args(argv)
+        return extract_features.parse_args(argv)
     return cli.parse_args(script.build_parser(), argv)
 
 

@@ -10,6 +10,7 @@ from conftest import ROOT, subprocess_env
 from PIL import Image
 
 from stage2.data.manifest import check_source_leak, read_manifest
+from stage2.engine.cli import exit_on_error
 from stage2.errors import ManifestError
 
 
@@ -269,6 +270,6 @@ def test_training_refuses_a_leaking_split(effnet_args, tmp_path, capsys):
     args = list(effnet_args)
     args[args.index("--train-manifest") + 1], args[args.index("--val-manifest") + 1] = str(train), str(val)
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+        exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2 and "source_id(s) on both sides" in capsys.readouterr().err
     assert not (tmp_path / "run" / "best.pt").exists()

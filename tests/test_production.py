@@ -141,7 +141,7 @@ def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(tr
     assert table["auc"].iloc[0] == pytest.approx(table["auc"].iloc[1])  # the same images in another order
     before = (out / "eval_val.json").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+        exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "eval_val.json").read_bytes() == before
     train_stage2_effnet.main([*args, "--overwrite"])

@@ -25,6 +25,7 @@ import train_stage2_genconvit
 from stage2.atomic import FILE_MODE
 from stage2.data.manifest import read_manifest
 from stage2.engine.checkpoint import load_checkpoint
+from stage2.engine.cli import exit_on_error
 from stage2.engine.config import config_from_args
 from stage2.engine.logs import setup_logging
 from stage2.engine.report import plot_roc
@@ -271,7 +272,7 @@ def test_extractor_never_replaces_an_existing_file_or_writes_onto_a_folder(effne
     base = ["--checkpoint", str(output_dir(effnet_args) / "best.pt"), "--manifest", str(tiny_data[1]), "--workers", "0"]
     for out, words in ((manifest_copy, "--overwrite"), (tmp_path, "a folder")):
         with pytest.raises(SystemExit) as exit_info:
-            feature_extractor.exit_on_error(lambda o=out: feature_extractor.main([*base, "--out", str(o)]))
+            exit_on_error(lambda o=out: feature_extractor.main([*base, "--out", str(o)]))
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and words in err and len(err.splitlines()) == 1
     assert manifest_copy.read_text() == "path,label\n"
@@ -395,7 +396,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_naming_it(effnet_args, tiny
     with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(best))}: damaged"):
         load_checkpoint(best)
     with pytest.raises(SystemExit) as exit_info:
-        feature_extractor.exit_on_error(lambda: feature_extractor.main(
+        exit_on_error(lambda: feature_extractor.main(
             ["--checkpoint", str(best), "--manifest", str(tiny_data[1]), "--out", str(tmp_path / "f.npz"),
              "--workers", "0"]))
     err = capsys.readouterr().err.strip()

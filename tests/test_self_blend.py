@@ -11,6 +11,7 @@ from stage2.data.cache import DecodedCache
 from stage2.data.dataset import ManifestDataset
 from stage2.data.self_blend import SelfBlend, face_mask, self_blended
 from stage2.data.transforms import build_cpu_transform
+from stage2.engine.cli import exit_on_error
 
 SIZE = 64
 
@@ -92,7 +93,7 @@ def test_from_the_cache_and_with_the_cpu_augmentation_it_gives_the_same_items(cr
 
 def test_the_flag_is_checked_and_a_run_trains_with_it(effnet_args, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main([*effnet_args, "--self-blend", "1.5"]))
+        exit_on_error(lambda: train_stage2_effnet.main([*effnet_args, "--self-blend", "1.5"]))
     assert exit_info.value.code == 2 and "--self-blend 1.5: expected a number >= 0 and <= 1" in capsys.readouterr().err
     train_stage2_effnet.main([*effnet_args, "--self-blend", "0.5", "--epochs", "1"])
     out = tmp_path / "run"

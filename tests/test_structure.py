@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 import train_stage2_effnet
-from stage2.engine.cli import parse_args
+from stage2.engine.cli import exit_on_error, parse_args
 
 
 def _module_name(path: Path) -> str:
@@ -157,7 +157,7 @@ def test_a_yaml_config_sets_defaults_and_unknown_keys_are_one_line(tmp_path, cap
     assert (args.batch_size, args.lr, args.model) == (4, 0.01, "resnet10t")
     config.write_text("learning_rate: 0.002\n")
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(["--config", str(config)]))
+        exit_on_error(lambda: train_stage2_effnet.main(["--config", str(config)]))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "unknown setting 'learning_rate'" in err and len(err.splitlines()) == 1
 

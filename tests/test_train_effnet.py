@@ -14,6 +14,7 @@ from stage2.data.manifest import read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.engine import trainer
 from stage2.engine.checkpoint import load_checkpoint
+from stage2.engine.cli import exit_on_error
 from stage2.engine.config import config_from_args
 from stage2.engine.trainer import run
 from stage2.errors import TrainingDiverged
@@ -83,7 +84,7 @@ def test_a_previous_run_is_never_overwritten_silently(effnet_args, capsys):
     best = output_dir(args) / "best.pt"
     before = best.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+        exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err
@@ -101,7 +102,7 @@ def test_a_previous_run_is_never_overwritten_silently(effnet_args, capsys):
 def test_bad_input_is_one_line_and_exit_code_2(effnet_args, capsys, flag, value, message):
     args = [*effnet_args, flag, value]
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_effnet.exit_on_error(lambda: train_stage2_effnet.main(args))
+        exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1

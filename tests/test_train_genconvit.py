@@ -14,6 +14,7 @@ from conftest import ROOT, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
+from stage2.engine.cli import exit_on_error
 from stage2.engine.report import plot_recon_samples
 from stage2.errors import PretrainedWeightsError
 from stage2.experts import genconvit
@@ -100,7 +101,7 @@ def test_official_weights_file_initialises_the_model(gc_args, tmp_path):
 def test_official_init_offline_without_weights_is_one_line(gc_args, capsys):
     args = [a if a != "scratch" else "official" for a in gc_args]
     with pytest.raises(SystemExit) as exit_info:
-        train_stage2_genconvit.exit_on_error(lambda: train_stage2_genconvit.main([*args, "--variant", "ed"]))
+        exit_on_error(lambda: train_stage2_genconvit.main([*args, "--variant", "ed"]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--weights" in err and len(err.splitlines()) == 1

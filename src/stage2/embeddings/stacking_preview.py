@@ -1,5 +1,5 @@
-"""A preview of stage three (``feature_extractor.py --example``): how well the experts' embeddings separate real from
-fake, alone and stacked.
+"""A preview of stage three (``feature_extractor.py --example``, ``example()`` at the end): how well the experts'
+embeddings separate real from fake, alone and stacked.
 
 The preview fits a logistic regression on standardised embeddings with cross-validation (folds grouped by
 video when the manifest has ``video_id``, so frames of one video never sit on both sides of a split) on each
@@ -8,9 +8,11 @@ expert alone and on all of them side by side, and prints the out-of-fold AUC of 
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -19,7 +21,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stage2.embeddings.store import FeatureSet, join_features
+from stage2.embeddings.extract import FeatureExtractor
+from stage2.embeddings.store import FeatureSet, join_features, load_features
 from stage2.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -132,3 +135,21 @@ def print_preview(sets: dict[str, FeatureSet]) -> list[tuple[str, int, float, fl
     for name, dims, auc, own in rows:
         print(f"{name:<40} {dims:>6} {auc:>25.4f} {'' if own is None else f'{own:.4f}':>23}")
     return rows
+
+
+def example(output_root: str | Path = "output", features_dir: str | Path = "features", **options: Any) -> list:
+    """Stage three's input, end to end: the validation features of both experts (the EfficientNetV2-B3 run and
+    the GenConViT ones found under `output_root`), one feature file each, then a stacking preview.
+
+    `options` go to FeatureExtractor (device, batch_size, workers, amp).
+    """
+    features = {}
+    for name, checkpoint in find_checkpoints(Path(output_root)).items():  # effnet, genconvit_ed, genconvit_vae
+        fx = FeatureExtractor(checkpoint_path=checkpoint, **options)
+        # Each checkpoint records the val manifest it was selected on; all experts' rows are the same images.
+        val_manifest, data_root = fx.train_args["val_manifest"], fx.train_args.get("data_root")
+        path = fx.extract_to_file(val_manifest, Path(features_dir) / f"{name}_val.npz", data_root)
+        features[name] = load_features(path)  # embeddings [N, D], labels, p_fake, paths, video_id, method
+        del fx
+        gc.collect()  # one expert in memory at a time (the official VAE alone is 2.8 GB)
+    return print_preview(features)  # joins the files row for row, checked, and cross-validates a stacker

@@ -1,0 +1,117 @@
+"""Embeddings and P(fake) of the stage-two experts, for stage three: feature files, predictions, exports.
+
+    python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --manifest val_manifest.csv \\
+        --out features/effnet_val.npz                        # labelled or not: a manifest needs only `path`
+    python feature_extractor.py --checkpoint genconvit_ed_inference.pth --images crops/ \\
+        --out features/genconvit_ed_crops.npz                # every PNG/JPEG below a folder; official files load
+    python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --export exported/effnet
+    python feature_extractor.py --example                    # after the trainers' --demo runs (see README)
+
+A feature file (.npz) holds, row for row: embeddings, calibrated P(fake), paths, the manifest row, labels (-1 where
+unlabeled) and video_id/method where known. --export writes ONNX (every expert) and safetensors + config.json that
+timm loads (timm experts); see src/stage2/embeddings/export.py. From Python, as --example does
+(stage2.embeddings.stacking_preview.example):
+
+    from feature_extractor import FeatureExtractor
+    fx = FeatureExtractor(checkpoint_path="output/stage2_effnet/best.pt")
+    embeddings, labels = fx.extract(fx.make_loader("val_manifest.csv"))
+    p_fake = fx.predict("crops/")                            # a frame: path, p_fake (calibrated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
+from stage2.engine.flags import Int, check_args
+from stage2.errors import ManifestError
+
+COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
+                                     formatter_class=HelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
+    model.add_argument("--model-name", help="optional check against the name the checkpoint records")
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--manifest", help="CSV with a path column (label, video_id, method: used when present)")
+    source.add_argument("--images", metavar="DIR", help="every PNG/JPEG below this folder, sorted by path")
+    data.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
+    data.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
+    data.add_argument("--cache-dir", help="read images through the decoded-image cache in this folder (default: "
+                                          "decode from the files)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--out", help="feature file to write (.npz)")
+    out.add_argument("--export", metavar="DIR", help="write the checkpoint as ONNX (+ safetensors and config.json "
+                                                     "for timm experts) into DIR, checked against PyTorch")
+    out.add_argument("--overwrite", action="store_true", help="replace --out (or --export's files) if they exist")
+    ex = parser.add_argument_group("execution")
+    ex.add_argument("--batch-size", type=Int(min=1), default=64, help="images per forward pass")
+    ex.add_argument("--workers", type=Int(min=0), help="DataLoader worker processes (default: min(4, CPUs))")
+    ex.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    ex.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on the GPU")
+    example = parser.add_argument_group("example (stage three's input from the trainers' runs)")
+    example.add_argument("--example", action="store_true",
+                         help="extract val features of both experts from --output-root, then a stacking preview")
+    example.add_argument("--output-root", default="output", help="where --example looks for the trainers' runs")
+    example.add_argument("--features-dir", default="features", help="where --example writes its feature files")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.export and not args.checkpoint:
+        parser.error("--export needs --checkpoint")
+    if not (args.example or args.export):
+        missing = [flag for flag, ok in (("--checkpoint", args.checkpoint), ("--manifest or --images",
+                                                                             args.manifest or args.images),
+                                         ("--out", args.out)) if not ok]
+        if missing:
+            parser.error(f"{', '.join(missing)} required (or --export DIR, or --example)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("stage2").setLevel(logging.INFO)
+    if args.example:
+        from stage2.embeddings.stacking_preview import example
+
+        example(args.output_root, args.features_dir, device=args.device, batch_size=args.batch_size,
+                workers=args.workers, amp=args.amp)
+        return
+    if args.export:
+        from stage2.embeddings.export import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.export, overwrite=args.overwrite)
+        return
+    if args.images and not Path(args.images).is_dir():
+        what = "no such folder" if not Path(args.images).exists() else "a file, not a folder of images"
+        raise ManifestError(f"--images {args.images}: {what}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
+    from stage2.embeddings import FeatureExtractor
+
+    extractor = FeatureExtractor(
+        args.model_name, args.checkpoint, args.device, batch_size=args.batch_size, amp=args.amp, workers=args.workers
+    )
+    extractor.extract_to_file(args.manifest or args.images, args.out, args.data_root,
+                              skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+
+
+def cli() -> None:
+    """The `stage2-extract` command."""
+    exit_on_error(main)
+
