@@ -85,7 +85,7 @@ def _imports_of(script: str, args: list[str]) -> tuple[subprocess.CompletedProce
     return ran, {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
 
 
-def test_a_taken_output_folder_is_refused_before_torch_loads(tmp_path):
+def test_a_taken_output_folder_or_a_missing_checkpoint_is_refused_before_torch_loads(tmp_path):
     # Importing torch and timm is most of half a minute on a busy box: a folder that cannot be used is said first.
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best.pt").write_bytes(b"a run")
@@ -99,6 +99,8 @@ def test_a_taken_output_folder_is_refused_before_torch_loads(tmp_path):
                                     "--output-dir", str(tmp_path / "eval")], "already holds robustness_val.png"),
         # --variant both: the VAE's folder is checked before the ED trains, not hours later.
         ("train_stage2_genconvit.py", ["--output-dir", str(tmp_path / "gc")], f"{tmp_path / 'gc' / 'vae'} already"),
+        ("feature_extractor.py", ["--checkpoint", str(tmp_path / "nope.pt"), "--images", str(tmp_path), "--out",
+                                  str(tmp_path / "f.npz")], f"checkpoint {tmp_path / 'nope.pt'}: no such file"),
     ]
     for script, args, message in cases:
         ran, imported = _imports_of(script, args)
@@ -128,11 +130,16 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
                              env=env, timeout=60)
         assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
         assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
-    where = subprocess.run([sys.executable, "-c", "import stage2.engine.trainer, feature_extractor; "
-                            "print(stage2.engine.trainer.__file__)"], capture_output=True, text=True, cwd=outside,
-                           env=env, timeout=120)
+    # Every module of the package is installed (the commands' --help above imports only the torch-free ones), and
+    # imports resolve to the installed copy, not to the checkout.
+    modules = {p.relative_to(ROOT / "src") for p in (ROOT / "src" / "stage2").rglob("*.py")}
+    assert modules == {p.relative_to(site) for p in (site / "stage2").rglob("*.py")}
+    where = subprocess.run([sys.executable, "-c", "import stage2.commands.train_effnet as c, feature_extractor as f; "
+                            "print(c.__file__, f.__file__)"], capture_output=True, text=True, cwd=outside, env=env,
+                           timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]
-    assert str(site) in where.stdout
+    assert where.stdout.split() == [str(site / "stage2" / "commands" / "train_effnet.py"),
+                                    str(site / "feature_extractor.py")]
 
 
 def test_a_run_replays_from_its_args_json_and_flags_win(trained_run, tmp_path):

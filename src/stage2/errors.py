@@ -7,6 +7,8 @@ a run stopped by SIGTERM or Ctrl-C.
 
 from __future__ import annotations
 
+import os
+
 
 class ConfigError(ValueError):
     """A flag or the run folder is not usable as given."""
@@ -36,6 +38,12 @@ class ImageDecodeError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or lacks what the caller needs."""
+
+
+def check_checkpoint_exists(path: str | os.PathLike) -> None:
+    """A checkpoint path that names no file is one line, and torch-free: a command says so before torch loads."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")
 
 
 class OfficialCheckpointError(CheckpointError):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
 from stage2.engine.flags import Int, check_args
-from stage2.errors import ManifestError
+from stage2.errors import ManifestError, check_checkpoint_exists
 
 COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     logging.getLogger("stage2").setLevel(logging.INFO)
+    if args.checkpoint:
+        check_checkpoint_exists(args.checkpoint)  # before torch loads
     if args.example:
         from stage2.embeddings.stacking_preview import example
 

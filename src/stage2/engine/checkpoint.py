@@ -29,7 +29,7 @@ import torch
 
 from stage2.atomic import atomic_write
 from stage2.engine.distributed import broadcast_flag
-from stage2.errors import CheckpointError, TrainingDiverged, first_line
+from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_exists, first_line
 
 CHECKSUM_KEY = "tensors_sha256"
 SCHEMA_KEY = "schema_version"
@@ -120,8 +120,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     carries (files without one, such as the official GenConViT weights, load unchecked). `mmap` maps the tensors
     instead of reading them, for a cheap look at the metadata, and skips the check."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+    check_checkpoint_exists(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
