@@ -4,6 +4,14 @@ import os
 
 # A stray hub call must fail fast instead of hanging on a closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Each xdist worker (the README's command runs one per core, up to 4) gets its share of the cores as torch threads,
+# set before torch loads: more OpenMP threads than cores spin-wait against each other (a 2-thread step ran 4x
+# slower on a shared 2-core box; stage2/engine/precision.py). A single process (-n 0) keeps torch's default.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    from stage2.processes import usable_cores
+
+    _share = usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -29,13 +37,15 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     return make_demo_dataset(tmp_path_factory.mktemp("tiny_data"), n_videos=16, frames_per_video=3, size=64)
 
 
-def fails(main, args: list[str], capsys, code: int = 2) -> str:
-    """Run `main(args)` as the command does; assert the exit code and one line on stderr, and return that line."""
+def fails(main, args: list[str], capture, code: int = 2) -> str:
+    """Run `main(args)` as the command does; assert the exit code and one line on stderr, and return that line.
+
+    `capture` is capsys, or capfd where child processes (loader workers) write to stderr too."""
     from stage2.engine.cli import exit_on_error
 
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: main(args))
-    err = capsys.readouterr().err.strip()
+    err = capture.readouterr().err.strip()
     assert exit_info.value.code == code and len(err.splitlines()) == 1, err
     return err
 
