@@ -33,7 +33,7 @@ from stage2.engine.checkpoint import BestCheckpoint, checkpoint_from_state, load
 from stage2.engine.precision import autocast, autocast_dtype, memory_format, pick_device
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
-from stage2.models.genconvit import OFFICIAL_IMG_SIZE, read_state_dict
+from stage2.models.genconvit import read_state_dict
 from stage2.processes import usable_cores
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ def _from_official_file(state: dict[str, Any], path: Path, model_name: str | Non
         model = family.load_official(weights, meta)
     except OfficialCheckpointError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
-    data_config = family.data_config(meta["model_kwargs"].get("img_size", OFFICIAL_IMG_SIZE))
-    return LoadedModel(model.eval(), family, meta["model_name"], data_config, 1.0, {})
+    return LoadedModel(model.eval(), family, meta["model_name"], family.official_data_config(meta), 1.0, {})
 
 
 def _default_workers() -> int:

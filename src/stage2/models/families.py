@@ -21,6 +21,7 @@ from torch import nn
 from stage2.data.decode import RESIZE_CONFIG
 from stage2.errors import CheckpointError
 from stage2.models.genconvit import (
+    OFFICIAL_IMG_SIZE,
     build_genconvit,
     detect_variant,
     fake_logit,
@@ -131,6 +132,11 @@ class GenConViTFamily(ModelFamily):
         Raises OfficialCheckpointError for weights that are no official GenConViT."""
         variant = detect_variant(weights)
         return self.meta(variant, "official", official_vae_sizes(weights) if variant == "vae" else {})
+
+    def official_data_config(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The data config of the official model `meta` describes: a VAE's input size is in its sizes, the ED's is
+        the size the official weights were trained at."""
+        return self.data_config(meta["model_kwargs"].get("img_size", OFFICIAL_IMG_SIZE))
 
     def load_official(self, weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> nn.Module:
         """The official model `meta` (from ``official_meta``) describes, holding `weights` (strictly loaded)."""
