@@ -271,6 +271,7 @@ def _many_pngs(folder: Path, n: int) -> list[str]:
     return [_write_png(folder / f"{i}.png", seed=i, shape=(8, 8)) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_killing_a_cache_build_ends_its_workers_and_frees_the_cache(tmp_path):
     paths = _many_pngs(tmp_path / "images", 40)
     cache = DecodedCache(tmp_path / "cache", SIZE)
@@ -295,6 +296,7 @@ def test_killing_a_cache_build_ends_its_workers_and_frees_the_cache(tmp_path):
         assert torch.equal(view[row], _expected(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [False, True], ids=["main", "group"])
 def test_sigterm_during_a_cache_build_stops_in_one_line_and_a_rerun_continues(tmp_path, group):
     paths = _many_pngs(tmp_path / "images", 40)

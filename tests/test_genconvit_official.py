@@ -109,6 +109,7 @@ def test_ed_matches_upstream_reference(ed_model, ed_state, tmp_path):
     torch.testing.assert_close(ed_model.classifier(out.features), out.logits)
 
 
+@pytest.mark.slow
 def test_vae_official_size_matches_upstream_reference(tmp_path):
     path = tmp_path / "genconvit_vae_inference.pth"
     torch.save(recipe_state("vae"), path)

@@ -67,6 +67,7 @@ def test_a_few_plain_adam_steps_make_the_vae_reconstruct_better_than_each_images
     assert recon < 0.9 * mean_colour_mse(images), (recon, mean_colour_mse(images))
 
 
+@pytest.mark.slow
 def test_the_trainers_steps_reconstruct_better_than_each_images_mean_colour(tiny_data, tmp_path):
     # The loop's own optimizer and gradient clipping at GenConViT's defaults (Adam with L2 decay 1e-4, clip 1), a
     # constant lr, one update per epoch of the 36 training crops. Before the fix the L2 term outweighed the

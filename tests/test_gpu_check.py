@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 def test_without_cuda_it_runs_the_cpu_safe_parts_and_exits_0(tmp_path):
     ran = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(tmp_path)], cwd=ROOT,

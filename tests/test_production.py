@@ -322,6 +322,7 @@ def genconvit_runs(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ed", "vae"])
 def test_trained_genconvit_exports_to_onnx(genconvit_runs, tiny_data, tmp_path, variant):
     report = export_checkpoint(genconvit_runs / variant / "best.pt", tmp_path / "export")
@@ -389,6 +390,7 @@ def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(tra
     assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "effnet"]
 
 
+@pytest.mark.slow
 def test_an_export_killed_half_way_leaves_the_previous_one_whole(trained_run, exported, tiny_data, tmp_path):
     out = tmp_path / "effnet"
     shutil.copytree(exported, out)
@@ -446,6 +448,7 @@ def _assert_check_passed_on_synthetic_images(report: dict) -> None:
     assert check["embedding_cosine_min"] > 0.99999
 
 
+@pytest.mark.slow
 def test_real_size_efficientnetv2_b3_exports(tmp_path):
     model = create_timm_model("tf_efficientnetv2_b3", pretrained=False, num_classes=1)
     config = timm_data_config(model, 256)
@@ -460,6 +463,7 @@ def test_real_size_efficientnetv2_b3_exports(tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_real_size_genconvit_ed_exports(tmp_path):
     model = GenConViTED()  # convnext_tiny, the official ED sizes
     path = _real_size_checkpoint(tmp_path, model, {"family": "genconvit", "model_name": "genconvit_ed",

@@ -188,6 +188,7 @@ def test_corrupt_image_with_workers_is_one_line_in_both_trainers_and_the_extract
 
 
 # ---------------------------------------------------------------- 6. clean stops
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "group"), [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)])
 def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum, group):
     args = [*set_flag(set_flag(effnet_args, "--epochs", "3"), "--workers", "2"), "--log-every", "1"]
@@ -213,6 +214,7 @@ def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum
     assert pd.read_csv(output_dir(args) / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
     args = [*set_flag(effnet_args, "--epochs", "3"), "--log-every", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -243,6 +245,7 @@ def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
     assert stops[0] == where and stops[0] in ("epoch 2 step 1", "the end of epoch 2"), "".join(seen[-30:])
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no_obstacle(effnet_args, capsys):
     first = [*set_flag(set_flag(effnet_args, "--epochs", "50"), "--workers", "2"), "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_stage2_effnet.py"), *first], env=subprocess_env(),

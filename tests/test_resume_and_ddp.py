@@ -27,6 +27,7 @@ def _flags(effnet_args: list[str], out: Path) -> list[str]:
     return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1", "--self-blend", "0.5"]
 
 
+@pytest.mark.slow
 def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path, capsys):
     torch.set_num_threads(1)
     straight = tmp_path / "straight"
@@ -60,6 +61,7 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path, capsy
     pd.testing.assert_frame_equal(history_a, history_b)
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny_data, tmp_path):
     # 11 val images: two ranks get a padded duplicate that the gather must drop.
     val = pd.read_csv(tiny_data[1])

@@ -169,6 +169,7 @@ def test_a_yaml_config_sets_defaults_and_unknown_keys_are_one_line(tmp_path, cap
     assert exit_info.value.code == 2 and "unknown setting 'learning_rate'" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_steps_epochs_and_images(effnet_args, tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -43,6 +43,7 @@ def test_stage_spec_parsing():
             parse_stages(bad, epochs=2, lr=1.0)
 
 
+@pytest.mark.slow
 def test_both_variants_write_every_output(gc_args, monkeypatch):
     grids = []  # the recon-sample figures, as drawn
 
@@ -107,6 +108,7 @@ def test_official_init_offline_without_weights_is_one_line(gc_args, capsys):
     assert "--weights" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_path):
     flags = [*gc_args, "--variant", "ed", "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1"]
     straight = tmp_path / "straight"
