@@ -40,12 +40,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or lacks what the caller needs."""
 
 
-def check_checkpoint_exists(path: str | os.PathLike) -> None:
-    """A checkpoint path that names no file is one line, and torch-free: a command says so before torch loads."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path}: no such file")
-
-
 class OfficialCheckpointError(CheckpointError):
     """An official GenConViT checkpoint that cannot be read or does not match the model."""
 
@@ -84,3 +78,9 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     its type's name when it has no message. Libraries' messages run to paragraphs of advice."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:limit]
+
+
+def check_checkpoint_exists(path: str | os.PathLike) -> None:
+    """A checkpoint path that names no file is one line, and torch-free: a command says so before torch loads."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")

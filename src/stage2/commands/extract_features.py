@@ -116,4 +116,3 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-extract` command."""
     exit_on_error(main)
-

@@ -64,4 +64,3 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-train-effnet` command."""
     exit_on_error(main)
-

@@ -109,4 +109,3 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-train-genconvit` command."""
     exit_on_error(main)
-
