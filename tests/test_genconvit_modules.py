@@ -183,6 +183,7 @@ def test_hybrid_logits_depend_on_swin(variant, images):
     torch.manual_seed(0)
     model = tiny_hybrid(variant).eval()
     with torch.no_grad():
+        model.fc2.weight.normal_()  # a new head starts at zero: a trained one does not
         before = model(images)
         for p in model.swin.parameters():
             p.add_(0.5 * torch.randn_like(p))

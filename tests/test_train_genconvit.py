@@ -15,10 +15,14 @@ from safetensors.torch import save_file
 
 import train_stage2_genconvit
 from stage2.engine.cli import exit_on_error
+from stage2.engine.config import config_from_args
+from stage2.engine.distributed import setup_distributed
 from stage2.engine.report import plot_recon_samples
+from stage2.engine.trainer import Trainer
 from stage2.errors import PretrainedWeightsError
 from stage2.experts import genconvit
 from stage2.experts.genconvit import GenConViTExpert, parse_stages
+from stage2.models.families import FAMILIES
 from stage2.models.genconvit import GenConViTED, GenConViTVAE
 
 
@@ -180,3 +184,36 @@ def test_hybrid_swin_loads_from_a_local_file_and_offline_errors_name_the_flags(t
                        swin_state["layers.0.blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="--swin-file"):
         GenConViTExpert("ed", arch="official", init="scratch", swin_file=swin)
+
+
+def test_a_new_head_reads_pooled_features_starts_at_zero_and_rebuilds_from_its_meta():
+    expert = GenConViTExpert("vae", img_size=64, init="scratch", backbone="test_convnext", latent_channels=4)
+    model = expert.build_model().eval()
+    width = model.convnext_backbone.num_features
+    assert model.convnext_backbone.num_classes == 0 and model.fc.in_features == 2 * width
+    with torch.no_grad():
+        assert torch.equal(model(torch.rand(2, 3, 64, 64)).logits, torch.zeros(2, 2))  # P(fake) 0.5 for every image
+    rebuilt = FAMILIES["genconvit"].build(expert.checkpoint_meta())
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    # the official weights' head reads ImageNet logits: their layout stays, and nothing else loads them
+    assert "head_input" not in GenConViTExpert("ed", init="official").model_kwargs
+    with pytest.raises(ValueError, match="--head features: the official weights"):
+        GenConViTExpert("ed", init="official", head_input="features")
+
+
+def test_the_autoencoder_learns_at_its_own_lr_in_every_stage_without_decay(gc_args):
+    args = train_stage2_genconvit.build_parser().parse_args([*gc_args, "--ae-lr", "3e-3"])
+    cfg = config_from_args(args)
+    expert = GenConViTExpert("ed", img_size=64, init="scratch", backbone="test_convnext", ae_lr=args.ae_lr,
+                             stages=args.stages)
+    trainer = Trainer(cfg, expert, setup_distributed("cpu"))
+    autoencoder = {id(p) for p in trainer.model.autoencoder_parameters()}
+    for index, stage in enumerate(expert.stages(cfg.epochs, cfg.lr)):  # frozen:1 at 1e-4, full:rest at 0.5e-4
+        ctx = trainer.start_stage(index, stage)
+        for group in ctx.optimizer.param_groups:
+            own = {id(p) in autoencoder for p in group["params"]}
+            assert len(own) == 1  # a group is all autoencoder or none of it
+            # no warmup: the first update is at the peak, --ae-lr for the autoencoder, the stage's lr for the rest
+            assert group["lr"] == pytest.approx(3e-3 if own == {True} else stage.lr)
+            assert own == {False} or group["weight_decay"] == 0.0
+    assert expert.describe()["ae_lr"] == 3e-3

@@ -25,7 +25,7 @@ from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_
 from stage2.engine.config import add_train_args, config_from_args
 from stage2.engine.flags import Float, Int
 from stage2.engine.outputs import check_output_dir
-from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
+from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timm ConvNeXt of the classifier; the official weights need convnext_tiny")
     model.add_argument("--latent-channels", type=Int(min=1), default=256,
                        help="VAE latent size / 49; 256 gives the official 12544-d latent")
+    model.add_argument("--head", choices=HEAD_INPUTS,
+                       help="what the head reads of the input and of its reconstruction: the backbone's ImageNet "
+                            "logits (the official layout) or its pooled features (default: logits with --init "
+                            "official, else features)")
+    model.add_argument("--ae-lr", type=Float(above=0),
+                       help="peak learning rate of the autoencoder, in every stage (default: --lr)")
     return parser
 
 
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             variant, img_size=args.img_size, arch=args.arch, init=args.init, weights=weights,
             backbone_file=args.backbone_file, swin_file=args.swin_file,
             recon_weight=args.recon_weight, kl_weight=args.kl_weight, label_smoothing=args.label_smoothing,
-            stages=args.stages, backbone=args.backbone, latent_channels=args.latent_channels)
+            stages=args.stages, backbone=args.backbone, latent_channels=args.latent_channels, head_input=args.head,
+            ae_lr=args.ae_lr)
         if not args.evaluate_checkpoint:
             expert.stages(args.epochs, args.lr)  # a bad --stages answers now, not once the data is read
         runs.append((cfg, expert))

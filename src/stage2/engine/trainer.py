@@ -223,7 +223,8 @@ class Trainer:
         cfg = self.cfg
         for name, p in self.model.named_parameters():
             p.requires_grad_(name in self.learnable and (stage.trainable is None or stage.trainable(name)))
-        optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=stage.lr, weight_decay=cfg.weight_decay)
+        groups = self.expert.param_groups(self.model, cfg.weight_decay, stage.lr)
+        optimizer = create_optimizer_v2(groups, opt=cfg.opt, lr=stage.lr, weight_decay=cfg.weight_decay)
         scheduler = warmup_cosine(optimizer, stage.lr, cfg.min_lr, cfg.warmup_epochs, stage.epochs,
                                   self.updates_per_epoch)
         if state:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from stage2.models.families import ModelFamily
@@ -73,6 +74,13 @@ class Expert:
 
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return [Stage("train", epochs, lr)]
+
+    def param_groups(self, model: nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's groups of the trainable parameters, for a stage at peak `lr`: timm's (no decay on norms,
+        biases and the model's ``no_weight_decay()`` patterns). A group's ``lr_scale`` multiplies the schedule's lr
+        for it (timm's schedulers apply it)."""
+        return param_groups_weight_decay(model, weight_decay,
+                                         no_weight_decay_list=getattr(model, "no_weight_decay", set)())
 
     def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
         """Parameters whose gradients --clip-grad bounds as one norm, a norm per group; the loop asks once per stage

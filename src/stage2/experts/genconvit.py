@@ -31,6 +31,9 @@ BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "convnext.", "swin.")
 # first learn for an epoch with the backbones frozen, so their random gradients do not disturb the pretrained
 # features; from scratch or from the official weights nothing is new, so everything trains from the start.
 DEFAULT_STAGES = {"official": "full:rest", "imagenet": "frozen:1,full:rest", "scratch": "full:rest"}
+# What the head reads of each view (models.genconvit.ed.HEAD_INPUTS): the official weights' ImageNet logits, or
+# pooled features for a head that starts new.
+DEFAULT_HEAD_INPUT = {"official": "logits", "imagenet": "features", "scratch": "features"}
 
 
 def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
@@ -93,6 +96,8 @@ class GenConViTExpert(Expert):
         stages: str | None = None,
         backbone: str = CONVNEXT_NAME,
         latent_channels: int = 256,
+        head_input: str | None = None,
+        ae_lr: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ):
         if init not in GENCONVIT_INIT_MODES:
@@ -101,8 +106,17 @@ class GenConViTExpert(Expert):
             raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
         if swin_file is not None and arch != "hybrid":
             raise ValueError("--swin-file: only --arch hybrid has a Swin that is used")
+        head_input = head_input or DEFAULT_HEAD_INPUT[init]
+        if init == "official" and head_input != "logits":
+            raise ValueError("--head features: the official weights' head reads ImageNet logits (--head logits)")
+        if arch == "hybrid" and head_input != "features":
+            raise ValueError("--head logits: the hybrid's head reads the pooled features of both backbones")
+        if ae_lr is not None and not (math.isfinite(ae_lr) and ae_lr > 0):
+            raise ValueError(f"--ae-lr {ae_lr}: expected a positive number")
         self.variant, self.arch, self.init = variant, arch, init
+        self.head_input, self.ae_lr = head_input, ae_lr
         self.img_size = img_size
+        self.backbone = backbone
         self.weights = weights
         self.backbone_file = backbone_file
         self.swin_file = swin_file
@@ -116,9 +130,11 @@ class GenConViTExpert(Expert):
             self.model_kwargs["img_size"] = img_size
         if variant == "vae":
             self.model_kwargs["latent_channels"] = latent_channels
+        if head_input != "logits" and arch == "official":  # the hybrid's head always reads pooled features
+            self.model_kwargs["head_input"] = head_input
         self.model_kwargs.update(model_kwargs or {})
         # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
-        norm = self.family.data_config(img_size)
+        norm = self.family.data_config(img_size, backbone)
         self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
                                        norm["mean"], norm["std"])
 
@@ -157,7 +173,7 @@ class GenConViTExpert(Expert):
                 "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch") from err
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
-        return self.family.data_config(self.img_size)
+        return self.family.data_config(self.img_size, self.backbone)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return self.family.meta(self.variant, self.arch, self.model_kwargs)
@@ -171,6 +187,17 @@ class GenConViTExpert(Expert):
 
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return parse_stages(self.stage_spec, epochs, lr)
+
+    def param_groups(self, model: nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+        """timm's groups, with the autoencoder in its own undecayed group at ``--ae-lr`` (when set) in every stage."""
+        groups = super().param_groups(model, weight_decay, lr)
+        if self.ae_lr is None:
+            return groups
+        ids = {id(p) for p in model.autoencoder_parameters()}
+        rest = [{**group, "params": [p for p in group["params"] if id(p) not in ids]} for group in groups]
+        ae = [p for p in model.autoencoder_parameters() if p.requires_grad]
+        own = [{"params": ae, "weight_decay": 0.0, "lr_scale": self.ae_lr / lr}] if ae else []
+        return [g for g in rest if g["params"]] + own
 
     def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
         """The autoencoder, and the rest. The classifier's gradient norm (5-20 on the demo's first steps, against
@@ -187,8 +214,9 @@ class GenConViTExpert(Expert):
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.checkpoint_meta()["model_name"], "init": self.init,
-                "weights": self.weights or self.backbone_file, "recon_weight": self.criterion.recon_weight,
-                "kl_weight": self.criterion.kl_weight, "stages": self.stage_spec,
+                "weights": self.weights or self.backbone_file, "head": self.head_input,
+                "recon_weight": self.criterion.recon_weight, "kl_weight": self.criterion.kl_weight,
+                "stages": self.stage_spec, "ae_lr": self.ae_lr,
                 "autoencoder": "no weight decay, clipped apart from the classifier"}
 
     @torch.no_grad()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import get_arch_name, save_for_hf
+from timm.models import get_arch_name, get_pretrained_cfg, save_for_hf
 from torch import nn
 
 from stage2.data.decode import RESIZE_CONFIG
@@ -28,7 +28,23 @@ from stage2.models.genconvit import (
     load_official_checkpoint,
     official_vae_sizes,
 )
+from stage2.models.names import CONVNEXT_NAME
 from stage2.models.timm_models import create_timm_model, resolve_model_name
+
+
+class ReadOut(NamedTuple):
+    """What a family reads off one forward pass."""
+
+    embeddings: torch.Tensor  # [B, D]: the activation the last linear layer reads
+    fake_logit: torch.Tensor  # [B]: what that layer gives, as log-odds of "fake"
+    recon: torch.Tensor | None = None  # [B, 3, H, W]: a generative expert's reconstruction, in [0, 1] pixels
+
+    def recon_error(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """Per-image MSE of the reconstruction against the input `pixels` in [0, 1] (GenConViT's reconstruction
+        loss term), float32 [B]; None for an expert that does not reconstruct."""
+        if self.recon is None:
+            return None
+        return (self.recon.float() - pixels.float()).pow(2).flatten(1).mean(dim=1)
 
 
 class ModelFamily:
@@ -47,8 +63,8 @@ class ModelFamily:
         """Log-odds of "fake" per sample, [B], from the model's forward output: P(fake) = sigmoid of it."""
         raise NotImplementedError
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings [B, D], fake logits [B]): the activation the last linear layer reads, and what it gives."""
+    def embed(self, model: nn.Module, x: torch.Tensor) -> ReadOut:
+        """The embeddings, fake logits (and a reconstruction, for a generative expert) of a normalised batch."""
         raise NotImplementedError
 
     def classifier(self, model: nn.Module) -> nn.Linear:
@@ -80,10 +96,10 @@ class TimmFamily(ModelFamily):
     def fake_logit(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.squeeze(1).float()
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, model: nn.Module, x: torch.Tensor) -> ReadOut:
         # timm's pooled pre-logits features: what num_classes=0 would return (1536-d for EfficientNetV2-B3).
         embeddings = model.forward_head(model.forward_features(x), pre_logits=True)
-        return embeddings, self.classifier(model)(embeddings).squeeze(1)
+        return ReadOut(embeddings, self.classifier(model)(embeddings).squeeze(1))
 
     def classifier(self, model: nn.Module) -> nn.Linear:
         return model.get_classifier()
@@ -121,11 +137,15 @@ class GenConViTFamily(ModelFamily):
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         return build_genconvit(meta["variant"], meta["arch"], **meta.get("model_kwargs", {}))
 
-    def data_config(self, img_size: int) -> dict[str, Any]:
-        """ImageNet normalisation (the official weights' and every GenConViT run's) at `img_size`, and the resize
-        every loader applies."""
-        return {"input_size": [3, img_size, img_size], "mean": list(IMAGENET_DEFAULT_MEAN),
-                "std": list(IMAGENET_DEFAULT_STD), **RESIZE_CONFIG}
+    def data_config(self, img_size: int, backbone: str = CONVNEXT_NAME) -> dict[str, Any]:
+        """The classifier backbone's normalisation at `img_size`, and the resize every loader applies.
+
+        ConvNeXt's (the official weights') is ImageNet's; another backbone's pretrained weights expect their own
+        (EfficientNet-Lite0's: 0.5, 0.5), as the EfficientNet expert's data config does."""
+        cfg = get_pretrained_cfg(backbone)
+        mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        return {"input_size": [3, img_size, img_size], "mean": [float(v) for v in mean],
+                "std": [float(v) for v in std], **RESIZE_CONFIG}
 
     def official_meta(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """The meta of an official file's model: the variant from its keys, a VAE's sizes from its ``mu`` head.
@@ -136,7 +156,8 @@ class GenConViTFamily(ModelFamily):
     def official_data_config(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         """The data config of the official model `meta` describes: a VAE's input size is in its sizes, the ED's is
         the size the official weights were trained at."""
-        return self.data_config(meta["model_kwargs"].get("img_size", OFFICIAL_IMG_SIZE))
+        kwargs = meta["model_kwargs"]
+        return self.data_config(kwargs.get("img_size", OFFICIAL_IMG_SIZE), kwargs.get("convnext_name", CONVNEXT_NAME))
 
     def load_official(self, weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> nn.Module:
         """The official model `meta` (from ``official_meta``) describes, holding `weights` (strictly loaded)."""
@@ -149,9 +170,9 @@ class GenConViTFamily(ModelFamily):
     def fake_logit(self, outputs: Any) -> torch.Tensor:
         return fake_logit(outputs.logits.float())
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, model: nn.Module, x: torch.Tensor) -> ReadOut:
         out = model(x)  # `features` is the 500-d activation that feeds the classifier (fc2)
-        return out.features, fake_logit(out.logits)
+        return ReadOut(out.features, fake_logit(out.logits), out.recon)
 
     def classifier(self, model: nn.Module) -> nn.Linear:
         return model.classifier

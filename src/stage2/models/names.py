@@ -16,3 +16,5 @@ SWIN_NAME = "swin_tiny_patch4_window7_224"  # the hybrid's second backbone
 GENCONVIT_HF_REPO = "Deressa/GenConViT"
 GENCONVIT_HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_inference.pth"}
 GENCONVIT_INIT_MODES = ("official", "imagenet", "scratch")
+# What GenConViT's head reads of each view: the backbone's ImageNet logits (the official layout) or pooled features.
+HEAD_INPUTS = ("logits", "features")

@@ -17,11 +17,26 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN
 from torch import nn
 
-from stage2.models.names import CONVNEXT_NAME
+from stage2.models.names import CONVNEXT_NAME, HEAD_INPUTS
 from stage2.models.timm_models import create_timm_model
 
 EMBED_DIM = 500  # width of ``fc``; fixed by the official checkpoints
 OUTPUT_GAIN = 0.1  # init scale of a decoder's output layer, relative to a variance-preserving one
+
+
+def create_backbone(name: str, head_input: str, pretrained: bool, pretrained_file: str | None) -> nn.Module:
+    """The timm backbone both views go through, returning what `head_input` names: its 1,000 ImageNet logits
+    (upstream's layout, which the official weights need) or its pooled features (the activation timm's classifier
+    reads: 768-d for ConvNeXt-Tiny, 1,280-d for EfficientNet-Lite0)."""
+    if head_input not in HEAD_INPUTS:
+        raise ValueError(f"GenConViT head input must be one of {', '.join(HEAD_INPUTS)}, got {head_input!r}")
+    return create_timm_model(name, pretrained=pretrained, pretrained_file=pretrained_file,
+                             num_classes=1000 if head_input == "logits" else 0)
+
+
+def view_width(backbone: nn.Module) -> int:
+    """Width of one view's vector: the logits, or the pooled features of a backbone built with no classifier."""
+    return backbone.num_classes or backbone.num_features
 
 
 def init_upsampling(features: nn.Sequential, negative_slope: float) -> None:
@@ -110,6 +125,12 @@ class GenConViTHead(nn.Module):
         self.fc = nn.Linear(in_features, EMBED_DIM)
         self.fc2 = nn.Linear(EMBED_DIM, 2)
         self.act = act
+        # A new head starts at zero, so every image starts at P(fake) = 0.5 and no random gradient reaches the
+        # pretrained backbone before the head has learnt something; the EfficientNet expert's head does the same.
+        # With PyTorch's init, GenConViT-ED on a real set from ImageNet weights reached 0.91x that expert's AUC
+        # (BENCHMARKS.md, "Real faces"). Official weights overwrite it.
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
     @property
     def classifier(self) -> nn.Linear:
@@ -173,6 +194,8 @@ class GenConViTED(GenConViTHead):
     Args:
         backbone_pretrained: start ConvNeXt from timm's ImageNet weights (from the hub unless a file).
         backbone_file: local safetensors/.pth file of ImageNet ``convnext_tiny`` weights; implies pretrained.
+        convnext_name: the timm backbone (the official weights need ``convnext_tiny``).
+        head_input: ``"logits"`` (official) or ``"features"``: what ``fc`` reads of each view (``create_backbone``).
     """
 
     def __init__(
@@ -180,14 +203,13 @@ class GenConViTED(GenConViTHead):
         backbone_pretrained: bool = False,
         backbone_file: str | None = None,
         convnext_name: str = CONVNEXT_NAME,
+        head_input: str = "logits",
     ) -> None:
         super().__init__()
         self.encoder = EDEncoder()
         self.decoder = EDDecoder()
-        self.backbone = create_timm_model(
-            convnext_name, pretrained=backbone_pretrained, pretrained_file=backbone_file, num_classes=1000
-        )
-        self._build_head(2 * self.backbone.num_classes, nn.GELU())
+        self.backbone = create_backbone(convnext_name, head_input, backbone_pretrained, backbone_file)
+        self._build_head(2 * view_width(self.backbone), nn.GELU())
 
     def forward(self, x: torch.Tensor) -> GenConViTOutput:
         recon = self.decoder(self.encoder(x))

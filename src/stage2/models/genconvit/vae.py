@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage2.models.names import CONVNEXT_NAME
-from stage2.models.timm_models import create_timm_model
 
 from .ed import (
     EMBED_DIM,
     GenConViTHead,
     GenConViTOutput,
     classifier_view,
+    create_backbone,
     init_upsampling,
     input_statistics_only,
+    view_width,
 )
 
 ENCODER_CHANNELS = (3, 16, 32, 64, 128)
@@ -127,6 +128,8 @@ class GenConViTVAE(GenConViTHead):
         latent_channels: latent channels; smaller values shrink the two 25088-wide heads (for tests).
         backbone_pretrained: start ConvNeXt from timm's ImageNet weights (from the hub unless a file).
         backbone_file: local safetensors/.pth file of ImageNet ``convnext_tiny`` weights; implies pretrained.
+        convnext_name: the timm backbone (the official weights need ``convnext_tiny``).
+        head_input: ``"logits"`` (official) or ``"features"``: what ``fc`` reads of each view (``ed.create_backbone``).
 
     ``fc3`` (like ``encoder.fc1``/``fc2``) is unused upstream and kept frozen only for strict loading.
     """
@@ -138,14 +141,13 @@ class GenConViTVAE(GenConViTHead):
         backbone_pretrained: bool = False,
         backbone_file: str | None = None,
         convnext_name: str = CONVNEXT_NAME,
+        head_input: str = "logits",
     ) -> None:
         super().__init__()
         self.encoder = VAEEncoder(img_size, latent_channels, upstream_unused=True)
         self.decoder = VAEDecoder(img_size, latent_channels)
-        self.convnext_backbone = create_timm_model(
-            convnext_name, pretrained=backbone_pretrained, pretrained_file=backbone_file, num_classes=1000
-        )
-        width = self.convnext_backbone.num_classes
+        self.convnext_backbone = create_backbone(convnext_name, head_input, backbone_pretrained, backbone_file)
+        width = view_width(self.convnext_backbone)
         self._build_head(2 * width, nn.ReLU())
         self.fc3 = nn.Linear(width, EMBED_DIM).requires_grad_(False)
 
