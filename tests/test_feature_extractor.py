@@ -575,23 +575,32 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
         "arch": "hybrid",
         "model_kwargs": kwargs,
     }
+    torch.manual_seed(0)
     model = build_genconvit("ed", "hybrid", **kwargs)
+    torch.nn.init.normal_(model.fc2.weight)  # a new head starts at zero: a trained one does not
     save_trainer_checkpoint(output / "stage2_genconvit_demo/ed/best.pt", model, ed_meta, 1.0, **args)
 
     rows = feature_extractor.example(output, tmp_path / "features", device="cpu", workers=0)
 
-    assert [(name, dims) for name, dims, _, _ in rows] == [
-        ("effnet", 256),
-        ("genconvit_ed", 500),
-        ("effnet + genconvit_ed", 756),
+    assert [(row.name, row.dims, row.kind) for row in rows] == [
+        ("effnet", 1, "expert"),
+        ("genconvit_ed", 1, "expert"),
+        ("stack: effnet + genconvit_ed", 2, "stack"),
+        ("stack: effnet + genconvit_ed + genconvit_ed recon", 3, "stack"),
+        ("embeddings: effnet + genconvit_ed", 756, "reference"),
     ]
-    assert load_features(tmp_path / "features" / "genconvit_ed_val.npz").model_name == "genconvit_ed_hybrid"
-    assert all(auc > 0.9 for _, _, auc, _ in rows), rows
+    gc_features = load_features(tmp_path / "features" / "genconvit_ed_val.npz")
+    assert gc_features.model_name == "genconvit_ed_hybrid"
+    # the reconstruction error is GenConViT's own: the MSE of its reconstruction against the input in [0, 1] pixels
+    assert gc_features.recon_error.shape == gc_features.labels.shape and (gc_features.recon_error > 0).all()
+    assert load_features(tmp_path / "features" / "effnet_val.npz").recon_error is None
+    # untrained experts separate these images, each in its own direction; a stacker learns the directions
+    assert all(abs(row.auc - 0.5) > 0.4 for row in rows if row.kind == "expert"), rows
+    assert all(row.auc > 0.9 for row in rows if row.kind == "stack"), rows
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["effnet_val.npz", "genconvit_ed_val.npz"]
     printed = capsys.readouterr().out
-    assert "out-of-fold (folds grouped by video_id): cross-validated" in printed
-    assert "expert AUC: the expert's own P(fake) on the same images: in-sample" in printed
-    assert "expert AUC (in-sample)" in printed.splitlines()[-4] and "effnet + genconvit_ed" in printed
+    assert "out-of-fold (folds grouped by video_id)" in printed
+    assert "stacked - best expert (" in printed.splitlines()[-1]
 
 
 def test_stacking_preview_without_video_ids_says_its_folds_are_not_grouped(capsys):
@@ -605,7 +614,7 @@ def test_stacking_preview_without_video_ids_says_its_folds_are_not_grouped(capsy
                              model_name=name, **common) for name in ("a", "b")}
     print_preview(sets)
     printed = capsys.readouterr().out
-    assert "stratified folds: no video_id on every row" in printed and "grouped" not in printed
+    assert "stratified folds: no source_id/video_id on every row" in printed and "grouped" not in printed
 
 
 def test_example_names_the_missing_checkpoints(tmp_path):

@@ -91,32 +91,50 @@ def test_held_out_scores_the_type_it_never_trained_on_with_each_variant(tmp_path
     assert "mean in-domain" in (tmp_path / "h.md").read_text()
 
 
-def test_real_mode_needs_cuda_and_both_manifests(capsys):
-    for argv, message in ((["--train-manifest", "t.csv", "--val-manifest", "v.csv"], "--device cuda"),
-                          (["--train-manifest", "t.csv"], "both --train-manifest and --val-manifest"),
-                          (["--cross", "a=b.csv"], "only in real mode")):
+def test_bad_flags_are_one_line_errors(capsys, tmp_path):
+    (tmp_path / "junk.json").write_text("{not json")
+    cases = ((["--train-manifest", "t.csv"], "both --train-manifest and --val-manifest"),
+             (["--cross", "a=b.csv"], "only in real mode"), (["--genconvit", "ed"], "only in real mode"),
+             (["--cross", "a/b", "--train-manifest", "t", "--val-manifest", "v"], "expected NAME=MANIFEST"),
+             (["--n-train", "0"], "positive integer"), (["--n-train", "8"], "at least 14 crops"),
+             (["--seeds", "0,0"], "distinct"), (["--lr", "-1", "--train-manifest", "t", "--val-manifest", "v"],
+                                                "positive number"))
+    for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             learn.parse_args(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    for path in (tmp_path / "missing.json", tmp_path / "junk.json"):
+        with pytest.raises(SystemExit, match=rf"--merge {path}: cannot read a result"):
+            learn.main(["--merge", str(path)])
 
 
-def test_real_mode_audits_every_set_first_and_scores_each_cross_set(tmp_path, capsys):
+def test_real_mode_audits_every_set_trains_every_expert_and_stacks_them(tmp_path, capsys):
     data = tmp_path / "data"
-    train = write_set(data, "train", split_items(0, 24, ["resample"]), size=32)
-    val = write_set(data, "val", split_items(24, 12, ["resample"]), size=32)
-    cross = pd.read_csv(write_set(data, "cross", split_items(36, 12, ["splice"]), size=32))
+    train = write_set(data, "train", split_items(0, 32, ["resample"]), size=32)
+    val = write_set(data, "val", split_items(32, 24, ["resample"]), size=32)
+    cross = pd.read_csv(write_set(data, "cross", split_items(56, 12, ["splice"]), size=32))
     for i, row in cross.iterrows():  # a cross set whose fakes were saved at another JPEG quality: a shortcut
         jpeg = data / row["path"].replace(".png", ".jpg")
         Image.open(data / row["path"]).save(jpeg, quality=95 if row["label"] else 90)
         cross.loc[i, "path"] = str(jpeg)
     cross.to_csv(data / "cross_jpeg.csv", index=False)
-    plan = learn.LearnPlan(img_size=32, batch=8, epochs=1, seeds=(0,), levels=("standard",))
+    plan = learn.LearnPlan(model="test_efficientnet", img_size=32, batch=8, epochs=1, seeds=(0,),
+                           levels=("standard",), plain_zero_head=True, genconvit=("ed",))
     result = learn.run_real(plan, train, val, {"splice": data / "cross_jpeg.csv"}, tmp_path / "work")
     printed = capsys.readouterr().out
     assert printed.index("shortcut audit") < printed.index(learn.PLAIN)
     assert "jpeg_quality alone separates real from fake in splice" in printed
     audit = pd.DataFrame(result["audit"]).set_index(["set", "feature"])
     assert audit.loc[("splice", "jpeg_quality"), "auc"] == 1.0 and not audit.loc[("train", "format"), "shortcut"]
-    assert [r["case"] for r in result["summary"]] == [learn.PLAIN, "ours --aug standard"]
-    assert all(0 <= r["cross:splice"] <= 1 for r in result["runs"])
-    assert "splice AUC" in learn.markdown(result)
+    assert [r["case"] for r in result["summary"]] == [learn.PLAIN, learn.PLAIN_ZERO, "ours --aug standard",
+                                                      "genconvit ed", "stack: ours + genconvit ed"]
+    runs = {r["case"]: r for r in result["runs"]}
+    assert all(0 <= r["cross:splice"] <= 1 and 0 <= r["clean"] <= 1 for r in runs.values())
+    assert all(r["cpu_seconds"] > 0 for case, r in runs.items() if not case.startswith("stack"))
+    # GenConViT's figures: its reconstruction against the flat image, from its own metrics.csv
+    history = pd.read_csv(tmp_path / "work" / "runs" / "real_genconvited_0" / "ed" / "metrics.csv")
+    assert runs["genconvit ed"]["recon_psnr"] == pytest.approx(history["val_recon_psnr"].iloc[-1])
+    stack = runs["stack: ours + genconvit ed"]
+    assert stack["gain"] == pytest.approx(stack["clean"] - stack["best_expert"])
+    table = learn.markdown(result)
+    assert "splice AUC (cross)" in table and "mean colour" in table and "better expert" in table

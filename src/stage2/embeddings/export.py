@@ -65,8 +65,8 @@ class ExportGraph(nn.Module):
         self.normalize = Normalize(loaded.data_config["mean"], loaded.data_config["std"])
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding, fake_logit = self.family.embed(self.model, self.normalize(pixels))
-        return embedding.float(), fake_logit.float()
+        out = self.family.embed(self.model, self.normalize(pixels))
+        return out.embeddings.float(), out.fake_logit.float()
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False

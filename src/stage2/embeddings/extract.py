@@ -57,6 +57,7 @@ class FeatureBatch(NamedTuple):
     labels: np.ndarray  # int64 [B]
     p_fake: np.ndarray  # float32 [B], temperature-scaled
     indices: np.ndarray  # int64 [B]: manifest rows (project batches) or positions in the loader's order
+    recon_error: np.ndarray | None = None  # float32 [B]: a generative expert's reconstruction MSE in [0, 1] pixels
 
 
 def check_model_name(requested: str | None, recorded: str, family: ModelFamily, where: str) -> None:
@@ -195,9 +196,16 @@ class FeatureExtractor:
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float batch -> (embeddings [B, D], fake logits [B]), float32; call under inference_mode."""
+        embeddings, logits, _ = self.read_out(x)
+        return embeddings, logits
+
+    def read_out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Normalised float batch -> (embeddings [B, D], fake logits [B], reconstruction error [B] or None), float32;
+        call under inference_mode. The error is a generative expert's (ReadOut.recon_error)."""
         with autocast(self.device, self.amp_dtype):
-            embeddings, logits = self.family.embed(self.model, x)
-        return embeddings.float(), logits.float()
+            out = self.family.embed(self.model, x)
+        error = out.recon_error(self.normalise.normalize.pixels(x))
+        return out.embeddings.float(), out.fake_logit.float(), error
 
     def p_fake(self, logits: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled P(fake) from fake logits."""
@@ -235,13 +243,14 @@ class FeatureExtractor:
                               f"{self.img_size}]) preprocesses as training did", stacklevel=2)
                 warned = True
             with torch.inference_mode():
-                embeddings, logits = self.embed(self._prepare(images))
+                embeddings, logits, error = self.read_out(self._prepare(images))
                 p_fake = self.p_fake(logits)
             yield FeatureBatch(
                 embeddings.cpu().numpy(),
                 labels.cpu().numpy().astype(np.int64),
                 p_fake.cpu().numpy(),
                 indices.cpu().numpy().astype(np.int64),
+                None if error is None else error.cpu().numpy(),
             )
 
     def _unexpected(self, images: torch.Tensor) -> str | None:
@@ -279,7 +288,8 @@ class FeatureExtractor:
         batches = list(self.iter_batches(dataloader))
         if not batches:
             raise ValueError(f"{self.model_name}: the loader yielded no images")
-        embeddings, labels, p_fake, _ = (np.concatenate(parts) for parts in zip(*batches))
+        embeddings, labels, p_fake = (np.concatenate([getattr(b, f) for b in batches])
+                                      for f in ("embeddings", "labels", "p_fake"))
         return (embeddings, labels, p_fake) if return_probs else (embeddings, labels)
 
     def make_loader(
@@ -332,6 +342,7 @@ class FeatureExtractor:
                     labels=batch.labels,
                     p_fake=batch.p_fake,
                     index=batch.indices,
+                    **({} if batch.recon_error is None else {"recon_error": batch.recon_error}),
                     **{name: values[batch.indices] for name, values in text.items()},
                 )
             if not writer.rows:
@@ -359,14 +370,15 @@ class FeatureExtractor:
 
     def predict(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any) -> pd.DataFrame:
         """Calibrated P(fake) per image of `source` (a folder, a list of paths, a manifest): a frame with the
-        source's columns (path, label: -1 when unlabeled, video_id/method when known) and ``p_fake``."""
+        source's columns (path, label: -1 when unlabeled, video_id/method when known), ``p_fake`` and, for a
+        generative expert, ``recon_error``."""
         frame = source_frame(source, data_root)
-        rows, scores = [], []
-        for batch in self.iter_batches(self.make_loader(frame, **loader)):
-            rows.append(batch.indices)
-            scores.append(batch.p_fake)
-        kept = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
-        return frame.iloc[kept].assign(p_fake=np.concatenate(scores) if scores else []).reset_index(drop=True)
+        batches = list(self.iter_batches(self.make_loader(frame, **loader)))
+        kept = np.concatenate([b.indices for b in batches]) if batches else np.empty(0, dtype=np.int64)
+        scores = {"p_fake": np.concatenate([b.p_fake for b in batches]) if batches else []}
+        if batches and batches[0].recon_error is not None:
+            scores["recon_error"] = np.concatenate([b.recon_error for b in batches])
+        return frame.iloc[kept].assign(**scores).reset_index(drop=True)
 
     def extract_paths(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -376,7 +388,8 @@ class FeatureExtractor:
         batches = list(self.iter_batches(self.make_loader(frame, **loader)))
         if not batches:
             raise ValueError(f"{self.model_name}: no image of {frame.attrs.get('manifest', 'the paths')} decoded")
-        embeddings, _, p_fake, indices = (np.concatenate(parts) for parts in zip(*batches))
+        embeddings, p_fake, indices = (np.concatenate([getattr(b, f) for b in batches])
+                                       for f in ("embeddings", "p_fake", "indices"))
         return embeddings, p_fake, frame["path"].to_numpy(dtype=str)[indices]
 
 

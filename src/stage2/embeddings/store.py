@@ -2,8 +2,10 @@
 
 A feature file loads with plain ``np.load(path)`` (no pickles) and holds, row for row:
 ``embeddings`` float32 [N, D], ``labels`` int64 [N] (1 = fake), ``p_fake`` float32 [N], ``paths`` str [N],
-``index`` int64 [N] (the manifest row), ``video_id`` / ``method`` str [N] when the manifest has them, and 0-d
-``model_name``, ``family``, ``checkpoint``, ``manifest`` and ``temperature``.
+``index`` int64 [N] (the manifest row), ``video_id`` / ``method`` / ``source_id`` str [N] when the manifest has
+them, ``recon_error`` float32 [N] for a generative expert (GenConViT: the MSE of its reconstruction in [0, 1]
+pixels, a stacking feature of its own), and 0-d ``model_name``, ``family``, ``checkpoint``, ``manifest`` and
+``temperature``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from stage2.atomic import naming, staging_dir
 from stage2.errors import FeatureFileError
 
 ROW_KEYS = ("embeddings", "labels", "p_fake", "paths", "index")
-OPTIONAL_ROW_KEYS = ("video_id", "method")
+OPTIONAL_ROW_KEYS = ("video_id", "method", "source_id", "recon_error")
 META_KEYS = ("model_name", "family", "checkpoint", "manifest", "temperature")
 _COPY_BLOCK = 16 << 20  # bytes held in memory at a time while a member is copied into the zip
 
@@ -125,7 +127,8 @@ def _write_npy_header(file: Any, dtype: np.dtype, shape: tuple[int, ...]) -> Non
 
 @dataclass
 class FeatureSet:
-    """The contents of one feature file; ``video_id`` / ``method`` are None when the manifest lacked them."""
+    """The contents of one feature file; ``video_id`` / ``method`` / ``source_id`` are None when the manifest lacked
+    them, ``recon_error`` when the expert does not reconstruct its input."""
 
     embeddings: np.ndarray
     labels: np.ndarray
@@ -139,6 +142,8 @@ class FeatureSet:
     temperature: float
     video_id: np.ndarray | None = None
     method: np.ndarray | None = None
+    source_id: np.ndarray | None = None
+    recon_error: np.ndarray | None = None
     source: str = ""
 
 
@@ -172,6 +177,7 @@ class JoinedFeatures:
     blocks: list[slice]  # each expert's columns in ``embeddings``
     video_id: np.ndarray | None = None
     method: np.ndarray | None = None
+    source_id: np.ndarray | None = None
 
 
 def join_features(sources: Sequence[str | os.PathLike | FeatureSet]) -> JoinedFeatures:
@@ -196,6 +202,7 @@ def join_features(sources: Sequence[str | os.PathLike | FeatureSet]) -> JoinedFe
         blocks=[slice(int(a), int(b)) for a, b in zip(widths[:-1], widths[1:])],
         video_id=first.video_id,
         method=first.method,
+        source_id=first.source_id,
     )
 
 
