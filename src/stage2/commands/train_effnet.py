@@ -64,3 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-train-effnet` command."""
     exit_on_error(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -109,3 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-train-genconvit` command."""
     exit_on_error(main)
+
+
+if __name__ == "__main__":
+    cli()
