@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import fails, output_dir
@@ -218,6 +219,32 @@ def test_args_json_of_a_run_replays_to_the_same_flags(script, tmp_path):
     write_json_atomic(recorded, {**flags, "expert": {"model": "x"}})  # as Trainer.fit writes it
     replay = cli.parse_args(script.build_parser(), ["--config", str(recorded)])
     assert {k: v for k, v in vars(replay).items() if k not in NOT_REPLAYED} == flags
+
+
+# ---------------------------------------------------------------- user errors
+def test_a_library_valueerror_is_a_bug_shown_whole_not_a_user_error(capsys):
+    with pytest.raises(ValueError, match="cannot reshape"):  # it printed "error: cannot reshape ..." and exit 2
+        cli.exit_on_error(lambda: np.zeros(2).reshape(3))
+    assert capsys.readouterr().err == ""
+
+
+USER_CASES = [  # the project's own checks, each raised as one of its own error classes: still one line
+    (train_stage2_effnet, ["--pos-weight", "-1"], "--pos-weight '-1': expected auto, none or a positive number"),
+    (train_stage2_effnet, ["--model", "no_such_net"], "--model 'no_such_net': timm has no such model"),
+    (train_stage2_effnet, ["--config", "{tmp}/run.yaml"], "unknown setting 'learning_rate'"),
+    (train_stage2_genconvit, ["--stages", "full:x", "--init", "scratch"], "item 'full:x' has a bad number"),
+    (train_stage2_genconvit, ["--weights", "w.pth"], "--weights names one file"),
+    (feature_extractor, ["--checkpoint", __file__, "--manifest", "m.csv", "--out", "{tmp}"], "a folder; give the"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), USER_CASES, ids=[m.split(":")[0] for _, _, m in USER_CASES])
+def test_the_projects_own_checks_are_one_line_user_errors(script, argv, message, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("learning_rate: 1\n")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    if script is not feature_extractor:
+        argv += ["--output-dir", str(tmp_path / "out")]
+    assert message in fails(script.main, argv, capsys)
 
 
 # ---------------------------------------------------------------- --device

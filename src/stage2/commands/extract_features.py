@@ -27,7 +27,7 @@ from pathlib import Path
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
 from stage2.engine.flags import Int, check_args
-from stage2.errors import ManifestError, check_checkpoint_exists
+from stage2.errors import ConfigError, ManifestError, check_checkpoint_exists
 
 COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ManifestError(f"--images {args.images}: {what}")
     out = Path(args.out)
     if out.is_dir():
-        raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
+        raise ConfigError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
     if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
+        raise ConfigError(f"--out {out}: exists; pass --overwrite to replace it")
     from stage2.embeddings import FeatureExtractor
 
     extractor = FeatureExtractor(

@@ -25,6 +25,7 @@ from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_
 from stage2.engine.config import add_train_args, config_from_args
 from stage2.engine.flags import Float, Int
 from stage2.engine.outputs import check_output_dir
+from stage2.errors import ConfigError
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(), argv, init="scratch", backbone="tf_efficientnetv2_b0", img_size=96, epochs=8,
                       batch_size=16, lr=1e-3, workers=2, latent_channels=8)
     if args.variant == "both" and args.weights:
-        raise ValueError("--weights names one file; with --variant both use --weights-dir")
+        raise ConfigError("--weights names one file; with --variant both use --weights-dir")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
     if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
         from stage2.engine.checkpoint import load_checkpoint

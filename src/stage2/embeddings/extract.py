@@ -335,7 +335,7 @@ class FeatureExtractor:
                     **{name: values[batch.indices] for name, values in text.items()},
                 )
             if not writer.rows:
-                raise ValueError(f"{source}: no image could be decoded")
+                raise ManifestError(f"{source}: no image could be decoded")
             path = writer.close(
                 {
                     "model_name": self.model_name,
@@ -375,7 +375,7 @@ class FeatureExtractor:
         frame = source_frame(source, data_root)
         batches = list(self.iter_batches(self.make_loader(frame, **loader)))
         if not batches:
-            raise ValueError(f"{self.model_name}: no image of {frame.attrs.get('manifest', 'the paths')} decoded")
+            raise ManifestError(f"{self.model_name}: no image of {frame.attrs.get('manifest', 'the paths')} decoded")
         embeddings, _, p_fake, indices = (np.concatenate(parts) for parts in zip(*batches))
         return embeddings, p_fake, frame["path"].to_numpy(dtype=str)[indices]
 
@@ -389,7 +389,7 @@ def source_frame(source: Source, data_root: str | os.PathLike | None = None) -> 
         frame = pd.DataFrame({"path": [os.path.abspath(p) for p in source], "label": UNLABELED})
         missing = [p for p in frame["path"] if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"{len(missing)} of {len(frame)} image paths not found (first: {missing[0]})")
+            raise ManifestError(f"{len(missing)} of {len(frame)} image paths not found (first: {missing[0]})")
         return frame
     path = Path(source)
     if path.is_dir():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stage2.engine.report import plot_recon_samples
-from stage2.errors import PretrainedWeightsError
+from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
 from stage2.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
@@ -40,29 +40,29 @@ def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
     for i, item in enumerate(filter(None, (part.strip() for part in spec.split(",")))):
         parts = item.split(":")
         if len(parts) not in (2, 3) or parts[0] not in ("frozen", "full"):
-            raise ValueError(f"--stages {spec!r}: item {item!r} is not NAME:EPOCHS[:LR_SCALE] with NAME frozen|full")
+            raise ConfigError(f"--stages {spec!r}: item {item!r} is not NAME:EPOCHS[:LR_SCALE] with NAME frozen|full")
         try:
             n = -1 if parts[1] == "rest" else int(parts[1])
             scale = float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
-            raise ValueError(f"--stages {spec!r}: item {item!r} has a bad number") from None
+            raise ConfigError(f"--stages {spec!r}: item {item!r} has a bad number") from None
         if (parts[1] != "rest" and n < 0) or not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
+            raise ConfigError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
         if n == -1:
             if rest_index is not None:
-                raise ValueError(f"--stages {spec!r}: only one stage may take the rest")
+                raise ConfigError(f"--stages {spec!r}: only one stage may take the rest")
             rest_index = i
         else:
             used += n
         trainable = _not_backbone if parts[0] == "frozen" else None
         stages.append(Stage(parts[0], n, lr * scale, trainable))
     if used > epochs:
-        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs}")
+        raise ConfigError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs}")
     if rest_index is not None:
         rest = stages[rest_index]
         stages[rest_index] = Stage(rest.name, epochs - used, rest.lr, rest.trainable)
     elif used != epochs:
-        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs} (use 'rest')")
+        raise ConfigError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs} (use 'rest')")
     return [s for s in stages if s.epochs > 0]
 
 
@@ -96,11 +96,11 @@ class GenConViTExpert(Expert):
         model_kwargs: dict[str, Any] | None = None,
     ):
         if init not in GENCONVIT_INIT_MODES:
-            raise ValueError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
+            raise ConfigError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
         if init == "official" and arch != "official":
-            raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
+            raise ConfigError(f"--init official needs --arch official: the {arch} model has no official weights")
         if swin_file is not None and arch != "hybrid":
-            raise ValueError("--swin-file: only --arch hybrid has a Swin that is used")
+            raise ConfigError("--swin-file: only --arch hybrid has a Swin that is used")
         self.variant, self.arch, self.init = variant, arch, init
         self.img_size = img_size
         self.weights = weights

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stage2.errors import PretrainedWeightsError
+from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert
 from stage2.models.families import FAMILIES, TimmFamily
 from stage2.models.timm_models import create_timm_model, timm_data_config
@@ -112,7 +112,7 @@ def _parse_pos_weight(value: str | float | None) -> str | float | None:
     try:
         weight = float(value)
     except ValueError:
-        raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number") from None
+        raise ConfigError(f"--pos-weight {value!r}: expected auto, none or a positive number") from None
     if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number")
+        raise ConfigError(f"--pos-weight {value!r}: expected auto, none or a positive number")
     return weight
