@@ -221,6 +221,33 @@ def test_args_json_of_a_run_replays_to_the_same_flags(script, tmp_path):
     assert {k: v for k, v in vars(replay).items() if k not in NOT_REPLAYED} == flags
 
 
+# ---------------------------------------------------------------- repeated flags
+REPEATED = [
+    (train_stage2_effnet, ["--config", "a.yaml", "--config", "b.yaml"], "--config given twice (a.yaml, then b.yaml)"),
+    (train_stage2_effnet, ["--lr", "0.1", "--lr", "0.2"], "--lr given twice (0.1, then 0.2): it takes one value"),
+    (train_stage2_effnet, ["--evaluate", "a.pt", "--evaluate", "b.pt"], "--evaluate given twice (a.pt, then b.pt)"),
+    (train_stage2_genconvit, ["--weights", "a", "--weights", "b"], "--weights given twice (a, then b)"),
+    (feature_extractor, ["--images", "a", "--images", "b"], "--images given twice (a, then b)"),
+    (feature_extractor, ["--manifest", "a.csv", "--manifest", "b.csv"], "--manifest given twice (a.csv, then b.csv)"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), REPEATED, ids=[m.split(" ")[0] for _, _, m in REPEATED])
+def test_a_flag_of_one_value_given_twice_is_refused_in_one_line(script, argv, message, capsys):
+    assert fails(script.main, argv, capsys).startswith(f"error: {message}")
+
+
+def test_list_flags_given_twice_add_up_and_replace_the_config_value(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("val-manifest: from_config.csv\nperturb: blur:1\n")
+    argv = ["--evaluate", "best.pt", "--val-manifest", "a.csv", "--perturb", "jpeg:50", "--val-manifest", "b.csv",
+            "c.csv", "--perturb", "down:0.5,noise:0.02"]
+    cfg = config_from_args(_parse(train_stage2_effnet, [*argv, "--config", str(config)]))
+    assert cfg.eval_manifests == ["a.csv", "b.csv", "c.csv"] and cfg.perturb == "jpeg:50,down:0.5,noise:0.02"
+    cfg = config_from_args(_parse(train_stage2_effnet, ["--evaluate", "best.pt", "--config", str(config)]))
+    assert cfg.eval_manifests == ["from_config.csv"] and cfg.perturb == "blur:1"
+
+
 # ---------------------------------------------------------------- user errors
 def test_a_library_valueerror_is_a_bug_shown_whole_not_a_user_error(capsys):
     with pytest.raises(ValueError, match="cannot reshape"):  # it printed "error: cannot reshape ..." and exit 2

@@ -26,14 +26,14 @@ import sys
 from pathlib import Path
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
-from stage2.engine.flags import Int, check_args
+from stage2.engine.flags import FlagParser, Int, check_args
 from stage2.errors import ConfigError, ManifestError, check_checkpoint_exists
 
 COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
+    parser = FlagParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
                                      formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")

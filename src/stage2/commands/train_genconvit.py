@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.engine.config import add_train_args, config_from_args
-from stage2.engine.flags import Float, Int
+from stage2.engine.flags import FlagParser, Float, Int
 from stage2.engine.outputs import check_output_dir
 from stage2.errors import ConfigError
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
@@ -32,7 +32,7 @@ COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
+    parser = FlagParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
                                      formatter_class=HelpFormatter)
     # Upstream's recipe (erprogs/GenConViT): Adam (L2 weight decay 1e-4), lr 1e-4, batch 32, 224px input,
     # ImageNet normalisation, no warmup. Upstream steps the lr down 10x at epoch 15; we decay it by cosine.

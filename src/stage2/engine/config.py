@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from stage2.data.levels import AUG_LEVELS
-from stage2.engine.flags import Float, Int
+from stage2.engine.flags import Extend, Float, Int
 from stage2.errors import ConfigError
 
 # torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
@@ -97,8 +97,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     d = {**TrainConfig().to_dict(), **defaults}
     data = parser.add_argument_group("data")
     data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")
-    data.add_argument("--val-manifest", nargs="+", default=d["val_manifest"], metavar="CSV",
-                      help="validation CSV (selects the best epoch); with --evaluate one or more test manifests")
+    data.add_argument("--val-manifest", nargs="+", action=Extend, default=d["val_manifest"], metavar="CSV",
+                      help="validation CSV (selects the best epoch); with --evaluate one or more test manifests "
+                           "(listed, or the flag repeated)")
     data.add_argument("--data-root", default=d["data_root"],
                       help="base folder for relative image paths (default: each manifest's folder)")
     data.add_argument("--skip-bad-images", action="store_true",
@@ -172,9 +173,10 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     out.add_argument("--audit-only", action="store_true",
                      help="only run the shortcut audit (file headers of the train and val manifests, or with "
                           "--evaluate of its manifests): OUTPUT_DIR/shortcut_audit.csv and summary.json")
-    out.add_argument("--perturb", metavar="SPEC",
+    out.add_argument("--perturb", nargs="+", action=Extend, metavar="SPEC",
                      help="with --evaluate: also score each manifest under these perturbations, e.g. "
-                          "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest)")
+                          "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest; "
+                          "several SPECs, or the flag repeated, add up)")
     out.add_argument("--log-every", type=Int(min=1), default=d["log_every"],
                      help="steps between progress lines when stdout is not a terminal")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
@@ -199,6 +201,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if args.perturb is not None:
             raise ConfigError("--perturb: only with --evaluate CHECKPOINT")
     values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
+    if args.perturb is not None:  # one spec, in the order given
+        values["perturb"] = ",".join([args.perturb] if isinstance(args.perturb, str) else args.perturb)
     if not values.get("clip_grad"):
         values["clip_grad"] = None
     return TrainConfig(**values)
