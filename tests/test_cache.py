@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, set_flag, subprocess_env
 from PIL import Image
 
 import train_stage2_effnet
@@ -217,12 +217,12 @@ def test_the_dataset_yields_the_same_items_with_and_without_the_cache(tmp_path, 
 
 def test_training_from_the_cache_gives_the_same_run(effnet_args, tiny_data, tmp_path):
     out = tmp_path / "run"
-    plain_args = [*effnet_args, "--epochs", "1"]
+    plain_args = set_flag(effnet_args, "--epochs", "1")
     train_stage2_effnet.main(plain_args)
     plain = pd.read_csv(out / "val_predictions.csv")
 
     cache_dir = tmp_path / "cache"
-    cached_args = [*plain_args, "--output-dir", str(tmp_path / "cached_run"), "--cache-dir", str(cache_dir)]
+    cached_args = [*set_flag(plain_args, "--output-dir", str(tmp_path / "cached_run")), "--cache-dir", str(cache_dir)]
     train_stage2_effnet.main(cached_args)
     cached = pd.read_csv(tmp_path / "cached_run" / "val_predictions.csv")
 

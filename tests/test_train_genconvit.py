@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, set_flag, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
@@ -113,10 +113,10 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     flags = [*gc_args, "--variant", "ed", "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1"]
     straight = tmp_path / "straight"
     torch.set_num_threads(1)
-    train_stage2_genconvit.main([*flags, "--output-dir", str(straight)])
+    train_stage2_genconvit.main(set_flag(flags, "--output-dir", str(straight)))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train_stage2_genconvit.py"), *flags, "--output-dir", str(killed)]
+    cmd = [sys.executable, str(ROOT / "train_stage2_genconvit.py"), *set_flag(flags, "--output-dir", str(killed))]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     for line in proc.stdout:
@@ -128,7 +128,8 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     state = torch.load(killed / "ed" / "last.pt", weights_only=True)
     assert state["stage"] == 1 and state["step"] >= 1
 
-    train_stage2_genconvit.main([*flags, "--output-dir", str(killed), "--resume"])  # in this process: one thread too
+    # In this process: one thread too.
+    train_stage2_genconvit.main([*set_flag(flags, "--output-dir", str(killed)), "--resume"])
     a = torch.load(straight / "ed" / "last.pt", weights_only=True)["model"]
     b = torch.load(killed / "ed" / "last.pt", weights_only=True)["model"]
     for key in a:
