@@ -106,7 +106,7 @@ RANGE_CASES = [
     (train_stage2_effnet, ["--warmup-epochs", "-0.5"], "--warmup-epochs -0.5: expected a number >= 0"),
     (train_stage2_effnet, ["--save-every-minutes", "inf"], "--save-every-minutes inf: expected a number >= 0"),
     (train_stage2_effnet, ["--max-bad-images", "-1"], "--max-bad-images -1: expected an integer >= 0"),
-    (train_stage2_effnet, ["--self-blend", "1.5"], "--self-blend 1.5: expected a number >= 0 and <= 1"),
+    (train_stage2_effnet, ["--self-blend", "1.5"], "--self-blend 1.5: expected a number >= 0 and < 1"),
     (train_stage2_genconvit, ["--recon-weight", "-1"], "--recon-weight -1.0: expected a number >= 0"),
     (train_stage2_genconvit, ["--kl-weight", "-5"], "--kl-weight -5.0: expected a number >= 0"),
     (train_stage2_genconvit, ["--latent-channels", "0"], "--latent-channels 0: expected an integer >= 1"),

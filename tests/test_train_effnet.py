@@ -153,7 +153,7 @@ def test_the_new_head_starts_at_p_fake_one_half():
 
 def test_pos_weight_auto_balances_the_loss():
     expert = TimmExpert("test_efficientnet", img_size=32, pretrained=False, pos_weight="auto")
-    expert.prepare(np.array([0, 0, 0, 1]))
+    expert.prepare(3, 1)  # real, fake
     assert expert.pos_weight == pytest.approx(3.0)
     logits, labels = torch.zeros(2, 1), torch.tensor([1, 0])
     loss = expert.loss(logits, None, labels)["loss"]

@@ -115,8 +115,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     data.add_argument("--img-size", type=Int(min=img_size_multiple_of or 1, multiple_of=img_size_multiple_of),
                       default=d["img_size"], help=f"square input size in pixels{multiple}")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
-    data.add_argument("--self-blend", type=Float(min=0, max=1), default=d["self_blend"], metavar="P",
-                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off)")
+    data.add_argument("--self-blend", type=Float(min=0, below=1), default=d["self_blend"], metavar="P",
+                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off; "
+                           "below 1, which would leave no real to train on)")
     data.add_argument("--workers", type=Int(min=0), default=d["workers"],
                       help="DataLoader worker processes per rank, capped to the cores this process may use")
     data.add_argument("--cache-dir", default=d["cache_dir"],
@@ -203,6 +204,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
     if args.perturb is not None:  # one spec, in the order given
         values["perturb"] = ",".join([args.perturb] if isinstance(args.perturb, str) else args.perturb)
+    if args.balanced_sampler and args.self_blend >= 0.5:
+        raise ConfigError(f"--balanced-sampler with --self-blend {args.self_blend:g}: from 0.5 on, self-blending "
+                          "leaves fewer reals than fakes however the images are drawn; lower --self-blend or use "
+                          "--pos-weight auto")
     if not values.get("clip_grad"):
         values["clip_grad"] = None
     return TrainConfig(**values)

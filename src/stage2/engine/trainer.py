@@ -65,7 +65,7 @@ from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memor
 from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
 from stage2.engine.resume import read_resume_state, restore
 from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock
-from stage2.engine.run_loaders import train_loader
+from stage2.engine.run_loaders import train_loader, trained_label_mix
 from stage2.engine.tracking import make_tracker
 from stage2.errors import ConfigError, StopRequested, TrainingDiverged, first_line
 from stage2.experts.base import Expert, Stage
@@ -152,7 +152,8 @@ class Trainer:
         # What the file headers alone give away about the labels: warned about before any GPU time is spent.
         self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
                                self.workers) if dist.is_main else None
-        expert.prepare(self.train_frame["label"].to_numpy())
+        self.label_mix = trained_label_mix(cfg, self.train_frame["label"].to_numpy())
+        expert.prepare(*self.label_mix)
         img_size = self.data_config["input_size"][-1]
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
         self.train_tf = DeviceTransform(mean, std, cfg.aug).to(self.device)
@@ -182,7 +183,8 @@ class Trainer:
         start_epoch, start_step = (resume.next_epoch, resume.step) if resume else (0, 0)
         degrade = self.train_loader.dataset.transform
         log_settings(cfg, stages, dist=self.dist, amp_dtype=self.amp_dtype, threads=self.threads,
-                     train_frame=self.train_frame, n_val=len(self.evaluator.frame), data_config=self.data_config,
+                     train_frame=self.train_frame, label_mix=self.label_mix, n_val=len(self.evaluator.frame),
+                     data_config=self.data_config,
                      degrade_start=degrade.start if degrade else None, workers=self.workers,
                      n_params=sum(p.numel() for p in self.model.parameters()), model=self.expert.describe())
         if self.dist.is_main:
