@@ -138,3 +138,12 @@ def test_the_balanced_sampler_balances_the_labels_trained(tiny_data, effnet_args
     err = fails(train_stage2_effnet.main, [*effnet_args, "--balanced-sampler", "--self-blend", "0.5"], capsys)
     assert err.startswith("error: --balanced-sampler with --self-blend 0.5: from 0.5 on, self-blending leaves")
     assert not output_dir(effnet_args).exists()
+
+
+@pytest.mark.parametrize("size", ["1", "2", "7"])
+def test_self_blend_below_its_smallest_crop_is_one_line(effnet_args, capsys, size):
+    # 1 and 2 px failed in torch's padding ("Padding size should be less...") or affine (INTERNAL ASSERT)
+    err = fails(train_stage2_effnet.main, [*set_flag(effnet_args, "--img-size", size), "--self-blend", "0.5"], capsys)
+    assert err == f"error: --self-blend at --img-size {size}: self-blending needs crops of at least 8 pixels"
+    torch.manual_seed(0)
+    assert self_blended(torch.zeros(3, 8, 8, dtype=torch.uint8))[0].shape == (3, 8, 8)  # the smallest taken runs

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import ROOT, set_flag, subprocess_env
+from conftest import ROOT, fails, set_flag, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
@@ -181,3 +181,23 @@ def test_hybrid_swin_loads_from_a_local_file_and_offline_errors_name_the_flags(t
                        swin_state["layers.0.blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="--swin-file"):
         GenConViTExpert("ed", arch="official", init="scratch", swin_file=swin)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"not a checkpoint"])  # "hello": a KeyError in the unpickler
+def test_official_weights_that_are_no_checkpoint_are_one_line_naming_the_file(gc_args, tmp_path, capsys, content):
+    weights = tmp_path / "junk.pth"
+    weights.write_bytes(content)
+    args = [a if a != "scratch" else "official" for a in gc_args]
+    err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--weights", str(weights)], capsys)
+    assert err.startswith(f"error: {weights}: cannot load checkpoint (")
+
+
+@pytest.mark.parametrize("init", ["scratch", "imagenet"])
+def test_weights_without_init_official_are_refused_not_ignored(gc_args, tmp_path, capsys, init):
+    args = [a if a != "scratch" else init for a in gc_args]
+    err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--weights", "w.pth"], capsys)
+    assert err == (f"error: --weights: the official weights are read only with --init official; --init {init} does "
+                   "not use them")
+    err = fails(train_stage2_genconvit.main, [*args, "--weights-dir", str(tmp_path)], capsys)
+    assert err.startswith("error: --weights-dir: the official weights are read only with --init official")
+    assert not Path(gc_args[-1]).exists()

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=16, lr=1e-3, workers=2, latent_channels=8)
     if args.variant == "both" and args.weights:
         raise ConfigError("--weights names one file; with --variant both use --weights-dir")
+    given = [flag for flag, value in (("--weights", args.weights), ("--weights-dir", args.weights_dir)) if value]
+    if given and args.init != "official":
+        raise ConfigError(f"{given[0]}: the official weights are read only with --init official; --init {args.init} "
+                          "does not use them")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
     if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
         from stage2.engine.checkpoint import load_checkpoint

@@ -18,6 +18,9 @@ from stage2.errors import ConfigError
 TRACKERS = ("tensorboard",)
 # The largest --seed: every seed derived from it (per step, per sample, per epoch) stays within torch's range.
 SEED_MAX = 2**32 - 1
+# The smallest --img-size --self-blend works at: its face mask needs pixels for a soft edge, and its warp
+# reflect-pads the crop (1 and 2 px failed in torch's padding and affine).
+SELF_BLEND_MIN_SIZE = 8
 # Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
 NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
@@ -204,6 +207,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
     if args.perturb is not None:  # one spec, in the order given
         values["perturb"] = ",".join([args.perturb] if isinstance(args.perturb, str) else args.perturb)
+    if args.self_blend and args.img_size < SELF_BLEND_MIN_SIZE:
+        raise ConfigError(f"--self-blend at --img-size {args.img_size}: self-blending needs crops of at least "
+                          f"{SELF_BLEND_MIN_SIZE} pixels")
     if args.balanced_sampler and args.self_blend >= 0.5:
         raise ConfigError(f"--balanced-sampler with --self-blend {args.self_blend:g}: from 0.5 on, self-blending "
                           "leaves fewer reals than fakes however the images are drawn; lower --self-blend or use "
