@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, fails, subprocess_env
 from PIL import Image
 
 import feature_extractor
@@ -224,6 +224,36 @@ def exported(uncalibrated, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exported") / "effnet"
     _main(["--checkpoint", str(uncalibrated), "--export", str(out)])
     return out
+
+
+def test_features_and_an_export_in_one_command_write_both(uncalibrated, tiny_data, tmp_path, capsys):
+    out, export = tmp_path / "val.npz", tmp_path / "export"
+    both = ["--checkpoint", str(uncalibrated), "--manifest", str(tiny_data[1]), "--out", str(out), "--export",
+            str(export), "--workers", "0"]
+    export.mkdir()
+    (export / "notes.txt").write_text("not an export")
+    err = fails(_main, both, capsys)  # each target is checked before either output is written
+    assert "--export" in err and "notes.txt" in err and not out.exists()
+    (export / "notes.txt").unlink()
+    _main(both)  # it wrote the export alone, no .npz, without a word
+    assert len(load_features(out).labels) == 12
+    assert json.loads((export / "export.json").read_text())["onnx"]["check"]["passed"]
+
+
+EXTRACTOR_COMBINATIONS = [
+    (["--example", "--out", "x.npz"], "--example extracts the trainers' runs under --output-root: it takes no --out"),
+    (["--checkpoint", "c.pt", "--images", "crops"], "--images needs --out FILE.npz"),
+    (["--checkpoint", "c.pt", "--out", "x.npz"], "--out needs --manifest CSV or --images DIR"),
+    (["--export", "exported"], "--export needs --checkpoint"),
+    (["--checkpoint", "c.pt"], "nothing to write: give --out FILE.npz (with --manifest or --images), --export DIR, "
+                               "or --example"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), EXTRACTOR_COMBINATIONS, ids=[m.split(":")[0] for _, m in
+                                                                           EXTRACTOR_COMBINATIONS])
+def test_extractor_flags_that_do_nothing_together_are_one_line(argv, message, capsys):
+    assert fails(_main, argv, capsys) == f"error: {message}"
 
 
 def _onnx_outputs(path: Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
