@@ -392,22 +392,48 @@ def test_the_onnx_check_judges_against_the_outputs_scale(trained_run, tmp_path):
 
 
 def _broken_checkpoint(trained_run: Path, path: Path, how: str) -> Path:
+    """The trained best.pt with one defect and valid checksums, but for an edited mean (the original's checksums)."""
     best = load_checkpoint(trained_run / "best.pt")
     if how == "nan weight":
         best["model"]["classifier.bias"] = torch.full_like(best["model"]["classifier.bias"], float("nan"))
-    else:
+    elif how == "huge weights":  # finite, but the logits overflow float32
+        best["model"]["classifier.weight"] = torch.full_like(best["model"]["classifier.weight"], 3e38)
+    elif how == "zero std":
         best["data_config"] = {**best["data_config"], "std": [0.0, 0.0, 0.0]}
+    else:
+        best["data_config"] = {**best["data_config"], "mean": [0.4, 0.4, 0.4]}
+        torch.save(best, path)
+        return path
     save_checkpoint(best, path)
     return path
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("nan weight", "non-finite values in classifier.bias (NaN or inf weights): every score would be NaN"),
+    ("zero std", "std [0.0, 0.0, 0.0]: expected 3 sizes >= 1, finite means and finite stds > 0"),
+    ("edited mean", "damaged or edited (its data_config, the input size, mean and std it scores with, does not"),
+], ids=["nan weight", "zero std", "edited mean"])
+def test_extraction_refuses_a_checkpoint_that_would_give_nan_or_other_scores(trained_run, tiny_data, tmp_path, capsys,
+                                                                             how, message):
+    # Before: NaN P(fake) written (a valid checksum), a ZeroDivisionError, and other scores without a word.
+    broken = _broken_checkpoint(trained_run, tmp_path / "broken.pt", how)
+    features = tmp_path / "f.npz"
+    err = fails(_main, ["--checkpoint", str(broken), "--manifest", str(tiny_data[1]), "--out", str(features),
+                        "--workers", "0"], capsys)
+    assert err.startswith(f"error: checkpoint {broken}: ") and message in err and not features.exists()
 
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-@pytest.mark.parametrize("how", ["nan weight", "zero std"])
+@pytest.mark.parametrize(("how", "refused"), [
+    ("nan weight", "checkpoint {broken}: non-finite values in"),  # refused when read
+    ("zero std", "checkpoint {broken}: data_config"),
+    ("huge weights", "--export {out}: {broken}: ONNX check failed: non-finite "),  # by the check
+], ids=["nan weight", "zero std", "huge weights"])
 def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(trained_run, exported, tmp_path, capsys,
-                                                                            how):
+                                                                            how, refused):
     out = tmp_path / "effnet"
     shutil.copytree(exported, out)
     before = _files(out)
@@ -416,7 +442,7 @@ def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(tra
         exit_on_error(lambda: _main(["--checkpoint", str(broken), "--export", str(out), "--overwrite"]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"error: --export {out}: {broken}: ONNX check failed: non-finite ")
+    assert err.startswith(f"error: {refused.format(broken=broken, out=out)}")
     assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "effnet"]
 
 

@@ -29,7 +29,7 @@ from stage2.data.loaders import manifest_loader
 from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.store import NpzStreamWriter
-from stage2.engine.checkpoint import BestCheckpoint, checkpoint_from_state, load_checkpoint
+from stage2.engine.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
 from stage2.engine.precision import autocast, autocast_dtype, memory_format, pick_device
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
@@ -105,6 +105,7 @@ def _from_official_file(state: dict[str, Any], path: Path, model_name: str | Non
         raise CheckpointError(
             f"checkpoint {path}: neither a trainer checkpoint (no 'family' key) nor an official GenConViT file ({err})"
         ) from None
+    check_finite_weights(weights, path)
     check_model_name(model_name, meta["model_name"], family, f"official GenConViT file {path}")
     try:
         model = family.load_official(weights, meta)
