@@ -30,7 +30,7 @@ from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, fr
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.store import NpzStreamWriter
 from stage2.engine.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
-from stage2.engine.precision import autocast, autocast_dtype, memory_format, pick_device
+from stage2.engine.precision import autocast, memory_format, pick_device, scoring_dtype
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.genconvit import read_state_dict
@@ -172,9 +172,8 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
-        on_gpu = self.device.type == "cuda"
-        self.amp_dtype = autocast_dtype("bf16" if amp and on_gpu else "off", self.device)
-        self.channels_last = on_gpu
+        self.amp_dtype = scoring_dtype(self.device, amp)
+        self.channels_last = self.device.type == "cuda"
         self.model = loaded.model.to(self.device).eval()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)

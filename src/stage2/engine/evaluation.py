@@ -26,7 +26,7 @@ from stage2.engine.distributed import DistInfo, broadcast_buffers, gather_by_ind
 from stage2.engine.logs import setup_logging
 from stage2.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
 from stage2.engine.outputs import check_output_dir, report_names
-from stage2.engine.precision import autocast, autocast_dtype, memory_format
+from stage2.engine.precision import autocast, memory_format, scoring_dtype
 from stage2.engine.report import format_report, plot_robustness, tpr_footnote
 from stage2.engine.run_dir import BadImages
 from stage2.engine.run_loaders import val_loader
@@ -70,7 +70,7 @@ class Evaluator:
         img_size = data_config["input_size"][-1]
         self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
         self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
-        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.amp_dtype = scoring_dtype(self.device, cfg.amp != "off")
         self.bad_images = bad_images
         self.decoded = self.frame  # the rows whose images decode: all of them, or what _check_images finds
         if perturbation is None:
