@@ -116,6 +116,36 @@ def test_a_changed_file_is_decoded_again_into_its_old_slot(tmp_path, pngs, caplo
     assert index.loc[pngs[2], "mtime_ns"] == stamp
 
 
+def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    # Uncompressed PNGs of one shape have one byte size; the mtime is put back as it was.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = folder / "face.png"
+    Image.fromarray(np.full((40, 48, 3), 30, dtype=np.uint8)).save(path, compress_level=0)
+    cache = DecodedCache(tmp_path / "cache", SIZE)
+    cache.prepare([str(path)])
+    before = os.stat(path)
+    Image.fromarray(np.full((40, 48, 3), 220, dtype=np.uint8)).save(path, compress_level=0)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size  # served the first image before
+    assert torch.equal(cache.view(cache.prepare([str(path)]))[0], _expected(str(path)))
+
+
+def test_cached_images_follow_max_image_pixels(tmp_path, pngs):
+    cache = DecodedCache(tmp_path / "cache", SIZE)
+    cache.prepare(pngs)  # 48x40 originals, under the default limit
+    with pytest.raises(ImageDecodeError, match=r"0\.png: 48x40 pixels, over the limit of 1000 \(--max-image-pixels\)"):
+        cache.prepare(pngs, max_pixels=1000)  # they were served before
+    with pytest.warns(UserWarning, match="over the limit of 1000"):
+        assert (cache.prepare(pngs, max_pixels=1000, skip_bad_images=True) == -1).all()
+    # Refused under a lower limit than a later run's: decoded then, not "undecodable when the cache was built".
+    other = DecodedCache(tmp_path / "other", SIZE)
+    with pytest.warns(UserWarning, match="over the limit of 1000"):
+        assert (other.prepare(pngs, max_pixels=1000, skip_bad_images=True) == -1).all()
+    view = other.view(other.prepare(pngs))
+    assert all(torch.equal(view[row], _expected(path)) for row, path in enumerate(pngs))
+
+
 def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, pngs, monkeypatch, caplog):
     monkeypatch.setattr(cache_module, "CHUNK", 2)  # chunks [0, 1], [2, 3], [4]
     with open(pngs[3], "rb") as f:

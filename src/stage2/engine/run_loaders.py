@@ -28,7 +28,8 @@ def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
                           max_pixels=cfg.max_image_pixels)
     barrier()
     if not dist.is_main:  # rank 0 has decoded and checked everything: this only reads the index
-        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images, verify=False)
+        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images,
+                          max_pixels=cfg.max_image_pixels, verify=False)
     return view
 
 
