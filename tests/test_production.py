@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import runpy
 import shutil
 import signal
 import stat
@@ -326,18 +327,36 @@ def test_timms_own_preprocessing_of_the_export_gives_the_extractors_scores(uncal
     assert np.abs(p_fake - predicted["p_fake"].to_numpy()).max() <= 0.01
 
 
-def test_the_onnx_example_scores_a_folder_as_predict_does(uncalibrated, exported, tiny_data, tmp_path):
-    folder = tmp_path / "crops"
-    for path in read_manifest(tiny_data[1])["path"]:
-        target = folder / Path(path).parent.name / Path(path).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(Path(path).read_bytes())
-    result = subprocess.run([sys.executable, "examples/onnx_predict.py", str(exported), str(folder)], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
-    scores = pd.read_csv(io.StringIO(result.stdout))
+def _onnx_predict(argv: list[str], capsys) -> tuple[int, str, str]:
+    """examples/onnx_predict.py run in this process: (exit code, stdout, stderr)."""
+    code = runpy.run_path(str(ROOT / "examples" / "onnx_predict.py"))["main"](argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_onnx_example_scores_a_folder_as_predict_does(uncalibrated, exported, tiny_data, tmp_path, capsys):
+    folder, elsewhere = tmp_path / "crops", tmp_path / "elsewhere"
+    for i, path in enumerate(read_manifest(tiny_data[1])["path"]):
+        parent = folder / "with, comma" if i < 4 else elsewhere if i < 8 else folder / Path(path).parent.name
+        parent.mkdir(parents=True, exist_ok=True)
+        (parent / f"{i:02d}.png").write_bytes(Path(path).read_bytes())
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)  # skipped before
+    grey = np.asarray(Image.open(path).convert("L"), dtype=np.uint16) * 257  # 16-bit: it scored 0.0001 for 0.693
+    Image.fromarray(grey).save(folder / "grey16.png")
+    code, out, _ = _onnx_predict([str(exported), str(folder)], capsys)
+    scores = pd.read_csv(io.StringIO(out))  # a comma in a path split its row before
     predicted = FeatureExtractor(checkpoint_path=uncalibrated, workers=0, progress=False).predict(folder)
-    assert scores["path"].tolist() == predicted["path"].tolist() and len(scores) == 12
+    assert code == 0 and scores["path"].tolist() == predicted["path"].tolist() and len(scores) == 13
     assert np.abs(scores["p_fake"].to_numpy() - predicted["p_fake"].to_numpy()).max() <= 0.01
+
+
+def test_the_onnx_example_refuses_bad_arguments_in_one_line(exported, tmp_path, capsys):
+    usage = "usage: python examples/onnx_predict.py EXPORT_DIR IMAGE_FOLDER > scores.csv\n"
+    assert _onnx_predict([], capsys) == (2, "", usage)  # an IndexError before
+    missing = tmp_path / "missing"  # a header and exit 0 before
+    assert _onnx_predict([str(exported), str(missing)], capsys) == (2, "", f"error: {missing}: no such folder\n")
+    assert _onnx_predict([str(tmp_path), str(tmp_path)], capsys) == (
+        2, "", f"error: {tmp_path}: not an export folder (no export.json)\n")
 
 
 @pytest.fixture(scope="module")
