@@ -161,11 +161,29 @@ class Evaluator:
 
     @functools.cached_property
     def fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same four val images of each class every epoch, normalised, for visual artefacts."""
-        labels = self.frame["label"].to_numpy()
-        picks = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:4]]
-        batch = collate([self.loader.dataset[i] for i in picks])
+        """The same four val images of each class every epoch (grid_rows: different videos), normalised, for visual
+        artefacts."""
+        batch = collate([self.loader.dataset[i] for i in grid_rows(self.frame)])
         return self.prepare(batch.images), batch.labels
+
+
+def grid_rows(frame: pd.DataFrame, per_class: int = 4) -> list[int]:
+    """Rows of `frame` for a grid of `per_class` reals then `per_class` fakes that shows different faces: one per
+    video (`video_id`, else `source_id`, where a row has one), spread over the set; a second frame of a video only
+    when the class has fewer videos. The first rows of a manifest are often frames of one video."""
+    column = "video_id" if "video_id" in frame else "source_id" if "source_id" in frame else None
+    ids = frame[column].to_numpy(dtype=str) if column else np.full(len(frame), "")
+    rows = []
+    for label in (0, 1):
+        members = np.flatnonzero(frame["label"].to_numpy() == label)
+        keys = [key or f"row {row}" for key, row in zip(ids[members], members)]  # no id: a face of its own
+        nth = pd.Series(keys).groupby(keys, sort=False).cumcount().to_numpy()  # 0: a video's first row here
+        order = np.lexsort((np.arange(len(members)), nth))  # every video's first row in set order, then seconds...
+        firsts = int((nth == 0).sum())
+        picked = order[np.linspace(0, firsts - 1, per_class).round().astype(int)] if firsts >= per_class \
+            else order[:per_class]
+        rows += members[picked].tolist()
+    return rows
 
 
 def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""

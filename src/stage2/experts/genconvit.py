@@ -207,10 +207,12 @@ class GenConViTExpert(Expert):
         labels_np = labels.cpu().numpy()
         psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
         path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        title = (f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}\n"
-                 f"PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
+        title = (f"{self.checkpoint_meta()['model_name']}: {len(labels_np)} validation images after epoch {epoch}\n"
+                 f"their PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: "
+                 f"{psnr['mean_colour_psnr']:.1f} dB)")
         plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path, title)
-        log.info("recon samples: %s (MSE real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB)", path,
+        log.info("recon samples: %s; the grid's %d images (the whole val set's are val_recon_* in metrics.csv): MSE "
+                 "real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB", path, len(labels_np),
                  float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
                  psnr["recon_psnr"], psnr["mean_colour_psnr"])
         return {"recon_samples": path}
