@@ -34,7 +34,7 @@ COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
-                                     formatter_class=HelpFormatter)
+                        formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
     model.add_argument("--model-name", help="optional check against the name the checkpoint records")

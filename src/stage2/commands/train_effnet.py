@@ -22,7 +22,7 @@ COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description=command_help(__doc__, "train_stage2_effnet.py", COMMAND),
-                                     formatter_class=HelpFormatter)
+                        formatter_class=HelpFormatter)
     add_train_args(parser, output_dir="output/stage2_effnet")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_EFFNET, help="any timm model name")

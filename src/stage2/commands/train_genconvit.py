@@ -33,7 +33,7 @@ COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
-                                     formatter_class=HelpFormatter)
+                        formatter_class=HelpFormatter)
     # Upstream's recipe (erprogs/GenConViT): Adam (L2 weight decay 1e-4), lr 1e-4, batch 32, 224px input,
     # ImageNet normalisation, no warmup. Upstream steps the lr down 10x at epoch 15; we decay it by cosine.
     # Both autoencoders halve the input five times and double it back: sides must be multiples of 32.
