@@ -100,7 +100,7 @@ def test_a_previous_run_is_never_overwritten_silently(effnet_args, capsys):
      ("--select-metric", "f1", "--select-metric")],
 )
 def test_bad_input_is_one_line_and_exit_code_2(effnet_args, capsys, flag, value, message):
-    args = [*effnet_args, flag, value]
+    args = set_flag(effnet_args, flag, value)
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2
