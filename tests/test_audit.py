@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import set_flag
 from PIL import Image
 
 import train_stage2_effnet
@@ -124,13 +125,14 @@ def test_audit_only_writes_the_table_and_summary_and_keeps_them(tmp_path, capsys
 
 
 def test_a_training_run_and_an_evaluation_record_the_audit(effnet_args, tmp_path):
-    train_stage2_effnet.main([*effnet_args, "--epochs", "1"])
+    train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
     out = tmp_path / "run"
     audit = pd.read_csv(out / "shortcut_audit.csv")
     assert set(audit["set"]) == {"train", "val"} and set(audit["feature"]) >= {"format", "jpeg_quality"}
     assert len(json.loads((out / "summary.json").read_text())["shortcut_audit"]) == len(audit)
     val = effnet_args[effnet_args.index("--val-manifest") + 1]
-    train_stage2_effnet.main([*effnet_args, "--evaluate", str(out / "best.pt"), "--output-dir", str(tmp_path / "ev")])
+    train_stage2_effnet.main([*set_flag(effnet_args, "--output-dir", str(tmp_path / "ev")), "--evaluate",
+                              str(out / "best.pt")])
     report = json.loads((tmp_path / "ev" / "eval_val.json").read_text())
     assert {r["set"] for r in report["shortcut_audit"]} == {"val"} and "val" in val
     assert (tmp_path / "ev" / "shortcut_audit.csv").is_file()

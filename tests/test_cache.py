@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, set_flag, subprocess_env
 from PIL import Image
 
 import train_stage2_effnet
@@ -114,6 +114,36 @@ def test_a_changed_file_is_decoded_again_into_its_old_slot(tmp_path, pngs, caplo
     assert torch.equal(view[5], _expected(extra))
     index = pd.read_csv(cache.index_path).set_index("path")
     assert index.loc[pngs[2], "mtime_ns"] == stamp
+
+
+def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    # Uncompressed PNGs of one shape have one byte size; the mtime is put back as it was.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = folder / "face.png"
+    Image.fromarray(np.full((40, 48, 3), 30, dtype=np.uint8)).save(path, compress_level=0)
+    cache = DecodedCache(tmp_path / "cache", SIZE)
+    cache.prepare([str(path)])
+    before = os.stat(path)
+    Image.fromarray(np.full((40, 48, 3), 220, dtype=np.uint8)).save(path, compress_level=0)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size  # served the first image before
+    assert torch.equal(cache.view(cache.prepare([str(path)]))[0], _expected(str(path)))
+
+
+def test_cached_images_follow_max_image_pixels(tmp_path, pngs):
+    cache = DecodedCache(tmp_path / "cache", SIZE)
+    cache.prepare(pngs)  # 48x40 originals, under the default limit
+    with pytest.raises(ImageDecodeError, match=r"0\.png: 48x40 pixels, over the limit of 1000 \(--max-image-pixels\)"):
+        cache.prepare(pngs, max_pixels=1000)  # they were served before
+    with pytest.warns(UserWarning, match="over the limit of 1000"):
+        assert (cache.prepare(pngs, max_pixels=1000, skip_bad_images=True) == -1).all()
+    # Refused under a lower limit than a later run's: decoded then, not "undecodable when the cache was built".
+    other = DecodedCache(tmp_path / "other", SIZE)
+    with pytest.warns(UserWarning, match="over the limit of 1000"):
+        assert (other.prepare(pngs, max_pixels=1000, skip_bad_images=True) == -1).all()
+    view = other.view(other.prepare(pngs))
+    assert all(torch.equal(view[row], _expected(path)) for row, path in enumerate(pngs))
 
 
 def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, pngs, monkeypatch, caplog):
@@ -217,12 +247,12 @@ def test_the_dataset_yields_the_same_items_with_and_without_the_cache(tmp_path, 
 
 def test_training_from_the_cache_gives_the_same_run(effnet_args, tiny_data, tmp_path):
     out = tmp_path / "run"
-    plain_args = [*effnet_args, "--epochs", "1"]
+    plain_args = set_flag(effnet_args, "--epochs", "1")
     train_stage2_effnet.main(plain_args)
     plain = pd.read_csv(out / "val_predictions.csv")
 
     cache_dir = tmp_path / "cache"
-    cached_args = [*plain_args, "--output-dir", str(tmp_path / "cached_run"), "--cache-dir", str(cache_dir)]
+    cached_args = [*set_flag(plain_args, "--output-dir", str(tmp_path / "cached_run")), "--cache-dir", str(cache_dir)]
     train_stage2_effnet.main(cached_args)
     cached = pd.read_csv(tmp_path / "cached_run" / "val_predictions.csv")
 

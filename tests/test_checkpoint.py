@@ -11,15 +11,18 @@ import feature_extractor
 import train_stage2_effnet
 from stage2.engine.checkpoint import (
     CHECKSUM_KEY,
+    CONFIG_CHECKSUM_KEY,
     SCHEMA_KEY,
     SCHEMA_VERSION,
     BestCheckpoint,
     LastCheckpoint,
+    data_config_sha256,
     load_checkpoint,
     read_best,
     read_last,
     rng_state,
     save_checkpoint,
+    tensors_sha256,
 )
 from stage2.errors import CheckpointError
 
@@ -67,7 +70,7 @@ def test_best_and_last_round_trip_with_the_schema_version(tmp_path):
     save_checkpoint(last.to_dict(), tmp_path / "last.pt")
     for name in ("best.pt", "last.pt"):
         raw = load_checkpoint(tmp_path / name)  # the flat file: schema fields, the family's meta, version, checksum
-        assert raw[SCHEMA_KEY] == SCHEMA_VERSION == 1 and raw[CHECKSUM_KEY] and raw["family"] == "timm"
+        assert raw[SCHEMA_KEY] == SCHEMA_VERSION == 2 and raw[CHECKSUM_KEY] and raw["family"] == "timm"
     _assert_same(read_best(tmp_path / "best.pt"), best)
     _assert_same(read_last(tmp_path / "last.pt"), last)
     # A last.pt is a best.pt and more: the extractor and --evaluate read it as one.
@@ -106,6 +109,15 @@ def test_a_file_from_before_versions_reads_as_version_1_when_its_keys_match(tmp_
     save_checkpoint(old, path)
     with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(path))}: lacks 'data_config' "):
         read_best(path)
+
+
+def test_the_data_config_has_a_checksum_and_a_version_1_file_without_one_still_reads(tmp_path):
+    best, path = _best(), tmp_path / "best.pt"
+    save_checkpoint(best.to_dict(), path)
+    assert load_checkpoint(path)[CONFIG_CHECKSUM_KEY] == data_config_sha256(DATA_CONFIG)
+    old = {**best.to_dict(), SCHEMA_KEY: 1}
+    torch.save({**old, CHECKSUM_KEY: tensors_sha256(old)}, path)  # as version 1 wrote it: tensors only
+    _assert_same(read_best(path), best)
 
 
 def test_a_best_pt_is_not_a_last_pt(tmp_path):

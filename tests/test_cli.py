@@ -1,5 +1,7 @@
 """Entry-script parsing: --demo settings become defaults, so any flag given on the command line wins."""
 
+import runpy
+import sys
 from functools import partial
 
 import pytest
@@ -56,3 +58,14 @@ def test_demo_says_when_it_reuses_its_data_and_replaces_an_earlier_run(demo_root
     ]
     cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run), "--resume"])
     assert "replacing" not in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:'stage2.commands.* found in sys.modules")  # imported by other tests first
+@pytest.mark.parametrize(("module", "flag"), [("train_effnet", "--pos-weight"), ("train_genconvit", "--variant"),
+                                              ("extract_features", "--export")])
+def test_python_dash_m_runs_each_command(module, flag, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(f"stage2.commands.{module}", run_name="__main__")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: ") and flag in out

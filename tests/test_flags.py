@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import fails, output_dir
@@ -105,7 +106,7 @@ RANGE_CASES = [
     (train_stage2_effnet, ["--warmup-epochs", "-0.5"], "--warmup-epochs -0.5: expected a number >= 0"),
     (train_stage2_effnet, ["--save-every-minutes", "inf"], "--save-every-minutes inf: expected a number >= 0"),
     (train_stage2_effnet, ["--max-bad-images", "-1"], "--max-bad-images -1: expected an integer >= 0"),
-    (train_stage2_effnet, ["--self-blend", "1.5"], "--self-blend 1.5: expected a number >= 0 and <= 1"),
+    (train_stage2_effnet, ["--self-blend", "1.5"], "--self-blend 1.5: expected a number >= 0 and < 1"),
     (train_stage2_genconvit, ["--recon-weight", "-1"], "--recon-weight -1.0: expected a number >= 0"),
     (train_stage2_genconvit, ["--kl-weight", "-5"], "--kl-weight -5.0: expected a number >= 0"),
     (train_stage2_genconvit, ["--latent-channels", "0"], "--latent-channels 0: expected an integer >= 1"),
@@ -218,6 +219,59 @@ def test_args_json_of_a_run_replays_to_the_same_flags(script, tmp_path):
     write_json_atomic(recorded, {**flags, "expert": {"model": "x"}})  # as Trainer.fit writes it
     replay = cli.parse_args(script.build_parser(), ["--config", str(recorded)])
     assert {k: v for k, v in vars(replay).items() if k not in NOT_REPLAYED} == flags
+
+
+# ---------------------------------------------------------------- repeated flags
+REPEATED = [
+    (train_stage2_effnet, ["--config", "a.yaml", "--config", "b.yaml"], "--config given twice (a.yaml, then b.yaml)"),
+    (train_stage2_effnet, ["--lr", "0.1", "--lr", "0.2"], "--lr given twice (0.1, then 0.2): it takes one value"),
+    (train_stage2_effnet, ["--evaluate", "a.pt", "--evaluate", "b.pt"], "--evaluate given twice (a.pt, then b.pt)"),
+    (train_stage2_genconvit, ["--weights", "a", "--weights", "b"], "--weights given twice (a, then b)"),
+    (feature_extractor, ["--images", "a", "--images", "b"], "--images given twice (a, then b)"),
+    (feature_extractor, ["--manifest", "a.csv", "--manifest", "b.csv"], "--manifest given twice (a.csv, then b.csv)"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), REPEATED, ids=[m.split(" ")[0] for _, _, m in REPEATED])
+def test_a_flag_of_one_value_given_twice_is_refused_in_one_line(script, argv, message, capsys):
+    assert fails(script.main, argv, capsys).startswith(f"error: {message}")
+
+
+def test_list_flags_given_twice_add_up_and_replace_the_config_value(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("val-manifest: from_config.csv\nperturb: blur:1\n")
+    argv = ["--evaluate", "best.pt", "--val-manifest", "a.csv", "--perturb", "jpeg:50", "--val-manifest", "b.csv",
+            "c.csv", "--perturb", "down:0.5,noise:0.02"]
+    cfg = config_from_args(_parse(train_stage2_effnet, [*argv, "--config", str(config)]))
+    assert cfg.eval_manifests == ["a.csv", "b.csv", "c.csv"] and cfg.perturb == "jpeg:50,down:0.5,noise:0.02"
+    cfg = config_from_args(_parse(train_stage2_effnet, ["--evaluate", "best.pt", "--config", str(config)]))
+    assert cfg.eval_manifests == ["from_config.csv"] and cfg.perturb == "blur:1"
+
+
+# ---------------------------------------------------------------- user errors
+def test_a_library_valueerror_is_a_bug_shown_whole_not_a_user_error(capsys):
+    with pytest.raises(ValueError, match="cannot reshape"):  # it printed "error: cannot reshape ..." and exit 2
+        cli.exit_on_error(lambda: np.zeros(2).reshape(3))
+    assert capsys.readouterr().err == ""
+
+
+USER_CASES = [  # the project's own checks, each raised as one of its own error classes: still one line
+    (train_stage2_effnet, ["--pos-weight", "-1"], "--pos-weight '-1': expected auto, none or a positive number"),
+    (train_stage2_effnet, ["--model", "no_such_net"], "--model 'no_such_net': timm has no such model"),
+    (train_stage2_effnet, ["--config", "{tmp}/run.yaml"], "unknown setting 'learning_rate'"),
+    (train_stage2_genconvit, ["--stages", "full:x", "--init", "scratch"], "item 'full:x' has a bad number"),
+    (train_stage2_genconvit, ["--weights", "w.pth"], "--weights names one file"),
+    (feature_extractor, ["--checkpoint", __file__, "--manifest", "m.csv", "--out", "{tmp}"], "a folder; give the"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), USER_CASES, ids=[m.split(":")[0] for _, _, m in USER_CASES])
+def test_the_projects_own_checks_are_one_line_user_errors(script, argv, message, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("learning_rate: 1\n")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    if script is not feature_extractor:
+        argv += ["--output-dir", str(tmp_path / "out")]
+    assert message in fails(script.main, argv, capsys)
 
 
 # ---------------------------------------------------------------- --device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from stage2.data.manifest import read_manifest
 from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import setup_distributed
+from stage2.engine.evaluation import grid_rows
 from stage2.engine.trainer import Trainer
 from stage2.experts.genconvit import GenConViTExpert
 from stage2.models.genconvit import GenConViTLoss, build_genconvit
@@ -147,3 +150,20 @@ def test_untrained_decoder_outputs_an_image_dependent_picture_in_range(variant):
     per_channel = recon.mean(dim=(0, 2, 3))
     torch.testing.assert_close(per_channel, torch.tensor(IMAGENET_DEFAULT_MEAN), atol=0.05, rtol=0)
     assert (recon > 0).float().mean(dim=(0, 2, 3)).min() > 0.9  # every channel alive
+
+
+def test_the_recon_grid_shows_different_videos_and_says_its_figures_are_its_own(tiny_data, tmp_path, caplog):
+    # It showed the first four reals of val: frames of one or two videos.
+    val = read_manifest(tiny_data[1])  # 2 real and 2 fake videos of 3 frames: a second frame of each
+    rows = grid_rows(val)
+    assert val.iloc[rows][["label", "video_id"]].values.tolist() == [
+        [0, "vid002"], [0, "vid004"], [0, "vid002"], [0, "vid004"], [1, "vid010"], [1, "vid014"], [1, "vid010"],
+        [1, "vid014"]]
+    train = read_manifest(tiny_data[0])  # 6 videos a class: four of them, spread over the set
+    assert train.iloc[grid_rows(train)]["video_id"].tolist() == ["vid000", "vid003", "vid005", "vid007", "vid008",
+                                                                  "vid011", "vid012", "vid015"]
+    expert = GenConViTExpert("ed", img_size=IMG, init="scratch", backbone="test_convnext")
+    images, labels = load_split(tiny_data[1])
+    with caplog.at_level(logging.INFO, logger="stage2"):  # its 8 images' figures, beside metrics.csv's whole val
+        expert.epoch_artifacts(expert.build_model(), images[rows], labels[rows], 1, tmp_path)
+    assert "the grid's 8 images (the whole val set's are val_recon_* in metrics.csv): MSE real " in caplog.text

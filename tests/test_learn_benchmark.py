@@ -79,7 +79,7 @@ def test_a_failing_verdict_is_written_and_both_tables_give_ratios_to_the_plain_l
 def test_held_out_scores_the_type_it_never_trained_on_with_each_variant(tmp_path):
     # Three types, one of them held out (each in turn is the same code, three times the training).
     result = learn.main([*TINY, "--protocol", "held-out", "--types", "colour,sharpen,splice", "--hold-out", "colour",
-                         "--variant", "self-blend=--self-blend 1", "--json", str(tmp_path / "h.json"),
+                         "--variant", "self-blend=--self-blend 0.9", "--json", str(tmp_path / "h.json"),
                          "--work-dir", str(tmp_path / "work")])
     assert [(r["type"], r["case"]) for r in result["summary"]] == [
         ("colour", c) for c in (learn.PLAIN, "ours --aug standard", "ours self-blend")]
@@ -87,7 +87,7 @@ def test_held_out_scores_the_type_it_never_trained_on_with_each_variant(tmp_path
     train = pd.read_csv(tmp_path / "work" / "traces" / "train_no_colour.csv")
     test = pd.read_csv(tmp_path / "work" / "traces" / "test_colour.csv")
     assert set(train["method"]) == {"real", "sharpen", "splice"} and set(test["method"]) == {"real", "colour"}
-    assert "self-blend 1" in (tmp_path / "work" / "runs" / "colour_oursself-blend_0" / "train.log").read_text()
+    assert "self-blend 0.9" in (tmp_path / "work" / "runs" / "colour_oursself-blend_0" / "train.log").read_text()
     assert "mean in-domain" in (tmp_path / "h.md").read_text()
 
 

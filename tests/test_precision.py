@@ -3,6 +3,8 @@
 import platform
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -63,3 +65,22 @@ def test_an_idle_cpu_a_gpu_and_omp_num_threads_keep_torchs_threads(fresh_threads
     cpu_threads.cache_clear()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cpu_threads("cpu") == "torch threads 2 (OMP_NUM_THREADS)" and torch.get_num_threads() == 2
+
+
+def test_evaluate_scores_as_the_extractor_does_on_a_cpu_with_native_bf16(trained_run, tiny_data, tmp_path,
+                                                                        monkeypatch):
+    """--amp auto trains in bf16 on such a CPU; --evaluate and val_predictions.csv (one Evaluator) scored in bf16
+    too, up to 0.0125 P(fake) from the extractor's fp32. Scoring is fp32 on any CPU."""
+    import train_stage2_effnet
+    from stage2.embeddings import FeatureExtractor
+    from stage2.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    checkpoint = tmp_path / "best.pt"  # at temperature 1: the fitted one puts every calibrated score at 0 or 1
+    save_checkpoint({**load_checkpoint(trained_run / "best.pt"), "temperature": 1.0}, checkpoint)
+    train_stage2_effnet.main(["--evaluate", str(checkpoint), "--val-manifest", str(tiny_data[1]), "--model",
+                              "test_efficientnet", "--workers", "0", "--amp", "auto", "--output-dir", str(tmp_path)])
+    evaluated = pd.read_csv(tmp_path / "predictions_val.csv")
+    extracted = FeatureExtractor(checkpoint_path=checkpoint, workers=0, progress=False).predict(tiny_data[1])
+    assert evaluated["path"].tolist() == extracted["path"].tolist()
+    np.testing.assert_allclose(evaluated["p_fake"], extracted["p_fake"], rtol=0, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import runpy
 import shutil
 import signal
 import stat
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, fails, subprocess_env
 from PIL import Image
 
 import feature_extractor
@@ -226,6 +227,36 @@ def exported(uncalibrated, tmp_path_factory) -> Path:
     return out
 
 
+def test_features_and_an_export_in_one_command_write_both(uncalibrated, tiny_data, tmp_path, capsys):
+    out, export = tmp_path / "val.npz", tmp_path / "export"
+    both = ["--checkpoint", str(uncalibrated), "--manifest", str(tiny_data[1]), "--out", str(out), "--export",
+            str(export), "--workers", "0"]
+    export.mkdir()
+    (export / "notes.txt").write_text("not an export")
+    err = fails(_main, both, capsys)  # each target is checked before either output is written
+    assert "--export" in err and "notes.txt" in err and not out.exists()
+    (export / "notes.txt").unlink()
+    _main(both)  # it wrote the export alone, no .npz, without a word
+    assert len(load_features(out).labels) == 12
+    assert json.loads((export / "export.json").read_text())["onnx"]["check"]["passed"]
+
+
+EXTRACTOR_COMBINATIONS = [
+    (["--example", "--out", "x.npz"], "--example extracts the trainers' runs under --output-root: it takes no --out"),
+    (["--checkpoint", "c.pt", "--images", "crops"], "--images needs --out FILE.npz"),
+    (["--checkpoint", "c.pt", "--out", "x.npz"], "--out needs --manifest CSV or --images DIR"),
+    (["--export", "exported"], "--export needs --checkpoint"),
+    (["--checkpoint", "c.pt"], "nothing to write: give --out FILE.npz (with --manifest or --images), --export DIR, "
+                               "or --example"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), EXTRACTOR_COMBINATIONS, ids=[m.split(":")[0] for _, m in
+                                                                           EXTRACTOR_COMBINATIONS])
+def test_extractor_flags_that_do_nothing_together_are_one_line(argv, message, capsys):
+    assert fails(_main, argv, capsys) == f"error: {message}"
+
+
 def _onnx_outputs(path: Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime
 
@@ -296,18 +327,36 @@ def test_timms_own_preprocessing_of_the_export_gives_the_extractors_scores(uncal
     assert np.abs(p_fake - predicted["p_fake"].to_numpy()).max() <= 0.01
 
 
-def test_the_onnx_example_scores_a_folder_as_predict_does(uncalibrated, exported, tiny_data, tmp_path):
-    folder = tmp_path / "crops"
-    for path in read_manifest(tiny_data[1])["path"]:
-        target = folder / Path(path).parent.name / Path(path).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(Path(path).read_bytes())
-    result = subprocess.run([sys.executable, "examples/onnx_predict.py", str(exported), str(folder)], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
-    scores = pd.read_csv(io.StringIO(result.stdout))
+def _onnx_predict(argv: list[str], capsys) -> tuple[int, str, str]:
+    """examples/onnx_predict.py run in this process: (exit code, stdout, stderr)."""
+    code = runpy.run_path(str(ROOT / "examples" / "onnx_predict.py"))["main"](argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_onnx_example_scores_a_folder_as_predict_does(uncalibrated, exported, tiny_data, tmp_path, capsys):
+    folder, elsewhere = tmp_path / "crops", tmp_path / "elsewhere"
+    for i, path in enumerate(read_manifest(tiny_data[1])["path"]):
+        parent = folder / "with, comma" if i < 4 else elsewhere if i < 8 else folder / Path(path).parent.name
+        parent.mkdir(parents=True, exist_ok=True)
+        (parent / f"{i:02d}.png").write_bytes(Path(path).read_bytes())
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)  # skipped before
+    grey = np.asarray(Image.open(path).convert("L"), dtype=np.uint16) * 257  # 16-bit: it scored 0.0001 for 0.693
+    Image.fromarray(grey).save(folder / "grey16.png")
+    code, out, _ = _onnx_predict([str(exported), str(folder)], capsys)
+    scores = pd.read_csv(io.StringIO(out))  # a comma in a path split its row before
     predicted = FeatureExtractor(checkpoint_path=uncalibrated, workers=0, progress=False).predict(folder)
-    assert scores["path"].tolist() == predicted["path"].tolist() and len(scores) == 12
+    assert code == 0 and scores["path"].tolist() == predicted["path"].tolist() and len(scores) == 13
     assert np.abs(scores["p_fake"].to_numpy() - predicted["p_fake"].to_numpy()).max() <= 0.01
+
+
+def test_the_onnx_example_refuses_bad_arguments_in_one_line(exported, tmp_path, capsys):
+    usage = "usage: python examples/onnx_predict.py EXPORT_DIR IMAGE_FOLDER > scores.csv\n"
+    assert _onnx_predict([], capsys) == (2, "", usage)  # an IndexError before
+    missing = tmp_path / "missing"  # a header and exit 0 before
+    assert _onnx_predict([str(exported), str(missing)], capsys) == (2, "", f"error: {missing}: no such folder\n")
+    assert _onnx_predict([str(tmp_path), str(tmp_path)], capsys) == (
+        2, "", f"error: {tmp_path}: not an export folder (no export.json)\n")
 
 
 @pytest.fixture(scope="module")
@@ -362,22 +411,48 @@ def test_the_onnx_check_judges_against_the_outputs_scale(trained_run, tmp_path):
 
 
 def _broken_checkpoint(trained_run: Path, path: Path, how: str) -> Path:
+    """The trained best.pt with one defect and valid checksums, but for an edited mean (the original's checksums)."""
     best = load_checkpoint(trained_run / "best.pt")
     if how == "nan weight":
         best["model"]["classifier.bias"] = torch.full_like(best["model"]["classifier.bias"], float("nan"))
-    else:
+    elif how == "huge weights":  # finite, but the logits overflow float32
+        best["model"]["classifier.weight"] = torch.full_like(best["model"]["classifier.weight"], 3e38)
+    elif how == "zero std":
         best["data_config"] = {**best["data_config"], "std": [0.0, 0.0, 0.0]}
+    else:
+        best["data_config"] = {**best["data_config"], "mean": [0.4, 0.4, 0.4]}
+        torch.save(best, path)
+        return path
     save_checkpoint(best, path)
     return path
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("nan weight", "non-finite values in classifier.bias (NaN or inf weights): every score would be NaN"),
+    ("zero std", "std [0.0, 0.0, 0.0]: expected 3 sizes >= 1, finite means and finite stds > 0"),
+    ("edited mean", "damaged or edited (its data_config, the input size, mean and std it scores with, does not"),
+], ids=["nan weight", "zero std", "edited mean"])
+def test_extraction_refuses_a_checkpoint_that_would_give_nan_or_other_scores(trained_run, tiny_data, tmp_path, capsys,
+                                                                             how, message):
+    # Before: NaN P(fake) written (a valid checksum), a ZeroDivisionError, and other scores without a word.
+    broken = _broken_checkpoint(trained_run, tmp_path / "broken.pt", how)
+    features = tmp_path / "f.npz"
+    err = fails(_main, ["--checkpoint", str(broken), "--manifest", str(tiny_data[1]), "--out", str(features),
+                        "--workers", "0"], capsys)
+    assert err.startswith(f"error: checkpoint {broken}: ") and message in err and not features.exists()
 
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-@pytest.mark.parametrize("how", ["nan weight", "zero std"])
+@pytest.mark.parametrize(("how", "refused"), [
+    ("nan weight", "checkpoint {broken}: non-finite values in"),  # refused when read
+    ("zero std", "checkpoint {broken}: data_config"),
+    ("huge weights", "--export {out}: {broken}: ONNX check failed: non-finite "),  # by the check
+], ids=["nan weight", "zero std", "huge weights"])
 def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(trained_run, exported, tmp_path, capsys,
-                                                                            how):
+                                                                            how, refused):
     out = tmp_path / "effnet"
     shutil.copytree(exported, out)
     before = _files(out)
@@ -386,7 +461,7 @@ def test_non_finite_outputs_fail_the_export_and_leave_the_previous_one_whole(tra
         exit_on_error(lambda: _main(["--checkpoint", str(broken), "--export", str(out), "--overwrite"]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"error: --export {out}: {broken}: ONNX check failed: non-finite ")
+    assert err.startswith(f"error: {refused.format(broken=broken, out=out)}")
     assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "effnet"]
 
 

@@ -27,6 +27,7 @@ from stage2.data.manifest import read_manifest
 from stage2.engine.checkpoint import load_checkpoint
 from stage2.engine.cli import exit_on_error
 from stage2.engine.config import config_from_args
+from stage2.engine.distributed import ShardedSampler
 from stage2.engine.logs import setup_logging
 from stage2.engine.report import plot_roc
 from stage2.engine.trainer import run
@@ -164,6 +165,23 @@ def test_more_bad_images_than_the_budget_stop_the_run(effnet_args, tiny_data, tm
     assert "2 undecodable train images, more than --max-bad-images 1" in err and "bad_images.txt" in err
     assert len((output_dir(args) / "bad_images.txt").read_text().splitlines()) == 2
     assert not (output_dir(args) / "metrics.csv").exists()  # stopped before the epoch was validated
+
+
+@pytest.mark.filterwarnings("ignore:skipping cannot decode image")
+def test_batches_left_empty_or_with_one_image_are_skipped_and_counted(effnet_args, tiny_data, tmp_path, capsys):
+    # Epoch 1's order, as the trainer's sampler draws it at --seed 42: its first batch of 8 wholly undecodable
+    # (a crash in the device transforms, "[0, 3, 0, 0]"), its second down to one image (BatchNorm's "Expected more
+    # than 1 value per channel", printed as a user error).
+    order = list(ShardedSampler(36, shuffle=True, seed=42))
+    train, _ = _with_corrupt_images(tiny_data[0], tmp_path, rows=tuple(order[:15]))
+    args = [*set_flag(set_flag(effnet_args, "--train-manifest", str(train)), "--epochs", "1"), "--skip-bad-images"]
+    train_stage2_effnet.main(args)
+    metrics = pd.read_csv(output_dir(args) / "metrics.csv")
+    assert metrics[["train_skipped", "train_skipped_steps"]].values.tolist() == [[15, 2]]
+    assert "2 training steps skipped: --skip-bad-images left their batches fewer than two images" in (
+        output_dir(args) / "train.log").read_text()
+    err = fails(train_stage2_effnet.main, [*args, "--max-bad-images", "10", "--overwrite"], capsys)
+    assert "15 undecodable train images, more than --max-bad-images 10" in err  # the limit acts at the epoch's end
 
 
 # ---------------------------------------------------------------- 5. a worker's decode error is one line

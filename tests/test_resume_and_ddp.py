@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, set_flag, subprocess_env
 
 import train_stage2_effnet
 from stage2.engine.config import TrainConfig
@@ -84,9 +84,9 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
 
     evaluate = [*args, "--evaluate", str(out / "best.pt")]
     one = tmp_path / "eval1"
-    train_stage2_effnet.main([*evaluate, "--output-dir", str(one)])
+    train_stage2_effnet.main(set_flag(evaluate, "--output-dir", str(one)))
     two = tmp_path / "eval2"
-    ran = subprocess.run([*torchrun, script, *evaluate, "--output-dir", str(two)], env=subprocess_env(),
+    ran = subprocess.run([*torchrun, script, *set_flag(evaluate, "--output-dir", str(two))], env=subprocess_env(),
                          capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]

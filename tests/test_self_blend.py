@@ -4,14 +4,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import fails, output_dir, set_flag
 from PIL import Image
 
 import train_stage2_effnet
 from stage2.data.cache import DecodedCache
 from stage2.data.dataset import ManifestDataset
+from stage2.data.manifest import read_manifest
 from stage2.data.self_blend import SelfBlend, face_mask, self_blended
 from stage2.data.transforms import build_cpu_transform
-from stage2.engine.cli import exit_on_error
+from stage2.engine.config import TrainConfig
+from stage2.engine.distributed import setup_distributed
+from stage2.engine.run_loaders import train_loader, trained_label_mix
+from stage2.engine.trainer import Trainer
 
 SIZE = 64
 
@@ -92,10 +97,53 @@ def test_from_the_cache_and_with_the_cpu_augmentation_it_gives_the_same_items(cr
 
 
 def test_the_flag_is_checked_and_a_run_trains_with_it(effnet_args, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        exit_on_error(lambda: train_stage2_effnet.main([*effnet_args, "--self-blend", "1.5"]))
-    assert exit_info.value.code == 2 and "--self-blend 1.5: expected a number >= 0 and <= 1" in capsys.readouterr().err
-    train_stage2_effnet.main([*effnet_args, "--self-blend", "0.5", "--epochs", "1"])
+    # At 1 every real would become a fake: a one-class training set.
+    err = fails(train_stage2_effnet.main, [*effnet_args, "--self-blend", "1"], capsys)
+    assert err == "error: --self-blend 1.0: expected a number >= 0 and < 1"
+    train_stage2_effnet.main([*set_flag(effnet_args, "--epochs", "1"), "--self-blend", "0.5"])
     out = tmp_path / "run"
     assert "self-blend 0.5" in (out / "train.log").read_text()
     assert (out / "best.pt").is_file()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_pos_weight_auto_counts_the_labels_trained_and_the_log_says_them(effnet_args, monkeypatch):
+    def train_epoch(*args, **kwargs):
+        raise _Stopped  # the settings and --pos-weight auto are written before the first step
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    with pytest.raises(_Stopped):  # 18 real / 18 fake in the manifest; half the reals become fakes
+        train_stage2_effnet.main([*effnet_args, "--self-blend", "0.5", "--pos-weight", "auto"])
+    log = (output_dir(effnet_args) / "train.log").read_text()
+    assert "--pos-weight auto: 0.333 (9.0 real / 27.0 fake images trained per epoch)" in log
+    assert "train 36 images (18 real / 18 fake) from " in log
+    assert "trained per epoch, expected after --self-blend 0.5: 9.0 real / 27.0 fake" in log
+
+
+def test_the_balanced_sampler_balances_the_labels_trained(tiny_data, effnet_args, capsys):
+    frame = read_manifest(tiny_data[0])
+    frame = frame.drop(frame.index[frame["label"] == 1][6:]).reset_index(drop=True)  # 18 real / 6 fake
+    labels = frame["label"].to_numpy()
+    cfg = TrainConfig(balanced_sampler=True, self_blend=0.25, workers=0, batch_size=8)
+    _, sampler, _ = train_loader(cfg, frame, SIZE, setup_distributed("cpu"), 0)
+    weights = sampler.weights.numpy()
+    real, fake = weights[labels == 0].sum(), weights[labels == 1].sum()
+    assert real * (1 - 0.25) == pytest.approx(fake + real * 0.25)  # reals drawn more: a quarter become fakes
+    assert trained_label_mix(cfg, labels) == pytest.approx((12.0, 12.0))
+    assert trained_label_mix(TrainConfig(self_blend=0.25), labels) == pytest.approx((13.5, 10.5))
+    # From 0.5 on no sampling balances them: one line, before anything runs.
+    err = fails(train_stage2_effnet.main, [*effnet_args, "--balanced-sampler", "--self-blend", "0.5"], capsys)
+    assert err.startswith("error: --balanced-sampler with --self-blend 0.5: from 0.5 on, self-blending leaves")
+    assert not output_dir(effnet_args).exists()
+
+
+@pytest.mark.parametrize("size", ["1", "2", "7"])
+def test_self_blend_below_its_smallest_crop_is_one_line(effnet_args, capsys, size):
+    # 1 and 2 px failed in torch's padding ("Padding size should be less...") or affine (INTERNAL ASSERT)
+    err = fails(train_stage2_effnet.main, [*set_flag(effnet_args, "--img-size", size), "--self-blend", "0.5"], capsys)
+    assert err == f"error: --self-blend at --img-size {size}: self-blending needs crops of at least 8 pixels"
+    torch.manual_seed(0)
+    assert self_blended(torch.zeros(3, 8, 8, dtype=torch.uint8))[0].shape == (3, 8, 8)  # the smallest taken runs

@@ -100,7 +100,7 @@ def test_a_previous_run_is_never_overwritten_silently(effnet_args, capsys):
      ("--select-metric", "f1", "--select-metric")],
 )
 def test_bad_input_is_one_line_and_exit_code_2(effnet_args, capsys, flag, value, message):
-    args = [*effnet_args, flag, value]
+    args = set_flag(effnet_args, flag, value)
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: train_stage2_effnet.main(args))
     assert exit_info.value.code == 2
@@ -153,7 +153,7 @@ def test_the_new_head_starts_at_p_fake_one_half():
 
 def test_pos_weight_auto_balances_the_loss():
     expert = TimmExpert("test_efficientnet", img_size=32, pretrained=False, pos_weight="auto")
-    expert.prepare(np.array([0, 0, 0, 1]))
+    expert.prepare(3, 1)  # real, fake
     assert expert.pos_weight == pytest.approx(3.0)
     logits, labels = torch.zeros(2, 1), torch.tensor([1, 0])
     loss = expert.loss(logits, None, labels)["loss"]

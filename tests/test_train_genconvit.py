@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, fails, set_flag, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
@@ -117,10 +117,10 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     flags = [*gc_args, "--variant", "ed", "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1"]
     straight = tmp_path / "straight"
     torch.set_num_threads(1)
-    train_stage2_genconvit.main([*flags, "--output-dir", str(straight)])
+    train_stage2_genconvit.main(set_flag(flags, "--output-dir", str(straight)))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train_stage2_genconvit.py"), *flags, "--output-dir", str(killed)]
+    cmd = [sys.executable, str(ROOT / "train_stage2_genconvit.py"), *set_flag(flags, "--output-dir", str(killed))]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     for line in proc.stdout:
@@ -132,7 +132,8 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
     state = torch.load(killed / "ed" / "last.pt", weights_only=True)
     assert state["stage"] == 1 and state["step"] >= 1
 
-    train_stage2_genconvit.main([*flags, "--output-dir", str(killed), "--resume"])  # in this process: one thread too
+    # In this process: one thread too.
+    train_stage2_genconvit.main([*set_flag(flags, "--output-dir", str(killed)), "--resume"])
     a = torch.load(straight / "ed" / "last.pt", weights_only=True)["model"]
     b = torch.load(killed / "ed" / "last.pt", weights_only=True)["model"]
     for key in a:
@@ -217,3 +218,23 @@ def test_the_autoencoder_learns_at_its_own_lr_in_every_stage_without_decay(gc_ar
             assert group["lr"] == pytest.approx(3e-3 if own == {True} else stage.lr)
             assert own == {False} or group["weight_decay"] == 0.0
     assert expert.describe()["ae_lr"] == 3e-3
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"not a checkpoint"])  # "hello": a KeyError in the unpickler
+def test_official_weights_that_are_no_checkpoint_are_one_line_naming_the_file(gc_args, tmp_path, capsys, content):
+    weights = tmp_path / "junk.pth"
+    weights.write_bytes(content)
+    args = [a if a != "scratch" else "official" for a in gc_args]
+    err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--weights", str(weights)], capsys)
+    assert err.startswith(f"error: {weights}: cannot load checkpoint (")
+
+
+@pytest.mark.parametrize("init", ["scratch", "imagenet"])
+def test_weights_without_init_official_are_refused_not_ignored(gc_args, tmp_path, capsys, init):
+    args = [a if a != "scratch" else init for a in gc_args]
+    err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--weights", "w.pth"], capsys)
+    assert err == (f"error: --weights: the official weights are read only with --init official; --init {init} does "
+                   "not use them")
+    err = fails(train_stage2_genconvit.main, [*args, "--weights-dir", str(tmp_path)], capsys)
+    assert err.startswith("error: --weights-dir: the official weights are read only with --init official")
+    assert not Path(gc_args[-1]).exists()

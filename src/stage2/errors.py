@@ -69,8 +69,9 @@ class StopRequested(RuntimeError):
 
 
 # What exit_on_error reports in one line with exit code 2.
+# The project's own classes only: a library's ValueError is a bug to see whole, not a user error.
 USER_ERRORS = (ConfigError, ManifestError, ImageDecodeError, CheckpointError, PretrainedWeightsError,
-               FeatureFileError, ExportCheckError, ValueError)
+               FeatureFileError, ExportCheckError)
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

@@ -26,15 +26,15 @@ import sys
 from pathlib import Path
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
-from stage2.engine.flags import Int, check_args
-from stage2.errors import ManifestError, check_checkpoint_exists
+from stage2.engine.flags import FlagParser, Int, check_args
+from stage2.errors import ConfigError, ManifestError, check_checkpoint_exists
 
 COMMAND = "stage2-extract"  # the installed command (pyproject.toml)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
-                                     formatter_class=HelpFormatter)
+    parser = FlagParser(description=command_help(__doc__, "feature_extractor.py", COMMAND),
+                        formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", help="trainer best.pt/last.pt or an official GenConViT .pth")
     model.add_argument("--model-name", help="optional check against the name the checkpoint records")
@@ -65,17 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked together: --out (the features of --manifest or --images) and --export (the checkpoint as
+    ONNX and timm files) each need --checkpoint and may be given together; --example takes none of them."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    if args.export and not args.checkpoint:
-        parser.error("--export needs --checkpoint")
-    if not (args.example or args.export):
-        missing = [flag for flag, ok in (("--checkpoint", args.checkpoint), ("--manifest or --images",
-                                                                             args.manifest or args.images),
-                                         ("--out", args.out)) if not ok]
-        if missing:
-            parser.error(f"{', '.join(missing)} required (or --export DIR, or --example)")
+    source = "--manifest" if args.manifest else "--images" if args.images else None
+    given = [flag for flag in ("--checkpoint", "--manifest", "--images", "--out", "--export")
+             if getattr(args, flag[2:])]
+    if args.example and given:
+        raise ConfigError(f"--example extracts the trainers' runs under --output-root: it takes no {given[0]}")
+    if args.example:
+        return args
+    if bool(source) != bool(args.out):
+        raise ConfigError(f"{source} needs --out FILE.npz" if source else "--out needs --manifest CSV or --images DIR")
+    if not (args.out or args.export):
+        raise ConfigError("nothing to write: give --out FILE.npz (with --manifest or --images), --export DIR, or "
+                          "--example")
+    if not args.checkpoint:
+        raise ConfigError(f"{'--out' if args.out else '--export'} needs --checkpoint")
     return args
 
 
@@ -91,28 +99,40 @@ def main(argv: list[str] | None = None) -> None:
         example(args.output_root, args.features_dir, device=args.device, batch_size=args.batch_size,
                 workers=args.workers, amp=args.amp)
         return
+    # Both targets are checked before either output is written.
+    if args.out:
+        _check_out(args)
     if args.export:
-        from stage2.embeddings.export import export_checkpoint
+        from stage2.embeddings.export import check_export_target, export_checkpoint
 
+        check_export_target(Path(args.export), args.overwrite)
+    if args.out:
+        from stage2.embeddings import FeatureExtractor
+
+        extractor = FeatureExtractor(args.model_name, args.checkpoint, args.device, batch_size=args.batch_size,
+                                     amp=args.amp, workers=args.workers)
+        extractor.extract_to_file(args.manifest or args.images, args.out, args.data_root,
+                                  skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+    if args.export:
         export_checkpoint(args.checkpoint, args.export, overwrite=args.overwrite)
-        return
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--images is a folder, and --out a file name that --overwrite allows, before torch loads."""
     if args.images and not Path(args.images).is_dir():
         what = "no such folder" if not Path(args.images).exists() else "a file, not a folder of images"
         raise ManifestError(f"--images {args.images}: {what}")
     out = Path(args.out)
     if out.is_dir():
-        raise ValueError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
+        raise ConfigError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
     if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
-    from stage2.embeddings import FeatureExtractor
-
-    extractor = FeatureExtractor(
-        args.model_name, args.checkpoint, args.device, batch_size=args.batch_size, amp=args.amp, workers=args.workers
-    )
-    extractor.extract_to_file(args.manifest or args.images, args.out, args.data_root,
-                              skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+        raise ConfigError(f"--out {out}: exists; pass --overwrite to replace it")
 
 
 def cli() -> None:
     """The `stage2-extract` command."""
     exit_on_error(main)
+
+
+if __name__ == "__main__":
+    cli()

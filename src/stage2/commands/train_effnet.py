@@ -13,7 +13,7 @@ import argparse
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.engine.config import add_train_args, config_from_args
-from stage2.engine.flags import Float
+from stage2.engine.flags import FlagParser, Float
 from stage2.engine.outputs import check_output_dir
 from stage2.models.names import DEFAULT_EFFNET
 
@@ -21,8 +21,8 @@ COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=command_help(__doc__, "train_stage2_effnet.py", COMMAND),
-                                     formatter_class=HelpFormatter)
+    parser = FlagParser(description=command_help(__doc__, "train_stage2_effnet.py", COMMAND),
+                        formatter_class=HelpFormatter)
     add_train_args(parser, output_dir="output/stage2_effnet")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_EFFNET, help="any timm model name")
@@ -64,3 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-train-effnet` command."""
     exit_on_error(main)
+
+
+if __name__ == "__main__":
+    cli()

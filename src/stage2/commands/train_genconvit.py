@@ -23,16 +23,17 @@ from pathlib import Path
 
 from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.engine.config import add_train_args, config_from_args
-from stage2.engine.flags import Float, Int
+from stage2.engine.flags import FlagParser, Float, Int
 from stage2.engine.outputs import check_output_dir
+from stage2.errors import ConfigError
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
-                                     formatter_class=HelpFormatter)
+    parser = FlagParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
+                        formatter_class=HelpFormatter)
     # Upstream's recipe (erprogs/GenConViT): Adam (L2 weight decay 1e-4), lr 1e-4, batch 32, 224px input,
     # ImageNet normalisation, no warmup. Upstream steps the lr down 10x at epoch 15; we decay it by cosine.
     # Both autoencoders halve the input five times and double it back: sides must be multiples of 32.
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(), argv, init="scratch", backbone="tf_efficientnetv2_b0", img_size=96, epochs=8,
                       batch_size=16, lr=1e-3, workers=2, latent_channels=8)
     if args.variant == "both" and args.weights:
-        raise ValueError("--weights names one file; with --variant both use --weights-dir")
+        raise ConfigError("--weights names one file; with --variant both use --weights-dir")
+    given = [flag for flag, value in (("--weights", args.weights), ("--weights-dir", args.weights_dir)) if value]
+    if given and args.init != "official":
+        raise ConfigError(f"{given[0]}: the official weights are read only with --init official; --init {args.init} "
+                          "does not use them")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
     if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
         from stage2.engine.checkpoint import load_checkpoint
@@ -116,3 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> None:
     """The `stage2-train-genconvit` command."""
     exit_on_error(main)
+
+
+if __name__ == "__main__":
+    cli()

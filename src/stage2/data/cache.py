@@ -5,9 +5,12 @@ array costs microseconds. Training for many epochs on hundreds of thousands of c
 decodes each file once (`--cache-dir`) and reads slots of `images.u8` afterwards.
 
 Layout of `CACHE_DIR/<size>px/`: `images.u8` (raw uint8, slot-major [slots, 3, size, size]) and
-`index.csv` (path, slot, bytes, mtime_ns, ok, crc32). A file whose size or mtime changed since it was
-cached is decoded again into its old slot; so is a slot whose bytes no longer have the CRC-32 the index
-recorded, or that lies beyond the end of `images.u8` (a deleted, truncated or overwritten data file).
+`index.csv` (path, slot, bytes, mtime_ns, file_crc32, width, height, max_pixels, ok, crc32). A file whose
+size, mtime or content (the CRC-32 of its bytes: a file replaced by one of the same size and mtime) changed
+since it was cached is decoded again into its old slot; so is a slot whose bytes no longer have the CRC-32 the
+index recorded, or that lies beyond the end of `images.u8` (a deleted, truncated or overwritten data file).
+`--max-image-pixels` holds for cached images as for files: one cached from a larger original than the limit
+now allows is undecodable, and one refused under a lower limit than now is decoded again.
 The index is rewritten (atomically) after every chunk, so an interrupted build resumes where it stopped;
 SIGTERM or Ctrl-C stop a build after the chunks in progress. One build at a time per folder (a lock file
 that ends with its holder; the decoding workers die with their parent).
@@ -36,7 +39,7 @@ from stage2.processes import StopRequest, exclusive_lock, init_worker, stop_requ
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["path", "slot", "bytes", "mtime_ns", "ok", "crc32"]
+INDEX_COLUMNS = ["path", "slot", "bytes", "mtime_ns", "file_crc32", "width", "height", "max_pixels", "ok", "crc32"]
 CHUNK = 256
 
 
@@ -54,8 +57,8 @@ class DecodedCache:
                 max_pixels: int = MAX_IMAGE_PIXELS, verify: bool = True) -> np.ndarray:
         """Decode whatever is missing, stale or damaged and return each path's slot (-1: undecodable, skipped).
 
-        `verify` checks every cached image against its CRC-32 first (a pass over its bytes, in `workers` threads);
-        a reader that another process has just prepared skips it.
+        `verify` checks every file's bytes and every cached image against their CRC-32s first (a pass over both, in
+        `workers` threads); a reader that another process has just prepared skips it.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.dir / ".lock", wait=True, on_wait=lambda pid: log.info(
@@ -65,15 +68,25 @@ class DecodedCache:
             current = pd.DataFrame({"path": list(paths), "bytes": [s.st_size for s in stats],
                                     "mtime_ns": [s.st_mtime_ns for s in stats]})
             merged = current.merge(index, on="path", how="left", suffixes=("", "_cached"))
+            # A file refused under a lower --max-image-pixels than this one's is tried again.
+            refused_lower = ~merged["ok"].eq(True) & (merged["max_pixels"] < max_pixels)
             fresh = ((merged["bytes"] == merged["bytes_cached"]) & (merged["mtime_ns"] == merged["mtime_ns_cached"])
-                     & merged["ok"].notna()).to_numpy(copy=True)
+                     & merged["ok"].notna() & ~refused_lower).to_numpy(copy=True)
+            started = time.perf_counter()
+            # The files' own CRC-32s: all of them to verify, else (the index just verified) those decoded below.
+            current["file_crc32"] = merged["file_crc32"].fillna(-1).to_numpy(dtype=np.int64)
+            read = np.ones(len(paths), dtype=bool) if verify else ~fresh
+            current.loc[read, "file_crc32"] = _file_crcs(current["path"][read].tolist(), workers)
             if verify:
+                fresh &= (current["file_crc32"] == merged["file_crc32"]).to_numpy()
                 stored = fresh & merged["ok"].eq(True).to_numpy()
                 intact = self._intact(merged.loc[stored, ["slot", "crc32"]], workers)
                 if not intact.all():
                     log.warning("cache %s: %d cached images no longer match their checksums (or lie beyond the end "
                                 "of %s): decoding them again", self.dir, int((~intact).sum()), self.data_path.name)
                 fresh[np.flatnonzero(stored)[~intact]] = False
+                log.info("cache %s: %d files and %d cached images checked against their checksums in %.1f s",
+                         self.dir, len(paths), len(intact), time.perf_counter() - started)
             todo = merged.loc[~fresh, ["path", "slot"]].copy()
             next_slot = int(index["slot"].max()) + 1 if len(index) else 0
             new = todo["slot"].isna()
@@ -85,16 +98,26 @@ class DecodedCache:
                 log.info("cache %s: decoding %d of %d images (%.2f GiB on disk in all)", self.dir, len(todo),
                          len(paths), capacity * self.item_bytes / 2**30)
                 index = self._decode(todo, index, current, workers, skip_bad_images, max_pixels)
-            rows = index.set_index("path").loc[list(paths)]
-            ok = rows["ok"].to_numpy(dtype=bool)
-            reported = set(todo["path"])  # failures of this build were just raised or warned about
-            for path in rows.index[~ok]:
-                if not skip_bad_images:
-                    raise ImageDecodeError(path, "undecodable when the cache was built")
-                if path not in reported:
-                    warnings.warn(f"skipping cannot decode image {path}: undecodable when the cache was built",
-                                  stacklevel=2)
-            return np.where(ok, rows["slot"].to_numpy(dtype=np.int64), -1)
+            return self._served(index.set_index("path").loc[list(paths)], set(todo["path"]), skip_bad_images,
+                                max_pixels)
+
+    @staticmethod
+    def _served(rows: pd.DataFrame, reported: set[str], skip_bad_images: bool, max_pixels: int) -> np.ndarray:
+        """The slot of each of these index rows, or -1 for an image undecodable when it was cached or larger than
+        `max_pixels` now: an ImageDecodeError without `skip_bad_images`, else a warning (for the failures of this
+        build, `reported`, one was given already; none of its images is over the limit)."""
+        too_large = rows["width"].to_numpy(dtype=np.int64) * rows["height"].to_numpy(dtype=np.int64) > max_pixels
+        ok = rows["ok"].to_numpy(dtype=bool) & ~too_large
+        for i in np.flatnonzero(~ok):
+            path, width, height = rows.index[i], rows["width"].iloc[i], rows["height"].iloc[i]
+            if path in reported:
+                continue
+            reason = (f"{width}x{height} pixels, over the limit of {max_pixels} (--max-image-pixels)" if too_large[i]
+                      else "undecodable when the cache was built")
+            if not skip_bad_images:
+                raise ImageDecodeError(path, reason)
+            warnings.warn(f"skipping cannot decode image {path}: {reason}", stacklevel=3)
+        return np.where(ok, rows["slot"].to_numpy(dtype=np.int64), -1)
 
     def view(self, slots: np.ndarray) -> CacheView:
         return CacheView(self.data_path, self.img_size, slots)
@@ -104,9 +127,9 @@ class DecodedCache:
             index = pd.read_csv(self.index_path, dtype={"path": str})
             if list(index.columns) == INDEX_COLUMNS:
                 return index
-            log.warning("cache %s: index of an older version (no checksums): decoding everything again", self.dir)
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-            INDEX_COLUMNS, (str, np.int64, np.int64, np.int64, bool, np.int64))})
+            log.warning("cache %s: index of an older version: decoding everything again", self.dir)
+        return pd.DataFrame({c: pd.Series(dtype=bool if c == "ok" else str if c == "path" else np.int64)
+                             for c in INDEX_COLUMNS})
 
     def _intact(self, rows: pd.DataFrame, workers: int) -> np.ndarray:
         """Which of these cached rows (slot, crc32) still hold what the index recorded: the slot lies inside the
@@ -117,7 +140,6 @@ class DecodedCache:
         inside = np.flatnonzero(intact)
         if not len(inside):
             return intact
-        started = time.perf_counter()
         array = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=(size // self.item_bytes, self.item_bytes))
         order = inside[np.argsort(slots[inside])]  # in file order: sequential reads
         blocks = [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
@@ -130,8 +152,6 @@ class DecodedCache:
         with ThreadPoolExecutor(max(workers, 1)) as pool:
             for block, found in zip(blocks, pool.map(crcs, blocks)):
                 intact[block] = np.asarray(found, dtype=np.int64) == recorded[block]
-        log.info("cache %s: %d cached images checked against their checksums in %.1f s", self.dir, len(inside),
-                 time.perf_counter() - started)
         return intact
 
     def _grow(self, slots: int) -> None:
@@ -153,7 +173,7 @@ class DecodedCache:
                                    list(job["slot"]), max_pixels) for job in jobs]
             for job, future in zip(jobs, futures):
                 try:
-                    errors, crcs = future.result()
+                    errors, crcs, sizes = future.result()
                 except BrokenProcessPool:
                     if stop.signum is None:
                         raise
@@ -161,7 +181,9 @@ class DecodedCache:
                 if errors is not None:
                     # Plain arrays: assign() would align a Series on its (positional) index and give NaN.
                     failed = job["path"].isin(errors).to_numpy()
-                    rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~failed, crc32=crcs)
+                    width, height = np.asarray(sizes, dtype=np.int64).reshape(-1, 2).T
+                    rows = meta.loc[job["path"]].assign(slot=job["slot"].to_numpy(), ok=~failed, crc32=crcs,
+                                                        width=width, height=height, max_pixels=max_pixels)
                     if errors and not skip_bad_images:
                         # Keep what this build did decode, so the rebuild after the fix starts from there.
                         self._save_index(pd.concat([index.drop(index.index.intersection(rows.index)), rows[~failed]]))
@@ -220,19 +242,33 @@ class CacheView:
 
 
 def _decode_chunk(data_path: str, img_size: int, paths: list[str], slots: list[int], max_pixels: int
-                  ) -> tuple[dict[str, str], list[int]]:
+                  ) -> tuple[dict[str, str], list[int], list[tuple[int, int]]]:
     """Worker: decode, resize and write one chunk of images; returns ({path: reason} for the bad ones, the CRC-32
-    of each slot as written, 0 for the bad ones)."""
-    errors, crcs = {}, []
+    of each slot as written, and each original's (width, height); 0 for the bad ones)."""
+    errors, crcs, sizes = {}, [], []
     array = np.memmap(data_path, dtype=np.uint8, mode="r+").reshape(-1, 3, img_size, img_size)
     for path, slot in zip(paths, slots):
         try:
-            pixels = resize_uint8(decode_image(path, max_pixels), img_size).numpy()
+            image = decode_image(path, max_pixels)
         except ImageDecodeError as err:
             errors[path] = str(err).split(": ", 1)[-1]
             crcs.append(0)
+            sizes.append((0, 0))
             continue
+        pixels = resize_uint8(image, img_size).numpy()
         array[slot] = pixels
         crcs.append(zlib.crc32(np.ascontiguousarray(pixels)))
+        sizes.append((image.shape[-1], image.shape[-2]))
     array.flush()
-    return errors, crcs
+    return errors, crcs, sizes
+
+
+def _file_crcs(paths: list[str], workers: int) -> list[int]:
+    """The CRC-32 of each file's bytes, read in `workers` threads (zlib and file reads release the GIL)."""
+
+    def crc(path: str) -> int:
+        with open(path, "rb") as file:
+            return zlib.crc32(file.read())
+
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        return list(pool.map(crc, paths))

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from stage2.errors import ConfigError
+
 KINDS = ("jpeg", "down", "blur", "noise")
 _BOUNDS = {"jpeg": (1, 100), "down": (0.05, 1.0), "blur": (0.01, 20.0), "noise": (0.0, 1.0)}
 # VALUE or LOW-HIGH, each a plain non-negative decimal (1e-3 too: the range's dash is not an exponent's minus).
@@ -66,38 +68,39 @@ class Perturbation:
 
 
 def parse_perturbations(spec: str) -> list[Perturbation]:
-    """``"jpeg:50,down:0.5,blur:1.0,noise:0.02"`` -> perturbations; ValueError naming the bad item.
+    """``"jpeg:50,down:0.5,blur:1.0,noise:0.02"`` -> perturbations; ConfigError naming the bad item.
 
     JPEG qualities are whole numbers (jpeg:50.5 is refused rather than silently applied as 50).
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise ValueError(f"--perturb {spec!r}: no perturbation given (e.g. jpeg:50,down:0.5,blur:1.0,noise:0.02)")
+        raise ConfigError(f"--perturb {spec!r}: no perturbation given (e.g. jpeg:50,down:0.5,blur:1.0,noise:0.02)")
     out = []
     for item in items:
         kind, _, value = item.partition(":")
         if kind not in KINDS or not value:
-            raise ValueError(f"--perturb {spec!r}: item {item!r} is not KIND:VALUE with KIND one of {', '.join(KINDS)}")
+            raise ConfigError(f"--perturb {spec!r}: item {item!r} is not KIND:VALUE with KIND one of "
+                              f"{', '.join(KINDS)}")
         match = _VALUE.fullmatch(value)
         if match is None:
-            raise ValueError(f"--perturb {spec!r}: item {item!r} has a bad number")
+            raise ConfigError(f"--perturb {spec!r}: item {item!r} has a bad number")
         lo, hi = float(match["low"]), float(match["high"] or match["low"])
         bound_lo, bound_hi = _BOUNDS[kind]
         if not bound_lo <= lo <= hi <= bound_hi:
-            raise ValueError(f"--perturb {spec!r}: {kind} takes values in [{bound_lo:g}, {bound_hi:g}], got {value}")
+            raise ConfigError(f"--perturb {spec!r}: {kind} takes values in [{bound_lo:g}, {bound_hi:g}], got {value}")
         if kind == "jpeg" and not (lo.is_integer() and hi.is_integer()):
-            raise ValueError(f"--perturb {spec!r}: jpeg takes a whole quality in [1, 100], got {value}")
+            raise ConfigError(f"--perturb {spec!r}: jpeg takes a whole quality in [1, 100], got {value}")
         out.append(Perturbation(kind, lo, hi))
     return out
 
 
 def check_image_size(perturbations: list[Perturbation], size: int) -> None:
-    """ValueError, before any image is scored, for a perturbation that cannot work on `size`-pixel crops: a
+    """ConfigError, before any image is scored, for a perturbation that cannot work on `size`-pixel crops: a
     blur whose kernel (radius ceil(3 sigma), reflect-padded) is wider than the crop."""
     for p in perturbations:
         if p.kind == "blur" and math.ceil(3 * p.high) > size - 1:
             largest = math.floor((size - 1) / 3 * 100) / 100
-            raise ValueError(f"--perturb {p.name}: a blur of sigma {p.high:g} needs a crop of more than "
+            raise ConfigError(f"--perturb {p.name}: a blur of sigma {p.high:g} needs a crop of more than "
                              f"{math.ceil(3 * p.high)} pixels; the model's input is {size}px "
                              f"(at most blur:{largest:g})")
 

@@ -24,6 +24,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import v2
 
+from stage2.errors import ConfigError
+
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's choice of how much of the copy shows through
 
 
@@ -82,7 +84,7 @@ class SelfBlend:
 
     def __init__(self, p: float) -> None:
         if not 0 <= p <= 1:
-            raise ValueError(f"--self-blend {p}: expected a chance in [0, 1]")
+            raise ConfigError(f"--self-blend {p}: expected a chance in [0, 1]")
         self.p = p
 
     def __call__(self, image: torch.Tensor, label: int) -> tuple[torch.Tensor, int]:

@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 
 from stage2.data.levels import AUG_LEVELS
 from stage2.data.perturb import Perturbation, parse_perturbations
+from stage2.errors import ConfigError
 
 # The degradations `standard` draws from, strengths drawn per image; `strong` goes further.
 DEGRADATIONS = "jpeg:50-95,noise:0.005-0.03"
@@ -70,7 +71,7 @@ AUG_CONFIGS: dict[str, AugConfig] = {
 
 def aug_config(level: str) -> AugConfig:
     if level not in AUG_CONFIGS:
-        raise ValueError(f"--aug {level!r}: expected one of {', '.join(AUG_LEVELS)}")
+        raise ConfigError(f"--aug {level!r}: expected one of {', '.join(AUG_LEVELS)}")
     return AUG_CONFIGS[level]
 
 

@@ -73,7 +73,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                   ) -> dict[str, Any]:
     """Write the formats above for a trainer checkpoint (or an official GenConViT file); returns export.json."""
     out = Path(out_dir)
-    _check_target(out, overwrite)
+    check_export_target(out, overwrite)
     loaded = load_model(checkpoint)
     with naming(out):
         stage = staging_dir(out)
@@ -94,7 +94,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     return report
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """DIR may take an export: a folder of a previous export with --overwrite, an empty one, or nothing yet."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--export {out}: a file, not a folder; give the folder to write the export into")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

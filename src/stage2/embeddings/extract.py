@@ -29,8 +29,8 @@ from stage2.data.loaders import manifest_loader
 from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.store import NpzStreamWriter
-from stage2.engine.checkpoint import BestCheckpoint, checkpoint_from_state, load_checkpoint
-from stage2.engine.precision import autocast, autocast_dtype, memory_format, pick_device
+from stage2.engine.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
+from stage2.engine.precision import autocast, memory_format, pick_device, scoring_dtype
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.genconvit import read_state_dict
@@ -106,6 +106,7 @@ def _from_official_file(state: dict[str, Any], path: Path, model_name: str | Non
         raise CheckpointError(
             f"checkpoint {path}: neither a trainer checkpoint (no 'family' key) nor an official GenConViT file ({err})"
         ) from None
+    check_finite_weights(weights, path)
     check_model_name(model_name, meta["model_name"], family, f"official GenConViT file {path}")
     try:
         model = family.load_official(weights, meta)
@@ -172,9 +173,8 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
-        on_gpu = self.device.type == "cuda"
-        self.amp_dtype = autocast_dtype("bf16" if amp and on_gpu else "off", self.device)
-        self.channels_last = on_gpu
+        self.amp_dtype = scoring_dtype(self.device, amp)
+        self.channels_last = self.device.type == "cuda"
         self.model = loaded.model.to(self.device).eval()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -346,7 +346,7 @@ class FeatureExtractor:
                     **{name: values[batch.indices] for name, values in text.items()},
                 )
             if not writer.rows:
-                raise ValueError(f"{source}: no image could be decoded")
+                raise ManifestError(f"{source}: no image could be decoded")
             path = writer.close(
                 {
                     "model_name": self.model_name,
@@ -387,7 +387,7 @@ class FeatureExtractor:
         frame = source_frame(source, data_root)
         batches = list(self.iter_batches(self.make_loader(frame, **loader)))
         if not batches:
-            raise ValueError(f"{self.model_name}: no image of {frame.attrs.get('manifest', 'the paths')} decoded")
+            raise ManifestError(f"{self.model_name}: no image of {frame.attrs.get('manifest', 'the paths')} decoded")
         embeddings, p_fake, indices = (np.concatenate([getattr(b, f) for b in batches])
                                        for f in ("embeddings", "p_fake", "indices"))
         return embeddings, p_fake, frame["path"].to_numpy(dtype=str)[indices]
@@ -402,7 +402,7 @@ def source_frame(source: Source, data_root: str | os.PathLike | None = None) -> 
         frame = pd.DataFrame({"path": [os.path.abspath(p) for p in source], "label": UNLABELED})
         missing = [p for p in frame["path"] if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"{len(missing)} of {len(frame)} image paths not found (first: {missing[0]})")
+            raise ManifestError(f"{len(missing)} of {len(frame)} image paths not found (first: {missing[0]})")
         return frame
     path = Path(source)
     if path.is_dir():

@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 
 from stage2.embeddings.extract import FeatureExtractor
 from stage2.embeddings.store import FeatureSet, join_features, load_features
-from stage2.errors import CheckpointError
+from stage2.errors import CheckpointError, FeatureFileError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, 
     per_class = [len(np.unique(groups[y == c])) if groups is not None else int((y == c).sum()) for c in (0, 1)]
     n_splits = min(5, *per_class)
     if n_splits < 2:
-        raise ValueError(
+        raise FeatureFileError(
             f"cross-validation needs 2+ {'groups' if groups is not None else 'images'} per class, got {per_class}"
         )
     cv = (

@@ -6,20 +6,25 @@ family's meta, data config, metrics, temperature); `last.pt` (`LastCheckpoint`) 
 (optimizer, scaler, EMA, recipe, progress and RNG states; the schedule is re-planned, never stored). Each
 is a flat dict on disk: the dataclass fields, the family's meta keys (`family`, `model_name`, ...) beside
 them, and `schema_version`. Every checkpoint the trainers write carries the SHA-256 of all its tensors
-(`tensors_sha256`), checked on load: a damaged file is refused instead of giving other weights.
+(`tensors_sha256`) and of its preprocessing (`data_config_sha256`: input size, mean, std, resize), checked on
+load: a damaged or edited file is refused instead of giving other scores. A checkpoint is read only with finite
+weights and a usable data_config (std > 0): else every P(fake) it gives would be NaN or infinite.
 
-Schema versions: 1 is the first versioned schema. A file without `schema_version` was written before
-versions existed (version 0); its keys are version 1's, so it is read as version 1 when it holds the
-keys version 1 requires. Any other version is refused in one line (CheckpointError) naming the file and
-both versions. Official GenConViT weight files are not ours: they carry no `family` key, are read by
+Schema versions: 1 is the first versioned schema; 2 adds `data_config_sha256`. A file without
+`schema_version` was written before versions existed (version 0); its keys are version 1's, so it is read as
+version 1 when it holds the keys version 1 requires. Versions 0 and 1 are read as before, without the data
+config's checksum. Any other version is refused in one line (CheckpointError) naming the file and both
+versions. Official GenConViT weight files are not ours: they carry no `family` key, are read by
 stage2.models.genconvit.official, and never pass through these readers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,9 +37,11 @@ from stage2.engine.distributed import broadcast_flag
 from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_exists, first_line
 
 CHECKSUM_KEY = "tensors_sha256"
+CONFIG_CHECKSUM_KEY = "data_config_sha256"
 SCHEMA_KEY = "schema_version"
-# Raise it (and say here what changed) whenever a key is added, removed or changes meaning.
-SCHEMA_VERSION = 1
+# Raise it (and say above what changed) whenever a key is added, removed or changes meaning.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (0, 1, SCHEMA_VERSION)  # 0: from before versions, the same keys as version 1
 
 
 @dataclass(kw_only=True)
@@ -81,7 +88,7 @@ def checkpoint_from_state(kind: type[Checkpoint], state: dict[str, Any], path: s
     """The one reader: a loaded checkpoint dict as `kind`, after checking its schema version and required keys.
     A last.pt reads as a BestCheckpoint too (its extra fields are left out)."""
     version = state.get(SCHEMA_KEY, 0)
-    if version not in (0, SCHEMA_VERSION):  # 0: from before versions, the same keys as version 1
+    if version not in READABLE_VERSIONS:
         age = "a newer" if isinstance(version, int) and version > SCHEMA_VERSION else "another"
         raise CheckpointError(f"checkpoint {path}: schema version {version!r} (written by {age} version of this "
                               f"code), this code reads version {SCHEMA_VERSION}")
@@ -93,9 +100,13 @@ def checkpoint_from_state(kind: type[Checkpoint], state: dict[str, Any], path: s
     if missing:
         raise CheckpointError(f"checkpoint {path}: lacks {', '.join(map(repr, missing))} (not written by the "
                               "trainers?)")
-    meta = {k: v for k, v in state.items() if k not in _FIELD_KEYS and k not in (SCHEMA_KEY, CHECKSUM_KEY)}
+    meta = {k: v for k, v in state.items() if k not in _FIELD_KEYS and k not in (SCHEMA_KEY, CHECKSUM_KEY,
+                                                                                  CONFIG_CHECKSUM_KEY)}
     values = {k: v for k, v in state.items() if k in own}
     values["temperature"] = _checked_temperature(state.get("temperature", 1.0), path)
+    _check_data_config(state["data_config"], path)
+    for key in ("model", "ema"):
+        check_finite_weights(state.get(key) or {}, path)
     return kind(meta=meta, **values)
 
 
@@ -111,6 +122,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """torch.save, with the checksum of every tensor in `state`, through a temporary file and a rename: a crash
     mid-write keeps the previous checkpoint."""
     state = {**state, CHECKSUM_KEY: tensors_sha256(state)}
+    if "data_config" in state:
+        state[CONFIG_CHECKSUM_KEY] = data_config_sha256(state["data_config"])
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -130,6 +143,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not mmap and CHECKSUM_KEY in state and tensors_sha256(state) != state[CHECKSUM_KEY]:
         raise CheckpointError(f"checkpoint {path}: damaged (its tensors do not match the checksum written with "
                               "them); use another copy or an earlier checkpoint")
+    if not mmap and CONFIG_CHECKSUM_KEY in state and data_config_sha256(state.get("data_config")) != state[
+            CONFIG_CHECKSUM_KEY]:
+        raise CheckpointError(f"checkpoint {path}: damaged or edited (its data_config, the input size, mean and std "
+                              "it scores with, does not match the checksum written with it); use another copy or an "
+                              "earlier checkpoint")
     return state
 
 
@@ -154,6 +172,11 @@ def tensors_sha256(state: Any) -> str:
     return digest.hexdigest()
 
 
+def data_config_sha256(data_config: Any) -> str:
+    """SHA-256 of a data_config (input size, mean, std, resize) as JSON: tuples and lists alike, keys sorted."""
+    return hashlib.sha256(json.dumps(data_config, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _reason(err: Exception) -> str:
     """The sentence of a torch.load error that says what is wrong: for weights_only refusals that is the
     unpickler's, which torch puts after a paragraph of advice."""
@@ -170,11 +193,38 @@ def ensure_finite(model: torch.nn.Module, device: torch.device, when: str, last_
     The loss can stay finite while, say, a BatchNorm running_var overflows to inf; that model must not replace
     the last good last.pt. Raises TrainingDiverged naming the tensor and the checkpoint left as it was.
     """
-    bad = next((name for name, t in (*model.named_parameters(), *model.named_buffers())
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    bad = first_non_finite([*model.named_parameters(), *model.named_buffers()])
     if broadcast_flag(bad is not None, device):
         raise TrainingDiverged(f"non-finite values in {bad or 'a tensor on another rank'} {when}: stopped; "
                                f"{last_good_note(last_good)}")
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    return next((name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def check_finite_weights(weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A checkpoint's weights, all finite: one NaN makes every P(fake) NaN, its checksum valid or not."""
+    bad = first_non_finite(weights.items())
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path}: non-finite values in {bad} (NaN or inf weights): every score would "
+                              "be NaN; use an earlier checkpoint")
+
+
+def _check_data_config(config: Any, path: str | Path) -> None:
+    """The preprocessing a checkpoint records, usable: 3 positive sizes, finite means, finite stds above 0 (a std of
+    0 divided every input by zero)."""
+    try:
+        sizes, mean, std = ([float(v) for v in config[key]] for key in ("input_size", "mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {path}: data_config {config!r} lacks a numeric input_size, mean or "
+                              "std") from None
+    if not (len(sizes) == len(mean) == len(std) == 3 and min(sizes) >= 1 and min(std) > 0
+            and all(math.isfinite(v) for v in (*sizes, *mean, *std))):
+        shown = ", ".join(f"{key} {list(config[key])}" for key in ("input_size", "mean", "std"))
+        raise CheckpointError(f"checkpoint {path}: data_config {shown}: expected 3 sizes >= 1, finite means and "
+                              "finite stds > 0")
 
 
 def last_good_note(last: Path) -> str:

@@ -79,7 +79,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
     try:
         text = path.read_text()
     except OSError as err:
-        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from None
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from None
     try:
         if path.suffix == ".json":
             values = json.loads(text)
@@ -89,9 +89,9 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
             values = yaml.safe_load(text)
     except Exception as err:  # json and yaml raise their own many kinds; all mean "not a config file"
         kind = path.suffix.lstrip(".") or "YAML"
-        raise ValueError(f"--config {path}: not valid {kind} ({first_line(err)})") from None
+        raise ConfigError(f"--config {path}: not valid {kind} ({first_line(err)})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
+        raise ConfigError(f"--config {path}: expected a mapping of settings, found {type(values).__name__}")
     # argparse keeps no public list of its options
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     defaults = {}
@@ -102,7 +102,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         if dest == "expert":  # what args.json records about the model, for reading
             continue
         if dest not in actions:
-            raise ValueError(f"--config {path}: unknown setting {key!r}")
+            raise ConfigError(f"--config {path}: unknown setting {key!r}")
         if dest not in NOT_REPLAYED:
             try:
                 defaults[dest] = config_value(actions[dest], value)

@@ -11,13 +11,16 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from stage2.data.levels import AUG_LEVELS
-from stage2.engine.flags import Float, Int
+from stage2.engine.flags import Extend, Float, Int
 from stage2.errors import ConfigError
 
 # torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
 TRACKERS = ("tensorboard",)
 # The largest --seed: every seed derived from it (per step, per sample, per epoch) stays within torch's range.
 SEED_MAX = 2**32 - 1
+# The smallest --img-size --self-blend works at: its face mask needs pixels for a soft edge, and its warp
+# reflect-pads the crop (1 and 2 px failed in torch's padding and affine).
+SELF_BLEND_MIN_SIZE = 8
 # Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
 NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
@@ -97,8 +100,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     d = {**TrainConfig().to_dict(), **defaults}
     data = parser.add_argument_group("data")
     data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")
-    data.add_argument("--val-manifest", nargs="+", default=d["val_manifest"], metavar="CSV",
-                      help="validation CSV (selects the best epoch); with --evaluate one or more test manifests")
+    data.add_argument("--val-manifest", nargs="+", action=Extend, default=d["val_manifest"], metavar="CSV",
+                      help="validation CSV (selects the best epoch); with --evaluate one or more test manifests "
+                           "(listed, or the flag repeated)")
     data.add_argument("--data-root", default=d["data_root"],
                       help="base folder for relative image paths (default: each manifest's folder)")
     data.add_argument("--skip-bad-images", action="store_true",
@@ -114,8 +118,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     data.add_argument("--img-size", type=Int(min=img_size_multiple_of or 1, multiple_of=img_size_multiple_of),
                       default=d["img_size"], help=f"square input size in pixels{multiple}")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
-    data.add_argument("--self-blend", type=Float(min=0, max=1), default=d["self_blend"], metavar="P",
-                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off)")
+    data.add_argument("--self-blend", type=Float(min=0, below=1), default=d["self_blend"], metavar="P",
+                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off; "
+                           "below 1, which would leave no real to train on)")
     data.add_argument("--workers", type=Int(min=0), default=d["workers"],
                       help="DataLoader worker processes per rank, capped to the cores this process may use")
     data.add_argument("--cache-dir", default=d["cache_dir"],
@@ -172,9 +177,10 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     out.add_argument("--audit-only", action="store_true",
                      help="only run the shortcut audit (file headers of the train and val manifests, or with "
                           "--evaluate of its manifests): OUTPUT_DIR/shortcut_audit.csv and summary.json")
-    out.add_argument("--perturb", metavar="SPEC",
+    out.add_argument("--perturb", nargs="+", action=Extend, metavar="SPEC",
                      help="with --evaluate: also score each manifest under these perturbations, e.g. "
-                          "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest)")
+                          "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest; "
+                          "several SPECs, or the flag repeated, add up)")
     out.add_argument("--log-every", type=Int(min=1), default=d["log_every"],
                      help="steps between progress lines when stdout is not a terminal")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
@@ -199,6 +205,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if args.perturb is not None:
             raise ConfigError("--perturb: only with --evaluate CHECKPOINT")
     values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
+    if args.perturb is not None:  # one spec, in the order given
+        values["perturb"] = ",".join([args.perturb] if isinstance(args.perturb, str) else args.perturb)
+    if args.self_blend and args.img_size < SELF_BLEND_MIN_SIZE:
+        raise ConfigError(f"--self-blend at --img-size {args.img_size}: self-blending needs crops of at least "
+                          f"{SELF_BLEND_MIN_SIZE} pixels")
+    if args.balanced_sampler and args.self_blend >= 0.5:
+        raise ConfigError(f"--balanced-sampler with --self-blend {args.self_blend:g}: from 0.5 on, self-blending "
+                          "leaves fewer reals than fakes however the images are drawn; lower --self-blend or use "
+                          "--pos-weight auto")
     if not values.get("clip_grad"):
         values["clip_grad"] = None
     return TrainConfig(**values)

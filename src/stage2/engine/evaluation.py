@@ -26,7 +26,7 @@ from stage2.engine.distributed import DistInfo, broadcast_buffers, gather_by_ind
 from stage2.engine.logs import setup_logging
 from stage2.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
 from stage2.engine.outputs import check_output_dir, report_names
-from stage2.engine.precision import autocast, autocast_dtype, memory_format
+from stage2.engine.precision import autocast, memory_format, scoring_dtype
 from stage2.engine.report import format_report, plot_robustness, tpr_footnote
 from stage2.engine.run_dir import BadImages
 from stage2.engine.run_loaders import val_loader
@@ -70,7 +70,7 @@ class Evaluator:
         img_size = data_config["input_size"][-1]
         self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
         self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
-        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.amp_dtype = scoring_dtype(self.device, cfg.amp != "off")
         self.bad_images = bad_images
         self.decoded = self.frame  # the rows whose images decode: all of them, or what _check_images finds
         if perturbation is None:
@@ -161,11 +161,29 @@ class Evaluator:
 
     @functools.cached_property
     def fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same four val images of each class every epoch, normalised, for visual artefacts."""
-        labels = self.frame["label"].to_numpy()
-        picks = [int(i) for c in (0, 1) for i in np.flatnonzero(labels == c)[:4]]
-        batch = collate([self.loader.dataset[i] for i in picks])
+        """The same four val images of each class every epoch (grid_rows: different videos), normalised, for visual
+        artefacts."""
+        batch = collate([self.loader.dataset[i] for i in grid_rows(self.frame)])
         return self.prepare(batch.images), batch.labels
+
+
+def grid_rows(frame: pd.DataFrame, per_class: int = 4) -> list[int]:
+    """Rows of `frame` for a grid of `per_class` reals then `per_class` fakes that shows different faces: one per
+    video (`video_id`, else `source_id`, where a row has one), spread over the set; a second frame of a video only
+    when the class has fewer videos. The first rows of a manifest are often frames of one video."""
+    column = "video_id" if "video_id" in frame else "source_id" if "source_id" in frame else None
+    ids = frame[column].to_numpy(dtype=str) if column else np.full(len(frame), "")
+    rows = []
+    for label in (0, 1):
+        members = np.flatnonzero(frame["label"].to_numpy() == label)
+        keys = [key or f"row {row}" for key, row in zip(ids[members], members)]  # no id: a face of its own
+        nth = pd.Series(keys).groupby(keys, sort=False).cumcount().to_numpy()  # 0: a video's first row here
+        order = np.lexsort((np.arange(len(members)), nth))  # every video's first row in set order, then seconds...
+        firsts = int((nth == 0).sum())
+        picked = order[np.linspace(0, firsts - 1, per_class).round().astype(int)] if firsts >= per_class \
+            else order[:per_class]
+        rows += members[picked].tolist()
+    return rows
 
 
 def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""

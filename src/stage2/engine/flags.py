@@ -4,6 +4,10 @@ A numeric flag's `type` is an :class:`Int` or :class:`Float` carrying its allowe
 argparse calls it to read the command line, `config_value` reads a --config value (already typed by YAML or
 JSON) with the flag's own type and choices, and `check_args` checks every parsed value, wherever it came from
 (command line, --config, --demo), against the range its flag declares. Torch-free, like the parsers.
+
+A flag given twice never drops a value silently: the commands' :class:`FlagParser` refuses a second value of a
+one-value flag (`--lr 1e-3 --lr 1e-4`, `--manifest a.csv --manifest b.csv`), and a list flag (``action=Extend``:
+`--val-manifest`, `--perturb`) adds each occurrence's values to the list.
 """
 
 from __future__ import annotations
@@ -76,6 +80,51 @@ class Int(Number):
 
 
 Float = Number
+
+
+class FlagParser(argparse.ArgumentParser):
+    """The commands' parser: every plain flag takes one value (:class:`Once`); `given` holds the flags met so far
+    in the parse under way, for :class:`Once` and :class:`Extend`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, Once)  # add_argument without action=
+        self.register("action", "store", Once)
+        self.given: set[str] = set()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        self.given = set()
+        return super().parse_known_args(args, namespace)
+
+
+class Once(argparse.Action):
+    """argparse's `store`, but a second occurrence is a ConfigError naming both values: argparse kept the last one
+    and dropped the first without a word."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if self.dest in parser.given:
+            raise ConfigError(f"{option_string} given twice ({_shown(getattr(namespace, self.dest))}, then "
+                              f"{_shown(values)}): it takes one value")
+        parser.given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+class Extend(argparse.Action):
+    """A list flag: each occurrence adds its values, `--val-manifest a.csv --val-manifest b.csv` is both. The first
+    occurrence replaces the default (the parser's, or what --config or --demo set) instead of adding to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = list(values) if isinstance(values, list) else [values]
+        if self.dest in parser.given:
+            items = [*getattr(namespace, self.dest), *items]
+        parser.given.add(self.dest)
+        setattr(namespace, self.dest, items)
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

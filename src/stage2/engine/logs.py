@@ -55,20 +55,27 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
 
 
 def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, amp_dtype: torch.dtype | None,
-                 threads: str, train_frame: pd.DataFrame, n_val: int, data_config: dict[str, Any],
+                 threads: str, train_frame: pd.DataFrame, label_mix: tuple[float, float], n_val: int,
+                 data_config: dict[str, Any],
                  degrade_start: int | None, workers: int, n_params: int, model: dict[str, Any]) -> None:
     """What a training run is about to do, in one block: device, data, recipe, stages and model.
 
-    `degrade_start` is the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
+    `label_mix` is the expected (real, fake) images an epoch trains on (run_loaders.trained_label_mix);
+    `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
     loader workers after the cap to usable cores; `model` the expert's description."""
     dc = data_config
+    n_fake = int(train_frame["label"].sum())
+    how = [what for what, on in (("--balanced-sampler", cfg.balanced_sampler),
+                                 (f"--self-blend {cfg.self_blend:g}", cfg.self_blend)) if on]
     lines = [
         f"device {dist.device} x {dist.world_size} rank(s)"
         f"{f' (process group {dist.backend})' if dist.backend else ''}, amp {amp_dtype or 'off'}, "
         f"channels_last {cfg.channels_last}, compile {cfg.compile}, deterministic {cfg.deterministic}"
         + (f", {threads}" if threads else ""),
-        f"train {len(train_frame)} images ({int(train_frame['label'].sum())} fake) from "
-        f"{cfg.train_manifest}; val {n_val} from {cfg.val_manifest}",
+        f"train {len(train_frame)} images ({len(train_frame) - n_fake} real / {n_fake} fake) from "
+        f"{cfg.train_manifest}; val {n_val} from {cfg.val_manifest}"
+        + (f"; trained per epoch, expected after {' and '.join(how)}: {label_mix[0]:.1f} real / "
+           f"{label_mix[1]:.1f} fake" if how else ""),
         f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
         + (f" (degradations from epoch {degrade_start + 1})" if degrade_start is not None else "")
         + f", self-blend {cfg.self_blend:g}, workers {workers}"

@@ -87,6 +87,18 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def scoring_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The one precision of scoring (validation, val_predictions.csv, --evaluate, extraction; the export's check
+    runs fp32 on the CPU): fp32 on a CPU whatever --amp says, bf16 autocast on CUDA unless `amp` is off.
+
+    On a CPU with native bf16, --amp auto's bf16 moved P(fake) by up to 0.0125 from the extractor's fp32: the
+    operating points of a run then described other scores than production gives. fp32 makes one checkpoint give
+    one P(fake) on any CPU. A GPU's scores differ from a CPU's anyway (TF32 convolutions, other kernels), and bf16
+    doubles its throughput, so CUDA keeps bf16 for every scoring alike.
+    """
+    return torch.bfloat16 if amp and device.type == "cuda" else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 

@@ -19,6 +19,7 @@ from sklearn.metrics import RocCurveDisplay
 
 from stage2.atomic import atomic_write, write_text_atomic
 from stage2.engine.metrics import FPR_TARGETS, operating_points, unresolved_targets
+from stage2.errors import ConfigError, first_line
 
 # The loss terms an expert may log besides the total (GenConViT: classification, reconstruction, KL).
 _TERMS = ("cls", "recon", "kl")
@@ -310,9 +311,12 @@ class MetricsLog:
         if not self.path.exists():
             self._rows = pd.DataFrame()
             return
-        rows = pd.read_csv(self.path)
+        try:
+            rows = pd.read_csv(self.path)
+        except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors
+            raise ConfigError(f"{self.path}: not a readable metrics log ({first_line(err)})") from None
         if "epoch" not in rows.columns:
-            raise ValueError(f"{self.path}: metrics log has no 'epoch' column")
+            raise ConfigError(f"{self.path}: metrics log has no 'epoch' column")
         stale = rows["epoch"] > up_to_epoch if up_to_epoch is not None else np.zeros(len(rows), dtype=bool)
         self._rows = rows[~stale].reset_index(drop=True)
         if stale.any():

@@ -28,7 +28,8 @@ def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
                           max_pixels=cfg.max_image_pixels)
     barrier()
     if not dist.is_main:  # rank 0 has decoded and checked everything: this only reads the index
-        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images, verify=False)
+        view = open_cache(cfg.cache_dir, img_size, paths, skip_bad_images=cfg.skip_bad_images,
+                          max_pixels=cfg.max_image_pixels, verify=False)
     return view
 
 
@@ -43,11 +44,29 @@ def val_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistI
                            pin_memory=dist.device.type == "cuda", max_pixels=cfg.max_image_pixels)
 
 
+def class_weights(cfg: TrainConfig, labels: np.ndarray) -> np.ndarray:
+    """--balanced-sampler's weight of a real and of a fake image: an epoch then *trains* as many reals as fakes,
+    after --self-blend P has turned some of the sampled reals into fakes (reals drawn 1 / (1 - 2P) times as
+    often; config_from_args refuses P >= 0.5, which no sampling balances). Without the flag, uniform."""
+    if not cfg.balanced_sampler:
+        return np.ones(2)
+    n_real, n_fake = np.bincount(labels, minlength=2)
+    return np.array([1 / ((1 - 2 * cfg.self_blend) * n_real), 1 / n_fake])
+
+
+def trained_label_mix(cfg: TrainConfig, labels: np.ndarray) -> tuple[float, float]:
+    """The expected (real, fake) images an epoch trains on, after the sampler and --self-blend: what --pos-weight
+    auto balances, not the manifest's labels (--self-blend 0.5 turns 18 real / 18 fake into 9 / 27)."""
+    drawn = class_weights(cfg, labels) * np.bincount(labels, minlength=2)
+    real, fake = drawn * len(labels) / drawn.sum()
+    return float(real * (1 - cfg.self_blend)), float(fake + real * cfg.self_blend)
+
+
 def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
                  ) -> tuple[DataLoader, ShardedSampler, int]:
     """The shuffled (or class-balanced) training batches of this rank, its sampler, and the steps per epoch."""
     labels = frame["label"].to_numpy()
-    weights = torch.from_numpy(1.0 / np.bincount(labels, minlength=2)[labels]) if cfg.balanced_sampler else None
+    weights = torch.from_numpy(class_weights(cfg, labels)[labels]) if cfg.balanced_sampler else None
     sampler = ShardedSampler(len(frame), shuffle=True, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                              weights=weights)
     drop_last = sampler.per_rank >= cfg.batch_size

@@ -65,7 +65,7 @@ from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memor
 from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
 from stage2.engine.resume import read_resume_state, restore
 from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock
-from stage2.engine.run_loaders import train_loader
+from stage2.engine.run_loaders import train_loader, trained_label_mix
 from stage2.engine.tracking import make_tracker
 from stage2.errors import ConfigError, StopRequested, TrainingDiverged, first_line
 from stage2.experts.base import Expert, Stage
@@ -152,7 +152,8 @@ class Trainer:
         # What the file headers alone give away about the labels: warned about before any GPU time is spent.
         self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
                                self.workers) if dist.is_main else None
-        expert.prepare(self.train_frame["label"].to_numpy())
+        self.label_mix = trained_label_mix(cfg, self.train_frame["label"].to_numpy())
+        expert.prepare(*self.label_mix)
         img_size = self.data_config["input_size"][-1]
         mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
         self.train_tf = DeviceTransform(mean, std, cfg.aug).to(self.device)
@@ -182,7 +183,8 @@ class Trainer:
         start_epoch, start_step = (resume.next_epoch, resume.step) if resume else (0, 0)
         degrade = self.train_loader.dataset.transform
         log_settings(cfg, stages, dist=self.dist, amp_dtype=self.amp_dtype, threads=self.threads,
-                     train_frame=self.train_frame, n_val=len(self.evaluator.frame), data_config=self.data_config,
+                     train_frame=self.train_frame, label_mix=self.label_mix, n_val=len(self.evaluator.frame),
+                     data_config=self.data_config,
                      degrade_start=degrade.start if degrade else None, workers=self.workers,
                      n_params=sum(p.numel() for p in self.model.parameters()), model=self.expert.describe())
         if self.dist.is_main:
@@ -253,36 +255,64 @@ class Trainer:
                     sums: dict[str, torch.Tensor] | None = None, batches: Iterable[Batch] | None = None,
                     steps: int | None = None) -> dict[str, float]:
         """One epoch of steps from `start_step`; returns its train statistics. `batches`/`steps` replace the
-        train loader (the benchmarks feed a resident batch this way)."""
+        train loader (the benchmarks feed a resident batch this way).
+
+        A step whose batch --skip-bad-images left with fewer than two images is skipped (on every rank), and counted
+        (`train_skipped_steps`): an empty batch has nothing to train, and BatchNorm cannot train on one image. Its
+        update still moves the schedule, so the run stands where a resume from any step puts it.
+        """
         cfg, dist = self.cfg, self.dist
         self.model.train()
         self.train_tf.train()
         self.train_sampler.set_epoch(epoch, start=start_step * cfg.batch_size)
         self.train_loader.dataset.set_epoch(epoch)
-        sums = {k: v.to(self.device) for k, v in sums.items()} if sums else None
+        one = torch.ones((), device=self.device)
+        sums = {k: v.to(self.device) for k, v in (sums or {"n": 0 * one, "skipped": 0 * one}).items()}
         n_steps = steps or self.steps_per_epoch
         bar = tqdm(total=n_steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (dist.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
         progress = Progress(bar)
         bad_rows: list[int] = []
+        pending = False  # micro-batches backpropagated since the last update
         for step, batch in enumerate(self.train_loader if batches is None else batches, start=start_step):
             # The last micro-batches of an epoch make an update of their own even when fewer than grad_accum.
             update = (step + 1) % cfg.grad_accum == 0 or step + 1 == n_steps
-            batch_sums, progress.loss = self._step(ctx, batch, _step_seed(cfg.seed, epoch, step, dist.rank), update)
             bad_rows += batch.skipped.tolist()
-            sums = batch_sums if sums is None else {k: sums[k] + batch_sums[k] for k in sums}
-            progress.images += batch.labels.numel()
+            if self._too_few_images(batch):
+                batch_sums = {"skipped": batch.skipped.numel() * one, "skipped_steps": one}
+                if update and pending and dist.enabled:
+                    self._sync_gradients()  # the skipped micro-batch's backward would have synced them
+            else:
+                batch_sums, progress.loss = self._step(ctx, batch, _step_seed(cfg.seed, epoch, step, dist.rank),
+                                                       update)
+                progress.images += batch.labels.numel()
+                pending = True
+            sums = {**sums, **{k: sums[k] + v if k in sums else v for k, v in batch_sums.items()}}
             if update:
-                self._optimizer_step(ctx)
+                self._optimizer_step(ctx, apply=pending)
+                pending = False
                 self._after_update(ctx, epoch, step + 1, n_steps, sums, progress)
             bar.update(1)
         bar.close()
-        if sums is None:
-            raise ConfigError(f"{cfg.train_manifest}: no training batch in epoch {epoch + 1}")
+        self.bad_images.note("train", self.train_frame, bad_rows)  # --max-bad-images first: it names the cause
+        if not sums["n"]:  # the same on every rank: they skip steps together
+            raise ConfigError(f"{cfg.train_manifest}: no training batch in epoch {epoch + 1} (each lost its images "
+                              "to --skip-bad-images)")
         if self._diverged(sums):
             raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1}: stopped; {self._last_good()}")
-        self.bad_images.note("train", self.train_frame, bad_rows)
         return self._epoch_stats(ctx, sums, progress)
+
+    def _too_few_images(self, batch: Batch) -> bool:
+        """Whether --skip-bad-images left this batch, or another rank's, with fewer than two images."""
+        if not self.cfg.skip_bad_images:
+            return False
+        return broadcast_flag(batch.skipped.numel() > 0 and batch.labels.numel() < 2, self.device)
+
+    def _sync_gradients(self) -> None:
+        """Average the accumulated gradients over the ranks, as DDP does in an update's backward."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                all_reduce_sum(p.grad).div_(self.dist.world_size)
 
     def _step(self, ctx: StageState, batch: Batch, seed: int, update: bool
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -314,7 +344,7 @@ class Trainer:
         if (done % cfg.log_every == 0 or done == n_steps) and self._diverged(sums):
             raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped; "
                                    f"{self._last_good()}")
-        if dist.is_main and done % cfg.log_every == 0:
+        if dist.is_main and done % cfg.log_every == 0 and progress.loss is not None:
             msg = (f"loss {float(sums['loss'] / sums['n']):.4f} lr {ctx.lr:.3g} "
                    f"{progress.images * dist.world_size / (time.perf_counter() - progress.t0):.0f} img/s")
             progress.bar.set_postfix_str(msg, refresh=False)
@@ -342,27 +372,35 @@ class Trainer:
         elapsed = time.perf_counter() - progress.t0
         keys = list(sums)
         totals = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist(), strict=True))
-        n, skipped = totals.pop("n"), totals.pop("skipped")
+        n, skipped, skipped_steps = totals.pop("n"), totals.pop("skipped"), totals.pop("skipped_steps", 0.0)
+        if skipped_steps and self.dist.is_main:
+            log.warning("%d training steps skipped: --skip-bad-images left their batches fewer than two images",
+                        skipped_steps)
         stats = {f"train_{k}": v / n for k, v in totals.items()}
         images = all_reduce_sum(torch.tensor(float(progress.images), device=self.device)).item()
-        return {**stats, "train_skipped": skipped, "lr_last_step": ctx.lr, "epoch_time": elapsed,
+        return {**stats, "train_skipped": skipped, "train_skipped_steps": skipped_steps, "lr_last_step": ctx.lr,
+                "epoch_time": elapsed,
                 "images_per_s": images / elapsed}
 
-    def _optimizer_step(self, ctx: StageState) -> None:
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(ctx.optimizer)
-            for group in ctx.clip_groups:
-                nn.utils.clip_grad_norm_(group, self.cfg.clip_grad)
-        self.scaler.step(ctx.optimizer)
-        self.scaler.update()
-        ctx.optimizer.zero_grad(set_to_none=True)
+    def _optimizer_step(self, ctx: StageState, *, apply: bool) -> None:
+        """An update: the weights (and EMA) step when `apply` (some micro-batch was backpropagated); the schedule
+        always does."""
+        if apply:
+            if self.cfg.clip_grad:
+                self.scaler.unscale_(ctx.optimizer)
+                for group in ctx.clip_groups:
+                    nn.utils.clip_grad_norm_(group, self.cfg.clip_grad)
+            self.scaler.step(ctx.optimizer)
+            self.scaler.update()
+            ctx.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model)
         ctx.updates += 1
         ctx.scheduler.step_update(num_updates=ctx.updates)
-        if self.ema is not None:
-            self.ema.update(self.model)
 
     def _diverged(self, sums: dict[str, torch.Tensor]) -> bool:
-        return broadcast_flag(not bool(torch.isfinite(sums["loss"])), self.device)
+        """Whether the loss summed so far is not finite (False before any step trained); on every rank."""
+        return broadcast_flag("loss" in sums and not bool(torch.isfinite(sums["loss"])), self.device)
 
     def _last_good(self) -> str:
         return last_good_note(self.out / "last.pt")

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
@@ -48,8 +47,9 @@ class Expert:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def prepare(self, labels: np.ndarray) -> None:
-        """Called once with the training labels (1 = fake) before training, e.g. to balance the loss."""
+    def prepare(self, n_real: float, n_fake: float) -> None:
+        """Called once before training with the expected real and fake images an epoch trains on (after
+        --balanced-sampler and --self-blend, not the manifest's labels), e.g. to balance the loss."""
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         """input_size [3, S, S], mean, std and the resize (stage2.data.decode.RESIZE_CONFIG): the preprocessing the

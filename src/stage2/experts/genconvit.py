@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stage2.engine.report import plot_recon_samples
-from stage2.errors import PretrainedWeightsError
+from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
 from stage2.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
@@ -43,29 +43,29 @@ def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
     for i, item in enumerate(filter(None, (part.strip() for part in spec.split(",")))):
         parts = item.split(":")
         if len(parts) not in (2, 3) or parts[0] not in ("frozen", "full"):
-            raise ValueError(f"--stages {spec!r}: item {item!r} is not NAME:EPOCHS[:LR_SCALE] with NAME frozen|full")
+            raise ConfigError(f"--stages {spec!r}: item {item!r} is not NAME:EPOCHS[:LR_SCALE] with NAME frozen|full")
         try:
             n = -1 if parts[1] == "rest" else int(parts[1])
             scale = float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
-            raise ValueError(f"--stages {spec!r}: item {item!r} has a bad number") from None
+            raise ConfigError(f"--stages {spec!r}: item {item!r} has a bad number") from None
         if (parts[1] != "rest" and n < 0) or not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
+            raise ConfigError(f"--stages {spec!r}: item {item!r} needs EPOCHS >= 0 (or rest) and LR_SCALE > 0")
         if n == -1:
             if rest_index is not None:
-                raise ValueError(f"--stages {spec!r}: only one stage may take the rest")
+                raise ConfigError(f"--stages {spec!r}: only one stage may take the rest")
             rest_index = i
         else:
             used += n
         trainable = _not_backbone if parts[0] == "frozen" else None
         stages.append(Stage(parts[0], n, lr * scale, trainable))
     if used > epochs:
-        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs}")
+        raise ConfigError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs}")
     if rest_index is not None:
         rest = stages[rest_index]
         stages[rest_index] = Stage(rest.name, epochs - used, rest.lr, rest.trainable)
     elif used != epochs:
-        raise ValueError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs} (use 'rest')")
+        raise ConfigError(f"--stages {spec!r}: {used} epochs but --epochs is {epochs} (use 'rest')")
     return [s for s in stages if s.epochs > 0]
 
 
@@ -101,18 +101,18 @@ class GenConViTExpert(Expert):
         model_kwargs: dict[str, Any] | None = None,
     ):
         if init not in GENCONVIT_INIT_MODES:
-            raise ValueError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
+            raise ConfigError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
         if init == "official" and arch != "official":
-            raise ValueError(f"--init official needs --arch official: the {arch} model has no official weights")
+            raise ConfigError(f"--init official needs --arch official: the {arch} model has no official weights")
         if swin_file is not None and arch != "hybrid":
-            raise ValueError("--swin-file: only --arch hybrid has a Swin that is used")
+            raise ConfigError("--swin-file: only --arch hybrid has a Swin that is used")
         head_input = head_input or DEFAULT_HEAD_INPUT[init]
         if init == "official" and head_input != "logits":
-            raise ValueError("--head features: the official weights' head reads ImageNet logits (--head logits)")
+            raise ConfigError("--head features: the official weights' head reads ImageNet logits (--head logits)")
         if arch == "hybrid" and head_input != "features":
-            raise ValueError("--head logits: the hybrid's head reads the pooled features of both backbones")
+            raise ConfigError("--head logits: the hybrid's head reads the pooled features of both backbones")
         if ae_lr is not None and not (math.isfinite(ae_lr) and ae_lr > 0):
-            raise ValueError(f"--ae-lr {ae_lr}: expected a positive number")
+            raise ConfigError(f"--ae-lr {ae_lr}: expected a positive number")
         self.variant, self.arch, self.init = variant, arch, init
         self.head_input, self.ae_lr = head_input, ae_lr
         self.img_size = img_size
@@ -235,10 +235,12 @@ class GenConViTExpert(Expert):
         labels_np = labels.cpu().numpy()
         psnr = {k: float(v.mean()) for k, v in self.criterion.psnr(outputs, images).items()}
         path = out_dir / "recon_samples" / f"epoch_{epoch:03d}.png"
-        title = (f"{self.checkpoint_meta()['model_name']}: validation images after epoch {epoch}\n"
-                 f"PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: {psnr['mean_colour_psnr']:.1f} dB)")
+        title = (f"{self.checkpoint_meta()['model_name']}: {len(labels_np)} validation images after epoch {epoch}\n"
+                 f"their PSNR {psnr['recon_psnr']:.1f} dB (each image's mean colour: "
+                 f"{psnr['mean_colour_psnr']:.1f} dB)")
         plot_recon_samples(shown.cpu().numpy(), rebuilt.cpu().numpy(), labels_np, per_image, path, title)
-        log.info("recon samples: %s (MSE real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB)", path,
+        log.info("recon samples: %s; the grid's %d images (the whole val set's are val_recon_* in metrics.csv): MSE "
+                 "real %.4f, fake %.4f; PSNR %.1f dB, mean colour %.1f dB", path, len(labels_np),
                  float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
                  psnr["recon_psnr"], psnr["mean_colour_psnr"])
         return {"recon_samples": path}

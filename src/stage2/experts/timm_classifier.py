@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from stage2.errors import PretrainedWeightsError
+from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert
 from stage2.models.families import FAMILIES, TimmFamily
 from stage2.models.timm_models import create_timm_model, timm_data_config
@@ -73,11 +72,11 @@ class TimmExpert(Expert):
             raise PretrainedWeightsError(f"{err}; offline, pass --pretrained-file PATH (safetensors or .pth) or "
                                          "--no-pretrained") from err
 
-    def prepare(self, labels: np.ndarray) -> None:
+    def prepare(self, n_real: float, n_fake: float) -> None:
         if self.pos_weight == "auto":
-            n_fake = int(labels.sum())
-            self.pos_weight = (len(labels) - n_fake) / max(n_fake, 1)
-            log.info("--pos-weight auto: %.3f (%d real / %d fake)", self.pos_weight, len(labels) - n_fake, n_fake)
+            self.pos_weight = n_real / n_fake
+            log.info("--pos-weight auto: %.3f (%.1f real / %.1f fake images trained per epoch)", self.pos_weight,
+                     n_real, n_fake)
 
     def data_config(self, model: nn.Module) -> dict[str, Any]:
         return timm_data_config(model, self.img_size)
@@ -112,7 +111,7 @@ def _parse_pos_weight(value: str | float | None) -> str | float | None:
     try:
         weight = float(value)
     except ValueError:
-        raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number") from None
+        raise ConfigError(f"--pos-weight {value!r}: expected auto, none or a positive number") from None
     if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(f"--pos-weight {value!r}: expected auto, none or a positive number")
+        raise ConfigError(f"--pos-weight {value!r}: expected auto, none or a positive number")
     return weight

@@ -15,7 +15,7 @@ import timm
 from torch import nn
 
 from stage2.data.decode import RESIZE_CONFIG
-from stage2.errors import PretrainedWeightsError, first_line
+from stage2.errors import ConfigError, PretrainedWeightsError, first_line
 from stage2.models.names import MODEL_ALIASES
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def resolve_model_name(name: str) -> str:
     if resolved != name:
         log.info("model %s is not a timm name: using %s", name, resolved)
     if not timm.is_model(resolved):
-        raise ValueError(f"--model {name!r}: timm has no such model (see timm.list_models())")
+        raise ConfigError(f"--model {name!r}: timm has no such model (see timm.list_models())")
     return resolved
 
 

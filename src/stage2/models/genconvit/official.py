@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -19,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from stage2.errors import OfficialCheckpointError
+from stage2.errors import OfficialCheckpointError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +69,25 @@ def detect_variant(keys: Iterable[str]) -> Literal["ed", "vae"]:
 
 
 def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, object]) -> dict[str, torch.Tensor]:
-    """A raw or ``{'state_dict': ...}``-wrapped state_dict from a file or an in-memory mapping."""
+    """A raw or ``{'state_dict': ...}``-wrapped state_dict from a file or an in-memory mapping; anything else is
+    an OfficialCheckpointError naming the file."""
+    source = "state_dict" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
     if isinstance(path_or_state, Mapping):
         state = path_or_state
     else:
         try:
             state = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        except Exception as err:  # a file that is not a checkpoint: the unpickler fails in many ways (KeyError...)
             raise OfficialCheckpointError(
-                f"{os.fspath(path_or_state)}: cannot load checkpoint: {err}"
+                f"{source}: cannot load checkpoint ({type(err).__name__}: {first_line(err)})"
             ) from err
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise OfficialCheckpointError(f"expected a state_dict (mapping), got {type(state).__name__}")
+        raise OfficialCheckpointError(f"{source}: expected a state_dict (mapping), got {type(state).__name__}")
     bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if bad:
-        raise OfficialCheckpointError(f"state_dict entries that are not tensors: {_names(bad)}")
+        raise OfficialCheckpointError(f"{source}: state_dict entries that are not tensors: {_names(bad)}")
     return dict(state)
 
 
