@@ -8,9 +8,12 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -321,6 +324,48 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_file(effnet_args, capsys
     monkeypatch.undo()
     assert best.read_bytes() == before
     assert not [p for p in output_dir(effnet_args).iterdir() if p.name.endswith(".tmp")]
+
+
+@contextmanager
+def _files_end_at(limit: int) -> Iterator[None]:
+    """Every write past `limit` bytes of a file fails, in this process, whichever library writes it: the file size
+    limit (EFBIG) stands in for a full disk (ENOSPC) and reaches the same code (torch's zip writer, safetensors'
+    Rust writer, fallocate, numpy, the lock file)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+# (command, where files end, the file named): 0 fails the first write, the run folder's lock file
+@pytest.mark.parametrize(("command", "limit", "named"), [
+    ("resume", 0, ".lock"), ("evaluate", 0, ".lock"), ("audit", 0, ".lock"), ("resume", 100_000, "best.pt|last.pt"),
+    ("export", 100_000, "export"), ("cache", 16_000, "images.u8"), ("npz", 1_000, "f.npz")])
+def test_a_full_disk_ends_every_command_in_one_line_naming_the_file(finished_run, trained_run, tiny_data, tmp_path,
+                                                                    capsys, command, limit, named):
+    run_dir = output_dir(finished_run)
+    before = {name: (run_dir / name).read_bytes() for name in ("best.pt", "last.pt")}
+    val, best = str(tiny_data[1]), str(trained_run / "best.pt")
+    extract = ["--checkpoint", best, "--manifest", val, "--out", str(tmp_path / "f.npz"), "--workers", "0"]
+    main, args = {
+        "resume": (train_stage2_effnet.main, [*set_flag(finished_run, "--epochs", "3"), "--resume"]),
+        "evaluate": (train_stage2_effnet.main, ["--evaluate", best, "--val-manifest", val, "--workers", "0",
+                                                "--output-dir", str(tmp_path / "eval")]),
+        "audit": (train_stage2_effnet.main, ["--audit-only", "--train-manifest", str(tiny_data[0]), "--val-manifest",
+                                             val, "--workers", "0", "--output-dir", str(tmp_path / "audit")]),
+        "export": (feature_extractor.main, ["--checkpoint", best, "--export", str(tmp_path / "export")]),
+        "cache": (feature_extractor.main, [*extract, "--cache-dir", str(tmp_path / "cache")]),
+        "npz": (feature_extractor.main, [*extract, "--batch-size", "4"]),
+    }[command]
+    with _files_end_at(limit):
+        err = fails(main, args, capsys)
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(tmp_path))}/\S*({named}): File too large", err), err
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or ".partial-" in p.name]
 
 
 def test_checkpoint_errors_say_what_is_wrong_in_one_whole_line(tmp_path):

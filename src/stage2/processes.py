@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from stage2.atomic import naming
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _held_locks: set[int] = set()  # descriptors of the folder locks this process holds
 
@@ -47,7 +49,8 @@ def exclusive_lock(path: Path, *, wait: bool = False, on_wait: Callable[[str], N
     their copy at start (`init_worker`), so it ends with its holder. When another process holds it: LockBusy, or
     with `wait`, `on_wait(holder's pid)` and then wait for it.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    with naming(path):  # a full disk fails the pid's write: the message names the lock file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,8 +61,9 @@ def exclusive_lock(path: Path, *, wait: bool = False, on_wait: Callable[[str], N
             if on_wait is not None:
                 on_wait(holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with naming(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held_locks.add(fd)
         yield
     finally:

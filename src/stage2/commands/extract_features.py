@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    # force: a trainer run earlier in this process (a notebook, a test) must not get these messages in its train.log
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
     logging.getLogger("stage2").setLevel(logging.INFO)
     if args.checkpoint:
         check_checkpoint_exists(args.checkpoint)  # before torch loads

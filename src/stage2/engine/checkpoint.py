@@ -22,7 +22,7 @@ import math
 import random
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -111,7 +111,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """torch.save, with the checksum of every tensor in `state`, through a temporary file and a rename: a crash
     mid-write keeps the previous checkpoint."""
     state = {**state, CHECKSUM_KEY: tensors_sha256(state)}
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: _torch_save(state, f))
+
+
+def _torch_save(state: dict[str, Any], file: IO[bytes]) -> None:
+    """torch.save, raising the OSError of a failed write (a full disk) itself: torch's zip writer reports it as
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`, with the OSError as its context."""
+    try:
+        torch.save(state, file)
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from err
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False

@@ -19,8 +19,9 @@ from stage2.engine.outputs import RUN_FILES
 from stage2.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged, first_line
 
 DEMO_ROOT = Path("data/demo")
-# A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# A full disk (or quota, or file size limit) or an output folder we may not write to: one line naming the file;
+# what was written stays intact.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -128,5 +129,7 @@ def exit_on_error(main: Callable[[], object]) -> None:
     except OSError as err:
         if err.errno not in OUTPUT_ERRNOS:
             raise
-        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+        # Every write of ours names its file (stage2.atomic.naming); a library's own write may not.
+        where = err.filename or "an output file"
+        print(f"error: cannot write {where}: {err.strerror}", file=sys.stderr)
         sys.exit(2)

@@ -35,6 +35,17 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+class _RunLogHandler(logging.FileHandler):
+    """OUTPUT_DIR/train.log. A write that fails (a full disk) stops the run with one line naming the file, as any
+    other output's does, instead of printing a traceback on stderr for every later message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, self.baseFilename) from err
+        super().handleError(record)
+
+
 def setup_logging(log_file: Path | None, is_main: bool) -> None:
     """Project messages to stdout (rank 0 only) and to OUTPUT_DIR/train.log; warnings from every rank."""
     root = logging.getLogger()
@@ -48,7 +59,7 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(log_file, mode="a")
+        file = _RunLogHandler(log_file, mode="a")
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file)
     logging.captureWarnings(True)
