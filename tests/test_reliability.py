@@ -479,3 +479,44 @@ def test_console_messages_follow_sys_stdout_when_it_is_swapped_and_closed(monkey
     monkeypatch.setattr(sys, "stdout", second)
     logging.getLogger("stage2").info("still heard")
     assert second.getvalue() == "still heard\n"
+
+
+# ---------------------------------------------------------------- 8. a run owns its folder, a folder holds one run
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_a_resume_continues_its_own_run_in_its_own_folder_or_is_refused(finished_run, trained_run, tmp_path,
+                                                                          capsys):
+    run_dir, other = output_dir(finished_run), trained_run / "last.pt"
+    before = _files(run_dir)
+    for out in (run_dir, tmp_path / "new"):  # a folder with another run, or none
+        args = [*set_flag(set_flag(finished_run, "--epochs", "3"), "--output-dir", str(out)), "--resume", str(other)]
+        err = fails(train_stage2_effnet.main, args, capsys)
+        assert f"--resume {other}: that run's folder is {trained_run}, not --output-dir {out}" in err
+    assert _files(run_dir) == before and not (tmp_path / "new").exists()
+
+
+def test_resume_in_a_folder_without_a_run_says_it_starts_a_new_one(effnet_args, capsys):
+    args = [*set_flag(effnet_args, "--epochs", "1"), "--resume"]
+    train_stage2_effnet.main(args)
+    note = f"--resume: {output_dir(args)} holds no last.pt yet: starting a new run"
+    assert note in capsys.readouterr().out and note in (output_dir(args) / "train.log").read_text()
+
+
+def test_a_folder_holds_one_kind_of_output_overwrite_or_not(finished_run, trained_run, tiny_data, tmp_path, capsys):
+    run_dir, val = output_dir(finished_run), str(tiny_data[1])
+    evaluate = ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", val, "--workers", "0"]
+    audit = ["--audit-only", "--train-manifest", str(tiny_data[0]), "--val-manifest", val, "--workers", "0"]
+    before = _files(run_dir)
+    for args, kind in ((evaluate, "--evaluate reports"), (audit, "an --audit-only report")):
+        err = fails(train_stage2_effnet.main, [*args, "--output-dir", str(run_dir), "--overwrite"], capsys)
+        assert f"--output-dir {run_dir} holds a training run; {kind} goes in a folder of its own" in err
+    assert _files(run_dir) == before
+    reports = tmp_path / "eval"
+    train_stage2_effnet.main([*evaluate, "--output-dir", str(reports)])
+    written = _files(reports)
+    for args in (set_flag(finished_run, "--output-dir", str(reports)), [*audit, "--output-dir", str(reports)]):
+        err = fails(train_stage2_effnet.main, [*args, "--overwrite"], capsys)
+        assert f"--output-dir {reports} holds --evaluate reports" in err
+    assert _files(reports) == written

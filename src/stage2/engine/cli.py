@@ -64,10 +64,30 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: 
     args = parser.parse_args(argv)
     check_args(parser, args)
     out = Path(args.output_dir)
-    replaces = given.demo and not (args.evaluate_checkpoint or args.resume) and out.is_dir()
-    if replaces and any(path.name in RUN_FILES for path in out.rglob("*")):
-        print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+    if given.demo and not (args.evaluate_checkpoint or args.resume or args.audit_only) and out.is_dir():
+        _demo_replaces(out, Path(args.train_manifest), given.overwrite)
     return args
+
+
+def _demo_replaces(out: Path, train: Path, overwrite: bool) -> None:
+    """--demo replaces an earlier demo run in its folder (it says so); another run there only with --overwrite."""
+    runs = sorted({path.parent for path in out.rglob("*") if path.name in RUN_FILES})  # GenConViT's: out/ed, out/vae
+    if not runs:
+        return
+    others = [run for run in runs if _trained_on(run) != train.resolve()]
+    if others and not overwrite:
+        raise ConfigError(f"--demo: --output-dir {others[0]} holds a run that is not a demo (trained on "
+                          f"{_trained_on(others[0]) or 'unknown data'}): pass --overwrite to replace it, or choose "
+                          "another --output-dir")
+    print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+
+
+def _trained_on(run: Path) -> Path | None:
+    """The train manifest the run in `run` recorded (args.json), resolved; None when it recorded none."""
+    try:
+        return Path(json.loads((run / "args.json").read_text())["train_manifest"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from stage2.atomic import write_text_atomic
+from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import DistInfo, barrier, gather_objects
-from stage2.engine.outputs import AUDIT_FILE, RUN_FILES, existing_run_error, run_files_in
+from stage2.engine.outputs import AUDIT_FILE, RUN_FILES, check_output_dir, resume_checkpoint, run_files_in
 from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
 
@@ -43,22 +44,22 @@ def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
         yield
 
 
-def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
+def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Decide between a fresh run, a resume and an overwrite; never lose a previous best.pt silently.
 
-    Returns the checkpoint to resume from, if any. `resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
-    run when the folder holds none).
+    Returns the checkpoint to resume from, if any. `cfg.resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
+    run when the folder holds no run yet: the trainer says so).
     """
+    out = Path(cfg.output_dir)
+    check_output_dir(cfg)  # the entry scripts checked before torch loaded; now the folder is this run's (locked)
     existing = run_files_in(out)
-    if resume:
-        path = out / "last.pt" if resume == "auto" else Path(resume)
+    if cfg.resume:
+        path = resume_checkpoint(out, cfg.resume)
         if path.is_file():
             return path
-        if resume == "auto" and not existing:
+        if cfg.resume == "auto" and not existing:
             return None
-        raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
-    if existing and not overwrite:
-        raise existing_run_error(out, existing)
+        raise ConfigError(f"--resume {cfg.resume}: no checkpoint at {path}")
     barrier()
     if existing and is_main:
         for name in RUN_OUTPUTS:

@@ -125,8 +125,10 @@ class Trainer:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.device = dist.device
         self.out = Path(cfg.output_dir)
-        self.resume_path = prepare_run_dir(self.out, cfg.resume, cfg.overwrite, dist.is_main)
+        self.resume_path = prepare_run_dir(cfg, dist.is_main)
         setup_logging(self.out / "train.log" if dist.is_main else None, dist.is_main)
+        if cfg.resume and self.resume_path is None:
+            log.warning("--resume: %s holds no last.pt yet: starting a new run", self.out)
         self.resume = read_resume_state(self.resume_path, cfg, expert) if self.resume_path else None
         _set_determinism(cfg.deterministic)
         torch.manual_seed(cfg.seed)
