@@ -43,7 +43,8 @@ def _last() -> LastCheckpoint:
     return LastCheckpoint(**vars(_best(model=model.state_dict(), metrics={})), optimizer=optimizer.state_dict(),
                           scaler={}, ema={k: v + 1 for k, v in model.state_dict().items()}, recipe={"drop_path": 0.2},
                           stage=1, next_epoch=2, step=5, train_sums={"loss": torch.tensor(3.0)}, best_value=0.75,
-                          best_epoch=2, rng=rng_state())
+                          best_epoch=2, rng=rng_state(),
+                          manifests={"train": {"rows": 36, "sha256": "9f"}, "val": {"rows": 12, "sha256": "e3"}})
 
 
 def _assert_same(read: BestCheckpoint, written: BestCheckpoint) -> None:
@@ -67,7 +68,7 @@ def test_best_and_last_round_trip_with_the_schema_version(tmp_path):
     save_checkpoint(last.to_dict(), tmp_path / "last.pt")
     for name in ("best.pt", "last.pt"):
         raw = load_checkpoint(tmp_path / name)  # the flat file: schema fields, the family's meta, version, checksum
-        assert raw[SCHEMA_KEY] == SCHEMA_VERSION == 1 and raw[CHECKSUM_KEY] and raw["family"] == "timm"
+        assert raw[SCHEMA_KEY] == SCHEMA_VERSION == 2 and raw[CHECKSUM_KEY] and raw["family"] == "timm"
     _assert_same(read_best(tmp_path / "best.pt"), best)
     _assert_same(read_last(tmp_path / "last.pt"), last)
     # A last.pt is a best.pt and more: the extractor and --evaluate read it as one.

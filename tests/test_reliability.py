@@ -27,7 +27,7 @@ import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.atomic import FILE_MODE
 from stage2.data.manifest import read_manifest
-from stage2.engine.checkpoint import load_checkpoint
+from stage2.engine.checkpoint import load_checkpoint, read_last, save_checkpoint
 from stage2.engine.cli import exit_on_error
 from stage2.engine.config import config_from_args
 from stage2.engine.logs import setup_logging
@@ -520,3 +520,45 @@ def test_a_folder_holds_one_kind_of_output_overwrite_or_not(finished_run, traine
         err = fails(train_stage2_effnet.main, [*args, "--overwrite"], capsys)
         assert f"--output-dir {reports} holds --evaluate reports" in err
     assert _files(reports) == written
+
+
+def test_resume_refuses_changed_val_rows_and_replans_changed_train_rows(effnet_args, tiny_data, tmp_path, capsys):
+    # Copies of the manifests, absolute paths: the run's files keep their names while their rows change.
+    train, val = (read_manifest(m) for m in tiny_data)
+    copies = {name: tmp_path / f"{name}.csv" for name in ("train", "val")}
+    train.to_csv(copies["train"], index=False)
+    val.to_csv(copies["val"], index=False)
+    args = set_flag(set_flag(set_flag(effnet_args, "--train-manifest", str(copies["train"])), "--val-manifest",
+                             str(copies["val"])), "--epochs", "1")
+    train_stage2_effnet.main(args)
+    last_pt = output_dir(args) / "last.pt"
+    resume = [*set_flag(args, "--epochs", "2"), "--resume", "--log-every", "1"]
+
+    val.drop(index=0).to_csv(copies["val"], index=False)  # one real fewer: the best epoch's AUC was on 12 rows
+    before = last_pt.read_bytes()
+    err = fails(train_stage2_effnet.main, resume, capsys)
+    assert f"the val manifest {copies['val']} changed since the run started (12 rows, now 11)" in err
+    assert last_pt.read_bytes() == before
+    val.to_csv(copies["val"], index=False)
+
+    # Stopped 2 steps into epoch 2, when 4 train rows are removed: epoch 2 runs whole on the 32 rows left.
+    last = read_last(last_pt)
+    last.step, last.train_sums = 2, {k: torch.tensor(v) for k, v in (("loss", 11.0), ("n", 16.0), ("skipped", 0.0))}
+    save_checkpoint(last.to_dict(), last_pt)
+    train.drop(index=[0, 1, 34, 35]).to_csv(copies["train"], index=False)
+    capsys.readouterr()
+    train_stage2_effnet.main(resume)
+    out = capsys.readouterr().out
+    assert (f"resume: the train manifest {copies['train']} changed since the run started (36 rows, now 32): the "
+            "schedule is re-planned from here on the new rows; epoch 2 restarts from its first step") in out
+    assert "epoch 2/2 step 1/4 " in out and "epoch 2/2 step 4/4 " in out  # 32 rows, 8 a step: from the first
+    assert pd.read_csv(output_dir(args) / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert read_last(last_pt).manifests["train"]["rows"] == 32
+
+
+def test_a_missing_manifest_is_named_before_any_weights_are_downloaded(tmp_path, capsys):
+    # Offline (HF_HUB_OFFLINE=1), the hub weights of both defaults fail to download: a minute of retries before.
+    missing = ["--train-manifest", str(tmp_path / "train.csv"), "--val-manifest", str(tmp_path / "val.csv")]
+    for main, args in ((train_stage2_effnet.main, []), (train_stage2_genconvit.main, ["--variant", "ed"])):
+        err = fails(main, [*missing, *args, "--output-dir", str(tmp_path / "run")], capsys)
+        assert err == f"error: {tmp_path / 'train.csv'}: manifest file not found"

@@ -8,11 +8,12 @@ is a flat dict on disk: the dataclass fields, the family's meta keys (`family`, 
 them, and `schema_version`. Every checkpoint the trainers write carries the SHA-256 of all its tensors
 (`tensors_sha256`), checked on load: a damaged file is refused instead of giving other weights.
 
-Schema versions: 1 is the first versioned schema. A file without `schema_version` was written before
-versions existed (version 0); its keys are version 1's, so it is read as version 1 when it holds the
-keys version 1 requires. Any other version is refused in one line (CheckpointError) naming the file and
-both versions. Official GenConViT weight files are not ours: they carry no `family` key, are read by
-stage2.models.genconvit.official, and never pass through these readers.
+Schema versions: 1 is the first versioned schema; 2 adds `manifests` to last.pt (each manifest's row count
+and SHA-256, compared on resume). A file without `schema_version` was written before versions existed
+(version 0); its keys are version 1's, so it is read as version 1 when it holds the keys version 1 requires.
+Versions 0 and 1 read as version 2 without `manifests`. Any other version is refused in one line
+(CheckpointError) naming the file and both versions. Official GenConViT weight files are not ours: they carry
+no `family` key, are read by stage2.models.genconvit.official, and never pass through these readers.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_ex
 CHECKSUM_KEY = "tensors_sha256"
 SCHEMA_KEY = "schema_version"
 # Raise it (and say here what changed) whenever a key is added, removed or changes meaning.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (0, 1, 2)  # 0: before versions; 1 lacks last.pt's `manifests`, which a resume then skips
 
 
 @dataclass(kw_only=True)
@@ -70,6 +72,8 @@ class LastCheckpoint(BestCheckpoint):
     train_sums: dict[str, torch.Tensor] | None = None  # the mid-epoch running train statistics
     best_value: float | None = None  # --select-metric of best.pt so far
     best_epoch: int = 0
+    # What each manifest held when the run started (or last re-planned): {"train"|"val": {"rows", "sha256"}}
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)  # rng_state()
 
 
@@ -81,7 +85,7 @@ def checkpoint_from_state(kind: type[Checkpoint], state: dict[str, Any], path: s
     """The one reader: a loaded checkpoint dict as `kind`, after checking its schema version and required keys.
     A last.pt reads as a BestCheckpoint too (its extra fields are left out)."""
     version = state.get(SCHEMA_KEY, 0)
-    if version not in (0, SCHEMA_VERSION):  # 0: from before versions, the same keys as version 1
+    if version not in READABLE_VERSIONS:
         age = "a newer" if isinstance(version, int) and version > SCHEMA_VERSION else "another"
         raise CheckpointError(f"checkpoint {path}: schema version {version!r} (written by {age} version of this "
                               f"code), this code reads version {SCHEMA_VERSION}")

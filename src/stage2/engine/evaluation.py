@@ -56,17 +56,18 @@ class Evaluator:
     """A labelled set (a run's val manifest by default; checked and decoded once up front) and how a model is
     scored on it.
 
-    `perturbation` (stage2.data.perturb) scores perturbed copies of the images instead. `last` is the run's last.pt,
-    named in the message if the model turns out to give non-finite scores.
+    `frame` is the manifest as read already, if it was. `perturbation` (stage2.data.perturb) scores perturbed
+    copies of the images instead. `last` is the run's last.pt, named in the message if the model turns out to give
+    non-finite scores.
     """
 
     def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, data_config: dict[str, Any], *,
-                 bad_images: BadImages, manifest: str | None = None, perturbation: Perturbation | None = None,
-                 last: Path | None = None) -> None:
+                 bad_images: BadImages, manifest: str | None = None, frame: pd.DataFrame | None = None,
+                 perturbation: Perturbation | None = None, last: Path | None = None) -> None:
         self.cfg, self.expert, self.dist, self.last = cfg, expert, dist, last
         self.device = dist.device
         self.manifest = manifest or cfg.val_manifest
-        self.frame = read_manifest(self.manifest, cfg.data_root, require_both_classes=True)
+        self.frame = read_manifest(self.manifest, cfg.data_root, require_both_classes=True) if frame is None else frame
         img_size = data_config["input_size"][-1]
         self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
         self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
