@@ -562,3 +562,23 @@ def test_a_missing_manifest_is_named_before_any_weights_are_downloaded(tmp_path,
     for main, args in ((train_stage2_effnet.main, []), (train_stage2_genconvit.main, ["--variant", "ed"])):
         err = fails(main, [*missing, *args, "--output-dir", str(tmp_path / "run")], capsys)
         assert err == f"error: {tmp_path / 'train.csv'}: manifest file not found"
+
+
+def test_evaluate_says_it_scores_the_checkpoints_model_not_the_commands(trained_run, tiny_data, tmp_path, capsys):
+    best = trained_run / "best.pt"
+    train_stage2_effnet.main(["--evaluate", str(best), "--val-manifest", str(tiny_data[1]), "--workers", "0",
+                              "--output-dir", str(tmp_path / "eval")])  # --model and --img-size left at 256px B3
+    assert (f"--evaluate {best}: scoring the model it holds, test_efficientnet at 32px; this command's model "
+            "settings (tf_efficientnetv2_b3.in21k_ft_in1k at 256px) do not apply") in capsys.readouterr().out
+
+
+def test_extraction_says_when_a_checkpoint_has_no_fitted_temperature_yet(trained_run, caplog):
+    from stage2.embeddings import FeatureExtractor
+
+    for name, uncalibrated in (("last.pt", True), ("best.pt", False)):  # last.pt: as best.pt is during the run
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stage2"):
+            FeatureExtractor(checkpoint_path=trained_run / name, device="cpu")
+        said = f"{trained_run / name} has no fitted temperature yet (a run fits it when it ends): P(fake) uses " \
+               "temperature 1.0, uncalibrated"
+        assert (said in caplog.text) == uncalibrated, name

@@ -91,6 +91,9 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {first_line(err)}") from err
+    if best.args and best.args.get("calibrate", True) and best.temperature == 1.0:
+        log.warning("checkpoint %s has no fitted temperature yet (a run fits it when it ends): P(fake) uses "
+                    "temperature 1.0, uncalibrated", path)
     # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
     data_config = {**best.data_config, **RESIZE_CONFIG}
     return LoadedModel(model.eval(), family, recorded, data_config, best.temperature, dict(best.args))

@@ -94,20 +94,19 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
     """Settings from a YAML or JSON file (a run's args.json replays that run) as parser defaults.
 
     Keys are flag names with or without the dashes (`batch-size`, `batch_size`); an unknown key is an error, and
-    so is a value the flag's own type and choices do not take (`"false"` for a switch, 1.5 for an integer).
-    What describes an invocation rather than a run (--resume, --overwrite, --evaluate, --demo) is not taken.
+    so are a key given twice and a value the flag's own type and choices do not take (`"false"` for a switch, 1.5
+    for an integer). What describes a command rather than a run (--resume, --overwrite, --evaluate, --demo,
+    --config) is refused when set: it goes on the command line (null or false, as older args.json hold, is no
+    setting).
     """
     try:
         text = path.read_text()
     except OSError as err:
         raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from None
     try:
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
+        values = json.loads(text, object_pairs_hook=_unique_keys(path)) if path.suffix == ".json" else _yaml(text, path)
+    except ConfigError:
+        raise
     except Exception as err:  # json and yaml raise their own many kinds; all mean "not a config file"
         kind = path.suffix.lstrip(".") or "YAML"
         raise ValueError(f"--config {path}: not valid {kind} ({first_line(err)})") from None
@@ -123,13 +122,52 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         if dest == "expert":  # what args.json records about the model, for reading
             continue
         if dest not in actions:
-            raise ValueError(f"--config {path}: unknown setting {key!r}")
-        if dest not in NOT_REPLAYED:
-            try:
-                defaults[dest] = config_value(actions[dest], value)
-            except ValueError as err:
-                raise ConfigError(f"--config {path}: {key} {err}") from None
+            negated = dest.removeprefix("no_")
+            hint = f" (--no-{negated.replace('_', '-')} is `{negated}: false`)" if negated in actions else ""
+            raise ValueError(f"--config {path}: unknown setting {key!r}{hint}")
+        if dest in NOT_REPLAYED:
+            if value is not None and value is not False:
+                raise ConfigError(f"--config {path}: {key!r} describes a command, not a run's settings: give "
+                                  f"{actions[dest].option_strings[0]} on the command line")
+            continue
+        if dest in defaults:  # batch-size and batch_size
+            raise ConfigError(f"--config {path}: {key!r} sets {actions[dest].option_strings[0]} a second time")
+        try:
+            defaults[dest] = config_value(actions[dest], value)
+        except ValueError as err:
+            raise ConfigError(f"--config {path}: {key} {err}") from None
     return defaults
+
+
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """json's object_pairs_hook: a key given twice is an error naming it (json keeps the last silently)."""
+
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if repeated := next((key for key in keys if keys.count(key) > 1), None):
+            raise ConfigError(f"--config {path}: {repeated!r} given twice")
+        return dict(pairs)
+
+    return mapping
+
+
+def _yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, but a key given twice in a mapping is an error naming it and its line (PyYAML keeps the last
+    silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"--config {path}: {key!r} given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
 
 
 def exit_on_error(main: Callable[[], object]) -> None:

@@ -194,6 +194,10 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         if checkpoint.meta.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.meta.get('model_name', 'no model')} "
                               f"({key} {checkpoint.meta.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    size = checkpoint.data_config["input_size"][-1]
+    if not _same_model(expert, checkpoint.meta) or size != cfg.img_size:
+        log.info("--evaluate %s: scoring the model it holds, %s; this command's model settings (%s) do not apply",
+                 path, _model_words(checkpoint.meta, size), _model_words(meta, cfg.img_size))
     temperature = checkpoint.temperature
     check_image_size(perturbations, checkpoint.data_config["input_size"][-1])
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
@@ -240,6 +244,19 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
     return results
+
+
+def _same_model(expert: Expert, recorded: dict[str, Any]) -> bool:
+    """Whether the checkpoint's meta is what `expert` would record (model names as its family compares them)."""
+    meta = expert.checkpoint_meta()
+    others = {k: v for k, v in meta.items() if k != "model_name"}
+    return (expert.family.same_model(meta["model_name"], recorded.get("model_name", ""))
+            and all(recorded.get(k) == v for k, v in others.items()))
+
+
+def _model_words(meta: dict[str, Any], size: int) -> str:
+    kwargs = f" {meta['model_kwargs']}" if meta.get("model_kwargs") else ""
+    return f"{meta.get('model_name')}{kwargs} at {size}px"
 
 
 def final_report(frame: pd.DataFrame, result: EvalResult, metrics: dict[str, float], temperature: float,
