@@ -293,7 +293,7 @@ def test_evaluate_with_the_other_familys_checkpoint_is_one_line(trained_run, tin
     assert "--evaluate" in err and "timm" in err and "genconvit" in err
 
 
-def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_path):
+def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder_and_says_which(tiny_data, tmp_path, capsys):
     train, val = tiny_data
     common = ["--val-manifest", str(val), "--img-size", "64", "--workers", "0", "--amp", "off"]
     train_stage2_genconvit.main([*common, "--train-manifest", str(train), "--init", "scratch", "--backbone",
@@ -303,6 +303,8 @@ def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_p
     train_stage2_genconvit.main([*common, "--evaluate", str(tmp_path / "run" / "vae" / "best.pt"), "--output-dir",
                                  str(out)])  # --variant left at "both"
     assert (out / "vae" / "eval_val.json").is_file() and not (out / "ed").exists()
+    assert (f"--evaluate: reports in {out / 'vae'}: eval_val.json, predictions_val.csv, eval_summary.csv, "
+            "shortcut_audit.csv") in capsys.readouterr().out
 
 
 def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):
@@ -564,12 +566,14 @@ def test_a_missing_manifest_is_named_before_any_weights_are_downloaded(tmp_path,
         assert err == f"error: {tmp_path / 'train.csv'}: manifest file not found"
 
 
-def test_evaluate_says_it_scores_the_checkpoints_model_not_the_commands(trained_run, tiny_data, tmp_path, capsys):
+def test_evaluate_says_which_model_it_scores_and_where_its_reports_went(trained_run, tiny_data, tmp_path, capsys):
     best = trained_run / "best.pt"
     train_stage2_effnet.main(["--evaluate", str(best), "--val-manifest", str(tiny_data[1]), "--workers", "0",
                               "--output-dir", str(tmp_path / "eval")])  # --model and --img-size left at 256px B3
+    printed = capsys.readouterr().out
     assert (f"--evaluate {best}: scoring the model it holds, test_efficientnet at 32px; this command's model "
-            "settings (tf_efficientnetv2_b3.in21k_ft_in1k at 256px) do not apply") in capsys.readouterr().out
+            "settings (tf_efficientnetv2_b3.in21k_ft_in1k at 256px) do not apply") in printed
+    assert f"--evaluate: reports in {tmp_path / 'eval'}: eval_val.json, predictions_val.csv" in printed
 
 
 def test_extraction_says_when_a_checkpoint_has_no_fitted_temperature_yet(trained_run, caplog):
@@ -582,3 +586,27 @@ def test_extraction_says_when_a_checkpoint_has_no_fitted_temperature_yet(trained
         said = f"{trained_run / name} has no fitted temperature yet (a run fits it when it ends): P(fake) uses " \
                "temperature 1.0, uncalibrated"
         assert (said in caplog.text) == uncalibrated, name
+
+
+def test_an_extractor_output_is_never_one_of_its_inputs(trained_run, tiny_data, tmp_path, capsys):
+    checkpoint, manifest = tmp_path / "best.pt", tmp_path / "val.csv"
+    checkpoint.write_bytes((trained_run / "best.pt").read_bytes())
+    read_manifest(tiny_data[1]).to_csv(manifest, index=False)
+    before = {path: path.read_bytes() for path in (checkpoint, manifest)}
+    base = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--workers", "0", "--overwrite"]
+    for flag, target, source in (("--out", checkpoint, "--checkpoint"), ("--out", manifest, "--manifest"),
+                                 ("--export", tmp_path, "--checkpoint")):
+        err = fails(feature_extractor.main, [*base, flag, str(target)], capsys)
+        assert err.startswith(f"error: {flag} {target}: ") and f" the {source} " in err and "never replaces" in err
+    assert {path: path.read_bytes() for path in before} == before
+
+
+def test_feature_extractor_takes_the_checkpoint_as_its_one_positional_argument(trained_run):
+    from stage2.embeddings import FeatureExtractor
+
+    fx = FeatureExtractor(str(trained_run / "best.pt"), device="cpu")  # as a notebook writes it
+    assert fx.model_name == "test_efficientnet" and fx.checkpoint_path == trained_run / "best.pt"
+    with pytest.raises(CheckpointError, match=r"^checkpoint tf_efficientnetv2_b3: no such file$"):
+        FeatureExtractor("tf_efficientnetv2_b3")
+    with pytest.raises(TypeError, match=r"needs a checkpoint: FeatureExtractor\('output/stage2_effnet/best.pt'\)"):
+        FeatureExtractor()

@@ -140,6 +140,7 @@ class FeatureExtractor:
 
     Args:
         model_name: optional; checked against the name the checkpoint records (timm aliases and tags accepted).
+            Given alone (``FeatureExtractor("output/stage2_effnet/best.pt")``) it is the checkpoint path.
         checkpoint_path: a trainer ``best.pt``/``last.pt`` or an official GenConViT ``.pth``.
         device: default ``cuda`` when available, else ``cpu``.
         batch_size, workers: for the loaders this class builds from manifests.
@@ -164,7 +165,10 @@ class FeatureExtractor:
         progress: bool = True,
     ) -> None:
         if checkpoint_path is None:
-            raise TypeError("FeatureExtractor needs checkpoint_path")
+            if model_name is None:
+                raise TypeError("FeatureExtractor needs a checkpoint: FeatureExtractor('output/stage2_effnet/best.pt')")
+            # FeatureExtractor("output/.../best.pt"), as a notebook writes it: the one argument is the checkpoint.
+            model_name, checkpoint_path = None, model_name
         self.device = pick_device(device)  # before the checkpoint (gigabytes) is read
         self.checkpoint_path = Path(checkpoint_path)
         loaded = load_model(self.checkpoint_path, model_name)

@@ -25,7 +25,7 @@ from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
 from stage2.engine.logs import setup_logging
 from stage2.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
-from stage2.engine.outputs import check_output_dir, report_names
+from stage2.engine.outputs import check_output_dir, eval_outputs, report_names
 from stage2.engine.precision import autocast, autocast_dtype, memory_format
 from stage2.engine.report import format_report, plot_robustness, tpr_footnote
 from stage2.engine.run_dir import BadImages
@@ -243,6 +243,9 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     summary = pd.DataFrame(rows)
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
+    # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
+    written = [name for name in eval_outputs(cfg) if (out / name).exists()]
+    log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
     return results
 
 
