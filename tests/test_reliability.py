@@ -143,13 +143,19 @@ def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_dat
     assert not (output_dir(effnet_args) / "metrics.csv").exists() and not (output_dir(effnet_args) / "last.pt").exists()
 
 
-@pytest.mark.filterwarnings("ignore:skipping cannot decode image")
-def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp_path):
+def test_skipped_images_are_listed_in_the_run_folder_and_warned_about_in_one_line(effnet_args, tiny_data, tmp_path,
+                                                                                  capsys):
     manifest, (bad,) = _with_corrupt_images(tiny_data[1], tmp_path)
     args = [*set_flag(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
+    logging.captureWarnings(False)  # as in a new process: the run's own capture of warnings into its log applies
     train_stage2_effnet.main(args)
     assert (output_dir(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
     assert (pd.read_csv(output_dir(args) / "metrics.csv")["val_skipped"] == 1).all()
+    # Python's format adds the file and line that raised it, a line of torch's DataLoader, and its source line.
+    skipped = f"warning: skipping cannot decode image {bad}: "
+    for text in (capsys.readouterr().out, (output_dir(args) / "train.log").read_text()):
+        warned = [line for line in text.splitlines() if "skipping" in line or "warnings.warn" in line]
+        assert warned and all(skipped in line for line in warned), warned
 
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
@@ -610,3 +616,30 @@ def test_feature_extractor_takes_the_checkpoint_as_its_one_positional_argument(t
         FeatureExtractor("tf_efficientnetv2_b3")
     with pytest.raises(TypeError, match=r"needs a checkpoint: FeatureExtractor\('output/stage2_effnet/best.pt'\)"):
         FeatureExtractor()
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_and_a_finished_one_no_lock(effnet_args, tmp_path,
+                                                                                      capsys):
+    missing = set_flag(effnet_args, "--train-manifest", str(tmp_path / "missing.csv"))
+    fails(train_stage2_effnet.main, missing, capsys)
+    assert not output_dir(missing).exists()  # was: an empty train.log and a .lock
+    train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
+    assert not (output_dir(effnet_args) / ".lock").exists()
+    fails(train_stage2_effnet.main, [*missing, "--overwrite"], capsys)  # into a run's folder: its files stay
+    assert not (output_dir(effnet_args) / ".lock").exists() and (output_dir(effnet_args) / "best.pt").is_file()
+
+
+def test_weights_dir_errors_name_weights_dir(tiny_data, tmp_path, capsys):
+    args = ["--train-manifest", str(tiny_data[0]), "--val-manifest", str(tiny_data[1]), "--init", "official",
+            "--weights-dir", str(tmp_path), "--output-dir", str(tmp_path / "run")]
+    err = fails(train_stage2_genconvit.main, args, capsys)
+    assert err == (f"error: --weights-dir {tmp_path}: no genconvit_ed_inference.pth in it (the official "
+                   "GenConViT-ED weights)")
+
+
+def test_images_extraction_counts_images_not_manifest_rows(trained_run, tiny_data, tmp_path, capsys):
+    images = tiny_data[1].parent / "images"
+    feature_extractor.main(["--checkpoint", str(trained_run / "best.pt"), "--images", str(images), "--out",
+                            str(tmp_path / "f.npz"), "--workers", "0"])
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote")]
+    assert len(wrote) == 1 and wrote[0].endswith("(48 of 48 images)"), wrote

@@ -189,3 +189,11 @@ def test_tensorboard_gets_steps_epochs_and_images(effnet_args, tiny_data, tmp_pa
         assert {"step/train_loss", "step/lr", "epoch/auc", "epoch/val_loss"} <= set(tags["scalars"]), run
         assert image in tags["images"], run
         assert len(events.Scalars("epoch/auc")) == (2 if image == "roc" else 1)
+
+
+def test_the_readmes_export_folder_is_not_committed_by_accident():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("exported/effnet/model.onnx", "output/stage2_effnet/best.pt", "features/effnet_val.npz"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=60)
+        assert ignored.returncode == 0, path

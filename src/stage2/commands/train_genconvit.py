@@ -25,6 +25,7 @@ from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_
 from stage2.engine.config import add_train_args, config_from_args
 from stage2.engine.flags import Float, Int
 from stage2.engine.outputs import check_output_dir
+from stage2.errors import ConfigError
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
     configs = {}
     for variant in variants:
+        if args.weights_dir and args.init == "official" and not (args.evaluate_checkpoint or args.audit_only):
+            weights = Path(args.weights_dir) / GENCONVIT_HF_FILES[variant]
+            if not weights.is_file():
+                raise ConfigError(f"--weights-dir {args.weights_dir}: no {weights.name} in it (the official "
+                                  f"GenConViT-{variant.upper()} weights)")
         cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
         cfg.output_dir = str(Path(args.output_dir) / variant)
         check_output_dir(cfg)  # every variant's folder, before the first one trains

@@ -353,13 +353,14 @@ class FeatureExtractor:
                 }
             )
             log.info(
-                "wrote %s: %d x %d embeddings of %s (%d of %d manifest rows)",
+                "wrote %s: %d x %d embeddings of %s (%d of %d %s)",
                 path,
                 writer.rows,
                 self.embed_dim,
                 self.model_name,
                 writer.rows,
                 len(frame),
+                "images" if Path(source).is_dir() else "manifest rows",
             )
         return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,19 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file = _RunLogHandler(log_file, mode="a")
+        file = _RunLogHandler(log_file, mode="a", delay=True)  # created by its first message
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file)
     logging.captureWarnings(True)
+    warnings.formatwarning = _warning_line  # what captureWarnings formats each warning with
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """A warning as one log line: its message, without the file, line and source of the code that raised it (for
+    a skipped image, a line of torch's DataLoader, on a second line)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"warning: {kind}{message}"
 
 
 def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, amp_dtype: torch.dtype | None,

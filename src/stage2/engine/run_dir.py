@@ -27,21 +27,27 @@ RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_prediction
 
 @contextmanager
 def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
-    """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit; a
-    crashed or killed holder is no obstacle); while another process holds it, every rank refuses with one line."""
-    with ExitStack() as stack:
-        holder = None
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                stack.enter_context(exclusive_lock(out / ".lock"))
-            except LockBusy as busy:
-                holder = busy.holder
-        holder = gather_objects([holder] if dist.is_main else [])[0]
-        if holder is not None:
-            raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to end, "
-                              "or choose another --output-dir")
-        yield
+    """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit,
+    removing it; a crashed or killed holder is no obstacle); while another process holds it, every rank refuses
+    with one line. A folder the run created and left empty (it failed before writing anything) is removed."""
+    created = dist.is_main and not out.exists()
+    try:
+        with ExitStack() as stack:
+            holder = None
+            if dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    stack.enter_context(exclusive_lock(out / ".lock"))
+                except LockBusy as busy:
+                    holder = busy.holder
+            holder = gather_objects([holder] if dist.is_main else [])[0]
+            if holder is not None:
+                raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to "
+                                  "end, or choose another --output-dir")
+            yield
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:

@@ -125,17 +125,17 @@ class Trainer:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.device = dist.device
         self.out = Path(cfg.output_dir)
+        # Every input is read and checked before anything is built or replaced: offline, building the model first
+        # spent a minute on hub retries before a missing manifest was named; --overwrite removed the previous run.
+        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
+        val_frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
+        check_source_leak(self.train_frame, val_frame)
+        self.manifests = {"train": manifest_fingerprint(self.train_frame), "val": manifest_fingerprint(val_frame)}
         self.resume_path = prepare_run_dir(cfg, dist.is_main)
         setup_logging(self.out / "train.log" if dist.is_main else None, dist.is_main)
         if cfg.resume and self.resume_path is None:
             log.warning("--resume: %s holds no last.pt yet: starting a new run", self.out)
         self.resume = read_resume_state(self.resume_path, cfg, expert) if self.resume_path else None
-        # Every input is read and checked before the model is built: offline, building it first spent a minute on
-        # hub retries before a missing manifest was named.
-        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
-        val_frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
-        check_source_leak(self.train_frame, val_frame)
-        self.manifests = {"train": manifest_fingerprint(self.train_frame), "val": manifest_fingerprint(val_frame)}
         if self.resume:
             check_manifests(self.resume, self.manifests, cfg)
         _set_determinism(cfg.deterministic)
