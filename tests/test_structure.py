@@ -130,6 +130,7 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
                              env=env, timeout=60)
         assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
         assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
+    assert (site / "bin" / "stage2-torchrun").is_file()  # torch's launcher, run in tests/test_reliability.py
     # Every module of the package is installed (the commands' --help above imports only the torch-free ones), and
     # imports resolve to the installed copy, not to the checkout.
     modules = {p.relative_to(ROOT / "src") for p in (ROOT / "src" / "stage2").rglob("*.py")}
