@@ -51,7 +51,7 @@ def exclusive_lock(path: Path, *, wait: bool = False, on_wait: Callable[[str], N
     holds it: LockBusy, or with `wait`, `on_wait(holder's pid)` and then wait for it.
     """
     while True:
-        with naming(path):  # a full disk fails the pid's write: the message names the lock file
+        with naming(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             try:
@@ -70,7 +70,7 @@ def exclusive_lock(path: Path, *, wait: bool = False, on_wait: Callable[[str], N
             raise
         os.close(fd)  # its holder removed that file as it let go: lock the file at `path` now
     try:
-        with naming(path):
+        with naming(path):  # a full disk fails the pid's write: the message names the lock file
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held_locks.add(fd)

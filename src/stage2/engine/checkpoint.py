@@ -125,7 +125,7 @@ def _torch_save(state: dict[str, Any], file: IO[bytes]) -> None:
         torch.save(state, file)
     except RuntimeError as err:
         if isinstance(err.__context__, OSError):
-            raise err.__context__ from err
+            raise err.__context__ from None
         raise
 
 

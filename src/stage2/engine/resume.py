@@ -68,7 +68,7 @@ def check_manifests(state: LastCheckpoint, now: dict[str, dict[str, Any]], cfg: 
     epoch (its position was one in the old rows' order); one line says so.
     """
     if not state.manifests:
-        log.info("resume: %s predates manifest fingerprints; the manifests' rows are not compared", cfg.resume)
+        log.info("resume: its last.pt predates manifest fingerprints; the manifests' rows are not compared")
         return
     before, after = state.manifests["val"], now["val"]
     if before != after:
