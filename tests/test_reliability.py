@@ -624,6 +624,10 @@ def test_a_run_that_fails_before_training_leaves_no_folder_and_a_finished_one_no
     missing = set_flag(effnet_args, "--train-manifest", str(tmp_path / "missing.csv"))
     fails(train_stage2_effnet.main, missing, capsys)
     assert not output_dir(missing).exists()  # was: an empty train.log and a .lock
+    offline = [a for a in set_flag(effnet_args, "--model", "resnet10t") if a != "--no-pretrained"]  # hub, offline
+    assert "could not download" in fails(train_stage2_effnet.main, offline, capsys)  # once its log was set up
+    assert not output_dir(offline).exists()
+    logging.getLogger("stage2").info("the next command in this process")  # not into the removed run's train.log
     train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
     assert not (output_dir(effnet_args) / ".lock").exists()
     fails(train_stage2_effnet.main, [*missing, "--overwrite"], capsys)  # into a run's folder: its files stay

@@ -67,6 +67,15 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
     warnings.formatwarning = _warning_line  # what captureWarnings formats each warning with
 
 
+def close_run_log() -> None:
+    """Detach the run's train.log as the run ends: what this process logs next (a notebook's next command, the
+    next test) is not the run's, and its folder may be gone (a run that wrote nothing removes it)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _RunLogHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   line: str | None = None) -> str:
     """A warning as one log line: its message, without the file, line and source of the code that raised it (for

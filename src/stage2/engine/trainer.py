@@ -59,7 +59,7 @@ from stage2.engine.distributed import (
     setup_distributed,
 )
 from stage2.engine.evaluation import Evaluator, evaluate_checkpoint, final_report, sigmoid, video_level
-from stage2.engine.logs import log_settings, setup_logging
+from stage2.engine.logs import close_run_log, log_settings, setup_logging
 from stage2.engine.metrics import is_better, metric_direction
 from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
 from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
@@ -79,11 +79,14 @@ def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
     dist = setup_distributed(cfg.device)
     threads = cpu_threads(dist.device.type)
     with run_dir_lock(Path(cfg.output_dir), dist):
-        if cfg.audit_only:
-            return audit_only(cfg, dist)
-        if cfg.evaluate_checkpoint:
-            return evaluate_checkpoint(cfg, expert, dist, threads=threads)
-        return Trainer(cfg, expert, dist, threads=threads).fit()
+        try:
+            if cfg.audit_only:
+                return audit_only(cfg, dist)
+            if cfg.evaluate_checkpoint:
+                return evaluate_checkpoint(cfg, expert, dist, threads=threads)
+            return Trainer(cfg, expert, dist, threads=threads).fit()
+        finally:
+            close_run_log()
 
 
 @dataclass
