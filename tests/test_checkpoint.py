@@ -46,7 +46,8 @@ def _last() -> LastCheckpoint:
     return LastCheckpoint(**vars(_best(model=model.state_dict(), metrics={})), optimizer=optimizer.state_dict(),
                           scaler={}, ema={k: v + 1 for k, v in model.state_dict().items()}, recipe={"drop_path": 0.2},
                           stage=1, next_epoch=2, step=5, train_sums={"loss": torch.tensor(3.0)}, best_value=0.75,
-                          best_epoch=2, rng=rng_state())
+                          best_epoch=2, rng=rng_state(),
+                          manifests={"train": {"rows": 36, "sha256": "9f"}, "val": {"rows": 12, "sha256": "e3"}})
 
 
 def _assert_same(read: BestCheckpoint, written: BestCheckpoint) -> None:

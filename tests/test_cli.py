@@ -1,5 +1,6 @@
 """Entry-script parsing: --demo settings become defaults, so any flag given on the command line wins."""
 
+import json
 import runpy
 import sys
 from functools import partial
@@ -8,6 +9,7 @@ import pytest
 
 import train_stage2_effnet
 from stage2.engine import cli
+from stage2.errors import ConfigError
 
 
 @pytest.fixture
@@ -51,6 +53,7 @@ def test_demo_says_when_it_reuses_its_data_and_replaces_an_earlier_run(demo_root
     assert "replacing" not in capsys.readouterr().out
     run.mkdir()
     (run / "best.pt").write_bytes(b"an earlier run")
+    (run / "args.json").write_text(json.dumps({"train_manifest": str(demo_root / "train.csv")}))  # the demo's run
     cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)])
     assert capsys.readouterr().out.splitlines() == [
         f"demo: reusing the synthetic dataset in {demo_root}",
@@ -69,3 +72,18 @@ def test_python_dash_m_runs_each_command(module, flag, capsys, monkeypatch):
         runpy.run_module(f"stage2.commands.{module}", run_name="__main__")
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: ") and flag in out
+def test_demo_replaces_a_run_that_is_not_a_demo_only_with_overwrite(demo_root, tmp_path, capsys, monkeypatch):
+    from stage2.data import demo
+
+    monkeypatch.setattr(demo, "make_demo_dataset", partial(demo.make_demo_dataset, n_videos=4, frames_per_video=1,
+                                                           size=16))
+    run = tmp_path / "run" / "ed"  # GenConViT's demo folder holds ed/ and vae/
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"a week on the GPUs")
+    (run / "args.json").write_text(json.dumps({"train_manifest": str(tmp_path / "train.csv")}))
+    with pytest.raises(ConfigError, match=rf"--demo: --output-dir {run} holds a run that is not a demo \(trained on "
+                                          rf"{tmp_path / 'train.csv'}\): pass --overwrite"):
+        cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run.parent)])
+    assert (run / "best.pt").read_bytes() == b"a week on the GPUs"
+    cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run.parent), "--overwrite"])
+    assert "demo: replacing the earlier run" in capsys.readouterr().out

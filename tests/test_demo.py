@@ -104,3 +104,9 @@ def test_an_existing_demo_is_reused_and_other_parameters_regenerate_it(tmp_path)
 def test_too_few_videos_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="n_videos >= 4"):
         make_demo_dataset(tmp_path, n_videos=2)
+
+
+def test_the_demo_data_bar_writes_no_carriage_returns_into_a_log(tmp_path, capsys):
+    make_demo_dataset(tmp_path, n_videos=4, frames_per_video=1, size=16, progress=True)
+    printed = capsys.readouterr()
+    assert "demo: 2 train + 2 val images written" in printed.out and "\r" not in printed.out + printed.err

@@ -208,6 +208,40 @@ def test_config_values_convert_as_on_the_command_line(tmp_path, capsys):
     assert err.startswith("error: --config") and "channels_last" in err
 
 
+REFUSED_CONFIGS = [  # (file name, contents, the message after "--config FILE: ")
+    *((name, f"{key}: {value}\n", f"{key!r} describes a command, not a run's settings: give --{key} on the command "
+                                  "line") for name, key, value in (("a.yaml", "evaluate", "best.pt"),
+                                                                   ("a.yaml", "resume", "auto"),
+                                                                   ("a.yaml", "demo", "true"),
+                                                                   ("a.yaml", "overwrite", "true"),
+                                                                   ("a.yaml", "config", "other.yaml"))),
+    ("a.yaml", "lr: 0.1\nepochs: 2\nlr: 0.2\n", "'lr' given twice (lines 1 and 3)"),
+    ("a.json", '{"lr": 0.1, "epochs": 2, "lr": 0.2}', "'lr' given twice"),
+    ("a.yaml", "batch-size: 8\nbatch_size: 16\n", "'batch_size' sets --batch-size a second time"),
+    ("a.yaml", "no_pretrained: true\n", "unknown setting 'no_pretrained' (--no-pretrained is `pretrained: false`)"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), REFUSED_CONFIGS, ids=[t.split(":")[0] + "-" + n
+                                                                            for n, t, _ in REFUSED_CONFIGS])
+def test_config_settings_are_taken_or_refused_never_dropped(tmp_path, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ValueError) as err:
+        cli.parse_args(train_stage2_effnet.build_parser(), ["--config", str(config)])
+    assert str(err.value) == f"--config {config}: {message}"
+
+
+def test_config_keys_of_a_command_are_no_setting_when_unset_and_refused_when_set(tmp_path, capsys):
+    config = tmp_path / "old_args.json"  # as an args.json of an earlier version could hold them
+    config.write_text('{"evaluate": null, "resume": null, "overwrite": false, "demo": false, "epochs": 3}')
+    args = cli.parse_args(train_stage2_effnet.build_parser(), ["--config", str(config)])
+    assert (args.evaluate_checkpoint, args.resume, args.overwrite, args.epochs) == (None, None, False, 3)
+    config.write_text('{"evaluate": "best.pt", "epochs": 3}')  # was dropped: the command trained a model
+    err = fails(train_stage2_effnet.main, ["--config", str(config), "--output-dir", str(tmp_path / "run")], capsys)
+    assert "'evaluate' describes a command" in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("script", [train_stage2_effnet, train_stage2_genconvit], ids=lambda s: s.__name__)
 def test_args_json_of_a_run_replays_to_the_same_flags(script, tmp_path):
     """What a run records (every flag, JSON-typed: bools, a list of manifests, null for unset) reads back as is."""

@@ -8,9 +8,12 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +27,7 @@ import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.atomic import FILE_MODE
 from stage2.data.manifest import read_manifest
-from stage2.engine.checkpoint import load_checkpoint
+from stage2.engine.checkpoint import load_checkpoint, read_last, save_checkpoint
 from stage2.engine.cli import exit_on_error
 from stage2.engine.config import config_from_args
 from stage2.engine.distributed import ShardedSampler
@@ -141,13 +144,19 @@ def test_a_corrupt_val_image_stops_the_run_before_training(effnet_args, tiny_dat
     assert not (output_dir(effnet_args) / "metrics.csv").exists() and not (output_dir(effnet_args) / "last.pt").exists()
 
 
-@pytest.mark.filterwarnings("ignore:skipping cannot decode image")
-def test_skipped_images_are_listed_in_the_run_folder(effnet_args, tiny_data, tmp_path):
+def test_skipped_images_are_listed_in_the_run_folder_and_warned_about_in_one_line(effnet_args, tiny_data, tmp_path,
+                                                                                  capsys):
     manifest, (bad,) = _with_corrupt_images(tiny_data[1], tmp_path)
     args = [*set_flag(effnet_args, "--val-manifest", str(manifest)), "--skip-bad-images"]
+    logging.captureWarnings(False)  # as in a new process: the run's own capture of warnings into its log applies
     train_stage2_effnet.main(args)
     assert (output_dir(args) / "bad_images.txt").read_text().splitlines() == [f"val\t{bad}"]
     assert (pd.read_csv(output_dir(args) / "metrics.csv")["val_skipped"] == 1).all()
+    # Python's format adds the file and line that raised it, a line of torch's DataLoader, and its source line.
+    skipped = f"warning: skipping cannot decode image {bad}: "
+    for text in (capsys.readouterr().out, (output_dir(args) / "train.log").read_text()):
+        warned = [line for line in text.splitlines() if "skipping" in line or "warnings.warn" in line]
+        assert warned and all(skipped in line for line in warned), warned
 
 
 @pytest.mark.filterwarnings("ignore:skipping cannot decode image")
@@ -235,7 +244,8 @@ def test_a_signal_stops_at_a_step_writes_last_pt_and_resumes(effnet_args, signum
 @pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
     args = [*set_flag(effnet_args, "--epochs", "3"), "--log-every", "1"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # torch's own torchrun exits 1 whatever the ranks did; this one passes their clean stop on (143)
+    torchrun = [sys.executable, "-m", "stage2.commands.torchrun", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.Popen([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     seen = []
@@ -250,7 +260,7 @@ def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
             break
     seen += proc.stdout.readlines()
     proc.wait(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen[-30:])
     # Where the stop lands depends on when the signal arrives (after step 1's stop check: at the end of epoch 2;
     # before it: at epoch 2 step 1); every rank must stop at the same place, which last.pt holds. A rank may not
     # get to say so: torchrun's agent SIGKILLs the ranks still running 30 s after it passed the signal on, which a
@@ -308,7 +318,7 @@ def test_evaluate_with_the_other_familys_checkpoint_is_one_line(trained_run, tin
     assert "--evaluate" in err and "timm" in err and "genconvit" in err
 
 
-def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_path):
+def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder_and_says_which(tiny_data, tmp_path, capsys):
     train, val = tiny_data
     common = ["--val-manifest", str(val), "--img-size", "64", "--workers", "0", "--amp", "off"]
     train_stage2_genconvit.main([*common, "--train-manifest", str(train), "--init", "scratch", "--backbone",
@@ -318,6 +328,8 @@ def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder(tiny_data, tmp_p
     train_stage2_genconvit.main([*common, "--evaluate", str(tmp_path / "run" / "vae" / "best.pt"), "--output-dir",
                                  str(out)])  # --variant left at "both"
     assert (out / "vae" / "eval_val.json").is_file() and not (out / "ed").exists()
+    assert (f"--evaluate: reports in {out / 'vae'}: eval_val.json, predictions_val.csv, eval_summary.csv, "
+            "shortcut_audit.csv") in capsys.readouterr().out
 
 
 def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):
@@ -339,6 +351,48 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_file(effnet_args, capsys
     monkeypatch.undo()
     assert best.read_bytes() == before
     assert not [p for p in output_dir(effnet_args).iterdir() if p.name.endswith(".tmp")]
+
+
+@contextmanager
+def _files_end_at(limit: int) -> Iterator[None]:
+    """Every write past `limit` bytes of a file fails, in this process, whichever library writes it: the file size
+    limit (EFBIG) stands in for a full disk (ENOSPC) and reaches the same code (torch's zip writer, safetensors'
+    Rust writer, fallocate, numpy, the lock file)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+# (command, where files end, the file named): 0 fails the first write, the run folder's lock file
+@pytest.mark.parametrize(("command", "limit", "named"), [
+    ("resume", 0, ".lock"), ("evaluate", 0, ".lock"), ("audit", 0, ".lock"), ("resume", 100_000, "best.pt|last.pt"),
+    ("export", 100_000, "export"), ("cache", 16_000, "images.u8"), ("npz", 1_000, "f.npz")])
+def test_a_full_disk_ends_every_command_in_one_line_naming_the_file(finished_run, trained_run, tiny_data, tmp_path,
+                                                                    capsys, command, limit, named):
+    run_dir = output_dir(finished_run)
+    before = {name: (run_dir / name).read_bytes() for name in ("best.pt", "last.pt")}
+    val, best = str(tiny_data[1]), str(trained_run / "best.pt")
+    extract = ["--checkpoint", best, "--manifest", val, "--out", str(tmp_path / "f.npz"), "--workers", "0"]
+    main, args = {
+        "resume": (train_stage2_effnet.main, [*set_flag(finished_run, "--epochs", "3"), "--resume"]),
+        "evaluate": (train_stage2_effnet.main, ["--evaluate", best, "--val-manifest", val, "--workers", "0",
+                                                "--output-dir", str(tmp_path / "eval")]),
+        "audit": (train_stage2_effnet.main, ["--audit-only", "--train-manifest", str(tiny_data[0]), "--val-manifest",
+                                             val, "--workers", "0", "--output-dir", str(tmp_path / "audit")]),
+        "export": (feature_extractor.main, ["--checkpoint", best, "--export", str(tmp_path / "export")]),
+        "cache": (feature_extractor.main, [*extract, "--cache-dir", str(tmp_path / "cache")]),
+        "npz": (feature_extractor.main, [*extract, "--batch-size", "4"]),
+    }[command]
+    with _files_end_at(limit):
+        err = fails(main, args, capsys)
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(tmp_path))}/\S*({named}): File too large", err), err
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or ".partial-" in p.name]
 
 
 def test_checkpoint_errors_say_what_is_wrong_in_one_whole_line(tmp_path):
@@ -452,3 +506,163 @@ def test_console_messages_follow_sys_stdout_when_it_is_swapped_and_closed(monkey
     monkeypatch.setattr(sys, "stdout", second)
     logging.getLogger("stage2").info("still heard")
     assert second.getvalue() == "still heard\n"
+
+
+# ---------------------------------------------------------------- 8. a run owns its folder, a folder holds one run
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_a_resume_continues_its_own_run_in_its_own_folder_or_is_refused(finished_run, trained_run, tmp_path,
+                                                                          capsys):
+    run_dir, other = output_dir(finished_run), trained_run / "last.pt"
+    before = _files(run_dir)
+    for out in (run_dir, tmp_path / "new"):  # a folder with another run, or none
+        args = [*set_flag(set_flag(finished_run, "--epochs", "3"), "--output-dir", str(out)), "--resume", str(other)]
+        err = fails(train_stage2_effnet.main, args, capsys)
+        assert f"--resume {other}: that run's folder is {trained_run}, not --output-dir {out}" in err
+    assert _files(run_dir) == before and not (tmp_path / "new").exists()
+
+
+def test_resume_in_a_folder_without_a_run_says_it_starts_a_new_one(effnet_args, capsys):
+    args = [*set_flag(effnet_args, "--epochs", "1"), "--resume"]
+    train_stage2_effnet.main(args)
+    note = f"--resume: {output_dir(args)} holds no last.pt yet: starting a new run"
+    assert note in capsys.readouterr().out and note in (output_dir(args) / "train.log").read_text()
+
+
+def test_a_folder_holds_one_kind_of_output_overwrite_or_not(finished_run, trained_run, tiny_data, tmp_path, capsys):
+    run_dir, val = output_dir(finished_run), str(tiny_data[1])
+    evaluate = ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", val, "--workers", "0"]
+    audit = ["--audit-only", "--train-manifest", str(tiny_data[0]), "--val-manifest", val, "--workers", "0"]
+    before = _files(run_dir)
+    for args, kind in ((evaluate, "--evaluate reports"), (audit, "an --audit-only report")):
+        err = fails(train_stage2_effnet.main, [*args, "--output-dir", str(run_dir), "--overwrite"], capsys)
+        assert f"--output-dir {run_dir} holds a training run; {kind} goes in a folder of its own" in err
+    assert _files(run_dir) == before
+    reports = tmp_path / "eval"
+    train_stage2_effnet.main([*evaluate, "--output-dir", str(reports)])
+    written = _files(reports)
+    for args in (set_flag(finished_run, "--output-dir", str(reports)), [*audit, "--output-dir", str(reports)]):
+        err = fails(train_stage2_effnet.main, [*args, "--overwrite"], capsys)
+        assert f"--output-dir {reports} holds --evaluate reports" in err
+    assert _files(reports) == written
+
+
+def test_resume_refuses_changed_val_rows_and_replans_changed_train_rows(effnet_args, tiny_data, tmp_path, capsys):
+    # Copies of the manifests, absolute paths: the run's files keep their names while their rows change.
+    train, val = (read_manifest(m) for m in tiny_data)
+    copies = {name: tmp_path / f"{name}.csv" for name in ("train", "val")}
+    train.to_csv(copies["train"], index=False)
+    val.to_csv(copies["val"], index=False)
+    args = set_flag(set_flag(set_flag(effnet_args, "--train-manifest", str(copies["train"])), "--val-manifest",
+                             str(copies["val"])), "--epochs", "1")
+    train_stage2_effnet.main(args)
+    last_pt = output_dir(args) / "last.pt"
+    resume = [*set_flag(args, "--epochs", "2"), "--resume", "--log-every", "1"]
+
+    val.drop(index=0).to_csv(copies["val"], index=False)  # one real fewer: the best epoch's AUC was on 12 rows
+    before = last_pt.read_bytes()
+    err = fails(train_stage2_effnet.main, resume, capsys)
+    assert f"the val manifest {copies['val']} changed since the run started (12 rows, now 11)" in err
+    assert last_pt.read_bytes() == before
+    val.to_csv(copies["val"], index=False)
+
+    # Stopped 2 steps into epoch 2, when 4 train rows are removed: epoch 2 runs whole on the 32 rows left.
+    last = read_last(last_pt)
+    last.step, last.train_sums = 2, {k: torch.tensor(v) for k, v in (("loss", 11.0), ("n", 16.0), ("skipped", 0.0))}
+    save_checkpoint(last.to_dict(), last_pt)
+    train.drop(index=[0, 1, 34, 35]).to_csv(copies["train"], index=False)
+    capsys.readouterr()
+    train_stage2_effnet.main(resume)
+    out = capsys.readouterr().out
+    assert (f"resume: the train manifest {copies['train']} changed since the run started (36 rows, now 32): the "
+            "schedule is re-planned from here on the new rows; epoch 2 restarts from its first step") in out
+    assert "epoch 2/2 step 1/4 " in out and "epoch 2/2 step 4/4 " in out  # 32 rows, 8 a step: from the first
+    assert pd.read_csv(output_dir(args) / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert read_last(last_pt).manifests["train"]["rows"] == 32
+
+
+def test_a_missing_manifest_is_named_before_any_weights_are_downloaded(tmp_path, capsys):
+    # Offline (HF_HUB_OFFLINE=1), the hub weights of both defaults fail to download: a minute of retries before.
+    missing = ["--train-manifest", str(tmp_path / "train.csv"), "--val-manifest", str(tmp_path / "val.csv")]
+    for main, args in ((train_stage2_effnet.main, []), (train_stage2_genconvit.main, ["--variant", "ed"])):
+        err = fails(main, [*missing, *args, "--output-dir", str(tmp_path / "run")], capsys)
+        assert err == f"error: {tmp_path / 'train.csv'}: manifest file not found"
+
+
+def test_evaluate_says_which_model_it_scores_and_where_its_reports_went(trained_run, tiny_data, tmp_path, capsys):
+    best = trained_run / "best.pt"
+    train_stage2_effnet.main(["--evaluate", str(best), "--val-manifest", str(tiny_data[1]), "--workers", "0",
+                              "--output-dir", str(tmp_path / "eval")])  # --model and --img-size left at 256px B3
+    printed = capsys.readouterr().out
+    assert (f"--evaluate {best}: scoring the model it holds, test_efficientnet at 32px; this command's model "
+            "settings (tf_efficientnetv2_b3.in21k_ft_in1k at 256px) do not apply") in printed
+    assert f"--evaluate: reports in {tmp_path / 'eval'}: eval_val.json, predictions_val.csv" in printed
+
+
+def test_extraction_says_when_a_checkpoint_has_no_fitted_temperature_yet(trained_run, caplog):
+    from stage2.embeddings import FeatureExtractor
+
+    for name, uncalibrated in (("last.pt", True), ("best.pt", False)):  # last.pt: as best.pt is during the run
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stage2"):
+            FeatureExtractor(checkpoint_path=trained_run / name, device="cpu")
+        said = f"{trained_run / name} has no fitted temperature yet (a run fits it when it ends): P(fake) uses " \
+               "temperature 1.0, uncalibrated"
+        assert (said in caplog.text) == uncalibrated, name
+
+
+def test_an_extractor_output_is_never_one_of_its_inputs(trained_run, tiny_data, tmp_path, capsys):
+    checkpoint, manifest = tmp_path / "best.pt", tmp_path / "val.csv"
+    checkpoint.write_bytes((trained_run / "best.pt").read_bytes())
+    read_manifest(tiny_data[1]).to_csv(manifest, index=False)
+    before = {path: path.read_bytes() for path in (checkpoint, manifest)}
+    base = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--workers", "0", "--overwrite"]
+    for flag, target, source in (("--out", checkpoint, "--checkpoint"), ("--out", manifest, "--manifest"),
+                                 ("--export", tmp_path, "--checkpoint")):
+        err = fails(feature_extractor.main, [*base, flag, str(target)], capsys)
+        assert err.startswith(f"error: {flag} {target}: ") and f" the {source} " in err and "never replaces" in err
+    assert {path: path.read_bytes() for path in before} == before
+
+
+def test_feature_extractor_takes_the_checkpoint_as_its_one_positional_argument(trained_run):
+    from stage2.embeddings import FeatureExtractor
+
+    fx = FeatureExtractor(str(trained_run / "best.pt"), device="cpu")  # as a notebook writes it
+    assert fx.model_name == "test_efficientnet" and fx.checkpoint_path == trained_run / "best.pt"
+    with pytest.raises(CheckpointError, match=r"^checkpoint tf_efficientnetv2_b3: no such file$"):
+        FeatureExtractor("tf_efficientnetv2_b3")
+    with pytest.raises(TypeError, match=r"needs a checkpoint: FeatureExtractor\('output/stage2_effnet/best.pt'\)"):
+        FeatureExtractor()
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_and_a_finished_one_no_lock(effnet_args, tmp_path,
+                                                                                      capsys):
+    missing = set_flag(effnet_args, "--train-manifest", str(tmp_path / "missing.csv"))
+    fails(train_stage2_effnet.main, missing, capsys)
+    assert not output_dir(missing).exists()  # was: an empty train.log and a .lock
+    offline = [a for a in set_flag(effnet_args, "--model", "resnet10t") if a != "--no-pretrained"]  # hub, offline
+    assert "could not download" in fails(train_stage2_effnet.main, offline, capsys)  # once its log was set up
+    assert not output_dir(offline).exists()
+    logging.getLogger("stage2").info("the next command in this process")  # not into the removed run's train.log
+    train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
+    assert not (output_dir(effnet_args) / ".lock").exists()
+    fails(train_stage2_effnet.main, [*missing, "--overwrite"], capsys)  # into a run's folder: its files stay
+    assert not (output_dir(effnet_args) / ".lock").exists() and (output_dir(effnet_args) / "best.pt").is_file()
+
+
+def test_weights_dir_errors_name_weights_dir(tiny_data, tmp_path, capsys):
+    args = ["--train-manifest", str(tiny_data[0]), "--val-manifest", str(tiny_data[1]), "--init", "official",
+            "--weights-dir", str(tmp_path), "--output-dir", str(tmp_path / "run")]
+    err = fails(train_stage2_genconvit.main, args, capsys)
+    assert err == (f"error: --weights-dir {tmp_path}: no genconvit_ed_inference.pth in it (the official "
+                   "GenConViT-ED weights)")
+
+
+def test_images_extraction_counts_images_not_manifest_rows(trained_run, tiny_data, tmp_path, capsys):
+    images = tiny_data[1].parent / "images"
+    feature_extractor.main(["--checkpoint", str(trained_run / "best.pt"), "--images", str(images), "--out",
+                            str(tmp_path / "f.npz"), "--workers", "0"])
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote")]
+    assert len(wrote) == 1 and wrote[0].endswith("(48 of 48 images)"), wrote

@@ -130,6 +130,7 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
                              env=env, timeout=60)
         assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
         assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
+    assert (site / "bin" / "stage2-torchrun").is_file()  # torch's launcher, run in tests/test_reliability.py
     # Every module of the package is installed (the commands' --help above imports only the torch-free ones), and
     # imports resolve to the installed copy, not to the checkout.
     modules = {p.relative_to(ROOT / "src") for p in (ROOT / "src" / "stage2").rglob("*.py")}
@@ -189,3 +190,11 @@ def test_tensorboard_gets_steps_epochs_and_images(effnet_args, tiny_data, tmp_pa
         assert {"step/train_loss", "step/lr", "epoch/auc", "epoch/val_loss"} <= set(tags["scalars"]), run
         assert image in tags["images"], run
         assert len(events.Scalars("epoch/auc")) == (2 if image == "roc" else 1)
+
+
+def test_the_readmes_export_folder_is_not_committed_by_accident():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("exported/effnet/model.onnx", "output/stage2_effnet/best.pt", "features/effnet_val.npz"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=60)
+        assert ignored.returncode == 0, path

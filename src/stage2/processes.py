@@ -7,6 +7,7 @@ the DataLoader workers all use it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import multiprocessing
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from stage2.atomic import naming
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _held_locks: set[int] = set()  # descriptors of the folder locks this process holds
@@ -40,31 +43,53 @@ class LockBusy(Exception):
 def exclusive_lock(path: Path, *, wait: bool = False, on_wait: Callable[[str], None] | None = None
                    ) -> Iterator[None]:
     """Hold an exclusive `fcntl.flock` on the file `path` (created if missing, our pid written in it) while the
-    block runs.
+    block runs, and remove the file as it lets go.
 
     The kernel drops a flock when the last descriptor of its holder closes, however the holder ends (kill -9
-    included), so the lock of a dead process is never an obstacle. Workers forked while it is held let go of
-    their copy at start (`init_worker`), so it ends with its holder. When another process holds it: LockBusy, or
-    with `wait`, `on_wait(holder's pid)` and then wait for it.
+    included), so the lock of a dead process is never an obstacle (its file stays, harmless). Workers forked while
+    it is held let go of their copy at start (`init_worker`), so it ends with its holder. When another process
+    holds it: LockBusy, or with `wait`, `on_wait(holder's pid)` and then wait for it.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
+    while True:
+        with naming(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            if not wait:
-                raise LockBusy(holder) from None
-            if on_wait is not None:
-                on_wait(holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if not wait:
+                    raise LockBusy(holder) from None
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _is_file_at(fd, path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed that file as it let go: lock the file at `path` now
+    try:
+        with naming(path):  # a full disk fails the pid's write: the message names the lock file
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held_locks.add(fd)
         yield
     finally:
         _held_locks.discard(fd)
+        with contextlib.suppress(OSError):  # still ours: a process that opened it since retries on a new file
+            os.unlink(path)
         os.close(fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is the one at `path` (not one removed, or replaced, since it was opened)."""
+    try:
+        at = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (at.st_dev, at.st_ino)
 
 
 def init_worker() -> None:

@@ -87,9 +87,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _check_outputs_are_not_inputs(args: argparse.Namespace) -> None:
+    """An output never replaces one of the command's inputs, --overwrite or not: --out or --export onto the
+    checkpoint or the manifest, or an --export folder holding one of them (an export replaces its folder whole)."""
+    inputs = {"--checkpoint": args.checkpoint, "--manifest": args.manifest}
+    for flag, output in (("--out", args.out), ("--export", args.export)):
+        if not output:
+            continue
+        target = Path(output).resolve()
+        for source_flag, source in inputs.items():
+            if not source:
+                continue
+            where = Path(source).resolve()
+            if where == target or (flag == "--export" and where.is_relative_to(target)):
+                what = "is" if where == target else "holds"
+                raise ConfigError(f"{flag} {output}: {what} the {source_flag} {source}; an output never replaces an "
+                                  f"input: choose another {flag}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    _check_outputs_are_not_inputs(args)
+    # force: a trainer run earlier in this process (a notebook, a test) must not get these messages in its train.log
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
     logging.getLogger("stage2").setLevel(logging.INFO)
     if args.checkpoint:
         check_checkpoint_exists(args.checkpoint)  # before torch loads

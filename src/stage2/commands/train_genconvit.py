@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
     configs = {}
     for variant in variants:
+        if args.weights_dir and args.init == "official" and not (args.evaluate_checkpoint or args.audit_only):
+            weights = Path(args.weights_dir) / GENCONVIT_HF_FILES[variant]
+            if not weights.is_file():
+                raise ConfigError(f"--weights-dir {args.weights_dir}: no {weights.name} in it (the official "
+                                  f"GenConViT-{variant.upper()} weights)")
         cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
         cfg.output_dir = str(Path(args.output_dir) / variant)
         check_output_dir(cfg)  # every variant's folder, before the first one trains

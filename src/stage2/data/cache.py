@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from stage2.atomic import naming
 from stage2.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
 from stage2.errors import ImageDecodeError, StopRequested
 from stage2.processes import StopRequest, exclusive_lock, init_worker, stop_requests
@@ -155,10 +156,16 @@ class DecodedCache:
         return intact
 
     def _grow(self, slots: int) -> None:
+        """Make images.u8 `slots` slots long, with its disk space reserved: a worker writing a slot through its
+        memory map cannot report a full disk (the kernel kills it with SIGBUS), so a full disk fails here, as an
+        OSError naming the file, with the index of what was decoded before intact."""
         size = slots * self.item_bytes
-        with open(self.data_path, "ab") as f:
-            if f.tell() < size:
-                f.truncate(size)  # sparse: no disk is used until a slot is written
+        with naming(self.data_path), open(self.data_path, "ab") as f:
+            end = f.tell()
+            if end < size and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), end, size - end)
+            elif end < size:
+                f.truncate(size)
 
     def _decode(self, todo: pd.DataFrame, index: pd.DataFrame, current: pd.DataFrame, workers: int,
                 skip_bad_images: bool, max_pixels: int) -> pd.DataFrame:
@@ -208,8 +215,9 @@ class DecodedCache:
 
     def _save_index(self, index: pd.DataFrame) -> None:
         tmp = self.index_path.with_suffix(".tmp")
-        index.reset_index()[INDEX_COLUMNS].to_csv(tmp, index=False)
-        os.replace(tmp, self.index_path)
+        with naming(self.index_path):
+            index.reset_index()[INDEX_COLUMNS].to_csv(tmp, index=False)
+            os.replace(tmp, self.index_path)
 
 
 def open_cache(cache_dir: str | Path, img_size: int, paths: Sequence[str], *, workers: int = 1,

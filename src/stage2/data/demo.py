@@ -224,7 +224,8 @@ def make_demo_dataset(
         val_videos.update(split_rng.permutation(videos)[:n_val].tolist())
 
     rows = {"train": [], "val": []}
-    for video, label in enumerate(tqdm(labels, desc="demo videos", disable=not progress, leave=False)):
+    # disable=None: a bar on a terminal only, never carriage returns in a log file
+    for video, label in enumerate(tqdm(labels, desc="demo videos", disable=None if progress else True, leave=False)):
         # One independent stream per video: a video's frames don't depend on how many others exist.
         rng = np.random.default_rng([seed, video])
         method = "real" if label == 0 else FAKE_METHODS[(video - n_real) % len(FAKE_METHODS)]

@@ -13,9 +13,11 @@ problem is reported as a one-line :class:`ManifestError` naming the manifest and
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -185,6 +187,12 @@ def read_manifest(
             out[col] = frame[col].to_numpy(dtype=str)
     out.attrs["manifest"] = str(manifest)
     return out
+
+
+def manifest_fingerprint(frame: pd.DataFrame) -> dict[str, Any]:
+    """What a manifest held as read (rows, resolved paths, labels, optional columns): its row count and the
+    SHA-256 of its rows. A resume compares them: the same file name may hold other rows by then."""
+    return {"rows": len(frame), "sha256": hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()}
 
 
 def frame_from_images(folder: str | Path) -> pd.DataFrame:

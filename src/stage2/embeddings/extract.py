@@ -92,6 +92,9 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {first_line(err)}") from err
+    if best.args and best.args.get("calibrate", True) and best.temperature == 1.0:
+        log.warning("checkpoint %s has no fitted temperature yet (a run fits it when it ends): P(fake) uses "
+                    "temperature 1.0, uncalibrated", path)
     # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
     data_config = {**best.data_config, **RESIZE_CONFIG}
     return LoadedModel(model.eval(), family, recorded, data_config, best.temperature, dict(best.args))
@@ -139,6 +142,7 @@ class FeatureExtractor:
 
     Args:
         model_name: optional; checked against the name the checkpoint records (timm aliases and tags accepted).
+            Given alone (``FeatureExtractor("output/stage2_effnet/best.pt")``) it is the checkpoint path.
         checkpoint_path: a trainer ``best.pt``/``last.pt`` or an official GenConViT ``.pth``.
         device: default ``cuda`` when available, else ``cpu``.
         batch_size, workers: for the loaders this class builds from manifests.
@@ -163,7 +167,10 @@ class FeatureExtractor:
         progress: bool = True,
     ) -> None:
         if checkpoint_path is None:
-            raise TypeError("FeatureExtractor needs checkpoint_path")
+            if model_name is None:
+                raise TypeError("FeatureExtractor needs a checkpoint: FeatureExtractor('output/stage2_effnet/best.pt')")
+            # FeatureExtractor("output/.../best.pt"), as a notebook writes it: the one argument is the checkpoint.
+            model_name, checkpoint_path = None, model_name
         self.device = pick_device(device)  # before the checkpoint (gigabytes) is read
         self.checkpoint_path = Path(checkpoint_path)
         loaded = load_model(self.checkpoint_path, model_name)
@@ -357,13 +364,14 @@ class FeatureExtractor:
                 }
             )
             log.info(
-                "wrote %s: %d x %d embeddings of %s (%d of %d manifest rows)",
+                "wrote %s: %d x %d embeddings of %s (%d of %d %s)",
                 path,
                 writer.rows,
                 self.embed_dim,
                 self.model_name,
                 writer.rows,
                 len(frame),
+                "images" if Path(source).is_dir() else "manifest rows",
             )
         return path
 

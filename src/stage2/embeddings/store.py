@@ -10,6 +10,7 @@ pixels, a stacking feature of its own), and 0-d ``model_name``, ``family``, ``ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import zipfile
@@ -94,7 +95,10 @@ class NpzStreamWriter:
 
     def discard(self) -> None:
         for column in self._columns.values():
-            column.close()
+            # Closing flushes what is buffered: on a full disk that fails again, and must not replace the first
+            # error (which names the file) while the files are being thrown away anyway.
+            with contextlib.suppress(OSError):
+                column.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> NpzStreamWriter:

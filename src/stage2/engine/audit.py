@@ -12,8 +12,7 @@ from stage2.data.manifest import check_source_leak, read_manifest
 from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import DistInfo
 from stage2.engine.logs import setup_logging
-from stage2.engine.outputs import report_names
-from stage2.errors import ConfigError
+from stage2.engine.outputs import check_output_dir, report_names
 from stage2.processes import usable_cores
 
 
@@ -24,10 +23,7 @@ def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:
     if not dist.is_main:
         return None
     out = Path(cfg.output_dir)
-    existing = [name for name in (AUDIT_FILE, "summary.json") if (out / name).exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(f"--output-dir {out} already holds {', '.join(existing)}: pass --overwrite or choose "
-                          "another folder")
+    check_output_dir(cfg)  # the entry scripts checked before torch loaded; this is for callers of run()
     if cfg.evaluate_checkpoint:
         manifests = cfg.eval_manifests or [cfg.val_manifest]
         frames = {name: read_manifest(m, cfg.data_root, require_both_classes=True)

@@ -10,12 +10,13 @@ them, and `schema_version`. Every checkpoint the trainers write carries the SHA-
 load: a damaged or edited file is refused instead of giving other scores. A checkpoint is read only with finite
 weights and a usable data_config (std > 0): else every P(fake) it gives would be NaN or infinite.
 
-Schema versions: 1 is the first versioned schema; 2 adds `data_config_sha256`. A file without
+Schema versions: 1 is the first versioned schema; 2 adds `data_config_sha256` (the data config's checksum) and
+`manifests` to last.pt (each manifest's row count and SHA-256, compared on resume). A file without
 `schema_version` was written before versions existed (version 0); its keys are version 1's, so it is read as
 version 1 when it holds the keys version 1 requires. Versions 0 and 1 are read as before, without the data
-config's checksum. Any other version is refused in one line (CheckpointError) naming the file and both
-versions. Official GenConViT weight files are not ours: they carry no `family` key, are read by
-stage2.models.genconvit.official, and never pass through these readers.
+config's checksum, and a resume from them skips the manifest comparison. Any other version is refused in one line
+(CheckpointError) naming the file and both versions. Official GenConViT weight files are not ours: they carry no
+`family` key, are read by stage2.models.genconvit.official, and never pass through these readers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -77,6 +78,8 @@ class LastCheckpoint(BestCheckpoint):
     train_sums: dict[str, torch.Tensor] | None = None  # the mid-epoch running train statistics
     best_value: float | None = None  # --select-metric of best.pt so far
     best_epoch: int = 0
+    # What each manifest held when the run started (or last re-planned): {"train"|"val": {"rows", "sha256"}}
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)  # rng_state()
 
 
@@ -124,7 +127,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     state = {**state, CHECKSUM_KEY: tensors_sha256(state)}
     if "data_config" in state:
         state[CONFIG_CHECKSUM_KEY] = data_config_sha256(state["data_config"])
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: _torch_save(state, f))
+
+
+def _torch_save(state: dict[str, Any], file: IO[bytes]) -> None:
+    """torch.save, raising the OSError of a failed write (a full disk) itself: torch's zip writer reports it as
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`, with the OSError as its context."""
+    try:
+        torch.save(state, file)
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False

@@ -19,8 +19,9 @@ from stage2.engine.outputs import RUN_FILES
 from stage2.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged, first_line
 
 DEMO_ROOT = Path("data/demo")
-# A full disk or an output folder we may not write to: one line naming the file; what was written stays intact.
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# A full disk (or quota, or file size limit) or an output folder we may not write to: one line naming the file;
+# what was written stays intact.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -63,30 +64,49 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: 
     args = parser.parse_args(argv)
     check_args(parser, args)
     out = Path(args.output_dir)
-    replaces = given.demo and not (args.evaluate_checkpoint or args.resume) and out.is_dir()
-    if replaces and any(path.name in RUN_FILES for path in out.rglob("*")):
-        print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+    if given.demo and not (args.evaluate_checkpoint or args.resume or args.audit_only) and out.is_dir():
+        _demo_replaces(out, Path(args.train_manifest), given.overwrite)
     return args
+
+
+def _demo_replaces(out: Path, train: Path, overwrite: bool) -> None:
+    """--demo replaces an earlier demo run in its folder (it says so); another run there only with --overwrite."""
+    runs = sorted({path.parent for path in out.rglob("*") if path.name in RUN_FILES})  # GenConViT's: out/ed, out/vae
+    if not runs:
+        return
+    others = [run for run in runs if _trained_on(run) != train.resolve()]
+    if others and not overwrite:
+        raise ConfigError(f"--demo: --output-dir {others[0]} holds a run that is not a demo (trained on "
+                          f"{_trained_on(others[0]) or 'unknown data'}): pass --overwrite to replace it, or choose "
+                          "another --output-dir")
+    print(f"demo: replacing the earlier run in {out} (--demo overwrites its output folder)", flush=True)
+
+
+def _trained_on(run: Path) -> Path | None:
+    """The train manifest the run in `run` recorded (args.json), resolved; None when it recorded none."""
+    try:
+        return Path(json.loads((run / "args.json").read_text())["train_manifest"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     """Settings from a YAML or JSON file (a run's args.json replays that run) as parser defaults.
 
     Keys are flag names with or without the dashes (`batch-size`, `batch_size`); an unknown key is an error, and
-    so is a value the flag's own type and choices do not take (`"false"` for a switch, 1.5 for an integer).
-    What describes an invocation rather than a run (--resume, --overwrite, --evaluate, --demo) is not taken.
+    so are a key given twice and a value the flag's own type and choices do not take (`"false"` for a switch, 1.5
+    for an integer). What describes a command rather than a run (--resume, --overwrite, --evaluate, --demo,
+    --config) is refused when set: it goes on the command line (null or false, as older args.json hold, is no
+    setting).
     """
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from None
     try:
-        if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
+        values = json.loads(text, object_pairs_hook=_unique_keys(path)) if path.suffix == ".json" else _yaml(text, path)
+    except ConfigError:
+        raise
     except Exception as err:  # json and yaml raise their own many kinds; all mean "not a config file"
         kind = path.suffix.lstrip(".") or "YAML"
         raise ConfigError(f"--config {path}: not valid {kind} ({first_line(err)})") from None
@@ -102,13 +122,52 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
         if dest == "expert":  # what args.json records about the model, for reading
             continue
         if dest not in actions:
-            raise ConfigError(f"--config {path}: unknown setting {key!r}")
-        if dest not in NOT_REPLAYED:
-            try:
-                defaults[dest] = config_value(actions[dest], value)
-            except ValueError as err:
-                raise ConfigError(f"--config {path}: {key} {err}") from None
+            negated = dest.removeprefix("no_")
+            hint = f" (--no-{negated.replace('_', '-')} is `{negated}: false`)" if negated in actions else ""
+            raise ConfigError(f"--config {path}: unknown setting {key!r}{hint}")
+        if dest in NOT_REPLAYED:
+            if value is not None and value is not False:
+                raise ConfigError(f"--config {path}: {key!r} describes a command, not a run's settings: give "
+                                  f"{actions[dest].option_strings[0]} on the command line")
+            continue
+        if dest in defaults:  # batch-size and batch_size
+            raise ConfigError(f"--config {path}: {key!r} sets {actions[dest].option_strings[0]} a second time")
+        try:
+            defaults[dest] = config_value(actions[dest], value)
+        except ValueError as err:
+            raise ConfigError(f"--config {path}: {key} {err}") from None
     return defaults
+
+
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """json's object_pairs_hook: a key given twice is an error naming it (json keeps the last silently)."""
+
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if repeated := next((key for key in keys if keys.count(key) > 1), None):
+            raise ConfigError(f"--config {path}: {repeated!r} given twice")
+        return dict(pairs)
+
+    return mapping
+
+
+def _yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, but a key given twice in a mapping is an error naming it and its line (PyYAML keeps the last
+    silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"--config {path}: {key!r} given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
 
 
 def exit_on_error(main: Callable[[], object]) -> None:
@@ -128,5 +187,7 @@ def exit_on_error(main: Callable[[], object]) -> None:
     except OSError as err:
         if err.errno not in OUTPUT_ERRNOS:
             raise
-        print(f"error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+        # Every write of ours names its file (stage2.atomic.naming); a library's own write may not.
+        where = err.filename or "an output file"
+        print(f"error: cannot write {where}: {err.strerror}", file=sys.stderr)
         sys.exit(2)

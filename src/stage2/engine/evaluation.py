@@ -25,7 +25,7 @@ from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import DistInfo, broadcast_buffers, gather_by_index, gather_objects
 from stage2.engine.logs import setup_logging
 from stage2.engine.metrics import binary_metrics, metric_direction, operating_points, unresolved_targets, video_scores
-from stage2.engine.outputs import check_output_dir, report_names
+from stage2.engine.outputs import check_output_dir, eval_outputs, report_names
 from stage2.engine.precision import autocast, memory_format, scoring_dtype
 from stage2.engine.report import format_report, plot_robustness, tpr_footnote
 from stage2.engine.run_dir import BadImages
@@ -56,17 +56,18 @@ class Evaluator:
     """A labelled set (a run's val manifest by default; checked and decoded once up front) and how a model is
     scored on it.
 
-    `perturbation` (stage2.data.perturb) scores perturbed copies of the images instead. `last` is the run's last.pt,
-    named in the message if the model turns out to give non-finite scores.
+    `frame` is the manifest as read already, if it was. `perturbation` (stage2.data.perturb) scores perturbed
+    copies of the images instead. `last` is the run's last.pt, named in the message if the model turns out to give
+    non-finite scores.
     """
 
     def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, data_config: dict[str, Any], *,
-                 bad_images: BadImages, manifest: str | None = None, perturbation: Perturbation | None = None,
-                 last: Path | None = None) -> None:
+                 bad_images: BadImages, manifest: str | None = None, frame: pd.DataFrame | None = None,
+                 perturbation: Perturbation | None = None, last: Path | None = None) -> None:
         self.cfg, self.expert, self.dist, self.last = cfg, expert, dist, last
         self.device = dist.device
         self.manifest = manifest or cfg.val_manifest
-        self.frame = read_manifest(self.manifest, cfg.data_root, require_both_classes=True)
+        self.frame = read_manifest(self.manifest, cfg.data_root, require_both_classes=True) if frame is None else frame
         img_size = data_config["input_size"][-1]
         self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
         self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
@@ -211,6 +212,10 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         if checkpoint.meta.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.meta.get('model_name', 'no model')} "
                               f"({key} {checkpoint.meta.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
+    size = checkpoint.data_config["input_size"][-1]
+    if not _same_model(expert, checkpoint.meta) or size != cfg.img_size:
+        log.info("--evaluate %s: scoring the model it holds, %s; this command's model settings (%s) do not apply",
+                 path, _model_words(checkpoint.meta, size), _model_words(meta, cfg.img_size))
     temperature = checkpoint.temperature
     check_image_size(perturbations, checkpoint.data_config["input_size"][-1])
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
@@ -256,7 +261,23 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     summary = pd.DataFrame(rows)
     write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
+    # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
+    written = [name for name in eval_outputs(cfg) if (out / name).exists()]
+    log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
     return results
+
+
+def _same_model(expert: Expert, recorded: dict[str, Any]) -> bool:
+    """Whether the checkpoint's meta is what `expert` would record (model names as its family compares them)."""
+    meta = expert.checkpoint_meta()
+    others = {k: v for k, v in meta.items() if k != "model_name"}
+    return (expert.family.same_model(meta["model_name"], recorded.get("model_name", ""))
+            and all(recorded.get(k) == v for k, v in others.items()))
+
+
+def _model_words(meta: dict[str, Any], size: int) -> str:
+    kwargs = f" {meta['model_kwargs']}" if meta.get("model_kwargs") else ""
+    return f"{meta.get('model_name')}{kwargs} at {size}px"
 
 
 def final_report(frame: pd.DataFrame, result: EvalResult, metrics: dict[str, float], temperature: float,

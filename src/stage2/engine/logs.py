@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+class _RunLogHandler(logging.FileHandler):
+    """OUTPUT_DIR/train.log. A write that fails (a full disk) stops the run with one line naming the file, as any
+    other output's does, instead of printing a traceback on stderr for every later message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, self.baseFilename) from err
+        super().handleError(record)
+
+
 def setup_logging(log_file: Path | None, is_main: bool) -> None:
     """Project messages to stdout (rank 0 only) and to OUTPUT_DIR/train.log; warnings from every rank."""
     root = logging.getLogger()
@@ -48,10 +60,28 @@ def setup_logging(log_file: Path | None, is_main: bool) -> None:
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(log_file, mode="a")
+        file = _RunLogHandler(log_file, mode="a", delay=True)  # created by its first message
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         root.addHandler(file)
     logging.captureWarnings(True)
+    warnings.formatwarning = _warning_line  # what captureWarnings formats each warning with
+
+
+def close_run_log() -> None:
+    """Detach the run's train.log as the run ends: what this process logs next (a notebook's next command, the
+    next test) is not the run's, and its folder may be gone (a run that wrote nothing removes it)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _RunLogHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """A warning as one log line: its message, without the file, line and source of the code that raised it (for
+    a skipped image, a line of torch's DataLoader, on a second line)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"warning: {kind}{message}"
 
 
 def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, amp_dtype: torch.dtype | None,

@@ -1,4 +1,5 @@
-"""What a training run and an --evaluate write into their folder, and the refusal to replace it without --overwrite.
+"""What a training run, an --evaluate and an --audit-only write into their folder, one kind per folder, and the
+refusal to replace it without --overwrite.
 
 Torch-free, like the parsers: the entry scripts check the output folder right after parsing, so a folder that is
 already taken is refused at once, not after the half minute that importing torch and building the model take.
@@ -17,14 +18,45 @@ RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 AUDIT_FILE = "shortcut_audit.csv"
 
 
+# What a folder holds, told by its files; checked in this order (a training run writes a summary.json too). A folder
+# holds one kind: another command's files beside a run's would mix two things in one folder (an --audit-only
+# replaced a run's summary.json, an --evaluate its shortcut_audit.csv), so another kind is refused, --overwrite
+# or not.
+KINDS = {"training": ("best.pt", "last.pt", "metrics.csv", "args.json"),
+         "evaluate": ("eval_summary.csv", "eval_*.json", "predictions_*.csv"),
+         "audit": ("summary.json",)}
+KIND_NAMES = {"training": "a training run", "evaluate": "--evaluate reports", "audit": "an --audit-only report"}
+
+
 def run_files_in(out: Path) -> list[str]:
     """The RUN_FILES present in `out`."""
     return [name for name in RUN_FILES if (out / name).exists()]
 
 
+def folder_kind(out: Path) -> str | None:
+    """What `out` holds (a KINDS key), or None for a folder that holds none of their files."""
+    return next((kind for kind, patterns in KINDS.items() if any(next(out.glob(p), None) for p in patterns)), None)
+
+
+def command_kind(cfg: TrainConfig) -> str:
+    """What this command writes (a KINDS key)."""
+    return "audit" if cfg.audit_only else "evaluate" if cfg.evaluate_checkpoint else "training"
+
+
 def existing_run_error(out: Path, existing: list[str]) -> ConfigError:
     return ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}): pass --resume to continue "
                        "it, --overwrite to replace it, or choose another --output-dir")
+
+
+def resume_checkpoint(out: Path, resume: str) -> Path:
+    """The last.pt `--resume` continues: OUTPUT_DIR/last.pt ("auto"), or PATH, which must lie in --output-dir. A
+    run continues in the folder it owns: another run's last.pt continued here would leave this folder's best.pt,
+    summary and metrics.csv rows beside the other run's, or no best.pt at all."""
+    path = out / "last.pt" if resume == "auto" else Path(resume)
+    if path.resolve().parent != out.resolve():
+        raise ConfigError(f"--resume {resume}: that run's folder is {path.parent}, not --output-dir {out}; a run "
+                          "continues in the folder that holds its last.pt (give that --output-dir)")
+    return path
 
 
 def report_names(manifests: list[str]) -> list[str]:
@@ -46,12 +78,20 @@ def eval_outputs(cfg: TrainConfig) -> list[str]:
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    """Refuse (ConfigError) an output folder that holds what this command would replace without --overwrite."""
+    """Refuse (ConfigError) an output folder that holds another kind of output than this command writes, what this
+    command would replace without --overwrite, or a --resume of a last.pt in another folder."""
     out = Path(cfg.output_dir)
+    kind, held = command_kind(cfg), folder_kind(out)
+    if held not in (None, kind):
+        raise ConfigError(f"--output-dir {out} holds {KIND_NAMES[held]}; {KIND_NAMES[kind]} goes in a folder of its "
+                          "own (--overwrite or not): choose another --output-dir")
+    if cfg.resume and kind == "training":
+        resume_checkpoint(out, cfg.resume)
     if cfg.overwrite:
         return
-    if cfg.evaluate_checkpoint:
-        existing = [name for name in eval_outputs(cfg) if (out / name).exists()]
+    if kind != "training":
+        names = eval_outputs(cfg) if kind == "evaluate" else [AUDIT_FILE, "summary.json"]
+        existing = [name for name in names if (out / name).exists()]
         if existing:
             raise ConfigError(f"--output-dir {out} already holds {', '.join(existing[:3])}"
                               f"{' and more' if len(existing) > 3 else ''}: pass --overwrite or choose another folder")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -56,6 +57,36 @@ def read_resume_state(path: Path, cfg: TrainConfig, expert: Expert) -> LastCheck
     if cfg.epochs < trained:
         raise ConfigError(f"{what}: --epochs {cfg.epochs}, but the run has already reached epoch {trained}")
     return state
+
+
+def check_manifests(state: LastCheckpoint, now: dict[str, dict[str, Any]], cfg: TrainConfig) -> None:
+    """Compare what the manifests hold now (manifest_fingerprint of "train" and "val") with what the run recorded.
+
+    Other val rows are refused: the best epoch so far was chosen on the old ones, and the metric of the next epoch
+    would be compared with it. Other train rows (data added or removed under the same file name) re-plan: the
+    schedule follows the new epoch length from where the run stands, and a run stopped mid-epoch restarts that
+    epoch (its position was one in the old rows' order); one line says so.
+    """
+    if not state.manifests:
+        log.info("resume: its last.pt predates manifest fingerprints; the manifests' rows are not compared")
+        return
+    before, after = state.manifests["val"], now["val"]
+    if before != after:
+        raise ConfigError(f"--resume: the val manifest {cfg.val_manifest} changed since the run started "
+                          f"({_rows(before, after)}): the best epoch so far was chosen on its old rows; start a new "
+                          "run")
+    before, after = state.manifests["train"], now["train"]
+    if before != after:
+        restart = f"; epoch {state.next_epoch + 1} restarts from its first step" if state.step else ""
+        log.warning("resume: the train manifest %s changed since the run started (%s): the schedule is re-planned "
+                    "from here on the new rows%s", cfg.train_manifest, _rows(before, after), restart)
+        state.step, state.train_sums = 0, None
+
+
+def _rows(before: dict[str, Any], after: dict[str, Any]) -> str:
+    if before["rows"] != after["rows"]:
+        return f"{before['rows']} rows, now {after['rows']}"
+    return f"{after['rows']} rows, other contents"
 
 
 def restore(state: LastCheckpoint, model: nn.Module, ema: nn.Module | None, history: MetricsLog | None) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from stage2.atomic import write_text_atomic
+from stage2.engine.config import TrainConfig
 from stage2.engine.distributed import DistInfo, barrier, gather_objects
-from stage2.engine.outputs import AUDIT_FILE, RUN_FILES, existing_run_error, run_files_in
+from stage2.engine.outputs import AUDIT_FILE, RUN_FILES, check_output_dir, resume_checkpoint, run_files_in
 from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
 
@@ -26,39 +27,45 @@ RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_prediction
 
 @contextmanager
 def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
-    """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit; a
-    crashed or killed holder is no obstacle); while another process holds it, every rank refuses with one line."""
-    with ExitStack() as stack:
-        holder = None
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                stack.enter_context(exclusive_lock(out / ".lock"))
-            except LockBusy as busy:
-                holder = busy.holder
-        holder = gather_objects([holder] if dist.is_main else [])[0]
-        if holder is not None:
-            raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to end, "
-                              "or choose another --output-dir")
-        yield
+    """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit,
+    removing it; a crashed or killed holder is no obstacle); while another process holds it, every rank refuses
+    with one line. A folder the run created and left empty (it failed before writing anything) is removed."""
+    created = dist.is_main and not out.exists()
+    try:
+        with ExitStack() as stack:
+            holder = None
+            if dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    stack.enter_context(exclusive_lock(out / ".lock"))
+                except LockBusy as busy:
+                    holder = busy.holder
+            holder = gather_objects([holder] if dist.is_main else [])[0]
+            if holder is not None:
+                raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to "
+                                  "end, or choose another --output-dir")
+            yield
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
-def prepare_run_dir(out: Path, resume: str | None, overwrite: bool, is_main: bool) -> Path | None:
+def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Decide between a fresh run, a resume and an overwrite; never lose a previous best.pt silently.
 
-    Returns the checkpoint to resume from, if any. `resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
-    run when the folder holds none).
+    Returns the checkpoint to resume from, if any. `cfg.resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
+    run when the folder holds no run yet: the trainer says so).
     """
+    out = Path(cfg.output_dir)
+    check_output_dir(cfg)  # the entry scripts checked before torch loaded; now the folder is this run's (locked)
     existing = run_files_in(out)
-    if resume:
-        path = out / "last.pt" if resume == "auto" else Path(resume)
+    if cfg.resume:
+        path = resume_checkpoint(out, cfg.resume)
         if path.is_file():
             return path
-        if resume == "auto" and not existing:
+        if cfg.resume == "auto" and not existing:
             return None
-        raise ConfigError(f"--resume {resume}: no checkpoint at {path}")
-    if existing and not overwrite:
-        raise existing_run_error(out, existing)
+        raise ConfigError(f"--resume {cfg.resume}: no checkpoint at {path}")
     barrier()
     if existing and is_main:
         for name in RUN_OUTPUTS:

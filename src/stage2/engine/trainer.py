@@ -36,7 +36,7 @@ from tqdm import tqdm
 from stage2.atomic import write_json_atomic
 from stage2.data.audit import run_audit
 from stage2.data.dataset import Batch
-from stage2.data.manifest import check_source_leak, read_manifest
+from stage2.data.manifest import check_source_leak, manifest_fingerprint, read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.engine.audit import audit_only
 from stage2.engine.calibration import calibration_report, fit_temperature
@@ -59,11 +59,11 @@ from stage2.engine.distributed import (
     setup_distributed,
 )
 from stage2.engine.evaluation import Evaluator, evaluate_checkpoint, final_report, sigmoid, video_level
-from stage2.engine.logs import log_settings, setup_logging
+from stage2.engine.logs import close_run_log, log_settings, setup_logging
 from stage2.engine.metrics import is_better, metric_direction
 from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
 from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
-from stage2.engine.resume import read_resume_state, restore
+from stage2.engine.resume import check_manifests, read_resume_state, restore
 from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock
 from stage2.engine.run_loaders import train_loader, trained_label_mix
 from stage2.engine.tracking import make_tracker
@@ -79,11 +79,14 @@ def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
     dist = setup_distributed(cfg.device)
     threads = cpu_threads(dist.device.type)
     with run_dir_lock(Path(cfg.output_dir), dist):
-        if cfg.audit_only:
-            return audit_only(cfg, dist)
-        if cfg.evaluate_checkpoint:
-            return evaluate_checkpoint(cfg, expert, dist, threads=threads)
-        return Trainer(cfg, expert, dist, threads=threads).fit()
+        try:
+            if cfg.audit_only:
+                return audit_only(cfg, dist)
+            if cfg.evaluate_checkpoint:
+                return evaluate_checkpoint(cfg, expert, dist, threads=threads)
+            return Trainer(cfg, expert, dist, threads=threads).fit()
+        finally:
+            close_run_log()
 
 
 @dataclass
@@ -125,9 +128,19 @@ class Trainer:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
         self.device = dist.device
         self.out = Path(cfg.output_dir)
-        self.resume_path = prepare_run_dir(self.out, cfg.resume, cfg.overwrite, dist.is_main)
+        # Every input is read and checked before anything is built or replaced: offline, building the model first
+        # spent a minute on hub retries before a missing manifest was named; --overwrite removed the previous run.
+        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
+        val_frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
+        check_source_leak(self.train_frame, val_frame)
+        self.manifests = {"train": manifest_fingerprint(self.train_frame), "val": manifest_fingerprint(val_frame)}
+        self.resume_path = prepare_run_dir(cfg, dist.is_main)
         setup_logging(self.out / "train.log" if dist.is_main else None, dist.is_main)
+        if cfg.resume and self.resume_path is None:
+            log.warning("--resume: %s holds no last.pt yet: starting a new run", self.out)
         self.resume = read_resume_state(self.resume_path, cfg, expert) if self.resume_path else None
+        if self.resume:
+            check_manifests(self.resume, self.manifests, cfg)
         _set_determinism(cfg.deterministic)
         torch.manual_seed(cfg.seed)
         self.workers = min(cfg.workers, usable_cores())
@@ -144,11 +157,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.evaluator = Evaluator(cfg, expert, dist, self.data_config, bad_images=self.bad_images,
-                                   last=self.out / "last.pt")
+                                   frame=val_frame, last=self.out / "last.pt")
         self.evaluator.check_select_metric(cfg.select_metric)
-
-        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
-        check_source_leak(self.train_frame, self.evaluator.frame)
         # What the file headers alone give away about the labels: warned about before any GPU time is spent.
         self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
                                self.workers) if dist.is_main else None
@@ -469,6 +479,7 @@ class Trainer:
             train_sums={k: v.cpu() for k, v in sums.items()} if sums else None,
             best_value=self.best_value,
             best_epoch=self.best_epoch,
+            manifests=self.manifests,
             rng=rng_state(),
         )
         save_checkpoint(last.to_dict(), self.out / "last.pt")

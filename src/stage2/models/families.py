@@ -9,11 +9,14 @@ training recipe) in ``src/stage2/experts``.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_arch_name, get_pretrained_cfg, save_for_hf
 from torch import nn
@@ -118,7 +121,13 @@ class TimmFamily(ModelFamily):
         preprocessing = {"input_size": tuple(data_config["input_size"]), "mean": tuple(data_config["mean"]),
                          "std": tuple(data_config["std"]),
                          **{key: data_config[key] for key in ("interpolation", "crop_pct", "crop_mode")}}
-        save_for_hf(model, str(out), safe_serialization=True, data_config=preprocessing)
+        try:
+            save_for_hf(model, str(out), safe_serialization=True, data_config=preprocessing)
+        except SafetensorError as err:  # an I/O failure (a full disk) as the OSError it is: "... (os error 28)"
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from err
         return list(self.native_files)
 
 
