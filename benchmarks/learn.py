@@ -631,8 +631,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           ("--plain-zero-head", args.plain_zero_head)) if value]
     if args.train_manifest is None and real_only:
         parser.error(f"{', '.join(real_only)}: only in real mode (with --train-manifest and --val-manifest)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: expected a positive number")
     if args.workers is not None and args.workers < 0:
@@ -680,6 +678,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"error: {err}") from None
         return write_result(merged, Path(args.json))
     plan = plan_from_args(args)
+    if plan.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {plan.device}: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = "real" if args.train_manifest else args.protocol

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks import learn
@@ -103,6 +104,9 @@ def test_bad_flags_are_one_line_errors(capsys, tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             learn.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device here"):
+            learn.main(["--device", "cuda"])
     for path in (tmp_path / "missing.json", tmp_path / "junk.json"):
         with pytest.raises(SystemExit, match=rf"--merge {path}: cannot read a result"):
             learn.main(["--merge", str(path)])

@@ -79,8 +79,9 @@ def test_evaluate_scores_as_the_extractor_does_on_a_cpu_with_native_bf16(trained
     checkpoint = tmp_path / "best.pt"  # at temperature 1: the fitted one puts every calibrated score at 0 or 1
     save_checkpoint({**load_checkpoint(trained_run / "best.pt"), "temperature": 1.0}, checkpoint)
     train_stage2_effnet.main(["--evaluate", str(checkpoint), "--val-manifest", str(tiny_data[1]), "--model",
-                              "test_efficientnet", "--workers", "0", "--amp", "auto", "--output-dir", str(tmp_path)])
-    evaluated = pd.read_csv(tmp_path / "predictions_val.csv")
+                              "test_efficientnet", "--workers", "0", "--amp", "auto", "--output-dir",
+                              str(tmp_path / "eval")])
+    evaluated = pd.read_csv(tmp_path / "eval" / "predictions_val.csv")
     extracted = FeatureExtractor(checkpoint_path=checkpoint, workers=0, progress=False).predict(tiny_data[1])
     assert evaluated["path"].tolist() == extracted["path"].tolist()
     np.testing.assert_allclose(evaluated["p_fake"], extracted["p_fake"], rtol=0, atol=1e-6)
