@@ -74,6 +74,9 @@ LEARNT = 0.65  # a type whose plain-loop clean AUC stays below this is not learn
 # Real mode's plan where its flags are not given: ImageNet EfficientNet-Lite0 at 128px on a CPU, at our trainer's lr.
 REAL_DEFAULTS = {"model": LITE0, "img_size": 128, "batch": 32, "workers": 0, "lr": 3e-4}
 GENCONVIT_VARIANTS = ("ed", "vae")
+# What a plan says about which cases run (not the budget): results that differ only here merge.
+CASE_FIELDS = ("plain", "levels", "variants", "genconvit")
+PLAIN_HEADS = {"random": PLAIN, "zero": PLAIN_ZERO}  # the plain loop's head: as PyTorch starts it, or at zero
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class LearnPlan:
     perturbations: str = PERTURBATIONS
     device: str = "cpu"
     pretrained_file: str | None = None  # real mode: the same weights for every trainer
-    plain_zero_head: bool = False  # also the plain loop with its head started at zero
+    plain: tuple[str, ...] = ("random",)  # the plain loops (PLAIN_HEADS); real mode: both
     genconvit: tuple[str, ...] = ()  # real mode: GenConViT variants, on the plan's model as backbone
 
 
@@ -121,9 +124,7 @@ class Trained:
 
 
 def cases(plan: LearnPlan) -> list[Case]:
-    out = [Case(PLAIN, "plain")]
-    if plan.plain_zero_head:
-        out.append(Case(PLAIN_ZERO, "plain", ("zero_head",)))
+    out = [Case(PLAIN_HEADS[head], "plain", (head,)) for head in plan.plain]
     out += [Case(f"ours --aug {level}", "ours", ("--aug", level)) for level in plan.levels]
     out += [Case(f"ours {name}", "ours", flags) for name, flags in plan.variants]
     out += [Case(f"genconvit {variant}", "genconvit", ("--variant", variant)) for variant in plan.genconvit]
@@ -174,7 +175,7 @@ def plain_loop(train: pd.DataFrame, val: pd.DataFrame, plan: LearnPlan, case: Ca
     pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": plan.pretrained_file}} \
         if plan.pretrained_file else {"pretrained": False}
     model = timm.create_model(plan.model, num_classes=1, **pretrained).to(plan.device)
-    if "zero_head" in case.flags:
+    if case.flags == ("zero",):
         nn.init.zeros_(model.get_classifier().weight)
         nn.init.zeros_(model.get_classifier().bias)
     config = timm.data.resolve_data_config({}, model=model)
@@ -382,12 +383,12 @@ def stacks(plan: LearnPlan, frames: dict[str, pd.DataFrame], crosses: list[str],
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several of the same protocol and budget (e.g. types or seeds run in parallel)."""
+    """One result from several of the same protocol and budget (e.g. types, seeds or cases run in parallel)."""
     first = results[0]
-    keep = {k: v for k, v in first["plan"].items() if k not in ("types", "seeds", "held_out")}
+    keep = {k: v for k, v in first["plan"].items() if k not in (*CASE_FIELDS, "types", "seeds", "held_out")}
     for other in results[1:]:
-        if other["protocol"] != first["protocol"] or {k: other["plan"][k] for k in keep} != keep:
-            raise ValueError("--merge: the results differ in protocol or plan (beyond types and seeds)")
+        if other["protocol"] != first["protocol"] or {k: other["plan"].get(k) for k in keep} != keep:
+            raise ValueError("--merge: the results differ in protocol or budget (beyond types, seeds and cases)")
     runs = [run for result in results for run in result["runs"]]
     keys = [(r["type"], r["case"], r["seed"]) for r in runs]
     if len(set(keys)) < len(keys):
@@ -395,7 +396,10 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     types = list(dict.fromkeys(r["type"] for r in runs))
     plan = {**first["plan"], "types": types if first["protocol"] == "per-type" else first["plan"]["types"],
             "held_out": types if first["protocol"] == "held-out" else [], "seeds": sorted({r["seed"] for r in runs})}
-    keys = dict.fromkeys(k for row in first["summary"] for k in row)
+    for field in CASE_FIELDS:  # each result's cases, in order
+        values = [r["plan"].get(field) for r in results]
+        plan[field] = list(dict.fromkeys(tuple(v) if isinstance(v, list) else v for value in values for v in value))
+    keys = dict.fromkeys(k for result in results for row in result["summary"] for k in row)
     columns = [k for k in keys if k not in ("type", "case", "seeds") and not k.endswith(("_sd", "_vs_plain"))]
     summary = summarise(runs, columns)
     merged = {**first, "plan": plan, "runs": runs, "summary": summary}
@@ -419,7 +423,7 @@ def summarise(runs: list[dict[str, Any]], columns: list[str]) -> list[dict[str, 
                 row[column] = float(group[column].mean())
                 row[f"{column}_sd"] = float(group[column].std(ddof=0))
         for column in ratios:
-            if column in row:
+            if column in row and len(plain):
                 row[f"{column}_vs_plain"] = row[column] / float(plain[column].mean())
         out.append(row)
     return out
@@ -606,11 +610,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     real.add_argument("--val-manifest", type=Path, help="select the best epoch on this one")
     real.add_argument("--cross", type=_cross, action="append", default=[], metavar="NAME=MANIFEST",
                       help="also score each best model on this set (repeatable)")
-    real.add_argument("--genconvit", type=_names(GENCONVIT_VARIANTS),
+    real.add_argument("--genconvit", type=_names((*GENCONVIT_VARIANTS, "none")),
                       help="real mode: GenConViT variants trained on the same backbone, size and budget, each "
-                           "stacked with ours (default: ed)")
-    real.add_argument("--plain-zero-head", action=argparse.BooleanOptionalAction,
-                      help="also run the plain loop with its head started at zero (default: in real mode)")
+                           "stacked with ours, or none (default: ed)")
+    parser.add_argument("--plain", type=_names((*PLAIN_HEADS, "none")),
+                        help="the plain loops: random (its head as PyTorch starts it), zero (started at zero), or "
+                             "none (default: random; real mode: random,zero)")
     real.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     real.add_argument("--model", help=f"timm model (synthetic: {LearnPlan.model}; real: {REAL_DEFAULTS['model']})")
     real.add_argument("--img-size", type=_positive,
@@ -627,8 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.train_manifest is None) != (args.val_manifest is None):
         parser.error("real mode needs both --train-manifest and --val-manifest")
-    real_only = [flag for flag, value in (("--cross", args.cross), ("--genconvit", args.genconvit),
-                                          ("--plain-zero-head", args.plain_zero_head)) if value]
+    real_only = [flag for flag, value in (("--cross", args.cross), ("--genconvit", args.genconvit)) if value]
     if args.train_manifest is None and real_only:
         parser.error(f"{', '.join(real_only)}: only in real mode (with --train-manifest and --val-manifest)")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
@@ -648,11 +652,11 @@ def plan_from_args(args: argparse.Namespace) -> LearnPlan:
     defaults = REAL_DEFAULTS if real else {}
     chosen = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
     levels = args.levels or (AUG_LEVELS if per_type else (DEFAULT_AUG,))
-    extra = {"genconvit": args.genconvit or ("ed",),
-             "plain_zero_head": args.plain_zero_head is not False} if real else {}
+    genconvit = tuple(v for v in args.genconvit or (("ed",) if real else ()) if v != "none")
+    plain = tuple(head for head in args.plain or (("random", "zero") if real else ("random",)) if head != "none")
     return LearnPlan(seeds=args.seeds, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val, levels=levels,
-                     types=args.types, held_out=args.hold_out or (), variants=tuple(args.variant),
-                     device=args.device, **extra, **{k: v for k, v in chosen.items() if v is not None})
+                     types=args.types, held_out=args.hold_out or (), variants=tuple(args.variant), plain=plain,
+                     genconvit=genconvit, device=args.device, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def read_results(paths: list[Path]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The learnability benchmark on tiny plans: per trace type, leave one type out, and real mode, through its CLI."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -123,7 +124,7 @@ def test_real_mode_audits_every_set_trains_every_expert_and_stacks_them(tmp_path
         cross.loc[i, "path"] = str(jpeg)
     cross.to_csv(data / "cross_jpeg.csv", index=False)
     plan = learn.LearnPlan(model="test_efficientnet", img_size=32, batch=8, epochs=1, seeds=(0,),
-                           levels=("standard",), plain_zero_head=True, genconvit=("ed",))
+                           levels=("standard",), plain=("random", "zero"), genconvit=("ed",))
     result = learn.run_real(plan, train, val, {"splice": data / "cross_jpeg.csv"}, tmp_path / "work")
     printed = capsys.readouterr().out
     assert printed.index("shortcut audit") < printed.index(learn.PLAIN)
@@ -142,3 +143,13 @@ def test_real_mode_audits_every_set_trains_every_expert_and_stacks_them(tmp_path
     assert stack["gain"] == pytest.approx(stack["clean"] - stack["best_expert"])
     table = learn.markdown(result)
     assert "splice AUC (cross)" in table and "mean colour" in table and "better expert" in table
+    # an ablation run on the same budget (ours with other flags only) merges with it: one table, the plain loops
+    # of the first run as its reference
+    ablation = replace(plan, plain=(), genconvit=(), levels=("none",),
+                       variants=(("no drop-path", ("--drop-path", "0")),))
+    merged = learn.merge([result, learn.run_real(ablation, train, val, {"splice": data / "cross_jpeg.csv"},
+                                                 tmp_path / "work2")])
+    cases = [r["case"] for r in merged["summary"]]
+    assert cases[:5] == [r["case"] for r in result["summary"]] and cases[5:] == ["ours --aug none", "ours no drop-path"]
+    assert merged["plan"]["plain"] == ["random", "zero"] and merged["plan"]["genconvit"] == ["ed"]
+    assert "clean_vs_plain" in merged["summary"][-1]
