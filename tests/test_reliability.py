@@ -618,10 +618,11 @@ def test_an_extractor_output_is_never_one_of_its_inputs(trained_run, tiny_data, 
     checkpoint.write_bytes((trained_run / "best.pt").read_bytes())
     read_manifest(tiny_data[1]).to_csv(manifest, index=False)
     before = {path: path.read_bytes() for path in (checkpoint, manifest)}
-    base = ["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--workers", "0", "--overwrite"]
+    base = ["--checkpoint", str(checkpoint), "--workers", "0", "--overwrite"]
     for flag, target, source in (("--out", checkpoint, "--checkpoint"), ("--out", manifest, "--manifest"),
                                  ("--export", tmp_path, "--checkpoint")):
-        err = fails(feature_extractor.main, [*base, flag, str(target)], capsys)
+        features = ["--manifest", str(manifest)] if flag == "--out" else []  # --manifest needs --out
+        err = fails(feature_extractor.main, [*base, *features, flag, str(target)], capsys)
         assert err.startswith(f"error: {flag} {target}: ") and f" the {source} " in err and "never replaces" in err
     assert {path: path.read_bytes() for path in before} == before
 
