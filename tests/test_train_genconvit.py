@@ -140,15 +140,17 @@ def test_killed_across_the_stage_boundary_resumes_bit_identically(gc_args, tmp_p
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize(("init", "names"), [("scratch", ["full"]), ("official", ["full"]),
-                                             ("imagenet", ["frozen", "full"])])
-def test_default_stages_train_every_epoch_at_the_recipe_lr(init, names):
+@pytest.mark.parametrize(("init", "ae_lr"), [("scratch", 1e-3), ("official", None), ("imagenet", 1e-3)])
+def test_default_stages_train_every_epoch_at_the_recipe_lr(init, ae_lr):
     parser = train_stage2_genconvit.build_parser()
     args = parser.parse_args(["--init", init])
     assert (args.lr, args.opt, args.weight_decay, args.batch_size) == (1e-4, "adam", 1e-4, 32)  # upstream's recipe
-    stages = GenConViTExpert("ed", init=init).stages(args.epochs, args.lr)
-    assert [s.name for s in stages] == names and sum(s.epochs for s in stages) == args.epochs
-    assert all(s.lr == args.lr for s in stages)
+    expert = GenConViTExpert("ed", init=init)
+    stages = expert.stages(args.epochs, args.lr)
+    assert [s.name for s in stages] == ["full"] and stages[0].epochs == args.epochs and stages[0].lr == args.lr
+    # a new autoencoder learns at 1e-3 (at 1e-4 it stays a flat tile for a real set's few hundred steps); the
+    # official one, trained, at --lr
+    assert expert.ae_lr == ae_lr
 
 
 def test_official_vae_starts_with_var_equal_to_mu(tmp_path):

@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="label smoothing of the classification loss")
     model.add_argument("--stages",
                        help="NAME:EPOCHS[:LR_SCALE],... with NAME frozen (backbones frozen) or full; EPOCHS may be "
-                            "'rest' (default: full:rest; with --init imagenet frozen:1,full:rest)")
+                            "'rest' (default: full:rest)")
     model.add_argument("--backbone", default=CONVNEXT_NAME,
-                       help="timm ConvNeXt of the classifier; the official weights need convnext_tiny")
+                       help="timm model of the classifier (any, e.g. tf_efficientnet_lite0); the official weights "
+                            "need convnext_tiny")
     model.add_argument("--latent-channels", type=Int(min=1), default=256,
                        help="VAE latent size / 49; 256 gives the official 12544-d latent")
     model.add_argument("--head", choices=HEAD_INPUTS,
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "logits (the official layout) or its pooled features (default: logits with --init "
                             "official, else features)")
     model.add_argument("--ae-lr", type=Float(above=0),
-                       help="peak learning rate of the autoencoder, in every stage (default: --lr)")
+                       help="peak learning rate of the autoencoder, in every stage (default: 1e-3; with --init "
+                            "official, --lr)")
     return parser
 
 
