@@ -142,7 +142,7 @@ def test_real_mode_audits_every_set_trains_every_expert_and_stacks_them(tmp_path
     stack = runs["stack: ours + genconvit ed"]
     assert stack["gain"] == pytest.approx(stack["clean"] - stack["best_expert"])
     table = learn.markdown(result)
-    assert "splice AUC (cross)" in table and "mean colour" in table and "better expert" in table
+    assert "splice AUC (cross)" in table and "mean colour" in table and "best expert" in table
     # an ablation run on the same budget (ours with other flags only) merges with it: one table, the plain loops
     # of the first run as its reference
     ablation = replace(plan, plain=(), genconvit=(), levels=("none",),
