@@ -240,3 +240,15 @@ def test_weights_without_init_official_are_refused_not_ignored(gc_args, tmp_path
     err = fails(train_stage2_genconvit.main, [*args, "--weights-dir", str(tmp_path)], capsys)
     assert err.startswith("error: --weights-dir: the official weights are read only with --init official")
     assert not Path(gc_args[-1]).exists()
+
+
+def test_imagenet_init_trains_at_3e_4_unless_told_otherwise(tmp_path):
+    from stage2.commands.train_genconvit import parse
+
+    assert parse(["--init", "imagenet"]).lr == 3e-4 and parse(["--init", "official"]).lr == 1e-4
+    assert parse(["--init", "imagenet", "--lr", "1e-4"]).lr == 1e-4  # the command line wins
+    config = tmp_path / "run.yaml"
+    config.write_text("init: imagenet\n")
+    assert parse(["--config", str(config)]).lr == 3e-4  # --init from a config file counts too
+    config.write_text("init: imagenet\nlr: 2.0e-4\n")
+    assert parse(["--config", str(config)]).lr == 2e-4  # and so does its lr

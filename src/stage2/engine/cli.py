@@ -46,10 +46,12 @@ def command_help(doc: str, script: str, command: str) -> str:
     return doc.replace(f"python {script}", command).replace(f" {script}", f" --no-python {command}")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: Any) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+               recipe: Callable[[argparse.Namespace], dict[str, Any]] | None = None, **demo: Any) -> argparse.Namespace:
     """Parse the command line. Defaults come, weakest first, from the parser, from `demo` (with --demo, which
-    also generates the built-in dataset), then from the --config file; a flag given on the command line wins
-    over all of them, even one given at its usual default."""
+    also generates the built-in dataset), from `recipe` (defaults that follow other settings: it is given them as
+    parsed so far), then from the --config file; a flag given on the command line wins over all of them, even one
+    given at its usual default."""
     given = parser.parse_known_args(argv)[0]
     if given.demo:
         from stage2.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
@@ -59,8 +61,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **demo: 
         output_dir = parser.get_default("output_dir") + "_demo"
         parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
                             overwrite=True, **demo)
-    if given.config:
-        parser.set_defaults(**config_defaults(parser, Path(given.config)))
+    config = config_defaults(parser, Path(given.config)) if given.config else {}
+    parser.set_defaults(**config)
+    if recipe is not None:
+        settled = parser.parse_known_args(argv)[0]
+        parser.set_defaults(**{key: value for key, value in recipe(settled).items() if key not in config})
     args = parser.parse_args(argv)
     check_args(parser, args)
     out = Path(args.output_dir)
