@@ -242,10 +242,11 @@ def test_weights_without_init_official_are_refused_not_ignored(gc_args, tmp_path
     assert not Path(gc_args[-1]).exists()
 
 
-def test_imagenet_init_trains_at_3e_4_unless_told_otherwise(tmp_path):
+def test_imagenet_init_trains_at_3e_4_with_warmup_unless_told_otherwise(tmp_path):
     from stage2.commands.train_genconvit import parse
 
-    assert parse(["--init", "imagenet"]).lr == 3e-4 and parse(["--init", "official"]).lr == 1e-4
+    imagenet, official = parse(["--init", "imagenet"]), parse(["--init", "official"])
+    assert (imagenet.lr, imagenet.warmup_epochs, official.lr, official.warmup_epochs) == (3e-4, 0.3, 1e-4, 0.0)
     assert parse(["--init", "imagenet", "--lr", "1e-4"]).lr == 1e-4  # the command line wins
     config = tmp_path / "run.yaml"
     config.write_text("init: imagenet\n")
