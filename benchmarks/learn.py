@@ -361,6 +361,8 @@ def stacks(plan: LearnPlan, frames: dict[str, pd.DataFrame], crosses: list[str],
     labels = val["label"].to_numpy()
     groups, _ = fold_groups(*(val[c].to_numpy(dtype=str) if c in val else None for c in ("source_id", "video_id")))
     experts = [f"genconvit {variant}" for variant in plan.genconvit]
+    if default_case(plan) not in [case.name for case in cases(plan)]:
+        return []  # an ablation of ours without its default: nothing to stack with
     combos = [[name] for name in experts] + ([experts] if len(experts) > 1 else [])
     runs = []
     for seed in plan.seeds:
