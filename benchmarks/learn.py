@@ -48,6 +48,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from benchmarks.arguments import positive_int
 from benchmarks.timing import machine
 from benchmarks.traces import TRACES, split_items, write_set
 from stage2.commands import train_effnet, train_genconvit
@@ -579,16 +580,6 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--protocol", choices=PROTOCOLS, default="per-type", help="synthetic protocol")
@@ -601,10 +592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the held-out protocol and real mode)")
     parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
                         help="also run ours with these extra flags, e.g. 'no drop-path=--drop-path 0' (repeatable)")
-    parser.add_argument("--epochs", type=_positive, default=LearnPlan.epochs, help="training epochs of every run")
-    parser.add_argument("--n-train", type=_positive, default=LearnPlan.n_train, help="synthetic train crops per set")
-    parser.add_argument("--n-val", type=_positive, default=LearnPlan.n_val, help="synthetic val crops per set")
-    parser.add_argument("--threads", type=_positive, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--epochs", type=positive_int, default=LearnPlan.epochs, help="training epochs of every run")
+    parser.add_argument("--n-train", type=positive_int, default=LearnPlan.n_train, help="synthetic train crops per set")
+    parser.add_argument("--n-val", type=positive_int, default=LearnPlan.n_val, help="synthetic val crops per set")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", default="output/learn.json", help="results; a Markdown table beside it (.md)")
     parser.add_argument("--work-dir", help="keep data and runs here (default: a temporary folder)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
@@ -622,9 +613,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "none (default: random)")
     real.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     real.add_argument("--model", help=f"timm model (synthetic: {LearnPlan.model}; real: {REAL_DEFAULTS['model']})")
-    real.add_argument("--img-size", type=_positive,
+    real.add_argument("--img-size", type=positive_int,
                       help=f"input size (synthetic: {LearnPlan.img_size}; real: {REAL_DEFAULTS['img_size']})")
-    real.add_argument("--batch", type=_positive,
+    real.add_argument("--batch", type=positive_int,
                       help=f"batch size (synthetic: {LearnPlan.batch}; real: {REAL_DEFAULTS['batch']})")
     real.add_argument("--lr", type=float,
                       help=f"peak learning rate of the plain loop and ours (synthetic: {LearnPlan.lr:g}; real: "

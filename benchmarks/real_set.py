@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from benchmarks.arguments import fraction, positive_int
 from stage2.data.audit import format_audit, shortcut_audit
 from stage2.data.manifest import IMAGE_SUFFIXES
 
@@ -143,26 +144,6 @@ def _encoding(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected png or jpeg:Q with Q in 1-100, got {text!r}")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
 def _cross_name(text: str) -> str:
     if not text or not all(c.isalnum() or c in "_-" for c in text):
         raise argparse.ArgumentTypeError(f"expected a name of letters, digits, _ and -, got {text!r}")
@@ -179,13 +160,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fake", type=Path, help="folder of fake images")
     parser.add_argument("--reencode", type=_encoding,
                         help="png or jpeg:Q: save every image this way (default: list the files as they are)")
-    parser.add_argument("--size", type=_positive, default=PRESET_SIZE,
+    parser.add_argument("--size", type=positive_int, default=PRESET_SIZE,
                         help="with --reencode: square side in pixels (default %(default)s)")
     parser.add_argument("--cross", type=_cross_name, metavar="NAME",
                         help="write one manifest cross_NAME.csv instead of train/val")
-    parser.add_argument("--val-fraction", type=_fraction, default=0.2,
+    parser.add_argument("--val-fraction", type=fraction, default=0.2,
                         help="share of each class in val.csv (default %(default)s)")
-    parser.add_argument("--limit", type=_positive, help="at most this many images per class (a random subset)")
+    parser.add_argument("--limit", type=positive_int, help="at most this many images per class (a random subset)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws and the split (default %(default)s)")
     args = parser.parse_args(argv)
     if args.preset:
