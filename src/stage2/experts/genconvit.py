@@ -202,7 +202,8 @@ class GenConViTExpert(Expert):
         ids = {id(p) for p in model.autoencoder_parameters()}
         rest = [{**group, "params": [p for p in group["params"] if id(p) not in ids]} for group in groups]
         ae = [p for p in model.autoencoder_parameters() if p.requires_grad]
-        own = [{"params": ae, "weight_decay": 0.0, "lr_scale": self.ae_lr / lr}] if ae else []
+        scale = self.ae_lr / lr if lr else 0.0  # the schedule scales each group's lr: --lr 0 stops them all
+        own = [{"params": ae, "weight_decay": 0.0, "lr_scale": scale}] if ae else []
         return [g for g in rest if g["params"]] + own
 
     def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
