@@ -32,6 +32,7 @@ from PIL import Image
 from benchmarks.arguments import fraction, positive_int
 from stage2.data.audit import format_audit, shortcut_audit
 from stage2.data.manifest import IMAGE_SUFFIXES
+from stage2.engine.cli import HelpFormatter
 
 
 @dataclass(frozen=True)
@@ -151,23 +152,23 @@ def _cross_name(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("out", type=Path, help="folder for the manifests (and re-encoded images)")
     parser.add_argument("--preset", choices=PRESETS,
-                        help="one of the real-face protocol's sets, from --repo (sets --reencode and --size)")
+                        help="one of the real-face protocol's sets, from --repo, saved as JPEG quality 90 at --size")
     parser.add_argument("--repo", type=Path, help="with --preset: a checkout of Rees451/faces-fake-vs-real")
     parser.add_argument("--real", type=Path, help="folder of real images (searched recursively)")
     parser.add_argument("--fake", type=Path, help="folder of fake images")
     parser.add_argument("--reencode", type=_encoding,
                         help="png or jpeg:Q: save every image this way (default: list the files as they are)")
     parser.add_argument("--size", type=positive_int, default=PRESET_SIZE,
-                        help="with --reencode: square side in pixels (default %(default)s)")
+                        help="with --reencode: square side in pixels")
     parser.add_argument("--cross", type=_cross_name, metavar="NAME",
                         help="write one manifest cross_NAME.csv instead of train/val")
     parser.add_argument("--val-fraction", type=fraction, default=0.2,
-                        help="share of each class in val.csv (default %(default)s)")
+                        help="share of each class in val.csv")
     parser.add_argument("--limit", type=positive_int, help="at most this many images per class (a random subset)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draws and the split (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws and the split")
     args = parser.parse_args(argv)
     if args.preset:
         if args.repo is None:
