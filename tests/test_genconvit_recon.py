@@ -80,7 +80,8 @@ def test_the_trainers_steps_reconstruct_better_than_each_images_mean_colour(tiny
                       workers=0, epochs=STEPS, batch_size=36, lr=2e-3, min_lr=2e-3, warmup_epochs=0.0,
                       weight_decay=1e-4, opt="adam", clip_grad=1.0, amp="off", channels_last=False, device="cpu",
                       output_dir=str(tmp_path), save_every_minutes=0, calibrate=False)
-    expert = GenConViTExpert("ed", img_size=IMG, init="scratch", backbone="test_convnext")
+    # the autoencoder at the loop's lr too (a new one's default is 1e-3): one constant lr for the whole model
+    expert = GenConViTExpert("ed", img_size=IMG, init="scratch", backbone="test_convnext", ae_lr=cfg.lr)
     trainer = Trainer(cfg, expert, setup_distributed("cpu"))
     ctx = trainer.start_stage(0, expert.stages(cfg.epochs, cfg.lr)[0])
     decay = {id(p): group["weight_decay"] for group in ctx.optimizer.param_groups for p in group["params"]}
