@@ -51,6 +51,7 @@ from torch import nn
 from benchmarks.timing import machine
 from benchmarks.traces import TRACES, split_items, write_set
 from stage2.commands import train_effnet, train_genconvit
+from stage2.commands.cli import HelpFormatter
 from stage2.data.audit import format_audit, shortcut_audit, warn_shortcuts
 from stage2.data.dataset import ManifestDataset, collate
 from stage2.data.levels import AUG_LEVELS
@@ -58,12 +59,11 @@ from stage2.data.manifest import read_manifest
 from stage2.data.perturb import Perturbation, parse_perturbations
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.stacking_preview import fold_groups, out_of_fold, stacker
-from stage2.engine.checkpoint import read_best
-from stage2.engine.cli import HelpFormatter
-from stage2.engine.config import TrainConfig
 from stage2.errors import first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.pypi_weights import LITE0, write_lite0_file
+from stage2.run.checkpoint import read_best
+from stage2.run.config import TrainConfig
 
 PERTURBATIONS = "jpeg:50-70,down:0.5,blur:1.0,noise:0.02"
 PLAIN = "plain loop (flip only)"

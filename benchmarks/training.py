@@ -22,14 +22,14 @@ from benchmarks.timing import Row, interleaved, row
 from stage2.data.dataset import Batch, ManifestDataset, collate
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings import FeatureExtractor
-from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import setup_distributed
 from stage2.engine.trainer import Trainer
 from stage2.experts.base import Expert
 from stage2.experts.genconvit import GenConViTExpert
 from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.timm_models import timm_data_config
+from stage2.run.checkpoint import BestCheckpoint, save_checkpoint
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import setup_distributed
 
 EFFNET = "tf_efficientnetv2_b3"
 

@@ -12,8 +12,8 @@ from conftest import set_flag
 from PIL import Image
 
 import train_stage2_effnet
+from stage2.commands.cli import exit_on_error
 from stage2.data.audit import header_features, jpeg_quality, run_audit, shortcut_audit
-from stage2.engine.cli import exit_on_error
 
 SIZE = 48
 

@@ -30,7 +30,7 @@ SIZE = 32
 _SLOW_BUILD = """
 import sys, time
 from stage2.data import cache
-from stage2.engine.cli import exit_on_error
+from stage2.commands.cli import exit_on_error
 
 decode = cache.decode_image
 def slow(*args):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stage2.engine.calibration import calibration_report, expected_calibration_error, fit_temperature
+from stage2.scoring.calibration import calibration_report, expected_calibration_error, fit_temperature
 
 
 @pytest.fixture(scope="module")

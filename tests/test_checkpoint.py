@@ -1,4 +1,4 @@
-"""The checkpoint schema (src/stage2/engine/checkpoint.py): one builder and one reader per file kind, versioned."""
+"""The checkpoint schema (src/stage2/run/checkpoint.py): one builder and one reader per file kind, versioned."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,8 @@ from conftest import fails, output_dir, set_flag
 
 import feature_extractor
 import train_stage2_effnet
-from stage2.engine.checkpoint import (
+from stage2.errors import CheckpointError
+from stage2.run.checkpoint import (
     CHECKSUM_KEY,
     CONFIG_CHECKSUM_KEY,
     SCHEMA_KEY,
@@ -24,7 +25,6 @@ from stage2.engine.checkpoint import (
     save_checkpoint,
     tensors_sha256,
 )
-from stage2.errors import CheckpointError
 
 META = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
 DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}

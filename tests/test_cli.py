@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 
 import train_stage2_effnet
-from stage2.engine import cli
+from stage2.commands import cli
 from stage2.errors import ConfigError
 
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from stage2.data.cache import DecodedCache
 from stage2.data.dataset import Batch, ManifestDataset, collate
 from stage2.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
-from stage2.engine.config import TrainConfig
 from stage2.errors import ImageDecodeError
+from stage2.run.config import TrainConfig
 
 H, W = 13, 21  # odd, non-square
 

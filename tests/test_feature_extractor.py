@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import feature_extractor
+from stage2.commands.cli import exit_on_error
 from stage2.embeddings import (
     FeatureExtractor,
     FeatureFileError,
@@ -32,12 +33,11 @@ from stage2.embeddings import (
 from stage2.embeddings.extract import source_frame
 from stage2.embeddings.stacking_preview import print_preview
 from stage2.embeddings.store import FeatureSet
-from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
-from stage2.engine.cli import exit_on_error
 from stage2.errors import CheckpointError
 from stage2.models.families import FAMILIES
 from stage2.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
 from stage2.models.timm_models import create_timm_model, timm_data_config
+from stage2.run.checkpoint import BestCheckpoint, save_checkpoint
 
 IMG = 64
 N = 6

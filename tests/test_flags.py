@@ -19,19 +19,18 @@ import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.atomic import write_json_atomic
-from stage2.commands import extract_features
+from stage2.commands import cli, extract_features
+from stage2.commands.train_args import NOT_REPLAYED, SEED_MAX, config_from_args
 from stage2.data.dataset import ManifestDataset
 from stage2.data.manifest import read_manifest
 from stage2.data.perturb import check_image_size, parse_perturbations
 from stage2.data.transforms import build_cpu_transform
-from stage2.engine import cli
-from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
-from stage2.engine.config import NOT_REPLAYED, SEED_MAX, config_from_args
-from stage2.engine.precision import pick_device
 from stage2.engine.trainer import Trainer
 from stage2.errors import ConfigError, ManifestError
 from stage2.experts.genconvit import parse_stages
 from stage2.experts.timm_classifier import TimmExpert
+from stage2.run.checkpoint import BestCheckpoint, save_checkpoint
+from stage2.run.device import pick_device
 
 SCRIPTS = (train_stage2_effnet, train_stage2_genconvit, feature_extractor)
 

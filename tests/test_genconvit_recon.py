@@ -13,13 +13,13 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from stage2.data.manifest import read_manifest
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import setup_distributed
-from stage2.engine.evaluation import grid_rows
 from stage2.engine.trainer import Trainer
 from stage2.experts.genconvit import GenConViTExpert
 from stage2.models.genconvit import GenConViTLoss, build_genconvit
 from stage2.models.genconvit.loss import psnr
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import setup_distributed
+from stage2.scoring.evaluator import grid_rows
 
 IMG = 64
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)

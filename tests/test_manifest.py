@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT, subprocess_env
 from PIL import Image
 
+from stage2.commands.cli import exit_on_error
 from stage2.data.manifest import check_source_leak, read_manifest
-from stage2.engine.cli import exit_on_error
 from stage2.errors import ManifestError
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from stage2.engine.metrics import binary_metrics, eer, is_better, metric_direction, unresolved_targets, video_scores
+from stage2.scoring.metrics import binary_metrics, eer, is_better, metric_direction, unresolved_targets, video_scores
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stage2.engine import precision
-from stage2.engine.precision import autocast_dtype, cpu_has_native_bf16, cpu_threads
+from stage2.run import device as precision
+from stage2.run.device import autocast_dtype, cpu_has_native_bf16, cpu_threads
 
 
 def _cpu_flags() -> set[str]:
@@ -73,7 +73,7 @@ def test_evaluate_scores_as_the_extractor_does_on_a_cpu_with_native_bf16(trained
     too, up to 0.0125 P(fake) from the extractor's fp32. Scoring is fp32 on any CPU."""
     import train_stage2_effnet
     from stage2.embeddings import FeatureExtractor
-    from stage2.engine.checkpoint import load_checkpoint, save_checkpoint
+    from stage2.run.checkpoint import load_checkpoint, save_checkpoint
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     checkpoint = tmp_path / "best.pt"  # at temperature 1: the fitted one puts every calibrated score at 0 or 1

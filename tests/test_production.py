@@ -25,17 +25,17 @@ from PIL import Image
 import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
+from stage2.commands.cli import exit_on_error
 from stage2.data.manifest import read_manifest
 from stage2.embeddings import FeatureExtractor, load_features
 from stage2.embeddings.export import ExportGraph, check_images, check_onnx, export_checkpoint
 from stage2.embeddings.extract import load_model
-from stage2.engine.checkpoint import BestCheckpoint, load_checkpoint, save_checkpoint
-from stage2.engine.cli import exit_on_error
-from stage2.engine.metrics import operating_points
 from stage2.errors import CheckpointError, ConfigError, ExportCheckError, ManifestError
 from stage2.models.families import model_from_checkpoint
 from stage2.models.genconvit import GenConViTED
 from stage2.models.timm_models import create_timm_model, timm_data_config
+from stage2.run.checkpoint import BestCheckpoint, load_checkpoint, save_checkpoint
+from stage2.scoring.metrics import operating_points
 
 
 def _main(args: list[str]) -> None:

@@ -26,16 +26,16 @@ import feature_extractor
 import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.atomic import FILE_MODE
+from stage2.commands.cli import exit_on_error
+from stage2.commands.train_args import config_from_args
 from stage2.data.manifest import read_manifest
-from stage2.engine.checkpoint import load_checkpoint, read_last, save_checkpoint
-from stage2.engine.cli import exit_on_error
-from stage2.engine.config import config_from_args
-from stage2.engine.distributed import ShardedSampler
-from stage2.engine.logs import setup_logging
-from stage2.engine.report import plot_roc
-from stage2.engine.trainer import run
+from stage2.engine.modes import run
 from stage2.errors import CheckpointError, TrainingDiverged
 from stage2.experts.timm_classifier import TimmExpert
+from stage2.run.checkpoint import load_checkpoint, read_last, save_checkpoint
+from stage2.run.distributed import ShardedSampler
+from stage2.run.logs import setup_logging
+from stage2.scoring.plots import plot_roc
 
 
 # ---------------------------------------------------------------- 1. resume with changed flags

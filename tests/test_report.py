@@ -10,15 +10,11 @@ from PIL import Image
 
 from stage2 import atomic
 from stage2.atomic import write_json_atomic
-from stage2.engine.metrics import FPR_TARGETS, operating_points
-from stage2.engine.report import (
-    MetricsLog,
-    format_metrics_table,
-    plot_recon_samples,
-    plot_robustness,
-    plot_roc,
-    plot_training_curves,
-)
+from stage2.experts.genconvit import plot_recon_samples
+from stage2.run.metrics_log import MetricsLog
+from stage2.scoring.metrics import FPR_TARGETS, operating_points
+from stage2.scoring.plots import plot_robustness, plot_roc, plot_training_curves
+from stage2.scoring.tables import format_metrics_table
 
 
 def _open_png(path) -> tuple[int, int]:

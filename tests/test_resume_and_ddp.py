@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, set_flag, subprocess_env
 
 import train_stage2_effnet
-from stage2.engine.config import TrainConfig
-from stage2.engine.resume import POLICIES, resume_policy
+from stage2.run.config import TrainConfig
+from stage2.run.resume import POLICIES, resume_policy
 
 TIME_COLUMNS = ["epoch_time", "images_per_s"]
 

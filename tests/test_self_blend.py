@@ -13,10 +13,10 @@ from stage2.data.dataset import ManifestDataset
 from stage2.data.manifest import read_manifest
 from stage2.data.self_blend import SelfBlend, face_mask, self_blended
 from stage2.data.transforms import build_cpu_transform
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import setup_distributed
-from stage2.engine.run_loaders import train_loader, trained_label_mix
 from stage2.engine.trainer import Trainer
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import setup_distributed
+from stage2.run.loaders import train_loader, trained_label_mix
 
 SIZE = 64
 

@@ -9,17 +9,17 @@ import torch
 from conftest import output_dir, set_flag
 
 import train_stage2_effnet
+from stage2.commands.cli import exit_on_error
+from stage2.commands.train_args import config_from_args
 from stage2.data.dataset import ManifestDataset, collate
 from stage2.data.manifest import read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.engine import trainer
-from stage2.engine.checkpoint import load_checkpoint
-from stage2.engine.cli import exit_on_error
-from stage2.engine.config import config_from_args
-from stage2.engine.trainer import run
+from stage2.engine.modes import run
 from stage2.errors import TrainingDiverged
 from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.families import model_from_checkpoint
+from stage2.run.checkpoint import load_checkpoint
 
 RUN_OUTPUTS = ["best.pt", "last.pt", "args.json", "metrics.csv", "summary.json", "roc.png", "curves.png",
                "train.log", "val_predictions.csv"]

@@ -14,16 +14,15 @@ from conftest import ROOT, fails, set_flag, subprocess_env
 from safetensors.torch import save_file
 
 import train_stage2_genconvit
-from stage2.engine.cli import exit_on_error
-from stage2.engine.config import config_from_args
-from stage2.engine.distributed import setup_distributed
-from stage2.engine.report import plot_recon_samples
+from stage2.commands.cli import exit_on_error
+from stage2.commands.train_args import config_from_args
 from stage2.engine.trainer import Trainer
 from stage2.errors import PretrainedWeightsError
 from stage2.experts import genconvit
-from stage2.experts.genconvit import GenConViTExpert, parse_stages
+from stage2.experts.genconvit import GenConViTExpert, parse_stages, plot_recon_samples
 from stage2.models.families import FAMILIES
 from stage2.models.genconvit import GenConViTED, GenConViTVAE
+from stage2.run.distributed import setup_distributed
 
 
 @pytest.fixture

@@ -23,18 +23,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stage2.data.cache import open_cache
-from stage2.data.dataset import Batch
+from stage2.data.dataset import Batch, manifest_loader
 from stage2.data.decode import RESIZE_CONFIG, pil_to_uint8, resize_uint8
-from stage2.data.loaders import manifest_loader
 from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.store import NpzStreamWriter
-from stage2.engine.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
-from stage2.engine.precision import autocast, memory_format, pick_device, scoring_dtype
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.genconvit import read_state_dict
 from stage2.processes import usable_cores
+from stage2.run.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
+from stage2.run.device import autocast, memory_format, pick_device, scoring_dtype
 
 log = logging.getLogger(__name__)
 

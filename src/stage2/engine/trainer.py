@@ -38,9 +38,10 @@ from stage2.data.audit import run_audit
 from stage2.data.dataset import Batch
 from stage2.data.manifest import check_source_leak, manifest_fingerprint, read_manifest
 from stage2.data.transforms import DeviceTransform
-from stage2.engine.audit import audit_only
-from stage2.engine.calibration import calibration_report, fit_temperature
-from stage2.engine.checkpoint import (
+from stage2.errors import ConfigError, StopRequested, TrainingDiverged, first_line
+from stage2.experts.base import Expert, Stage
+from stage2.processes import StopRequest, stop_requests, usable_cores
+from stage2.run.checkpoint import (
     BestCheckpoint,
     LastCheckpoint,
     ensure_finite,
@@ -49,44 +50,27 @@ from stage2.engine.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import (
+from stage2.run.config import TrainConfig
+from stage2.run.device import autocast, autocast_dtype, memory_format
+from stage2.run.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
     broadcast_flag,
     broadcast_flags,
-    setup_distributed,
 )
-from stage2.engine.evaluation import Evaluator, evaluate_checkpoint, final_report, sigmoid, video_level
-from stage2.engine.logs import close_run_log, log_settings, setup_logging
-from stage2.engine.metrics import is_better, metric_direction
-from stage2.engine.precision import autocast, autocast_dtype, cpu_threads, memory_format
-from stage2.engine.report import MetricsLog, plot_roc, plot_training_curves
-from stage2.engine.resume import check_manifests, read_resume_state, restore
-from stage2.engine.run_dir import BadImages, prepare_run_dir, run_dir_lock
-from stage2.engine.run_loaders import train_loader, trained_label_mix
-from stage2.engine.tracking import make_tracker
-from stage2.errors import ConfigError, StopRequested, TrainingDiverged, first_line
-from stage2.experts.base import Expert, Stage
-from stage2.processes import StopRequest, stop_requests, usable_cores
+from stage2.run.folder import BadImages, prepare_run_dir
+from stage2.run.loaders import train_loader, trained_label_mix
+from stage2.run.logs import log_settings, setup_logging
+from stage2.run.metrics_log import MetricsLog
+from stage2.run.resume import check_manifests, read_resume_state, restore
+from stage2.run.tracking import make_tracker
+from stage2.scoring.calibration import calibration_report, fit_temperature
+from stage2.scoring.evaluator import Evaluator, final_report, sigmoid, video_level
+from stage2.scoring.metrics import is_better, metric_direction
+from stage2.scoring.plots import plot_roc, plot_training_curves
 
 log = logging.getLogger("stage2")
-
-
-def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
-    """Train (or with `cfg.evaluate_checkpoint`, only evaluate) and return the summary on rank 0."""
-    dist = setup_distributed(cfg.device)
-    threads = cpu_threads(dist.device.type)
-    with run_dir_lock(Path(cfg.output_dir), dist):
-        try:
-            if cfg.audit_only:
-                return audit_only(cfg, dist)
-            if cfg.evaluate_checkpoint:
-                return evaluate_checkpoint(cfg, expert, dist, threads=threads)
-            return Trainer(cfg, expert, dist, threads=threads).fit()
-        finally:
-            close_run_log()
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The run folder: one run at a time in it, what a run writes there, the fresh / resume / overwrite decision, and
-the list of images skipped as undecodable."""
+"""The run folder: one run at a time in it (its lock), the fresh / resume / overwrite decision, and the list of
+images skipped as undecodable. What a run writes there is named in stage2.run.files."""
 
 from __future__ import annotations
 
@@ -12,18 +12,13 @@ from pathlib import Path
 import pandas as pd
 
 from stage2.atomic import write_text_atomic
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import DistInfo, barrier, gather_objects
-from stage2.engine.outputs import AUDIT_FILE, RUN_FILES, check_output_dir, resume_checkpoint, run_files_in
 from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import DistInfo, barrier, gather_objects
+from stage2.run.files import RUN_OUTPUTS, check_output_dir, resume_checkpoint, run_files_in
 
 log = logging.getLogger("stage2")
-
-# Everything a run writes into its folder; --overwrite removes exactly these.
-RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
-               "recon_samples", "tensorboard", AUDIT_FILE)
-
 
 @contextmanager
 def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
@@ -57,7 +52,7 @@ def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     run when the folder holds no run yet: the trainer says so).
     """
     out = Path(cfg.output_dir)
-    check_output_dir(cfg)  # the entry scripts checked before torch loaded; now the folder is this run's (locked)
+    check_output_dir(cfg)  # the commands checked before torch loaded; now the folder is this run's (locked)
     existing = run_files_in(out)
     if cfg.resume:
         path = resume_checkpoint(out, cfg.resume)

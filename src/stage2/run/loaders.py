@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from stage2.data.cache import CacheView, open_cache
-from stage2.data.loaders import manifest_loader
+from stage2.data.dataset import manifest_loader
 from stage2.data.self_blend import SelfBlend
 from stage2.data.transforms import build_cpu_transform
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import DistInfo, ShardedSampler, barrier
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import DistInfo, ShardedSampler, barrier
 
 
 def shared_cache(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int

@@ -1,4 +1,4 @@
-"""Run reports: ROC and training-curve PNGs, a terminal metrics table, and the crash-safe metrics.csv.
+"""The scoring plots: ROC (with the low-FPR view), robustness bars and training curves, as PNGs.
 
 Figures are built on matplotlib.figure.Figure directly rather than pyplot: savefig then renders with Agg,
 with no global backend switch and no figure registry to leak memory across epochs or threads.
@@ -7,7 +7,6 @@ with no global backend switch and no figure registry to leak memory across epoch
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,8 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from sklearn.metrics import RocCurveDisplay
 
-from stage2.atomic import atomic_write, write_text_atomic
-from stage2.engine.metrics import FPR_TARGETS, operating_points, unresolved_targets
-from stage2.errors import ConfigError, first_line
+from stage2.atomic import atomic_write
+from stage2.scoring.metrics import FPR_TARGETS, operating_points, unresolved_targets
 
 # The loss terms an expert may log besides the total (GenConViT: classification, reconstruction, KL).
 _TERMS = ("cls", "recon", "kl")
@@ -178,42 +176,6 @@ def plot_training_curves(history: pd.DataFrame, path: Path, *, best_epoch: int |
     return fig
 
 
-RECON_COLUMNS = ("input", "reconstruction", "difference x4")
-
-
-def plot_recon_samples(inputs: np.ndarray, recons: np.ndarray, labels: np.ndarray, errors: np.ndarray, path: Path,
-                       title: str) -> Figure:
-    """Save (and return) one row per image, input | reconstruction | |difference| x 4, headed by RECON_COLUMNS,
-    each row labelled real or fake with its reconstruction error. `inputs`, `recons`: [N, 3, H, W] in [0, 1].
-
-    One mosaic in one axes, its ticks as the headers and row labels: the tiles keep their pixels (no resampling
-    between subplots) and the figure stays one draw however many rows it has.
-    """
-    n, _, h, w = inputs.shape
-    pad = max(2, h // 32)
-    tiles = np.stack([inputs, recons, np.clip(np.abs(inputs - recons) * 4, 0, 1)], axis=1).clip(0, 1)
-    mosaic = np.ones((n * (h + pad) - pad, 3 * (w + pad) - pad, 3), dtype=np.float32)
-    for row in range(n):
-        for col in range(3):
-            y, x = row * (h + pad), col * (w + pad)
-            mosaic[y:y + h, x:x + w] = tiles[row, col].transpose(1, 2, 0)
-    scale = max(1.0, 128 / h)  # small images are drawn larger, so that the column headers fit above them
-    fig = Figure(figsize=(mosaic.shape[1] * scale / 100 + 1.5, mosaic.shape[0] * scale / 100 + 0.8),
-                 layout="constrained")
-    ax = fig.subplots()
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks([c * (w + pad) + w / 2 for c in range(3)], RECON_COLUMNS)
-    ax.xaxis.tick_top()
-    ax.set_yticks([r * (h + pad) + h / 2 for r in range(n)],
-                  [f"{'fake' if label else 'real'}\nMSE {error:.4f}" for label, error in zip(labels, errors)])
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    ax.set_title(title, fontsize=10)
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
-    return fig
-
-
 def _plain_log_ticks(ax: Any) -> None:
     """Label a log y-axis in plain numbers (0.2, not 2x10^-1), minor ticks at 2 and 5 too where it spans less than
     two decades (a loss from 0.7 to 0.05 has a single decade tick)."""
@@ -226,116 +188,3 @@ def _plain_log_ticks(ax: Any) -> None:
 
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
-
-
-def _format_value(value: float) -> str:
-    if isinstance(value, (int, np.integer)):
-        return str(value)
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
-
-
-def format_metrics_table(metrics: Mapping[str, float], title: str) -> str:
-    """A two-column, aligned text table (name, value to 4 decimals; NaN as n/a; integers as they are)."""
-    rows = [(name, _format_value(value)) for name, value in metrics.items()]
-    name_w = max([len("metric"), *(len(n) for n, _ in rows)])
-    value_w = max([len("value"), *(len(v) for _, v in rows)])
-    rule = "-" * (name_w + 3 + value_w)
-    lines = [title, rule, f"{'metric':<{name_w}} | {'value':>{value_w}}", rule]
-    lines += [f"{name:<{name_w}} | {value:>{value_w}}" for name, value in rows]
-    return "\n".join(lines)
-
-
-def _is_operating_point(key: str) -> bool:
-    return key.removeprefix("video_").startswith(("tpr_at_fpr_", "thr_at_fpr_", "eer_threshold"))
-
-
-def resolution_note(n_real: int, unit: str = "reals") -> str:
-    """Why an operating point is marked: its target FPR is finer than one real in the set."""
-    return f"below resolution: {n_real} {unit} resolve FPR steps of {100 / n_real:.2g}%; this is the 0% FPR point"
-
-
-def tpr_footnote(points: Mapping[str, Any], prefix: str = "") -> str:
-    """A line to print under a table of frame-level TPRs at target FPRs when some target is below resolution."""
-    if not points["below_resolution"]:
-        return ""
-    columns = ", ".join(f"tpr_at_fpr_{name}" for name in points["below_resolution"])
-    return f"\n{prefix}{columns}: {resolution_note(points['n_real'])}"
-
-
-def format_operating_points(points: Mapping[str, Mapping[str, Any]]) -> str:
-    """The operating points of `calibrated_operating_points` as a table, one row per level and target; a target
-    finer than its level's reals can resolve says so on its row."""
-    rows = []
-    for level, p in points.items():
-        unit = "real videos" if level == "video" else "reals"
-        for name in FPR_TARGETS:
-            threshold = p[f"thr_at_fpr_{name}"]
-            note = resolution_note(p["n_real"], unit) if name in p["below_resolution"] else ""
-            rows.append((level, f"{name.replace('pct', '%')} FPR", _format_value(p[f"tpr_at_fpr_{name}"]),
-                         "none" if math.isinf(threshold) else _format_value(threshold), note))
-        rows.append((level, "EER", "", _format_value(p["eer_threshold"]), ""))
-    header = ("level", "target", "TPR", "threshold", "")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = ["operating points on calibrated P(fake) (fake when P(fake) >= threshold; none: no threshold flags a "
-             "fake without flagging a real)"]
-    for r in [header, *rows]:
-        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}"
-                     .rstrip())
-    return "\n".join(lines)
-
-
-def format_report(metrics: Mapping[str, float], points: Mapping[str, Mapping[str, Any]], title: str) -> str:
-    """What a run or an --evaluate prints at its end: the metrics, then the operating points on calibrated
-    P(fake) (the thresholds to deploy; the metrics' own, on raw P(fake), stay in metrics.csv and the JSON)."""
-    shown = {k: v for k, v in metrics.items() if not _is_operating_point(k)}
-    return format_metrics_table(shown, title) + "\n\n" + format_operating_points(points)
-
-
-class MetricsLog:
-    """One row per epoch in a CSV, rewritten atomically on every append so a crash never truncates it.
-
-    A new log starts empty: a fresh run replaces any metrics.csv already in its folder on the first append.
-    To resume, `truncate` reads the file back.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._rows = pd.DataFrame()
-
-    def truncate(self, up_to_epoch: int | None) -> None:
-        """Reload the rows on disk, dropping those with epoch > up_to_epoch (from the file too, at once).
-
-        For resuming from a checkpoint taken after epoch `up_to_epoch`: rows logged after it would be
-        repeated by the resumed run.
-        """
-        if not self.path.exists():
-            self._rows = pd.DataFrame()
-            return
-        try:
-            rows = pd.read_csv(self.path)
-        except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors
-            raise ConfigError(f"{self.path}: not a readable metrics log ({first_line(err)})") from None
-        if "epoch" not in rows.columns:
-            raise ConfigError(f"{self.path}: metrics log has no 'epoch' column")
-        stale = rows["epoch"] > up_to_epoch if up_to_epoch is not None else np.zeros(len(rows), dtype=bool)
-        self._rows = rows[~stale].reset_index(drop=True)
-        if stale.any():
-            self._write()
-
-    def frame(self) -> pd.DataFrame:
-        """A copy of the rows logged so far, one per epoch."""
-        return self._rows.copy()
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        """Add one epoch's row (must hold 'epoch', later than the last one) and rewrite the CSV."""
-        if "epoch" not in row:
-            raise ValueError(f"{self.path}: metrics row has no 'epoch' key: {sorted(row)}")
-        if len(self._rows) and row["epoch"] <= self._rows["epoch"].iloc[-1]:
-            last = self._rows["epoch"].iloc[-1]
-            raise ValueError(f"{self.path}: epoch {row['epoch']} appended after epoch {last}; must increase")
-        new = pd.DataFrame([dict(row)])
-        self._rows = new if self._rows.empty else pd.concat([self._rows, new], ignore_index=True)
-        self._write()
-
-    def _write(self) -> None:
-        write_text_atomic(self.path, self._rows.to_csv(index=False))

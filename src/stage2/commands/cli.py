@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stage2.engine.config import NOT_REPLAYED
-from stage2.engine.flags import check_args, config_value
-from stage2.engine.outputs import RUN_FILES
+from stage2.commands.flags import check_args, config_value
+from stage2.commands.train_args import NOT_REPLAYED
 from stage2.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged, first_line
+from stage2.run.files import RUN_FILES
 
 DEMO_ROOT = Path("data/demo")
 # A full disk (or quota, or file size limit) or an output folder we may not write to: one line naming the file;

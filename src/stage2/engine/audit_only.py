@@ -9,11 +9,11 @@ from typing import Any
 from stage2.atomic import write_json_atomic
 from stage2.data.audit import AUDIT_FILE, run_audit
 from stage2.data.manifest import check_source_leak, read_manifest
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import DistInfo
-from stage2.engine.logs import setup_logging
-from stage2.engine.outputs import check_output_dir, report_names
 from stage2.processes import usable_cores
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import DistInfo
+from stage2.run.files import check_output_dir, report_names
+from stage2.run.logs import setup_logging
 
 
 def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:

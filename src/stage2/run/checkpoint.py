@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from stage2.atomic import atomic_write
-from stage2.engine.distributed import broadcast_flag
 from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_exists, first_line
+from stage2.run.distributed import broadcast_flag
 
 CHECKSUM_KEY = "tensors_sha256"
 CONFIG_CHECKSUM_KEY = "data_config_sha256"

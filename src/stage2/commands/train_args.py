@@ -1,21 +1,21 @@
-"""The training configuration and the command-line flags that both trainers share.
+"""The command-line flags both trainers share, and the `TrainConfig` (stage2.run.config) they make.
 
-Each entry script calls `add_train_args(parser, **its_defaults)`, adds its model-specific flags,
-and turns the parsed namespace into a `TrainConfig` with `config_from_args`.
+Each training command calls `add_train_args(parser, **its_defaults)`, adds its model-specific flags, and turns
+the parsed namespace into a `TrainConfig` with `config_from_args`. Torch-free, like every parser: the commands
+answer --help and bad flags before importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from typing import Any
 
+from stage2.commands.flags import Extend, Float, Int
 from stage2.data.levels import AUG_LEVELS
-from stage2.engine.flags import Extend, Float, Int
 from stage2.errors import ConfigError
+from stage2.run.config import TRACKERS, TrainConfig
 
-# torch-free on purpose: the entry scripts parse their flags (and answer --help) before importing torch.
-TRACKERS = ("tensorboard",)
 # The largest --seed: every seed derived from it (per step, per sample, per epoch) stays within torch's range.
 SEED_MAX = 2**32 - 1
 # The smallest --img-size --self-blend works at: its face mask needs pixels for a soft edge, and its warp
@@ -24,79 +24,12 @@ SELF_BLEND_MIN_SIZE = 8
 # Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
 NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
-# What a resumed run may change, on each field below (stage2.engine.resume applies it; README, "Resuming and
-# stopping"). REPLAN: the schedule is a function of these and of where the run stands, so a change re-plans it
-# from there (a longer --epochs continues on the cosine of the new length, a new --lr scales the rest of it).
-# FREE: how the run executes, not what it learns; a change applies from the resume on. INVOCATION: describes this
-# command, not the run; never reported. REFUSE: the model, data and optimisation as the run started; a different
-# batch size, seed, image size or data would silently mix two runs.
-REFUSE, REPLAN, FREE, INVOCATION = ({"resume": policy} for policy in ("refuse", "replan", "free", "invocation"))
-
-
-@dataclass
-class TrainConfig:
-    # data
-    train_manifest: str = field(default="train_manifest.csv", metadata=REFUSE)
-    val_manifest: str = field(default="val_manifest.csv", metadata=REFUSE)
-    data_root: str | None = field(default=None, metadata=REFUSE)
-    skip_bad_images: bool = field(default=False, metadata=FREE)
-    max_bad_images: int = field(default=100, metadata=FREE)
-    # PIL's Image.MAX_IMAGE_PIXELS, as stage2.data.decode.MAX_IMAGE_PIXELS
-    max_image_pixels: int = field(default=89_478_485, metadata=FREE)
-    img_size: int = field(default=256, metadata=REFUSE)
-    aug: str = field(default="standard", metadata=REFUSE)
-    self_blend: float = field(default=0.0, metadata=REFUSE)
-    workers: int = field(default=8, metadata=FREE)
-    balanced_sampler: bool = field(default=False, metadata=REFUSE)
-    cache_dir: str | None = field(default=None, metadata=FREE)
-    # optimisation
-    epochs: int = field(default=20, metadata=REPLAN)
-    batch_size: int = field(default=128, metadata=REFUSE)
-    lr: float = field(default=3e-4, metadata=REPLAN)
-    min_lr: float = field(default=1e-6, metadata=REPLAN)
-    # 0.3, not 1: a warmup epoch is a third of a short run. On the hard-edged splice trace at 3 epochs (3 seeds)
-    # it left ours at 0.976x the plain loop's AUC, 0.999x with 0.3; no other trace type gained from it
-    # (BENCHMARKS.md, "Warmup").
-    warmup_epochs: float = field(default=0.3, metadata=REPLAN)
-    weight_decay: float = field(default=0.05, metadata=REFUSE)
-    opt: str = field(default="adamw", metadata=REFUSE)
-    grad_accum: int = field(default=1, metadata=REFUSE)
-    clip_grad: float | None = field(default=1.0, metadata=FREE)
-    ema: bool = field(default=False, metadata=REFUSE)
-    ema_decay: float = field(default=0.999, metadata=FREE)
-    # execution
-    amp: str = field(default="auto", metadata=FREE)
-    channels_last: bool = field(default=True, metadata=FREE)
-    compile: bool = field(default=False, metadata=FREE)
-    device: str | None = field(default=None, metadata=FREE)
-    seed: int = field(default=42, metadata=REFUSE)
-    deterministic: bool = field(default=False, metadata=FREE)
-    # selection, outputs, resume
-    select_metric: str = field(default="auc", metadata=REFUSE)
-    output_dir: str = field(default="output/stage2_effnet", metadata=INVOCATION)
-    resume: str | None = field(default=None, metadata=INVOCATION)
-    overwrite: bool = field(default=False, metadata=INVOCATION)
-    save_every_minutes: float = field(default=20.0, metadata=FREE)
-    evaluate_checkpoint: str | None = field(default=None, metadata=FREE)
-    audit_only: bool = field(default=False, metadata=REFUSE)
-    # with --evaluate: every --val-manifest given
-    eval_manifests: list[str] = field(default_factory=list, metadata=FREE)
-    perturb: str | None = field(default=None, metadata=FREE)
-    log_every: int = field(default=50, metadata=FREE)
-    calibrate: bool = field(default=True, metadata=FREE)
-    log_to: str | None = field(default=None, metadata=FREE)
-    # Every flag of the command line as parsed (replayable with --config); written to args.json.
-    cli_args: dict[str, Any] = field(default_factory=dict, metadata=INVOCATION)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int | None = None,
                    **defaults: Any) -> None:
     """The flags every trainer has; `defaults` overrides TrainConfig's defaults for this trainer, and
     `img_size_multiple_of` is what its model needs of --img-size. Each numeric flag declares its range
-    (stage2.engine.flags), checked before anything runs."""
+    (stage2.commands.flags), checked before anything runs."""
     d = {**TrainConfig().to_dict(), **defaults}
     data = parser.add_argument_group("data")
     data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stage2.engine.config import TrainConfig
 from stage2.errors import ConfigError
+from stage2.run.config import TrainConfig
 
 # The files that make a folder hold a run (and that --overwrite must be asked for).
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
 # The shortcut audit's table: stage2.data.audit.AUDIT_FILE, named here too so that this module stays torch-free.
 AUDIT_FILE = "shortcut_audit.csv"
+
+
+# Everything a run writes into its folder; --overwrite removes exactly these.
+RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
+               "recon_samples", "tensorboard", AUDIT_FILE)
 
 
 # What a folder holds, told by its files; checked in this order (a training run writes a summary.json too). A folder

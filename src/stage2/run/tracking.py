@@ -7,8 +7,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from stage2.engine.config import TRACKERS
 from stage2.errors import ConfigError
+from stage2.run.config import TRACKERS
 
 
 class Tracker:

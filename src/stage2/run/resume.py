@@ -1,6 +1,6 @@
 """Resuming a run: whether this command may continue a last.pt, and putting the run back where it stopped.
 
-What may change on a resume is the `resume` metadata of each TrainConfig field (stage2.engine.config: refuse,
+What may change on a resume is the `resume` metadata of each TrainConfig field (stage2.run.config: refuse,
 replan, free, invocation); the model family's meta and the expert's recipe (loss settings) never may.
 """
 
@@ -13,11 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from stage2.engine.checkpoint import LastCheckpoint, read_last, set_rng_state
-from stage2.engine.config import TrainConfig
-from stage2.engine.report import MetricsLog
 from stage2.errors import ConfigError
 from stage2.experts.base import Expert
+from stage2.run.checkpoint import LastCheckpoint, read_last, set_rng_state
+from stage2.run.config import TrainConfig
+from stage2.run.metrics_log import MetricsLog
 
 log = logging.getLogger("stage2")
 

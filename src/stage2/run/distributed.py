@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from stage2.engine.precision import pick_device
+from stage2.run.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     one-GPU `torchrun` exercises the same NCCL path as eight); a plain single process otherwise.
 
     NCCL on CUDA, gloo on CPU. `device` overrides the automatic choice ("cpu", "cuda", "cuda:N"; see
-    stage2.engine.precision.pick_device).
+    stage2.run.device.pick_device).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

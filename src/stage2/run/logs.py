@@ -13,9 +13,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import DistInfo
 from stage2.experts.base import Stage
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import DistInfo
 
 log = logging.getLogger("stage2")
 
