@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stage2.processes import usable_cores
+from stage2.run.files import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "pandas", "sklearn", "matplotlib", "tqdm", "safetensors", "pytest")
@@ -127,7 +128,7 @@ def _epochs(run_dir: Path) -> dict[str, list[dict[str, float]]]:
     import pandas as pd
 
     found = {}
-    for metrics in sorted(run_dir.rglob("metrics.csv")):
+    for metrics in sorted(run_dir.rglob(METRICS)):
         frame = pd.read_csv(metrics)
         columns = [c for c in ("epoch", "images_per_s", "epoch_time", "train_loss", "auc") if c in frame]
         found[str(metrics.parent.relative_to(run_dir)) or "."] = frame[columns].round(4).to_dict("records")

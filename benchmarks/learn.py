@@ -64,6 +64,7 @@ from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_
 from stage2.models.pypi_weights import LITE0, write_lite0_file
 from stage2.run.checkpoint import read_best
 from stage2.run.config import TrainConfig
+from stage2.run.files import BEST, METRICS
 
 PERTURBATIONS = "jpeg:50-70,down:0.5,blur:1.0,noise:0.02"
 PLAIN = "plain loop (flip only)"
@@ -230,8 +231,8 @@ def budget(plan: LearnPlan, train_csv: Path, val_csv: Path, out: Path, seed: int
 
 def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
     """A finished run of one of our trainers: its best.pt as a model, and its figures from metrics.csv."""
-    best = read_best(out / "best.pt")
-    history = pd.read_csv(out / "metrics.csv")
+    best = read_best(out / BEST)
+    history = pd.read_csv(out / METRICS)
     figures = {"clean": float(best.metrics["auc"]), "final_train_loss": float(history["train_loss"].iloc[-1])}
     if "val_recon_psnr" in history:  # a generative expert: how its reconstruction compares with a flat image
         at_best = history[history["epoch"] == best.epoch].iloc[0]

@@ -16,7 +16,7 @@ from typing import Any
 from stage2.commands.flags import check_args, config_value
 from stage2.commands.train_args import NOT_REPLAYED
 from stage2.errors import USER_ERRORS, ConfigError, StopRequested, TrainingDiverged, first_line
-from stage2.run.files import RUN_FILES
+from stage2.run.files import ARGS, RUN_FILES
 
 DEMO_ROOT = Path("data/demo")
 # A full disk (or quota, or file size limit) or an output folder we may not write to: one line naming the file;
@@ -90,7 +90,7 @@ def _demo_replaces(out: Path, train: Path, overwrite: bool) -> None:
 def _trained_on(run: Path) -> Path | None:
     """The train manifest the run in `run` recorded (args.json), resolved; None when it recorded none."""
     try:
-        return Path(json.loads((run / "args.json").read_text())["train_manifest"]).resolve()
+        return Path(json.loads((run / ARGS).read_text())["train_manifest"]).resolve()
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

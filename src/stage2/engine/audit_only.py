@@ -12,7 +12,7 @@ from stage2.data.manifest import check_source_leak, read_manifest
 from stage2.processes import usable_cores
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo
-from stage2.run.files import check_output_dir, report_names
+from stage2.run.files import SUMMARY, check_output_dir, report_names
 from stage2.run.logs import setup_logging
 
 
@@ -23,7 +23,7 @@ def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:
     if not dist.is_main:
         return None
     out = Path(cfg.output_dir)
-    check_output_dir(cfg)  # the entry scripts checked before torch loaded; this is for callers of run()
+    check_output_dir(cfg)  # the commands checked before torch loaded; this is for callers of run()
     if cfg.evaluate_checkpoint:
         manifests = cfg.eval_manifests or [cfg.val_manifest]
         frames = {name: read_manifest(m, cfg.data_root, require_both_classes=True)
@@ -34,6 +34,6 @@ def audit_only(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any] | None:
         check_source_leak(frames["train"], frames["val"])
     table = run_audit(frames, out, min(cfg.workers, usable_cores()))
     summary = {"shortcut_audit": table.to_dict("records"), "shortcuts": int(table["shortcut"].sum())}
-    write_json_atomic(out / "summary.json", summary)
-    logging.getLogger("stage2").info("wrote %s and %s", out / AUDIT_FILE, out / "summary.json")
+    write_json_atomic(out / SUMMARY, summary)
+    logging.getLogger("stage2").info("wrote %s and %s", out / AUDIT_FILE, out / SUMMARY)
     return summary

@@ -21,7 +21,7 @@ from stage2.processes import usable_cores
 from stage2.run.checkpoint import BestCheckpoint, read_best
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo
-from stage2.run.files import check_output_dir, eval_outputs, report_names
+from stage2.run.files import EVAL_SUMMARY, check_output_dir, eval_outputs, report_names
 from stage2.run.folder import BadImages
 from stage2.run.logs import setup_logging
 from stage2.scoring.evaluator import EvalResult, Evaluator, final_report
@@ -83,7 +83,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     if not dist.is_main:
         return None
     summary = pd.DataFrame(rows)
-    write_text_atomic(out / "eval_summary.csv", summary.to_csv(index=False))
+    write_text_atomic(out / EVAL_SUMMARY, summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
     # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
     written = [name for name in eval_outputs(cfg) if (out / name).exists()]

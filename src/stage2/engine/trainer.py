@@ -12,6 +12,7 @@ checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -41,15 +42,7 @@ from stage2.data.transforms import DeviceTransform
 from stage2.errors import ConfigError, StopRequested, TrainingDiverged, first_line
 from stage2.experts.base import Expert, Stage
 from stage2.processes import StopRequest, stop_requests, usable_cores
-from stage2.run.checkpoint import (
-    BestCheckpoint,
-    LastCheckpoint,
-    ensure_finite,
-    last_good_note,
-    read_best,
-    rng_state,
-    save_checkpoint,
-)
+from stage2.run.checkpoint import BestCheckpoint, LastCheckpoint, ensure_finite, rng_state
 from stage2.run.config import TrainConfig
 from stage2.run.device import autocast, autocast_dtype, memory_format
 from stage2.run.distributed import (
@@ -59,11 +52,13 @@ from stage2.run.distributed import (
     broadcast_flag,
     broadcast_flags,
 )
+from stage2.run.files import ARGS, CURVES, LAST, METRICS, PREDICTIONS, ROC, SUMMARY, TRAIN_LOG
 from stage2.run.folder import BadImages, prepare_run_dir
 from stage2.run.loaders import train_loader, trained_label_mix
 from stage2.run.logs import log_settings, setup_logging
 from stage2.run.metrics_log import MetricsLog
 from stage2.run.resume import check_manifests, read_resume_state, restore
+from stage2.run.saver import CheckpointSaver
 from stage2.run.tracking import make_tracker
 from stage2.scoring.calibration import calibration_report, fit_temperature
 from stage2.scoring.evaluator import Evaluator, final_report, sigmoid, video_level
@@ -119,9 +114,9 @@ class Trainer:
         check_source_leak(self.train_frame, val_frame)
         self.manifests = {"train": manifest_fingerprint(self.train_frame), "val": manifest_fingerprint(val_frame)}
         self.resume_path = prepare_run_dir(cfg, dist.is_main)
-        setup_logging(self.out / "train.log" if dist.is_main else None, dist.is_main)
+        setup_logging(self.out / TRAIN_LOG if dist.is_main else None, dist.is_main)
         if cfg.resume and self.resume_path is None:
-            log.warning("--resume: %s holds no last.pt yet: starting a new run", self.out)
+            log.warning("--resume: %s holds no %s yet: starting a new run", self.out, LAST)
         self.resume = read_resume_state(self.resume_path, cfg, expert) if self.resume_path else None
         if self.resume:
             check_manifests(self.resume, self.manifests, cfg)
@@ -131,6 +126,7 @@ class Trainer:
         self.bad_images = BadImages(self.out, dist.is_main, cfg.max_bad_images)
         self.stop = StopRequest()  # set by SIGTERM or Ctrl-C during fit(): the loop stops at the next step
         self.tracker = make_tracker(cfg.log_to, self.out, dist.is_main)
+        self.checkpoints = CheckpointSaver(self.out, functools.partial(is_better, cfg.select_metric))
 
         self.model = expert.build_model()
         self.data_config = expert.data_config(self.model)
@@ -141,7 +137,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.evaluator = Evaluator(cfg, expert, dist, self.data_config, bad_images=self.bad_images,
-                                   frame=val_frame, last=self.out / "last.pt")
+                                   frame=val_frame, last=self.checkpoints.last)
         self.evaluator.check_select_metric(cfg.select_metric)
         # What the file headers alone give away about the labels: warned about before any GPU time is spent.
         self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
@@ -157,9 +153,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.aug_gen = torch.Generator(device=self.device)
-        self.history = MetricsLog(self.out / "metrics.csv")
-        self.best_value: float | None = None
-        self.best_epoch = 0
+        self.history = MetricsLog(self.out / METRICS)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any] | None:
@@ -168,10 +162,10 @@ class Trainer:
         if resume:
             restore(resume, self.model, None if self.ema is None else self.ema.module,
                     self.history if self.dist.is_main else None)
-            self.best_value, self.best_epoch = resume.best_value, resume.best_epoch
+            self.checkpoints.resume(resume)
             where = f"epoch {resume.next_epoch + 1}" + (f" step {resume.step}" if resume.step else "")
             log.info("resuming from %s at %s (best %s so far: %s)", self.resume_path, where, cfg.select_metric,
-                     self.best_value)
+                     self.checkpoints.best_value)
         # Epochs are counted over the whole run (0-based), stages one after another; a last.pt says where the run
         # stands: epoch `next_epoch`, `step` steps into it (0: at its start).
         start_epoch, start_step = (resume.next_epoch, resume.step) if resume else (0, 0)
@@ -183,7 +177,7 @@ class Trainer:
                      n_params=sum(p.numel() for p in self.model.parameters()), model=self.expert.describe())
         if self.dist.is_main:
             # What this run uses, replayable with --config; on a resume the flags that may change are the new ones.
-            write_json_atomic(self.out / "args.json", {**cfg.cli_args, "expert": self.expert.describe()})
+            write_json_atomic(self.out / ARGS, {**cfg.cli_args, "expert": self.expert.describe()})
 
         with stop_requests(self.stop):
             first_epoch = 0  # the run's epoch at which this stage begins
@@ -397,36 +391,34 @@ class Trainer:
         return broadcast_flag("loss" in sums and not bool(torch.isfinite(sums["loss"])), self.device)
 
     def _last_good(self) -> str:
-        return last_good_note(self.out / "last.pt")
+        return self.checkpoints.last_good()
 
     def _stop_requested(self) -> bool:
         return broadcast_flag(self.stop.signum is not None, self.device)
 
     def _stopped(self, next_epoch: int, step: int) -> StopRequested:
         where = f"epoch {next_epoch + 1} step {step}" if step else f"the end of epoch {next_epoch}"
-        log.warning("%s: stopped at %s, last.pt written", self.stop.name, where)
+        log.warning("%s: stopped at %s, %s written", self.stop.name, where, LAST)
         return StopRequested(self.stop.signum or signal.SIGTERM,
-                             f"stopped by {self.stop.name} at {where}; {self.out / 'last.pt'} holds the run: resume it "
-                             "by running the same command with --resume")
+                             f"stopped by {self.stop.name} at {where}; {self.checkpoints.last} holds the run: resume "
+                             "it by running the same command with --resume")
 
     # ------------------------------------------------------------------ validation
     def _end_epoch(self, epoch: int, train_stats: dict[str, float], ctx: StageState) -> None:
         cfg = self.cfg
         eval_model = self.ema.module if self.ema is not None else self.model
         when = f"after epoch {epoch + 1}"
-        ensure_finite(eval_model, self.device, when, self.out / "last.pt")
+        ensure_finite(eval_model, self.device, when, self.checkpoints.last)
         result = self.evaluator.evaluate(eval_model, when=when)
         self.bad_images.note("val", self.evaluator.frame, np.flatnonzero(~result.seen).tolist())
         metrics = self.evaluator.metrics(result)
         value = metrics[cfg.select_metric]  # one the val set gives (Evaluator.check_select_metric)
-        improved = self.best_value is None or is_better(cfg.select_metric, value, self.best_value)
-        if improved:
-            self.best_value, self.best_epoch = value, epoch + 1
+        improved = self.checkpoints.select(value, epoch + 1)
         if self.dist.is_main:
             self.history.append({"epoch": epoch + 1, "stage": ctx.stage.name, **train_stats, **metrics})
             if improved:
-                save_checkpoint(self._best_checkpoint(eval_model, epoch + 1, metrics).to_dict(), self.out / "best.pt")
-            plot_training_curves(self.history.frame(), self.out / "curves.png", best_epoch=self.best_epoch,
+                self.checkpoints.save_best(self._best_checkpoint(eval_model, epoch + 1, metrics))
+            plot_training_curves(self.history.frame(), self.out / CURVES, best_epoch=self.checkpoints.best_epoch,
                                  select_metric=cfg.select_metric)
             images, labels = self.evaluator.fixed_batch
             for tag, path in self.expert.epoch_artifacts(eval_model, images, labels, epoch + 1, self.out).items():
@@ -446,9 +438,9 @@ class Trainer:
     def _save_last(self, ctx: StageState, next_epoch: int, step: int, sums: dict[str, torch.Tensor] | None) -> None:
         """Everything a resume needs; `step` > 0 marks a checkpoint taken mid-epoch. Called on every rank."""
         where = f"at epoch {next_epoch + 1} step {step}" if step else f"after epoch {next_epoch}"
-        ensure_finite(self.model, self.device, where, self.out / "last.pt")
+        ensure_finite(self.model, self.device, where, self.checkpoints.last)
         if self.ema is not None:
-            ensure_finite(self.ema.module, self.device, where, self.out / "last.pt")
+            ensure_finite(self.ema.module, self.device, where, self.checkpoints.last)
         if not self.dist.is_main:
             return
         last = LastCheckpoint(
@@ -461,18 +453,18 @@ class Trainer:
             next_epoch=next_epoch,
             step=step,
             train_sums={k: v.cpu() for k, v in sums.items()} if sums else None,
-            best_value=self.best_value,
-            best_epoch=self.best_epoch,
+            best_value=self.checkpoints.best_value,
+            best_epoch=self.checkpoints.best_epoch,
             manifests=self.manifests,
             rng=rng_state(),
         )
-        save_checkpoint(last.to_dict(), self.out / "last.pt")
+        self.checkpoints.save_last(last)
 
     # ------------------------------------------------------------------ the end
     def _finish(self) -> dict[str, Any] | None:
         """Reload the best weights, calibrate, and write predictions, ROC, summary and the final table."""
         barrier()
-        best = read_best(self.out / "best.pt")
+        best = self.checkpoints.read_best()
         eval_model = self.ema.module if self.ema is not None else self.model
         eval_model.load_state_dict(best.model)
         result = self.evaluator.evaluate(eval_model)
@@ -488,17 +480,17 @@ class Trainer:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
             best.temperature = temperature
-            save_checkpoint(best.to_dict(), self.out / "best.pt")
+            self.checkpoints.save_best(best)
         summary["operating_points"] = final_report(self.evaluator.frame, result, metrics, temperature,
-                                                   self.out / "val_predictions.csv",
+                                                   self.out / PREDICTIONS,
                                                    title=f"best epoch {best.epoch} (validation)")
         labels, p_fake, frame = result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s]
         video_labels, video_probs = video_level(labels, p_fake, frame) or (None, None)
-        plot_roc(labels, p_fake, self.out / "roc.png", video_labels=video_labels, video_probs=video_probs,
+        plot_roc(labels, p_fake, self.out / ROC, video_labels=video_labels, video_probs=video_probs,
                  title=f"{self.expert.describe().get('model', '')}: best epoch {best.epoch} on validation")
-        self.tracker.image("roc", self.out / "roc.png", best.epoch)
+        self.tracker.image("roc", self.out / ROC, best.epoch)
         self.tracker.close()
-        write_json_atomic(self.out / "summary.json", summary)
+        write_json_atomic(self.out / SUMMARY, summary)
         if "calibration" in summary:
             cal = summary["calibration"]
             log.info("temperature %.3f: val NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, cal["nll_before"],

@@ -1,7 +1,8 @@
-"""What a training run, an --evaluate and an --audit-only write into their folder, one kind per folder, and the
-refusal to replace it without --overwrite.
+"""The names of what a training run, an --evaluate and an --audit-only write into their folder, one kind per
+folder, and the refusal to replace it without --overwrite. The one place that spells a run's file names; the
+checkpoints themselves are written by stage2.run.saver.
 
-Torch-free, like the parsers: the entry scripts check the output folder right after parsing, so a folder that is
+Torch-free, like the parsers: the commands check the output folder right after parsing, so a folder that is
 already taken is refused at once, not after the half minute that importing torch and building the model take.
 """
 
@@ -12,24 +13,35 @@ from pathlib import Path
 from stage2.errors import ConfigError
 from stage2.run.config import TrainConfig
 
-# The files that make a folder hold a run (and that --overwrite must be asked for).
-RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "args.json")
-# The shortcut audit's table: stage2.data.audit.AUDIT_FILE, named here too so that this module stays torch-free.
+BEST = "best.pt"  # the best epoch's weights (by --select-metric), calibrated: what scoring and extraction read
+LAST = "last.pt"  # everything a resume needs
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+ARGS = "args.json"  # the run's flags, replayable with --config
+TRAIN_LOG = "train.log"
+ROC, CURVES, PREDICTIONS = "roc.png", "curves.png", "val_predictions.csv"
+BAD_IMAGES = "bad_images.txt"
+TENSORBOARD = "tensorboard"
+# The shortcut audit's table: stage2.data.audit.AUDIT_FILE, named here too because that module loads pandas, PIL
+# and scikit-learn, which the commands do not import before they have parsed their flags and checked this folder.
 AUDIT_FILE = "shortcut_audit.csv"
+# GenConViT's per-epoch reconstruction grids (stage2.experts.genconvit writes them).
+RECON_SAMPLES = "recon_samples"
+EVAL_SUMMARY = "eval_summary.csv"  # --evaluate's table across its manifests
 
-
+# The files that make a folder hold a run (and that --overwrite must be asked for).
+RUN_FILES = (BEST, LAST, METRICS, SUMMARY, ARGS)
 # Everything a run writes into its folder; --overwrite removes exactly these.
-RUN_OUTPUTS = (*RUN_FILES, "train.log", "roc.png", "curves.png", "val_predictions.csv", "bad_images.txt",
-               "recon_samples", "tensorboard", AUDIT_FILE)
+RUN_OUTPUTS = (*RUN_FILES, TRAIN_LOG, ROC, CURVES, PREDICTIONS, BAD_IMAGES, RECON_SAMPLES, TENSORBOARD, AUDIT_FILE)
 
 
 # What a folder holds, told by its files; checked in this order (a training run writes a summary.json too). A folder
 # holds one kind: another command's files beside a run's would mix two things in one folder (an --audit-only
 # replaced a run's summary.json, an --evaluate its shortcut_audit.csv), so another kind is refused, --overwrite
 # or not.
-KINDS = {"training": ("best.pt", "last.pt", "metrics.csv", "args.json"),
-         "evaluate": ("eval_summary.csv", "eval_*.json", "predictions_*.csv"),
-         "audit": ("summary.json",)}
+KINDS = {"training": (BEST, LAST, METRICS, ARGS),
+         "evaluate": (EVAL_SUMMARY, "eval_*.json", "predictions_*.csv"),
+         "audit": (SUMMARY,)}
 KIND_NAMES = {"training": "a training run", "evaluate": "--evaluate reports", "audit": "an --audit-only report"}
 
 
@@ -57,7 +69,7 @@ def resume_checkpoint(out: Path, resume: str) -> Path:
     """The last.pt `--resume` continues: OUTPUT_DIR/last.pt ("auto"), or PATH, which must lie in --output-dir. A
     run continues in the folder it owns: another run's last.pt continued here would leave this folder's best.pt,
     summary and metrics.csv rows beside the other run's, or no best.pt at all."""
-    path = out / "last.pt" if resume == "auto" else Path(resume)
+    path = out / LAST if resume == "auto" else Path(resume)
     if path.resolve().parent != out.resolve():
         raise ConfigError(f"--resume {resume}: that run's folder is {path.parent}, not --output-dir {out}; a run "
                           "continues in the folder that holds its last.pt (give that --output-dir)")
@@ -79,7 +91,7 @@ def eval_outputs(cfg: TrainConfig) -> list[str]:
     files = [f"{kind}_{name}.{ext}" for name in names for kind, ext in (("eval", "json"), ("predictions", "csv"))]
     if cfg.perturb:
         files += [f"robustness_{name}.{ext}" for name in names for ext in ("csv", "png")]
-    return [*files, "eval_summary.csv", AUDIT_FILE]
+    return [*files, EVAL_SUMMARY, AUDIT_FILE]
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -95,7 +107,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if cfg.overwrite:
         return
     if kind != "training":
-        names = eval_outputs(cfg) if kind == "evaluate" else [AUDIT_FILE, "summary.json"]
+        names = eval_outputs(cfg) if kind == "evaluate" else [AUDIT_FILE, SUMMARY]
         existing = [name for name in names if (out / name).exists()]
         if existing:
             raise ConfigError(f"--output-dir {out} already holds {', '.join(existing[:3])}"

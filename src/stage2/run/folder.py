@@ -16,7 +16,7 @@ from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo, barrier, gather_objects
-from stage2.run.files import RUN_OUTPUTS, check_output_dir, resume_checkpoint, run_files_in
+from stage2.run.files import BAD_IMAGES, RUN_OUTPUTS, check_output_dir, resume_checkpoint, run_files_in
 
 log = logging.getLogger("stage2")
 
@@ -79,7 +79,7 @@ class BadImages:
     `limit` in one split stops the run."""
 
     def __init__(self, out: Path, is_main: bool, limit: int) -> None:
-        self.path, self.is_main, self.limit = out / "bad_images.txt", is_main, limit
+        self.path, self.is_main, self.limit = out / BAD_IMAGES, is_main, limit
         self.found: dict[str, set[str]] = {"train": set(), "val": set()}
 
     def note(self, split: str, frame: pd.DataFrame, rows: list[int]) -> None:

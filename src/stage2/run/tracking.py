@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stage2.errors import ConfigError
 from stage2.run.config import TRACKERS
+from stage2.run.files import TENSORBOARD
 
 
 class Tracker:
@@ -62,4 +63,4 @@ def make_tracker(log_to: str | None, out: Path, is_main: bool) -> Tracker:
         return Tracker()
     if log_to not in TRACKERS:
         raise ConfigError(f"--log-to {log_to!r}: expected one of {', '.join(TRACKERS)}")
-    return TensorBoardTracker(out / "tensorboard")
+    return TensorBoardTracker(out / TENSORBOARD)
