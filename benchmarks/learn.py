@@ -57,6 +57,7 @@ from stage2.data.dataset import ManifestDataset, collate
 from stage2.data.levels import AUG_LEVELS
 from stage2.data.manifest import read_manifest
 from stage2.data.perturb import Perturbation, parse_perturbations
+from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.stacking_preview import fold_groups, out_of_fold, stacker
 from stage2.errors import first_line
@@ -120,7 +121,7 @@ class Trained:
     seed: int
     model: nn.Module
     family: ModelFamily
-    data_config: dict[str, Any]
+    data_config: DataConfig
     figures: dict[str, Any]
 
 
@@ -141,11 +142,10 @@ def scores(trained: Trained, frame: pd.DataFrame, perturbation: Perturbation | N
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """Fake logits of a trained model on ``frame``'s images (resized to its input), optionally perturbed (seed 0),
     read as its family reads them, in fp32; and a generative model's reconstruction errors (else None)."""
-    size = trained.data_config["input_size"][-1]
     model = trained.model
     device = next(model.parameters()).device
-    dataset = ManifestDataset(frame, size, transform=perturbation, seed=0)
-    normalise = DeviceTransform(tuple(trained.data_config["mean"]), tuple(trained.data_config["std"])).to(device)
+    dataset = ManifestDataset(frame, trained.data_config.size, transform=perturbation, seed=0)
+    normalise = DeviceTransform(trained.data_config.mean, trained.data_config.std).to(device)
     model.eval()
     logits, errors = [], []
     with torch.inference_mode():
@@ -198,8 +198,7 @@ def plain_loop(train: pd.DataFrame, val: pd.DataFrame, plan: LearnPlan, case: Ca
                                          drop_last=True, persistent_workers=plan.workers > 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.lr, total_steps=plan.epochs * len(loader))
-    data_config = {"input_size": [3, size, size], "mean": config["mean"], "std": config["std"]}
-    trained = Trained(case, seed, model, FAMILIES["timm"], data_config, {})
+    trained = Trained(case, seed, model, FAMILIES["timm"], DataConfig.of(size, config["mean"], config["std"]), {})
     best, best_state, losses = -1.0, None, []
     for _ in range(plan.epochs):
         model.train()
@@ -241,7 +240,7 @@ def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
                        last_recon_psnr=float(history["val_recon_psnr"].iloc[-1]))
     checkpoint = best.to_dict()
     model = model_from_checkpoint(checkpoint).to(plan.device)
-    return Trained(case, seed, model, family_of(checkpoint), best.data_config, figures)
+    return Trained(case, seed, model, family_of(checkpoint), DataConfig.from_dict(best.data_config), figures)
 
 
 def ours(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, case: Case, seed: int) -> Trained:

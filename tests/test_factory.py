@@ -17,7 +17,7 @@ def test_design_note_alias_maps_to_the_timm_name():
 
 def test_effnetv2_data_config_comes_from_the_pretrained_config():
     model = timm.create_model("tf_efficientnetv2_b3.in21k_ft_in1k", pretrained=False, num_classes=1)
-    cfg = timm_data_config(model, 256)
+    cfg = timm_data_config(model, 256).to_dict()
     assert cfg["mean"] == [0.5, 0.5, 0.5] and cfg["std"] == [0.5, 0.5, 0.5]
     assert cfg["input_size"] == [3, 256, 256]
 

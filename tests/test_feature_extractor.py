@@ -105,7 +105,7 @@ def data(tmp_path_factory) -> Path:
 def timm_expert(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
     model = create_timm_model("test_efficientnet", pretrained=False, num_classes=1).eval()
-    assert timm_data_config(model, IMG)["mean"] == list(MEAN)
+    assert timm_data_config(model, IMG).to_dict()["mean"] == list(MEAN)
     meta = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
     return save_trainer_checkpoint(tmp_path_factory.mktemp("timm") / "best.pt", model, meta, 2.0), model
 

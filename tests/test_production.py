@@ -526,7 +526,7 @@ def _assert_check_passed_on_synthetic_images(report: dict) -> None:
 @pytest.mark.slow
 def test_real_size_efficientnetv2_b3_exports(tmp_path):
     model = create_timm_model("tf_efficientnetv2_b3", pretrained=False, num_classes=1)
-    config = timm_data_config(model, 256)
+    config = timm_data_config(model, 256).to_dict()
     path = _real_size_checkpoint(tmp_path, model, {"family": "timm", "model_name": "tf_efficientnetv2_b3",
                                                    "num_classes": 1}, 256, config["mean"], config["std"])
     report = export_checkpoint(path, tmp_path / "export")

@@ -62,4 +62,4 @@ def test_genconvit_takes_the_file_as_its_backbone(lite0_weights):
     # the head reads pooled features: the ImageNet classifier is dropped, every other tensor is ImageNet's
     assert set(weights) - set(backbone) == {"classifier.weight", "classifier.bias"}
     assert all(torch.equal(value, weights[key]) for key, value in backbone.items())
-    assert expert.data_config(model)["mean"] == [0.5, 0.5, 0.5]  # Lite0's own normalisation, not ConvNeXt's
+    assert expert.data_config(model).to_dict()["mean"] == [0.5, 0.5, 0.5]  # Lite0's own normalisation, not ConvNeXt's

@@ -14,6 +14,7 @@ import torch
 from stage2.atomic import write_json_atomic, write_text_atomic
 from stage2.data.audit import run_audit
 from stage2.data.perturb import check_image_size, parse_perturbations
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError
 from stage2.experts.base import Expert
 from stage2.models.families import model_from_checkpoint
@@ -52,11 +53,13 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     names = report_names(manifests)
     check_output_dir(cfg)  # the commands checked already, before importing torch; this is for callers of run()
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
-    checkpoint = _read_checkpoint(path, cfg, expert)
-    check_image_size(perturbations, checkpoint.data_config["input_size"][-1])
+    checkpoint = read_best(path)
+    data_config = DataConfig.from_dict(checkpoint.data_config)
+    _check_model(checkpoint, data_config, path, cfg, expert)
+    check_image_size(perturbations, data_config.size)
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
-    evaluators = [Evaluator(cfg, expert, dist, checkpoint.data_config, bad_images=bad_images, manifest=manifest)
+    evaluators = [Evaluator(cfg, expert, dist, data_config, bad_images=bad_images, manifest=manifest)
                   for manifest in manifests]
     model = model_from_checkpoint(checkpoint.to_dict()).to(dist.device)
     if cfg.channels_last:
@@ -69,7 +72,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         metrics = evaluator.metrics(result)
         robustness = [{"perturbation": "none", **_headline(metrics)}]
         for perturbation in perturbations:
-            perturbed = Evaluator(cfg, expert, dist, checkpoint.data_config, bad_images=bad_images,
+            perturbed = Evaluator(cfg, expert, dist, data_config, bad_images=bad_images,
                                   manifest=manifest, perturbation=perturbation)
             robustness.append({"perturbation": perturbation.name,
                                **_headline(perturbed.metrics(perturbed.evaluate(model)))})
@@ -91,20 +94,18 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     return results
 
 
-def _read_checkpoint(path: Path, cfg: TrainConfig, expert: Expert) -> BestCheckpoint:
-    """The checkpoint, refused when it holds another family or variant than the command evaluates; a model or size
-    other than the command's is scored as the checkpoint holds it, and said so."""
-    checkpoint = read_best(path)
+def _check_model(checkpoint: BestCheckpoint, data_config: DataConfig, path: Path, cfg: TrainConfig, expert: Expert
+                 ) -> None:
+    """Refuse a checkpoint of another family or variant than the command evaluates; a model or input size other
+    than the command's is scored as the checkpoint holds it, and said so."""
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
         if checkpoint.meta.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.meta.get('model_name', 'no model')} "
                               f"({key} {checkpoint.meta.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
-    size = checkpoint.data_config["input_size"][-1]
-    if not _same_model(expert, checkpoint.meta) or size != cfg.img_size:
+    if not _same_model(expert, checkpoint.meta) or data_config.size != cfg.img_size:
         log.info("--evaluate %s: scoring the model it holds, %s; this command's model settings (%s) do not apply",
-                 path, _model_words(checkpoint.meta, size), _model_words(meta, cfg.img_size))
-    return checkpoint
+                 path, _model_words(checkpoint.meta, data_config.size), _model_words(meta, cfg.img_size))
 
 
 def _write_reports(out: Path, name: str, manifest: str, checkpoint: BestCheckpoint, path: Path, evaluator: Evaluator,

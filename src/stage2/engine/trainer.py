@@ -144,11 +144,9 @@ class Trainer:
                                self.workers) if dist.is_main else None
         self.label_mix = trained_label_mix(cfg, self.train_frame["label"].to_numpy())
         expert.prepare(*self.label_mix)
-        img_size = self.data_config["input_size"][-1]
-        mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
-        self.train_tf = DeviceTransform(mean, std, cfg.aug).to(self.device)
+        self.train_tf = DeviceTransform(self.data_config.mean, self.data_config.std, cfg.aug).to(self.device)
         self.train_loader, self.train_sampler, self.steps_per_epoch = train_loader(
-            cfg, self.train_frame, img_size, dist, self.workers)
+            cfg, self.train_frame, self.data_config.size, dist, self.workers)
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -432,7 +430,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _best_checkpoint(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> BestCheckpoint:
         return BestCheckpoint(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                              meta=self.expert.checkpoint_meta(), data_config=self.data_config,
+                              meta=self.expert.checkpoint_meta(), data_config=self.data_config.to_dict(),
                               args=self.cfg.to_dict(), epoch=epoch, metrics=metrics)
 
     def _save_last(self, ctx: StageState, next_epoch: int, step: int, sums: dict[str, torch.Tensor] | None) -> None:

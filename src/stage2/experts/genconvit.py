@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from stage2.atomic import atomic_write
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
@@ -141,9 +142,9 @@ class GenConViTExpert(Expert):
             self.model_kwargs["head_input"] = head_input
         self.model_kwargs.update(model_kwargs or {})
         # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
-        norm = self.family.data_config(img_size, backbone)
+        self.preprocessing = self.family.data_config(img_size, backbone)
         self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
-                                       norm["mean"], norm["std"])
+                                       self.preprocessing.mean, self.preprocessing.std)
 
     def build_model(self) -> nn.Module:
         files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
@@ -179,8 +180,8 @@ class GenConViTExpert(Expert):
                 "offline, pass "
                 "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch") from err
 
-    def data_config(self, model: nn.Module) -> dict[str, Any]:
-        return self.family.data_config(self.img_size, self.backbone)
+    def data_config(self, model: nn.Module) -> DataConfig:
+        return self.preprocessing
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return self.family.meta(self.variant, self.arch, self.model_kwargs)

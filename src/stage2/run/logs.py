@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from stage2.data.preprocessing import DataConfig
 from stage2.experts.base import Stage
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo
@@ -86,14 +87,13 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
 
 def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, amp_dtype: torch.dtype | None,
                  threads: str, train_frame: pd.DataFrame, label_mix: tuple[float, float], n_val: int,
-                 data_config: dict[str, Any],
+                 data_config: DataConfig,
                  degrade_start: int | None, workers: int, n_params: int, model: dict[str, Any]) -> None:
     """What a training run is about to do, in one block: device, data, recipe, stages and model.
 
     `label_mix` is the expected (real, fake) images an epoch trains on (run_loaders.trained_label_mix);
     `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
     loader workers after the cap to usable cores; `model` the expert's description."""
-    dc = data_config
     n_fake = int(train_frame["label"].sum())
     how = [what for what, on in (("--balanced-sampler", cfg.balanced_sampler),
                                  (f"--self-blend {cfg.self_blend:g}", cfg.self_blend)) if on]
@@ -106,7 +106,7 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
         f"{cfg.train_manifest}; val {n_val} from {cfg.val_manifest}"
         + (f"; trained per epoch, expected after {' and '.join(how)}: {label_mix[0]:.1f} real / "
            f"{label_mix[1]:.1f} fake" if how else ""),
-        f"input {dc['input_size'][-1]}px, mean {dc['mean']}, std {dc['std']}, aug {cfg.aug}"
+        f"input {data_config.size}px, mean {list(data_config.mean)}, std {list(data_config.std)}, aug {cfg.aug}"
         + (f" (degradations from epoch {degrade_start + 1})" if degrade_start is not None else "")
         + f", self-blend {cfg.self_blend:g}, workers {workers}"
         + (f" (--workers {cfg.workers} capped to the {workers} cores this process may use)"

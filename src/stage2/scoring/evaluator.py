@@ -18,6 +18,7 @@ from stage2.atomic import write_text_atomic
 from stage2.data.dataset import collate
 from stage2.data.manifest import LABEL_NAMES, read_manifest
 from stage2.data.perturb import Perturbation
+from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
 from stage2.errors import ConfigError, TrainingDiverged
 from stage2.experts.base import Expert
@@ -57,16 +58,16 @@ class Evaluator:
     non-finite scores.
     """
 
-    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, data_config: dict[str, Any], *,
+    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, data_config: DataConfig, *,
                  bad_images: BadImages, manifest: str | None = None, frame: pd.DataFrame | None = None,
                  perturbation: Perturbation | None = None, last: Path | None = None) -> None:
         self.cfg, self.expert, self.dist, self.last = cfg, expert, dist, last
         self.device = dist.device
         self.manifest = manifest or cfg.val_manifest
         self.frame = read_manifest(self.manifest, cfg.data_root, require_both_classes=True) if frame is None else frame
-        img_size = data_config["input_size"][-1]
-        self.normalise = DeviceTransform(tuple(data_config["mean"]), tuple(data_config["std"])).to(self.device).eval()
-        self.loader = val_loader(cfg, self.frame, img_size, dist, min(cfg.workers, usable_cores()), perturbation)
+        self.normalise = DeviceTransform(data_config.mean, data_config.std).to(self.device).eval()
+        self.loader = val_loader(cfg, self.frame, data_config.size, dist, min(cfg.workers, usable_cores()),
+                                 perturbation)
         self.amp_dtype = scoring_dtype(self.device, cfg.amp != "off")
         self.bad_images = bad_images
         self.decoded = self.frame  # the rows whose images decode: all of them, or what _check_images finds
