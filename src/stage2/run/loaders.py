@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from stage2.data.cache import CacheView, open_cache
 from stage2.data.dataset import manifest_loader
 from stage2.data.self_blend import SelfBlend
-from stage2.data.transforms import build_cpu_transform
+from stage2.data.transforms import Degradations
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo, ShardedSampler, barrier
 
@@ -62,16 +62,17 @@ def trained_label_mix(cfg: TrainConfig, labels: np.ndarray) -> tuple[float, floa
     return float(real * (1 - cfg.self_blend)), float(fake + real * cfg.self_blend)
 
 
-def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int
-                 ) -> tuple[DataLoader, ShardedSampler, int]:
-    """The shuffled (or class-balanced) training batches of this rank, its sampler, and the steps per epoch."""
+def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int,
+                 degradations: Degradations | None = None) -> tuple[DataLoader, ShardedSampler, int]:
+    """The shuffled (or class-balanced) training batches of this rank, its sampler, and the steps per epoch;
+    `degradations` is the workers' part of the run's --aug (Augmentation.in_workers)."""
     labels = frame["label"].to_numpy()
     weights = torch.from_numpy(class_weights(cfg, labels)[labels]) if cfg.balanced_sampler else None
     sampler = ShardedSampler(len(frame), shuffle=True, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
                              weights=weights)
     drop_last = sampler.per_rank >= cfg.batch_size
     loader = manifest_loader(frame, img_size, batch_size=cfg.batch_size, workers=workers, sampler=sampler,
-                             transform=build_cpu_transform(cfg.aug, cfg.epochs), seed=cfg.seed,
+                             transform=degradations, seed=cfg.seed,
                              skip_bad_images=cfg.skip_bad_images,
                              cache=shared_cache(cfg, frame, img_size, dist, workers),
                              pin_memory=dist.device.type == "cuda", drop_last=drop_last,
