@@ -17,6 +17,7 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from stage2.data.demo import make_demo_dataset  # noqa: E402
 
@@ -58,6 +59,15 @@ def set_flag(args: list[str], flag: str, value: str) -> list[str]:
     else:
         args += [flag, value]
     return args
+
+
+def open_png(path: Path) -> tuple[int, int]:
+    """The size of the PNG file at `path`, after checking that it is one, whole."""
+    assert path.stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.verify()
+        return im.size
 
 
 def output_dir(args: list[str]) -> Path:

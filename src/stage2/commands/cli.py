@@ -1,4 +1,4 @@
-"""What the entry scripts do around their work: parsing (with --config and --demo defaults) and one-line errors.
+"""What the commands do around their work: parsing (with --config and --demo defaults) and one-line errors.
 
 Torch-free at import, like the parsers: `--help` and argument errors answer at once, before any heavy import.
 """
@@ -25,7 +25,7 @@ OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EAC
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of the entry scripts: the docstring as written, and every flag's default after its help text.
+    """--help of the commands: the docstring as written, and every flag's default after its help text.
 
     Not for a flag whose default is None (its help says what happens without it) or a plain switch (off).
     """

@@ -110,7 +110,8 @@ def collate(items: Sequence[ImageItem]) -> Batch:
     """Stack dataset items into a :class:`Batch`, dropping (and listing) the undecodable ones.
 
     A batch where every item was skipped has zero-length tensors and ``images`` of shape ``[0, 3, 0, 0]``
-    (the image size is unknown here); callers should skip batches with ``len(batch.labels) == 0``.
+    (the image size is unknown here). Scoring and extraction skip such a batch; the training loop skips, and
+    counts, any batch left with fewer than two images (stage2.engine.loop).
     """
     kept = [item for item in items if item[0] is not None]
     skipped = torch.tensor([item[2] for item in items if item[0] is None], dtype=torch.int64)

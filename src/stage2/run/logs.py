@@ -91,7 +91,7 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
                  degrade_start: int | None, workers: int, n_params: int, model: dict[str, Any]) -> None:
     """What a training run is about to do, in one block: device, data, recipe, stages and model.
 
-    `label_mix` is the expected (real, fake) images an epoch trains on (run_loaders.trained_label_mix);
+    `label_mix` is the expected (real, fake) images an epoch trains on (stage2.run.loaders.trained_label_mix);
     `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
     loader workers after the cap to usable cores; `model` the expert's description."""
     n_fake = int(train_frame["label"].sum())

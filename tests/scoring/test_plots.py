@@ -1,28 +1,15 @@
-import json
+"""The scoring plots (stage2.scoring.plots): ROC with its low-FPR view, robustness bars, training curves."""
+
 import math
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import open_png
 from matplotlib.figure import Figure
-from PIL import Image
 
-from stage2 import atomic
-from stage2.atomic import write_json_atomic
-from stage2.experts.genconvit import plot_recon_samples
-from stage2.run.metrics_log import MetricsLog
 from stage2.scoring.metrics import FPR_TARGETS, operating_points
 from stage2.scoring.plots import plot_robustness, plot_roc, plot_training_curves
-from stage2.scoring.tables import format_metrics_table
-
-
-def _open_png(path) -> tuple[int, int]:
-    assert path.stat().st_size > 0
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        im.verify()
-        return im.size
 
 
 def test_plot_roc_frame_and_video(tmp_path):
@@ -38,7 +25,7 @@ def test_plot_roc_frame_and_video(tmp_path):
         video_labels=np.array([0, 1, 0, 1]),
         video_probs=np.array([0.2, 0.7, 0.4, 0.9]),
     )
-    assert _open_png(out) == (1000, 500)
+    assert open_png(out) == (1000, 500)
 
 
 def test_plot_roc_legend_names_auc(tmp_path, monkeypatch):
@@ -82,7 +69,7 @@ def test_plot_roc_one_class_is_an_error(tmp_path):
 def test_plot_training_curves(tmp_path, history):
     out = tmp_path / "curves.png"
     plot_training_curves(history, out)
-    _open_png(out)
+    open_png(out)
 
 
 def test_plot_training_curves_panel_count_follows_columns(tmp_path):
@@ -90,105 +77,12 @@ def test_plot_training_curves_panel_count_follows_columns(tmp_path):
     plot_training_curves(pd.DataFrame(base), tmp_path / "one.png")
     curves = pd.DataFrame({**base, "auc": [0.8, 0.9], "lr_last_step": [1e-3, 1e-4]})
     plot_training_curves(curves, tmp_path / "three.png")
-    assert _open_png(tmp_path / "three.png")[0] == 3 * _open_png(tmp_path / "one.png")[0]
+    assert open_png(tmp_path / "three.png")[0] == 3 * open_png(tmp_path / "one.png")[0]
 
 
 def test_plot_training_curves_needs_something_to_plot(tmp_path):
     with pytest.raises(ValueError, match="none of the columns"):
         plot_training_curves(pd.DataFrame({"epoch": [0], "acc": [0.5]}), tmp_path / "x.png")
-
-
-def test_format_metrics_table():
-    table = format_metrics_table({"auc": 0.912345, "eer": math.nan, "n": 1200}, "val epoch 3")
-    assert table.splitlines() == [
-        "val epoch 3",
-        "---------------",
-        "metric |  value",
-        "---------------",
-        "auc    | 0.9123",
-        "eer    |    n/a",
-        "n      |   1200",
-    ]
-
-
-def test_metrics_log_round_trip_and_resume(tmp_path):
-    path = tmp_path / "run" / "metrics.csv"
-    log = MetricsLog(path)
-    for epoch in range(4):
-        row = {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "auc": 0.5 + 0.1 * epoch}
-        if epoch == 2:
-            row["video_auc"] = 0.75  # a column that appears later on is kept, earlier rows get NaN
-        log.append(row)
-    on_disk = pd.read_csv(path)
-    assert on_disk["epoch"].tolist() == [0, 1, 2, 3]
-    assert on_disk["train_loss"].tolist() == pytest.approx([1, 0.5, 1 / 3, 0.25])
-    assert on_disk["video_auc"].isna().tolist() == [True, True, False, True]
-    assert sorted(os.listdir(path.parent)) == ["metrics.csv"]
-
-    resumed = MetricsLog(path)
-    resumed.truncate(1)
-    assert resumed.frame()["epoch"].tolist() == [0, 1]
-    assert pd.read_csv(path)["epoch"].tolist() == [0, 1]  # stale epochs leave the file at once
-    resumed.append({"epoch": 2, "train_loss": 0.3, "auc": 0.7})
-    pd.testing.assert_frame_equal(pd.read_csv(path), resumed.frame(), check_dtype=False)
-    again = MetricsLog(path)
-    again.truncate(None)
-    assert again.frame()["auc"].tolist() == pytest.approx([0.5, 0.6, 0.7])
-
-
-def test_metrics_log_truncate_resumes_and_fresh_log_overwrites(tmp_path):
-    path = tmp_path / "metrics.csv"
-    first = MetricsLog(path)
-    for epoch in (1, 2, 3):
-        first.append({"epoch": epoch, "stage": "head" if epoch == 1 else "full", "auc": epoch / 10})
-    resumed = MetricsLog(path)
-    resumed.truncate(2)
-    assert resumed.frame()["stage"].tolist() == ["head", "full"]
-    resumed.append({"epoch": 3, "stage": "full", "auc": 0.9})
-    assert pd.read_csv(path)["auc"].tolist() == pytest.approx([0.1, 0.2, 0.9])
-    MetricsLog(path).append({"epoch": 1, "auc": 0.4})
-    assert pd.read_csv(path)["auc"].tolist() == [0.4]
-
-
-def test_metrics_log_rejects_repeated_epoch(tmp_path):
-    log = MetricsLog(tmp_path / "metrics.csv")
-    log.append({"epoch": 0, "auc": 0.5})
-    with pytest.raises(ValueError, match="epoch 0 appended after epoch 0"):
-        log.append({"epoch": 0, "auc": 0.6})
-    with pytest.raises(ValueError, match="no 'epoch'"):
-        log.append({"auc": 0.6})
-
-
-def test_metrics_log_truncate_of_a_missing_file_is_empty(tmp_path):
-    log = MetricsLog(tmp_path / "metrics.csv")
-    log.truncate(3)
-    assert log.frame().empty
-
-
-def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.csv"
-    log = MetricsLog(path)
-    log.append({"epoch": 0, "auc": 0.5})
-    before = path.read_bytes()
-
-    def crash(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(atomic.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        log.append({"epoch": 1, "auc": 0.6})
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["metrics.csv"]
-
-
-def test_write_json_atomic_nan_to_null(tmp_path):
-    path = tmp_path / "out" / "metrics.json"
-    write_json_atomic(
-        path, {"auc": np.float32(0.5), "eer": math.nan, "n": np.int64(3), "curve": np.array([1.0, np.inf])}
-    )
-    assert json.loads(path.read_text()) == {"auc": 0.5, "eer": None, "n": 3, "curve": [1.0, None]}
-    assert "\n  " in path.read_text()  # indent=2
-    assert os.listdir(path.parent) == ["metrics.json"]
 
 
 # ---------------------------------------------------------------- what the plots tell a reader
@@ -249,7 +143,7 @@ def test_robustness_bars_have_a_y_label_a_chance_line_visible_zeros_and_a_legend
     legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert legend.x0 >= axes_box.x1  # beside the bars, covering none
     assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "TPR at 1% FPR"
-    _open_png(tmp_path / "robustness.png")
+    open_png(tmp_path / "robustness.png")
     # 84 reals cannot resolve 1% FPR: the legend says what those bars are.
     fig = plot_robustness(table, tmp_path / "robustness.png", "model on test", n_real=84)
     assert "below resolution: 84 reals" in fig.axes[0].get_legend().get_texts()[-1].get_text()
@@ -297,22 +191,3 @@ def test_genconvit_loss_terms_get_their_own_panel(tmp_path):
     terms = next(ax for ax in fig.axes if ax.get_title() == "loss terms")
     kl = _line(terms, "train_kl"), _line(terms, "val_kl")
     assert kl[0].get_color() == kl[1].get_color() and (kl[0].get_linestyle(), kl[1].get_linestyle()) == ("-", "--")
-
-
-def test_recon_samples_have_column_headers_and_real_fake_row_labels(tmp_path):
-    rng = np.random.default_rng(0)
-    inputs = rng.random((4, 3, 16, 16)).astype(np.float32)
-    recons = np.clip(inputs + 0.1, 0, 1)
-    fig = plot_recon_samples(inputs, recons, np.array([0, 0, 1, 1]), np.array([0.01, 0.02, 0.03, 0.04]),
-                             tmp_path / "recon_samples" / "epoch_001.png", "genconvit_ed: epoch 1")
-    ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["input", "reconstruction", "difference x4"]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["real\nMSE 0.0100", "real\nMSE 0.0200",
-                                                            "fake\nMSE 0.0300", "fake\nMSE 0.0400"]
-    # The tiles are the images themselves, row by row: input, reconstruction, |difference| x 4.
-    mosaic = ax.get_images()[0].get_array()  # 16px tiles, 2px apart
-    np.testing.assert_allclose(mosaic[:16, :16], inputs[0].transpose(1, 2, 0))
-    np.testing.assert_allclose(mosaic[3 * 18:3 * 18 + 16, 18:34], recons[3].transpose(1, 2, 0))
-    np.testing.assert_allclose(mosaic[18:34, 36:52], np.clip(np.abs(inputs[1] - recons[1]) * 4, 0, 1)
-                               .transpose(1, 2, 0), atol=1e-6)
-    _open_png(tmp_path / "recon_samples" / "epoch_001.png")

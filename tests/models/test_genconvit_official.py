@@ -27,7 +27,7 @@ from stage2.models.genconvit import (
 )
 from stage2.models.genconvit.official import SWIN_PREFIXES
 
-FIXTURES = Path(__file__).parent / "fixtures" / "genconvit"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "genconvit"
 ATOL = 1e-4
 
 

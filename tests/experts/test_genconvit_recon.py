@@ -1,4 +1,5 @@
-"""GenConViT's autoencoders reconstruct: they learn to beat each image's own mean colour; PSNR; their init."""
+"""GenConViT's autoencoders reconstruct: they learn to beat each image's own mean colour; PSNR; their init; the
+recon grid the expert draws."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import open_png
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from stage2.data.manifest import read_manifest
 from stage2.engine.trainer import Trainer
-from stage2.experts.genconvit import GenConViTExpert
+from stage2.experts.genconvit import GenConViTExpert, plot_recon_samples
 from stage2.models.genconvit import GenConViTLoss, build_genconvit
 from stage2.models.genconvit.loss import psnr
 from stage2.run.config import TrainConfig
@@ -167,3 +169,22 @@ def test_the_recon_grid_shows_different_videos_and_says_its_figures_are_its_own(
     with caplog.at_level(logging.INFO, logger="stage2"):  # its 8 images' figures, beside metrics.csv's whole val
         expert.epoch_artifacts(expert.build_model(), images[rows], labels[rows], 1, tmp_path)
     assert "the grid's 8 images (the whole val set's are val_recon_* in metrics.csv): MSE real " in caplog.text
+
+
+def test_recon_samples_have_column_headers_and_real_fake_row_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    inputs = rng.random((4, 3, 16, 16)).astype(np.float32)
+    recons = np.clip(inputs + 0.1, 0, 1)
+    fig = plot_recon_samples(inputs, recons, np.array([0, 0, 1, 1]), np.array([0.01, 0.02, 0.03, 0.04]),
+                             tmp_path / "recon_samples" / "epoch_001.png", "genconvit_ed: epoch 1")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["input", "reconstruction", "difference x4"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["real\nMSE 0.0100", "real\nMSE 0.0200",
+                                                            "fake\nMSE 0.0300", "fake\nMSE 0.0400"]
+    # The tiles are the images themselves, row by row: input, reconstruction, |difference| x 4.
+    mosaic = ax.get_images()[0].get_array()  # 16px tiles, 2px apart
+    np.testing.assert_allclose(mosaic[:16, :16], inputs[0].transpose(1, 2, 0))
+    np.testing.assert_allclose(mosaic[3 * 18:3 * 18 + 16, 18:34], recons[3].transpose(1, 2, 0))
+    np.testing.assert_allclose(mosaic[18:34, 36:52], np.clip(np.abs(inputs[1] - recons[1]) * 4, 0, 1)
+                               .transpose(1, 2, 0), atol=1e-6)
+    open_png(tmp_path / "recon_samples" / "epoch_001.png")
