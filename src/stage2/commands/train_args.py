@@ -31,7 +31,19 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     `img_size_multiple_of` is what its model needs of --img-size. Each numeric flag declares its range
     (stage2.commands.flags), checked before anything runs."""
     d = {**TrainConfig().to_dict(), **defaults}
-    data = parser.add_argument_group("data")
+    _add_data_flags(parser.add_argument_group("data"), d, img_size_multiple_of)
+    _add_optimisation_flags(parser.add_argument_group("optimisation"), d)
+    _add_execution_flags(parser.add_argument_group("execution"), d)
+    _add_output_flags(parser.add_argument_group("selection and outputs"), d)
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON (a run's args.json) whose values become the defaults; flags given on the "
+                             "command line win")
+    parser.add_argument("--demo", action="store_true",
+                        help="train briefly on the built-in synthetic dataset (generated under data/demo)")
+
+
+def _add_data_flags(data: argparse._ArgumentGroup, d: dict[str, Any], img_size_multiple_of: int | None) -> None:
+    """What a run reads and how: manifests, bad images, input size, augmentation, self-blending, loaders, cache."""
     data.add_argument("--train-manifest", default=d["train_manifest"], help="CSV with path,label[,video_id,method]")
     data.add_argument("--val-manifest", nargs="+", action=Extend, default=d["val_manifest"], metavar="CSV",
                       help="validation CSV (selects the best epoch); with --evaluate one or more test manifests "
@@ -62,7 +74,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     data.add_argument("--balanced-sampler", action="store_true",
                       help="sample real and fake images equally often (alternative to --pos-weight)")
 
-    opt = parser.add_argument_group("optimisation")
+
+def _add_optimisation_flags(opt: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
+    """Epochs, batch, learning-rate schedule, optimizer, accumulation, clipping, EMA."""
     opt.add_argument("--epochs", type=Int(min=1), default=d["epochs"], help="length of the run, all stages together")
     opt.add_argument("--batch-size", type=Int(min=1), default=d["batch_size"], help="per-GPU (per-rank) batch size")
     opt.add_argument("--lr", type=Float(min=0), default=d["lr"], help="peak learning rate")
@@ -82,7 +96,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     opt.add_argument("--ema-decay", type=Float(min=0, below=1), default=d["ema_decay"],
                      help="EMA weight of the past per optimizer step (with --ema)")
 
-    ex = parser.add_argument_group("execution")
+
+def _add_execution_flags(ex: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
+    """Precision, memory format, compilation, device, seed, determinism."""
     ex.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=d["amp"],
                     help="mixed precision: auto = bf16 on CUDA, and on CPUs with native bf16")
     ex.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d["channels_last"],
@@ -95,7 +111,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     ex.add_argument("--deterministic", action="store_true",
                     help="deterministic kernels (bit-identical reruns and resumes; slower on GPU)")
 
-    out = parser.add_argument_group("selection and outputs")
+
+def _add_output_flags(out: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
+    """Model selection, the run folder and resume, and the two other modes (--evaluate, --audit-only)."""
     out.add_argument("--select-metric", default=d["select_metric"],
                      help="validation metric that picks best.pt (auc, ap, eer, log_loss, video_auc, ...)")
     out.add_argument("--output-dir", default=d["output_dir"], help="the run folder")
@@ -121,11 +139,6 @@ def add_train_args(parser: argparse.ArgumentParser, *, img_size_multiple_of: int
     out.add_argument("--log-to", choices=TRACKERS, default=d["log_to"],
                      help="also log per-step loss and lr, per-epoch metrics and images to a tracker "
                           "(OUTPUT_DIR/tensorboard); metrics.csv stays the record")
-    parser.add_argument("--config", metavar="FILE",
-                        help="YAML or JSON (a run's args.json) whose values become the defaults; flags given on the "
-                             "command line win")
-    parser.add_argument("--demo", action="store_true",
-                        help="train briefly on the built-in synthetic dataset (generated under data/demo)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

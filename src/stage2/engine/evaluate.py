@@ -72,8 +72,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         metrics = evaluator.metrics(result)
         robustness = [{"perturbation": "none", **_headline(metrics)}]
         for perturbation in perturbations:
-            perturbed = Evaluator(cfg, expert, dist, data_config, bad_images=bad_images,
-                                  manifest=manifest, perturbation=perturbation)
+            perturbed = Evaluator(cfg, expert, dist, data_config, bad_images=bad_images, manifest=manifest,
+                                  perturbation=perturbation)
             robustness.append({"perturbation": perturbation.name,
                                **_headline(perturbed.metrics(perturbed.evaluate(model)))})
         if not dist.is_main:
@@ -85,12 +85,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
         notes.append(tpr_footnote(points, f"{name}: "))
     if not dist.is_main:
         return None
-    summary = pd.DataFrame(rows)
-    write_text_atomic(out / EVAL_SUMMARY, summary.to_csv(index=False))
-    log.info("\n%s across manifests:\n%s%s", path, summary.to_string(index=False, float_format="%.4f"), "".join(notes))
-    # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
-    written = [name for name in eval_outputs(cfg) if (out / name).exists()]
-    log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
+    _write_summary(cfg, pd.DataFrame(rows), notes)
     return results
 
 
@@ -129,6 +124,17 @@ def _write_reports(out: Path, name: str, manifest: str, checkpoint: BestCheckpoi
         log.info("\nrobustness on %s:\n%s%s", name, table.to_string(index=False, float_format="%.4f"),
                  tpr_footnote(frame_points))
     return frame_points
+
+
+def _write_summary(cfg: TrainConfig, summary: pd.DataFrame, notes: list[str]) -> None:
+    """eval_summary.csv, the table across manifests (with the footnotes of each), and where the reports are."""
+    out = Path(cfg.output_dir)
+    write_text_atomic(out / EVAL_SUMMARY, summary.to_csv(index=False))
+    log.info("\n%s across manifests:\n%s%s", cfg.evaluate_checkpoint,
+             summary.to_string(index=False, float_format="%.4f"), "".join(notes))
+    # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
+    written = [name for name in eval_outputs(cfg) if (out / name).exists()]
+    log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
 
 
 def _same_model(expert: Expert, recorded: dict[str, Any]) -> bool:
