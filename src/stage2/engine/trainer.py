@@ -63,6 +63,8 @@ log = logging.getLogger("stage2")
 
 
 class Trainer:
+    """One training run of an `Expert` with a `TrainConfig`, on this rank (`dist`)."""
+
     def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""):
         """`threads`: what `cpu_threads` chose, for the settings line. The steps run in this order: every input is
         read and checked before anything is built or replaced (offline, building the model first spent a minute on

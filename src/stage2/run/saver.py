@@ -34,12 +34,15 @@ class CheckpointSaver:
         return improved
 
     def save_best(self, checkpoint: BestCheckpoint) -> None:
+        """Write best.pt (through a temporary file: a crash keeps the previous one)."""
         save_checkpoint(checkpoint.to_dict(), self.best)
 
     def save_last(self, checkpoint: LastCheckpoint) -> None:
+        """Write last.pt (through a temporary file: a crash keeps the previous one)."""
         save_checkpoint(checkpoint.to_dict(), self.last)
 
     def read_best(self) -> BestCheckpoint:
+        """best.pt as written, checked (its checksums, finite weights, a usable data config)."""
         return read_best(self.best)
 
     def last_good(self) -> str:
