@@ -36,7 +36,7 @@ from benchmarks.learn import markdown as learn_markdown
 from benchmarks.timing import Row, fill_ratios, load_average, machine
 from benchmarks.traces import TRACES
 from benchmarks.training import cpu_extraction, cpu_training
-from stage2.engine.precision import busy_cpu_load
+from stage2.run.device import busy_cpu_load
 
 SECTIONS = ("input", "train", "extract", "gpu", "learn")
 
@@ -142,7 +142,7 @@ def format_goals(goals: list[dict[str, Any]]) -> str:
 
 def default_threads() -> int:
     """One thread per core, unless other processes already keep half the cores busy (the trainer's rule,
-    stage2.engine.precision.busy_cpu_load): then one thread gives steadier, faster figures."""
+    stage2.run.device.busy_cpu_load): then one thread gives steadier, faster figures."""
     busy = busy_cpu_load()
     if busy:
         print(f"machine busy ({busy}): 1 torch thread; --threads overrides")

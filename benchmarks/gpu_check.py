@@ -6,7 +6,7 @@ It uses the machine's own torch/timm (nothing is installed) and runs, each part 
 slow or failing part never costs the others:
 
 1. environment: torch, CUDA, the GPU, and which packages are present (a missing one skips only what needs it);
-2. the CUDA tests (``pytest -m cuda``, tests/test_cuda.py): bf16 steps of both experts, ``--compile``, the
+2. the CUDA tests (``pytest -m cuda``, tests/end_to_end/test_cuda.py): bf16 steps of both experts, ``--compile``, the
    official-size GenConViT-VAE at batch 16 with its peak memory, resume bit-identical with ``--deterministic``,
    extraction bf16 vs fp32, ``torchrun --nproc_per_node=1`` over NCCL;
 3. short real trainings through the real CLIs on generated data (bf16, channels_last, decoded cache; then once
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stage2.processes import usable_cores
+from stage2.run.files import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "pandas", "sklearn", "matplotlib", "tqdm", "safetensors", "pytest")
@@ -77,7 +78,7 @@ def cuda_tests(out: Path, limit: float) -> dict[str, Any]:
     # One process (-n 0, not the suite's xdist workers): the tests share one GPU, and their speed figures are
     # only figures when nothing else runs on it.
     result = _run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-n", "0", "-p", "no:cacheprovider",
-                   f"--junitxml={junit}", "tests/test_cuda.py"], limit, out / "tests.log",
+                   f"--junitxml={junit}", "tests/end_to_end/test_cuda.py"], limit, out / "tests.log",
                   env={"GPU_CHECK_FIGURES": str(figures)})
     cases = []
     if junit.is_file():
@@ -127,7 +128,7 @@ def _epochs(run_dir: Path) -> dict[str, list[dict[str, float]]]:
     import pandas as pd
 
     found = {}
-    for metrics in sorted(run_dir.rglob("metrics.csv")):
+    for metrics in sorted(run_dir.rglob(METRICS)):
         frame = pd.read_csv(metrics)
         columns = [c for c in ("epoch", "images_per_s", "epoch_time", "train_loss", "auc") if c in frame]
         found[str(metrics.parent.relative_to(run_dir)) or "."] = frame[columns].round(4).to_dict("records")

@@ -52,19 +52,21 @@ from benchmarks.arguments import positive_int
 from benchmarks.timing import machine
 from benchmarks.traces import TRACES, split_items, write_set
 from stage2.commands import train_effnet, train_genconvit
+from stage2.commands.cli import HelpFormatter
 from stage2.data.audit import format_audit, shortcut_audit, warn_shortcuts
 from stage2.data.dataset import ManifestDataset, collate
 from stage2.data.levels import AUG_LEVELS
 from stage2.data.manifest import read_manifest
 from stage2.data.perturb import Perturbation, parse_perturbations
+from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.stacking_preview import fold_groups, out_of_fold, stacker
-from stage2.engine.checkpoint import read_best
-from stage2.engine.cli import HelpFormatter
-from stage2.engine.config import TrainConfig
 from stage2.errors import first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.pypi_weights import LITE0, write_lite0_file
+from stage2.run.checkpoint import read_best
+from stage2.run.config import TrainConfig
+from stage2.run.files import BEST, METRICS
 
 PERTURBATIONS = "jpeg:50-70,down:0.5,blur:1.0,noise:0.02"
 PLAIN = "plain loop (flip only)"
@@ -120,7 +122,7 @@ class Trained:
     seed: int
     model: nn.Module
     family: ModelFamily
-    data_config: dict[str, Any]
+    data_config: DataConfig
     figures: dict[str, Any]
 
 
@@ -141,11 +143,10 @@ def scores(trained: Trained, frame: pd.DataFrame, perturbation: Perturbation | N
            ) -> tuple[np.ndarray, np.ndarray | None]:
     """Fake logits of a trained model on ``frame``'s images (resized to its input), optionally perturbed (seed 0),
     read as its family reads them, in fp32; and a generative model's reconstruction errors (else None)."""
-    size = trained.data_config["input_size"][-1]
     model = trained.model
     device = next(model.parameters()).device
-    dataset = ManifestDataset(frame, size, transform=perturbation, seed=0)
-    normalise = DeviceTransform(tuple(trained.data_config["mean"]), tuple(trained.data_config["std"])).to(device)
+    dataset = ManifestDataset(frame, trained.data_config.size, transform=perturbation, seed=0)
+    normalise = DeviceTransform(trained.data_config.mean, trained.data_config.std).to(device)
     model.eval()
     logits, errors = [], []
     with torch.inference_mode():
@@ -198,8 +199,7 @@ def plain_loop(train: pd.DataFrame, val: pd.DataFrame, plan: LearnPlan, case: Ca
                                          drop_last=True, persistent_workers=plan.workers > 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, plan.lr, total_steps=plan.epochs * len(loader))
-    data_config = {"input_size": [3, size, size], "mean": config["mean"], "std": config["std"]}
-    trained = Trained(case, seed, model, FAMILIES["timm"], data_config, {})
+    trained = Trained(case, seed, model, FAMILIES["timm"], DataConfig.of(size, config["mean"], config["std"]), {})
     best, best_state, losses = -1.0, None, []
     for _ in range(plan.epochs):
         model.train()
@@ -231,8 +231,8 @@ def budget(plan: LearnPlan, train_csv: Path, val_csv: Path, out: Path, seed: int
 
 def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
     """A finished run of one of our trainers: its best.pt as a model, and its figures from metrics.csv."""
-    best = read_best(out / "best.pt")
-    history = pd.read_csv(out / "metrics.csv")
+    best = read_best(out / BEST)
+    history = pd.read_csv(out / METRICS)
     figures = {"clean": float(best.metrics["auc"]), "final_train_loss": float(history["train_loss"].iloc[-1])}
     if "val_recon_psnr" in history:  # a generative expert: how its reconstruction compares with a flat image
         at_best = history[history["epoch"] == best.epoch].iloc[0]
@@ -241,7 +241,7 @@ def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
                        last_recon_psnr=float(history["val_recon_psnr"].iloc[-1]))
     checkpoint = best.to_dict()
     model = model_from_checkpoint(checkpoint).to(plan.device)
-    return Trained(case, seed, model, family_of(checkpoint), best.data_config, figures)
+    return Trained(case, seed, model, family_of(checkpoint), DataConfig.from_dict(best.data_config), figures)
 
 
 def ours(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, case: Case, seed: int) -> Trained:

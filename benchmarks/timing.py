@@ -16,8 +16,8 @@ import timm
 import torch
 import torchvision
 
-from stage2.engine.precision import cpu_has_native_bf16
 from stage2.processes import usable_cores
+from stage2.run.device import cpu_has_native_bf16
 
 
 @dataclass

@@ -20,16 +20,17 @@ from torch import nn
 from benchmarks.data import write_manifests
 from benchmarks.timing import Row, interleaved, row
 from stage2.data.dataset import Batch, ManifestDataset, collate
+from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings import FeatureExtractor
-from stage2.engine.checkpoint import BestCheckpoint, save_checkpoint
-from stage2.engine.config import TrainConfig
-from stage2.engine.distributed import setup_distributed
 from stage2.engine.trainer import Trainer
 from stage2.experts.base import Expert
 from stage2.experts.genconvit import GenConViTExpert
 from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.timm_models import timm_data_config
+from stage2.run.checkpoint import BestCheckpoint, save_checkpoint
+from stage2.run.config import TrainConfig
+from stage2.run.distributed import setup_distributed
 
 EFFNET = "tf_efficientnetv2_b3"
 
@@ -137,9 +138,8 @@ def resident_batch(frame: pd.DataFrame, img_size: int, batch: int, device: torch
     return Batch(out.images.to(device), out.labels.to(device), out.indices, out.skipped)
 
 
-def normalised(batch: Batch, data_config: dict) -> torch.Tensor:
-    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
-    return DeviceTransform(mean, std).to(batch.images.device).eval()(batch.images)
+def normalised(batch: Batch, data_config: DataConfig) -> torch.Tensor:
+    return DeviceTransform(data_config.mean, data_config.std).to(batch.images.device).eval()(batch.images)
 
 
 def cpu_training(
@@ -159,7 +159,7 @@ def cpu_training(
         section = f"3 train CPU {label} b16"
         note = f"{steps} step(s) per run, {torch.get_num_threads()} thread(s)"
         ours = TrainerSteps(build_trainer(make(), train_csv, val_csv, work / "runs" / "ours", batch=16, device="cpu"))
-        batch = resident_batch(frame, ours.trainer.data_config["input_size"][-1], 16, "cpu")
+        batch = resident_batch(frame, ours.trainer.data_config.size, 16, "cpu")
         torch.manual_seed(0)
         plain = plain_steps(
             make().build_model(),
@@ -206,7 +206,7 @@ def effnet_checkpoint(work: Path, img_size: int = 256, model_name: str = EFFNET)
     model = expert.build_model()
     path = work / f"{model_name}_{img_size}.pt"
     best = BestCheckpoint(model=model.state_dict(), meta=expert.checkpoint_meta(),
-                          data_config=timm_data_config(model, img_size))
+                          data_config=timm_data_config(model, img_size).to_dict())
     save_checkpoint(best.to_dict(), path)
     return path
 

@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Each xdist worker (the README's command runs one per core, up to 4) gets its share of the cores as torch threads,
 # set before torch loads: more OpenMP threads than cores spin-wait against each other (a 2-thread step ran 4x
-# slower on a shared 2-core box; stage2/engine/precision.py). A single process (-n 0) keeps torch's default.
+# slower on a shared 2-core box; stage2/run/device.py). A single process (-n 0) keeps torch's default.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     from stage2.processes import usable_cores
 
@@ -17,6 +17,7 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from stage2.data.demo import make_demo_dataset  # noqa: E402
 
@@ -41,7 +42,7 @@ def fails(main, args: list[str], capture, code: int = 2) -> str:
     """Run `main(args)` as the command does; assert the exit code and one line on stderr, and return that line.
 
     `capture` is capsys, or capfd where child processes (loader workers) write to stderr too."""
-    from stage2.engine.cli import exit_on_error
+    from stage2.commands.cli import exit_on_error
 
     with pytest.raises(SystemExit) as exit_info:
         exit_on_error(lambda: main(args))
@@ -58,6 +59,15 @@ def set_flag(args: list[str], flag: str, value: str) -> list[str]:
     else:
         args += [flag, value]
     return args
+
+
+def open_png(path: Path) -> tuple[int, int]:
+    """The size of the PNG file at `path`, after checking that it is one, whole."""
+    assert path.stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.verify()
+        return im.size
 
 
 def output_dir(args: list[str]) -> Path:

@@ -1,5 +1,5 @@
-"""The shape of the code and the conventions around it: one-way imports, an instant command line, a package
-that installs, runs replayable from their args.json, and optional TensorBoard tracking."""
+"""The shape of the code and the conventions around it: one-way imports (no cycle, none up the layers), an instant
+command line, a package that installs, runs replayable from their args.json, and optional TensorBoard tracking."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 import train_stage2_effnet
-from stage2.engine.cli import exit_on_error, parse_args
+from stage2.commands.cli import exit_on_error, parse_args
 
 
 def _module_name(path: Path) -> str:
@@ -46,7 +46,7 @@ def _import_graph() -> dict[str, set[str]]:
 
 def test_src_imports_have_no_cycle():
     graph = _import_graph()
-    assert "stage2.engine.evaluation" in graph["stage2.engine.trainer"]  # the graph is read, relative imports too:
+    assert "stage2.scoring.evaluator" in graph["stage2.engine.trainer"]  # the graph is read, relative imports too:
     assert "stage2.models.genconvit.ed" in graph["stage2.models.genconvit.hybrid"]
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
@@ -63,6 +63,30 @@ def test_src_imports_have_no_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+# The package's layers, lowest first (README, Layout): a module imports from its own package or a lower layer.
+LAYERS = (("errors", "atomic", "processes", "models.names"), ("data",), ("models",), ("experts",), ("run",),
+          ("scoring",), ("engine", "embeddings"), ("commands",))
+
+
+def _layer(module: str) -> tuple[int, str]:
+    """(the layer of a stage2 module, its package: the layer's name for the bottom one, whose modules share it)."""
+    parts = module.split(".")[1:]
+    for rank, names in enumerate(LAYERS):
+        for name in names:
+            if ".".join(parts[: name.count(".") + 1]) == name:
+                return rank, names[0] if rank == 0 else name
+    raise AssertionError(f"{module}: in no layer of LAYERS")
+
+
+def test_src_imports_run_down_the_layers():
+    graph = _import_graph()
+    assert {"stage2.run.saver", "stage2.scoring.evaluator", "stage2.engine.loop", "stage2.commands.train_args"} <= set(
+        graph)  # every package is read
+    upward = [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a])
+              if _layer(b)[1] != _layer(a)[1] and _layer(b)[0] >= _layer(a)[0]]
+    assert not upward, "imports that run up (or across) the layers: " + "; ".join(upward)
 
 
 @pytest.mark.parametrize("script", ["train_stage2_effnet.py", "train_stage2_genconvit.py", "feature_extractor.py"])
@@ -130,7 +154,7 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
                              env=env, timeout=60)
         assert ran.returncode == 0 and ran.stdout.startswith(f"usage: {command}"), (command, ran.stderr[-2000:])
         assert f"\n    {command} --" in ran.stdout and ".py " not in ran.stdout  # the examples name the command
-    assert (site / "bin" / "stage2-torchrun").is_file()  # torch's launcher, run in tests/test_reliability.py
+    assert (site / "bin" / "stage2-torchrun").is_file()  # torch's launcher, run in tests/end_to_end/test_reliability.py
     # Every module of the package is installed (the commands' --help above imports only the torch-free ones), and
     # imports resolve to the installed copy, not to the checkout.
     modules = {p.relative_to(ROOT / "src") for p in (ROOT / "src" / "stage2").rglob("*.py")}

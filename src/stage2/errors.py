@@ -1,7 +1,7 @@
-"""The errors a user can cause (and the entry scripts turn into one line and an exit code), in one torch-free
-module: the scripts catch them without importing torch, and every layer raises them without importing another.
+"""The errors a user can cause (and the commands turn into one line and an exit code), in one torch-free module:
+the commands catch them without importing torch, and every layer raises them without importing another.
 
-Exit codes (``stage2.engine.cli.exit_on_error``): 2 for bad input, 3 for a diverged run, 128 + the signal number for
+Exit codes (``stage2.commands.cli.exit_on_error``): 2 for bad input, 3 for a diverged run, 128 + the signal number for
 a run stopped by SIGTERM or Ctrl-C.
 """
 

@@ -25,8 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-from stage2.engine.cli import HelpFormatter, command_help, exit_on_error
-from stage2.engine.flags import FlagParser, Int, check_args
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error
+from stage2.commands.flags import FlagParser, Int, check_args
 from stage2.errors import ConfigError, ManifestError, check_checkpoint_exists
 
 COMMAND = "stage2-extract"  # the installed command (pyproject.toml)

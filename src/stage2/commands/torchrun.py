@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 
-# What a rank of ours exits with after a clean stop (stage2.engine.cli.exit_on_error): 128 + the signal.
+# What a rank of ours exits with after a clean stop (stage2.commands.cli.exit_on_error): 128 + the signal.
 STOP_STATUSES = (128 + signal.SIGTERM, 128 + signal.SIGINT)
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from stage2.engine.config import add_train_args, config_from_args
-from stage2.engine.flags import FlagParser, Float
-from stage2.engine.outputs import check_output_dir
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.commands.flags import FlagParser, Float
+from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.models.names import DEFAULT_EFFNET
+from stage2.run.files import check_output_dir
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)
     check_output_dir(cfg)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
-    from stage2.engine.trainer import run
+    from stage2.engine.modes import run
     from stage2.experts.timm_classifier import TimmExpert
     from stage2.models.timm_models import resolve_model_name
 

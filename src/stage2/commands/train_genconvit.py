@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stage2.engine.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from stage2.engine.config import add_train_args, config_from_args
-from stage2.engine.flags import FlagParser, Float, Int
-from stage2.engine.outputs import check_output_dir
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.commands.flags import FlagParser, Float, Int
+from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.errors import ConfigError
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS
+from stage2.run.files import check_output_dir
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 # Defaults that follow --init. From ImageNet backbones, upstream's lr of 1e-4 with no warmup left GenConViT-ED well
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                           "does not use them")
     variants = ("ed", "vae") if args.variant == "both" else (args.variant,)
     if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
-        from stage2.engine.checkpoint import load_checkpoint
+        from stage2.run.checkpoint import load_checkpoint
 
         variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
     configs = {}
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         check_output_dir(cfg)  # every variant's folder, before the first one trains
         configs[variant] = cfg
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
-    from stage2.engine.trainer import run
+    from stage2.engine.modes import run
     from stage2.experts.genconvit import GenConViTExpert
 
     runs = []  # every variant's settings are checked before the first one trains

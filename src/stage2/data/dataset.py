@@ -1,4 +1,4 @@
-"""The manifest-backed dataset and its batches.
+"""The manifest-backed dataset, its batches, and the one loader builder for training and extraction alike.
 
 Workers only decode, resize and run an optional uint8 transform; images stay uint8 so batches are small to
 move, and float conversion/normalisation happens on the device.
@@ -13,11 +13,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 from stage2.data.cache import CacheView
 from stage2.data.decode import MAX_IMAGE_PIXELS, decode_image, resize_uint8
 from stage2.data.self_blend import SelfBlend
 from stage2.errors import ImageDecodeError
+from stage2.processes import init_worker
 
 ImageItem = tuple[torch.Tensor | None, int, int]  # (image, label, index); image None: undecodable, skipped
 
@@ -108,7 +110,8 @@ def collate(items: Sequence[ImageItem]) -> Batch:
     """Stack dataset items into a :class:`Batch`, dropping (and listing) the undecodable ones.
 
     A batch where every item was skipped has zero-length tensors and ``images`` of shape ``[0, 3, 0, 0]``
-    (the image size is unknown here); callers should skip batches with ``len(batch.labels) == 0``.
+    (the image size is unknown here). Scoring and extraction skip such a batch; the training loop skips, and
+    counts, any batch left with fewer than two images (stage2.engine.loop).
     """
     kept = [item for item in items if item[0] is not None]
     skipped = torch.tensor([item[2] for item in items if item[0] is None], dtype=torch.int64)
@@ -122,3 +125,36 @@ def collate(items: Sequence[ImageItem]) -> Batch:
         torch.tensor(indices, dtype=torch.int64),
         skipped,
     )
+
+
+def manifest_loader(
+    frame: pd.DataFrame,
+    img_size: int,
+    *,
+    batch_size: int,
+    workers: int,
+    sampler: Sampler[int] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    cache: CacheView | None = None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    self_blend: SelfBlend | None = None,
+) -> DataLoader:
+    """Batches (:class:`~stage2.data.dataset.Batch`) of `frame`'s images as uint8 at `img_size`, in `sampler`'s
+    order (the frame's order without one); `cache` serves them from the decoded cache instead of the files; a file
+    of more than `max_pixels` pixels is undecodable; `self_blend` makes some reals self-blended fakes (training
+    only)."""
+    dataset = ManifestDataset(frame, img_size, transform=transform, skip_bad_images=skip_bad_images, seed=seed,
+                              cache=cache, max_pixels=max_pixels, self_blend=self_blend)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=_init_worker if workers else None)
+
+
+def _init_worker(_worker_id: int) -> None:
+    """Workers leave Ctrl-C and an outside SIGTERM (which reach every process of the group) to the main process,
+    which stops the run cleanly and then ends them, and die with it (see init_worker)."""
+    init_worker()

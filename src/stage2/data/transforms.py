@@ -22,7 +22,8 @@ flip-only loop vs each level, clean and perturbed val; BENCHMARKS.md has the tab
 
 CPU (per image, uint8, in the DataLoader workers): the degradations, since JPEG needs a real codec and the
 others then run in the same place. Device (per batch): flip, shift and jitter, then the
-model's own normalisation; workers return uint8, so a batch costs 1/4 of float32 in shared memory.
+model's own normalisation; workers return uint8, so a batch costs 1/4 of float32 in shared memory. A run's
+`Augmentation` holds both parts.
 """
 
 from __future__ import annotations
@@ -196,3 +197,22 @@ class DeviceTransform(nn.Module):
         gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = (x - gray) * factor(cfg.saturation) + gray
         return x.clamp_(0, 1)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One run's --aug level, both parts: `in_workers`, the per-image degradations the loader workers run (None:
+    the level has none), and `on_device`, the batched flip, shift and jitter, then the model's normalisation."""
+
+    in_workers: Degradations | None
+    on_device: DeviceTransform
+
+    @property
+    def degrade_start(self) -> int | None:
+        """The 0-based epoch the degradations begin at; None when the level has none."""
+        return None if self.in_workers is None else self.in_workers.start
+
+
+def build_augmentation(level: str, epochs: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Augmentation:
+    """--aug `level` for a run of `epochs` epochs, normalising with the model's `mean` and `std`."""
+    return Augmentation(build_cpu_transform(level, epochs), DeviceTransform(mean, std, level))

@@ -62,7 +62,7 @@ class ExportGraph(nn.Module):
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
         self.model, self.family = loaded.model, loaded.family
-        self.normalize = Normalize(loaded.data_config["mean"], loaded.data_config["std"])
+        self.normalize = Normalize(loaded.data_config.mean, loaded.data_config.std)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.family.embed(self.model, self.normalize(pixels))
@@ -112,7 +112,7 @@ def _build(loaded: LoadedModel, checkpoint: Path, out: Path, target: Path) -> di
     data_config = loaded.data_config
     written = loaded.family.export_native(loaded.model, out, data_config)
     wrapper = ExportGraph(loaded).eval()
-    size = int(data_config["input_size"][-1])
+    size = data_config.size
     external = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > EXTERNAL_DATA_BYTES
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(wrapper, (torch.rand(2, 3, size, size),), str(out / "model.onnx"), dynamo=True,
@@ -123,9 +123,8 @@ def _build(loaded: LoadedModel, checkpoint: Path, out: Path, target: Path) -> di
     check = check_onnx(wrapper, out / "model.onnx", pixels, loaded.temperature, inputs,
                        where=f"--export {target}: {checkpoint}")
     report = {"checkpoint": os.path.abspath(checkpoint), "model_name": loaded.model_name,
-              "family": loaded.family.name, "input_size": [3, size, size], "mean": list(data_config["mean"]),
-              "std": list(data_config["std"]), "resize": {key: data_config[key] for key in
-                                                          ("interpolation", "crop_pct", "crop_mode")},
+              "family": loaded.family.name, "input_size": [3, size, size], "mean": list(data_config.mean),
+              "std": list(data_config.std), "resize": data_config.resize,
               "temperature": loaded.temperature, "files": written,
               "onnx": {"inputs": {"pixels": "float32 RGB in [0, 1], [batch, 3, S, S], the whole image, upright "
                                             "by EXIF, resized to S x S (bilinear, antialiased, no crop)"},

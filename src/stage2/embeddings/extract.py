@@ -23,18 +23,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stage2.data.cache import open_cache
-from stage2.data.dataset import Batch
+from stage2.data.dataset import Batch, manifest_loader
 from stage2.data.decode import RESIZE_CONFIG, pil_to_uint8, resize_uint8
-from stage2.data.loaders import manifest_loader
 from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
+from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.store import NpzStreamWriter
-from stage2.engine.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
-from stage2.engine.precision import autocast, memory_format, pick_device, scoring_dtype
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.genconvit import read_state_dict
 from stage2.processes import usable_cores
+from stage2.run.checkpoint import BestCheckpoint, check_finite_weights, checkpoint_from_state, load_checkpoint
+from stage2.run.device import autocast, memory_format, pick_device, scoring_dtype
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class LoadedModel(NamedTuple):
     model: nn.Module
     family: ModelFamily
     model_name: str
-    data_config: dict[str, Any]  # input_size, mean, std and the loaders' resize (RESIZE_CONFIG)
+    data_config: DataConfig  # input size, mean, std and the loaders' resize
     temperature: float
     train_args: dict[str, Any]  # the trainer's settings (val_manifest, data_root, ...); {} for official files
 
@@ -95,9 +95,8 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
     if best.args and best.args.get("calibrate", True) and best.temperature == 1.0:
         log.warning("checkpoint %s has no fitted temperature yet (a run fits it when it ends): P(fake) uses "
                     "temperature 1.0, uncalibrated", path)
-    # Whatever resize an older checkpoint names, its images went through the loaders' (RESIZE_CONFIG).
-    data_config = {**best.data_config, **RESIZE_CONFIG}
-    return LoadedModel(model.eval(), family, recorded, data_config, best.temperature, dict(best.args))
+    return LoadedModel(model.eval(), family, recorded, DataConfig.from_dict(best.data_config), best.temperature,
+                       dict(best.args))
 
 
 def _from_official_file(state: dict[str, Any], path: Path, model_name: str | None) -> LoadedModel:
@@ -175,8 +174,10 @@ class FeatureExtractor:
         self.checkpoint_path = Path(checkpoint_path)
         loaded = load_model(self.checkpoint_path, model_name)
         self.model_name, self.family = loaded.model_name, loaded.family
-        self.data_config, self.temperature, self.train_args = loaded.data_config, loaded.temperature, loaded.train_args
-        self.img_size = int(self.data_config["input_size"][-1])
+        self.temperature, self.train_args = loaded.temperature, loaded.train_args
+        # timm's data-config dict, as the checkpoint records it (input_size, mean, std, resize)
+        self.data_config = loaded.data_config.to_dict()
+        self.img_size = loaded.data_config.size
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.progress = progress
@@ -186,7 +187,7 @@ class FeatureExtractor:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.embed_dim = self.family.classifier(self.model).in_features
-        mean, std = tuple(self.data_config["mean"]), tuple(self.data_config["std"])
+        mean, std = loaded.data_config.mean, loaded.data_config.std
         self.normalise = DeviceTransform(mean, std).to(self.device).eval()  # uint8 batch -> model input
         self.transform = ImageTransform(self.img_size)
         # What mean/std normalisation of [0, 1] pixels can give, to tell preprocessed float batches from others.

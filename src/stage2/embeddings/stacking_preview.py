@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from stage2.embeddings.extract import FeatureExtractor
 from stage2.embeddings.store import FeatureSet, join_features, load_features
 from stage2.errors import CheckpointError, FeatureFileError
+from stage2.run.files import BEST
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,22 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ExpertRun:
     name: str
-    candidates: tuple[str, ...]  # best.pt locations under the output root, full run first, then the demo's
+    folders: tuple[str, ...]  # run folders under the output root, full run first, then the demo's
     command: str  # what writes the demo checkpoint
 
 
 EFFNET = ExpertRun(
-    "effnet", ("stage2_effnet/best.pt", "stage2_effnet_demo/best.pt"), "python train_stage2_effnet.py --demo"
+    "effnet", ("stage2_effnet", "stage2_effnet_demo"), "python train_stage2_effnet.py --demo"
 )
 GENCONVIT = (
     ExpertRun(
         "genconvit_ed",
-        ("stage2_genconvit/ed/best.pt", "stage2_genconvit_demo/ed/best.pt"),
+        ("stage2_genconvit/ed", "stage2_genconvit_demo/ed"),
         "python train_stage2_genconvit.py --demo",
     ),
     ExpertRun(
         "genconvit_vae",
-        ("stage2_genconvit/vae/best.pt", "stage2_genconvit_demo/vae/best.pt"),
+        ("stage2_genconvit/vae", "stage2_genconvit_demo/vae"),
         "python train_stage2_genconvit.py --demo --variant vae",
     ),
 )
@@ -71,11 +72,11 @@ def find_checkpoints(output_root: Path) -> dict[str, Path]:
 
 
 def _first_existing(root: Path, run: ExpertRun) -> Path | None:
-    return next((root / c for c in run.candidates if (root / c).is_file()), None)
+    return next((path for folder in run.folders if (path := root / folder / BEST).is_file()), None)
 
 
 def _missing(root: Path, runs: tuple[ExpertRun, ...] | list[ExpertRun]) -> str:
-    paths = " or ".join(str(root / c) for run in runs for c in run.candidates)
+    paths = " or ".join(str(root / folder / BEST) for run in runs for folder in run.folders)
     return f"no {paths} (make one with `{runs[0].command}`)"
 
 

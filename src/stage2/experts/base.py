@@ -17,6 +17,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from stage2.data.preprocessing import DataConfig
 from stage2.models.families import ModelFamily
 
 
@@ -51,9 +52,9 @@ class Expert:
         """Called once before training with the expected real and fake images an epoch trains on (after
         --balanced-sampler and --self-blend, not the manifest's labels), e.g. to balance the loss."""
 
-    def data_config(self, model: nn.Module) -> dict[str, Any]:
-        """input_size [3, S, S], mean, std and the resize (stage2.data.decode.RESIZE_CONFIG): the preprocessing the
-        model expects, in timm's data-config terms."""
+    def data_config(self, model: nn.Module) -> DataConfig:
+        """The preprocessing `model` expects (input size, mean, std, resize); asked once, by the trainer, which
+        passes it on to the loaders, the evaluator and the checkpoints."""
         raise NotImplementedError
 
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Adds to the loop what only GenConViT needs: official / ImageNet / scratch initialisation, the
 classification + reconstruction + KL loss, staged training (backbone frozen first), and a grid
-of reconstructions per epoch.
+of reconstructions per epoch (drawn here, by `plot_recon_samples`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from stage2.engine.report import plot_recon_samples
+from stage2.atomic import atomic_write
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
@@ -140,9 +142,9 @@ class GenConViTExpert(Expert):
             self.model_kwargs["head_input"] = head_input
         self.model_kwargs.update(model_kwargs or {})
         # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
-        norm = self.family.data_config(img_size, backbone)
+        self.preprocessing = self.family.data_config(img_size, backbone)
         self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
-                                       norm["mean"], norm["std"])
+                                       self.preprocessing.mean, self.preprocessing.std)
 
     def build_model(self) -> nn.Module:
         files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
@@ -178,8 +180,8 @@ class GenConViTExpert(Expert):
                 "offline, pass "
                 "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch") from err
 
-    def data_config(self, model: nn.Module) -> dict[str, Any]:
-        return self.family.data_config(self.img_size, self.backbone)
+    def data_config(self, model: nn.Module) -> DataConfig:
+        return self.preprocessing
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return self.family.meta(self.variant, self.arch, self.model_kwargs)
@@ -251,6 +253,42 @@ class GenConViTExpert(Expert):
                  float(np.mean(per_image[labels_np == 0])), float(np.mean(per_image[labels_np == 1])),
                  psnr["recon_psnr"], psnr["mean_colour_psnr"])
         return {"recon_samples": path}
+
+
+RECON_COLUMNS = ("input", "reconstruction", "difference x4")
+
+
+def plot_recon_samples(inputs: np.ndarray, recons: np.ndarray, labels: np.ndarray, errors: np.ndarray, path: Path,
+                       title: str) -> Figure:
+    """Save (and return) one row per image, input | reconstruction | |difference| x 4, headed by RECON_COLUMNS,
+    each row labelled real or fake with its reconstruction error. `inputs`, `recons`: [N, 3, H, W] in [0, 1].
+
+    One mosaic in one axes, its ticks as the headers and row labels: the tiles keep their pixels (no resampling
+    between subplots) and the figure stays one draw however many rows it has.
+    """
+    n, _, h, w = inputs.shape
+    pad = max(2, h // 32)
+    tiles = np.stack([inputs, recons, np.clip(np.abs(inputs - recons) * 4, 0, 1)], axis=1).clip(0, 1)
+    mosaic = np.ones((n * (h + pad) - pad, 3 * (w + pad) - pad, 3), dtype=np.float32)
+    for row in range(n):
+        for col in range(3):
+            y, x = row * (h + pad), col * (w + pad)
+            mosaic[y:y + h, x:x + w] = tiles[row, col].transpose(1, 2, 0)
+    scale = max(1.0, 128 / h)  # small images are drawn larger, so that the column headers fit above them
+    fig = Figure(figsize=(mosaic.shape[1] * scale / 100 + 1.5, mosaic.shape[0] * scale / 100 + 0.8),
+                 layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([c * (w + pad) + w / 2 for c in range(3)], RECON_COLUMNS)
+    ax.xaxis.tick_top()
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(n)],
+                  [f"{'fake' if label else 'real'}\nMSE {error:.4f}" for label, error in zip(labels, errors)])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=10)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    return fig
 
 
 def _str(path: str | Path | None) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert
 from stage2.models.families import FAMILIES, TimmFamily
@@ -78,7 +79,7 @@ class TimmExpert(Expert):
             log.info("--pos-weight auto: %.3f (%.1f real / %.1f fake images trained per epoch)", self.pos_weight,
                      n_real, n_fake)
 
-    def data_config(self, model: nn.Module) -> dict[str, Any]:
+    def data_config(self, model: nn.Module) -> DataConfig:
         return timm_data_config(model, self.img_size)
 
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_arch_name, get_pretrained_cfg, save_for_hf
 from torch import nn
 
-from stage2.data.decode import RESIZE_CONFIG
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import CheckpointError
 from stage2.models.genconvit import (
     OFFICIAL_IMG_SIZE,
@@ -78,7 +78,7 @@ class ModelFamily:
         """Whether a model name someone asks for names the model a checkpoint records."""
         return requested == recorded
 
-    def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
+    def export_native(self, model: nn.Module, out: Path, data_config: DataConfig) -> list[str]:
         """Write the family's own standard format into `out` (none by default); returns the file names."""
         return []
 
@@ -115,12 +115,12 @@ class TimmFamily(ModelFamily):
         except ValueError:
             return False
 
-    def export_native(self, model: nn.Module, out: Path, data_config: Mapping[str, Any]) -> list[str]:
+    def export_native(self, model: nn.Module, out: Path, data_config: DataConfig) -> list[str]:
         """timm's own format, which ``timm.create_model("local-dir:OUT", pretrained=True)`` loads as it was; its
         pretrained_cfg is `data_config` (size, mean, std, resize), so timm's eval transform is the training one."""
-        preprocessing = {"input_size": tuple(data_config["input_size"]), "mean": tuple(data_config["mean"]),
-                         "std": tuple(data_config["std"]),
-                         **{key: data_config[key] for key in ("interpolation", "crop_pct", "crop_mode")}}
+        size = data_config.size
+        preprocessing = {"input_size": (3, size, size), "mean": data_config.mean, "std": data_config.std,
+                         **data_config.resize}
         try:
             save_for_hf(model, str(out), safe_serialization=True, data_config=preprocessing)
         except SafetensorError as err:  # an I/O failure (a full disk) as the OSError it is: "... (os error 28)"
@@ -146,15 +146,14 @@ class GenConViTFamily(ModelFamily):
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         return build_genconvit(meta["variant"], meta["arch"], **meta.get("model_kwargs", {}))
 
-    def data_config(self, img_size: int, backbone: str = CONVNEXT_NAME) -> dict[str, Any]:
+    def data_config(self, img_size: int, backbone: str = CONVNEXT_NAME) -> DataConfig:
         """The classifier backbone's normalisation at `img_size`, and the resize every loader applies.
 
         ConvNeXt's (the official weights') is ImageNet's; another backbone's pretrained weights expect their own
         (EfficientNet-Lite0's: 0.5, 0.5), as the EfficientNet expert's data config does."""
         cfg = get_pretrained_cfg(backbone)
         mean, std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        return {"input_size": [3, img_size, img_size], "mean": [float(v) for v in mean],
-                "std": [float(v) for v in std], **RESIZE_CONFIG}
+        return DataConfig.of(img_size, mean, std)
 
     def official_meta(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """The meta of an official file's model: the variant from its keys, a VAE's sizes from its ``mu`` head.
@@ -162,7 +161,7 @@ class GenConViTFamily(ModelFamily):
         variant = detect_variant(weights)
         return self.meta(variant, "official", official_vae_sizes(weights) if variant == "vae" else {})
 
-    def official_data_config(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+    def official_data_config(self, meta: Mapping[str, Any]) -> DataConfig:
         """The data config of the official model `meta` describes: a VAE's input size is in its sizes, the ED's is
         the size the official weights were trained at."""
         kwargs = meta["model_kwargs"]

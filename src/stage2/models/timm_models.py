@@ -14,7 +14,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from stage2.data.decode import RESIZE_CONFIG
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError, PretrainedWeightsError, first_line
 from stage2.models.names import MODEL_ALIASES
 
@@ -71,15 +71,10 @@ def create_timm_model(
         ) from err
 
 
-def timm_data_config(model: nn.Module, img_size: int) -> dict[str, Any]:
+def timm_data_config(model: nn.Module, img_size: int) -> DataConfig:
     """Mean and std from the model's pretrained config (never hard-coded), the input size trained at, and the
     resize every loader applies (not the pretrained config's bicubic centre crop: images are never cropped)."""
     cfg = timm.data.resolve_data_config({}, model=model)
-    return {
-        "input_size": [3, img_size, img_size],
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-        **RESIZE_CONFIG,
-    }
+    return DataConfig.of(img_size, cfg["mean"], cfg["std"])
 
 

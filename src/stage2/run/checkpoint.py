@@ -1,0 +1,280 @@
+"""Checkpoint files: what they hold (one versioned schema), atomic writes, and safe loading.
+
+Every checkpoint loads with `torch.load(weights_only=True)`: it holds tensors, numbers, strings,
+lists and dicts only. `best.pt` (`BestCheckpoint`) is what downstream code needs (weights, the model
+family's meta, data config, metrics, temperature); `last.pt` (`LastCheckpoint`) adds what a resume needs
+(optimizer, scaler, EMA, recipe, progress and RNG states; the schedule is re-planned, never stored). Each
+is a flat dict on disk: the dataclass fields, the family's meta keys (`family`, `model_name`, ...) beside
+them, and `schema_version`. Every checkpoint the trainers write carries the SHA-256 of all its tensors
+(`tensors_sha256`) and of its preprocessing (`data_config_sha256`: input size, mean, std, resize), checked on
+load: a damaged or edited file is refused instead of giving other scores. A checkpoint is read only with finite
+weights and a usable data_config (std > 0): else every P(fake) it gives would be NaN or infinite.
+
+Schema versions: 1 is the first versioned schema; 2 adds `data_config_sha256` (the data config's checksum) and
+`manifests` to last.pt (each manifest's row count and SHA-256, compared on resume). A file without
+`schema_version` was written before versions existed (version 0); its keys are version 1's, so it is read as
+version 1 when it holds the keys version 1 requires. Versions 0 and 1 are read as before, without the data
+config's checksum, and a resume from them skips the manifest comparison. Any other version is refused in one line
+(CheckpointError) naming the file and both versions. Official GenConViT weight files are not ours: they carry no
+`family` key, are read by stage2.models.genconvit.official, and never pass through these readers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import numpy as np
+import torch
+
+from stage2.atomic import atomic_write
+from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_exists, first_line
+from stage2.run.distributed import broadcast_flag
+
+CHECKSUM_KEY = "tensors_sha256"
+CONFIG_CHECKSUM_KEY = "data_config_sha256"
+SCHEMA_KEY = "schema_version"
+# Raise it (and say above what changed) whenever a key is added, removed or changes meaning.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (0, 1, SCHEMA_VERSION)  # 0: from before versions, the same keys as version 1
+
+
+@dataclass(kw_only=True)
+class BestCheckpoint:
+    """best.pt: what scoring, extraction and export need. `meta` is the model family's (Expert.checkpoint_meta:
+    `family`, `model_name`, ...), written as top-level keys so that the family can rebuild the model."""
+
+    model: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    data_config: dict[str, Any]
+    args: dict[str, Any] = field(default_factory=dict)  # the run's TrainConfig
+    epoch: int = 0  # the epoch these weights are from (1-based; 0: not from a run)
+    metrics: dict[str, float] = field(default_factory=dict)  # val metrics of that epoch
+    temperature: float = 1.0  # P(fake) = sigmoid(logit / temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's contents (save_checkpoint adds the checksum)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
+        return {SCHEMA_KEY: SCHEMA_VERSION, "model": state.pop("model"), **self.meta, **state}
+
+
+@dataclass(kw_only=True)
+class LastCheckpoint(BestCheckpoint):
+    """last.pt: the current (not the EMA) weights and everything a resume needs to continue bit for bit."""
+
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None  # the EMA weights, with --ema
+    recipe: dict[str, Any] = field(default_factory=dict)  # Expert.recipe(): loss settings a resume must keep
+    stage: int = 0  # index of the stage the run is in
+    next_epoch: int = 0  # the epoch (0-based) the run continues with
+    step: int = 0  # > 0: taken mid-epoch, after this many steps of `next_epoch`
+    train_sums: dict[str, torch.Tensor] | None = None  # the mid-epoch running train statistics
+    best_value: float | None = None  # --select-metric of best.pt so far
+    best_epoch: int = 0
+    # What each manifest held when the run started (or last re-planned): {"train"|"val": {"rows", "sha256"}}
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)  # rng_state()
+
+
+Checkpoint = TypeVar("Checkpoint", BestCheckpoint, LastCheckpoint)
+_FIELD_KEYS = {f.name for f in fields(LastCheckpoint)} - {"meta"}
+
+
+def checkpoint_from_state(kind: type[Checkpoint], state: dict[str, Any], path: str | Path) -> Checkpoint:
+    """The one reader: a loaded checkpoint dict as `kind`, after checking its schema version and required keys.
+    A last.pt reads as a BestCheckpoint too (its extra fields are left out)."""
+    version = state.get(SCHEMA_KEY, 0)
+    if version not in READABLE_VERSIONS:
+        age = "a newer" if isinstance(version, int) and version > SCHEMA_VERSION else "another"
+        raise CheckpointError(f"checkpoint {path}: schema version {version!r} (written by {age} version of this "
+                              f"code), this code reads version {SCHEMA_VERSION}")
+    own = {f.name for f in fields(kind)} - {"meta"}
+    required = [f.name for f in fields(kind) if f.name != "meta" and f.default is f.default_factory is MISSING]
+    if kind is LastCheckpoint and "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path}: not a last.pt (it holds no optimizer state)")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: lacks {', '.join(map(repr, missing))} (not written by the "
+                              "trainers?)")
+    meta = {k: v for k, v in state.items() if k not in _FIELD_KEYS and k not in (SCHEMA_KEY, CHECKSUM_KEY,
+                                                                                  CONFIG_CHECKSUM_KEY)}
+    values = {k: v for k, v in state.items() if k in own}
+    values["temperature"] = _checked_temperature(state.get("temperature", 1.0), path)
+    _check_data_config(state["data_config"], path)
+    for key in ("model", "ema"):
+        check_finite_weights(state.get(key) or {}, path)
+    return kind(meta=meta, **values)
+
+
+def read_best(path: str | Path) -> BestCheckpoint:
+    return checkpoint_from_state(BestCheckpoint, load_checkpoint(path), path)
+
+
+def read_last(path: str | Path) -> LastCheckpoint:
+    return checkpoint_from_state(LastCheckpoint, load_checkpoint(path), path)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """torch.save, with the checksum of every tensor in `state`, through a temporary file and a rename: a crash
+    mid-write keeps the previous checkpoint."""
+    state = {**state, CHECKSUM_KEY: tensors_sha256(state)}
+    if "data_config" in state:
+        state[CONFIG_CHECKSUM_KEY] = data_config_sha256(state["data_config"])
+    atomic_write(path, lambda f: _torch_save(state, f))
+
+
+def _torch_save(state: dict[str, Any], file: IO[bytes]) -> None:
+    """torch.save, raising the OSError of a failed write (a full disk) itself: torch's zip writer reports it as
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`, with the OSError as its context."""
+    try:
+        torch.save(state, file)
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+                    ) -> dict[str, Any]:
+    """Load a checkpoint (weights_only: no arbitrary code runs) and check its tensors against the checksum it
+    carries (files without one, such as the official GenConViT weights, load unchecked). `mmap` maps the tensors
+    instead of reading them, for a cheap look at the metadata, and skips the check."""
+    path = Path(path)
+    check_checkpoint_exists(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {_reason(err)})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(state).__name__}")
+    if not mmap and CHECKSUM_KEY in state and tensors_sha256(state) != state[CHECKSUM_KEY]:
+        raise CheckpointError(f"checkpoint {path}: damaged (its tensors do not match the checksum written with "
+                              "them); use another copy or an earlier checkpoint")
+    if not mmap and CONFIG_CHECKSUM_KEY in state and data_config_sha256(state.get("data_config")) != state[
+            CONFIG_CHECKSUM_KEY]:
+        raise CheckpointError(f"checkpoint {path}: damaged or edited (its data_config, the input size, mean and std "
+                              "it scores with, does not match the checksum written with it); use another copy or an "
+                              "earlier checkpoint")
+    return state
+
+
+def tensors_sha256(state: Any) -> str:
+    """SHA-256 over every tensor in a (nested) checkpoint dict: where it sits, its dtype, shape and bytes."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(f"{where}:{value.dtype}:{tuple(value.shape)};".encode())
+            digest.update(data.numpy().data)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if key != CHECKSUM_KEY:
+                    visit(item, f"{where}/{key}")
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                visit(item, f"{where}/{i}")
+
+    visit(state, "")
+    return digest.hexdigest()
+
+
+def data_config_sha256(data_config: Any) -> str:
+    """SHA-256 of a data_config (input size, mean, std, resize) as JSON: tuples and lists alike, keys sorted."""
+    return hashlib.sha256(json.dumps(data_config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reason(err: Exception) -> str:
+    """The sentence of a torch.load error that says what is wrong: for weights_only refusals that is the
+    unpickler's, which torch puts after a paragraph of advice."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
+        return f"the file holds objects weights_only loading refuses: {detail.split('. ')[0].rstrip('.')}"
+    return first_line(err)
+
+
+def ensure_finite(model: torch.nn.Module, device: torch.device, when: str, last_good: Path) -> None:
+    """Stop (on every rank) before a non-finite weight or statistic can reach a checkpoint or a metric.
+
+    The loss can stay finite while, say, a BatchNorm running_var overflows to inf; that model must not replace
+    the last good last.pt. Raises TrainingDiverged naming the tensor and the checkpoint left as it was.
+    """
+    bad = first_non_finite([*model.named_parameters(), *model.named_buffers()])
+    if broadcast_flag(bad is not None, device):
+        raise TrainingDiverged(f"non-finite values in {bad or 'a tensor on another rank'} {when}: stopped; "
+                               f"{last_good_note(last_good)}")
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    return next((name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def check_finite_weights(weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A checkpoint's weights, all finite: one NaN makes every P(fake) NaN, its checksum valid or not."""
+    bad = first_non_finite(weights.items())
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path}: non-finite values in {bad} (NaN or inf weights): every score would "
+                              "be NaN; use an earlier checkpoint")
+
+
+def _check_data_config(config: Any, path: str | Path) -> None:
+    """The preprocessing a checkpoint records, usable: 3 positive sizes, finite means, finite stds above 0 (a std of
+    0 divided every input by zero)."""
+    try:
+        sizes, mean, std = ([float(v) for v in config[key]] for key in ("input_size", "mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {path}: data_config {config!r} lacks a numeric input_size, mean or "
+                              "std") from None
+    if not (len(sizes) == len(mean) == len(std) == 3 and min(sizes) >= 1 and min(std) > 0
+            and all(math.isfinite(v) for v in (*sizes, *mean, *std))):
+        shown = ", ".join(f"{key} {list(config[key])}" for key in ("input_size", "mean", "std"))
+        raise CheckpointError(f"checkpoint {path}: data_config {shown}: expected 3 sizes >= 1, finite means and "
+                              "finite stds > 0")
+
+
+def last_good_note(last: Path) -> str:
+    return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+
+
+def _checked_temperature(value: Any, path: str | Path) -> float:
+    """The fitted temperature a checkpoint records, checked. P(fake) = sigmoid(logit / T): a NaN would make
+    every score NaN and a negative one would invert them, so only a positive finite T is accepted."""
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CheckpointError(f"checkpoint {path}: temperature {value!r} is not a positive finite number "
+                              "(P(fake) = sigmoid(logit / temperature)); set it to 1.0 or refit it")
+    return temperature
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states in weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
