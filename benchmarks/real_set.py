@@ -30,9 +30,9 @@ import pandas as pd
 from PIL import Image
 
 from benchmarks.arguments import fraction, positive_int
+from stage2.commands.cli import HelpFormatter
 from stage2.data.audit import format_audit, shortcut_audit
 from stage2.data.manifest import IMAGE_SUFFIXES
-from stage2.engine.cli import HelpFormatter
 
 
 @dataclass(frozen=True)
