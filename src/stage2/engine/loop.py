@@ -141,8 +141,7 @@ def train_one_epoch(loop: Loop, stage: StageState, epoch: int, batches: Iterable
     if not sums["n"]:  # the same on every rank: they skip steps together
         raise ConfigError(f"{cfg.train_manifest}: no training batch in epoch {epoch + 1} (each lost its images "
                           "to --skip-bad-images)")
-    if diverged(loop, sums):
-        raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1}: stopped; {loop.checkpoints.last_good()}")
+    check_finite(loop, sums, epoch)
     return _epoch_stats(loop, stage, sums, progress)
 
 
@@ -191,9 +190,8 @@ def _after_update(loop: Loop, stage: StageState, epoch: int, done: int, n_steps:
     """After the update at step `done` of `n_steps`: check for divergence, report progress, and write last.pt
     mid-epoch when it is due or a stop was requested (then stop)."""
     cfg, dist = loop.cfg, loop.dist
-    if (done % cfg.log_every == 0 or done == n_steps) and diverged(loop, sums):
-        raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped; "
-                               f"{loop.checkpoints.last_good()}")
+    if done % cfg.log_every == 0 or done == n_steps:
+        check_finite(loop, sums, epoch, done)
     if dist.is_main and done % cfg.log_every == 0 and progress.loss is not None:
         msg = (f"loss {float(sums['loss'] / sums['n']):.4f} lr {stage.lr:.3g} "
                f"{progress.images * dist.world_size / (time.perf_counter() - progress.t0):.0f} img/s")
@@ -209,9 +207,7 @@ def _after_update(loop: Loop, stage: StageState, epoch: int, done: int, n_steps:
         cfg.save_every_minutes > 0 and time.monotonic() - progress.last_save > cfg.save_every_minutes * 60,
         device=loop.device)
     if stop or due:
-        if diverged(loop, sums):
-            raise TrainingDiverged(f"non-finite loss in epoch {epoch + 1} by step {done}: stopped "
-                                   f"before saving; {loop.checkpoints.last_good()}")
+        check_finite(loop, sums, epoch, done, before_saving=True)
         loop.save_last(stage, epoch, done, sums)
         progress.last_save = time.monotonic()
     if stop:
@@ -250,6 +246,15 @@ def _sync_gradients(loop: Loop) -> None:
 def diverged(loop: Loop, sums: Sums) -> bool:
     """Whether the loss summed so far is not finite (False before any step trained); on every rank."""
     return broadcast_flag("loss" in sums and not bool(torch.isfinite(sums["loss"])), loop.device)
+
+
+def check_finite(loop: Loop, sums: Sums, epoch: int, step: int = 0, *, before_saving: bool = False) -> None:
+    """Stop the run (TrainingDiverged, naming the last good checkpoint) when the loss summed so far in epoch
+    `epoch` (0-based; by `step`, when given) is not finite; on every rank."""
+    if diverged(loop, sums):
+        at = f"epoch {epoch + 1}" + (f" by step {step}" if step else "")
+        raise TrainingDiverged(f"non-finite loss in {at}: stopped{' before saving' if before_saving else ''}; "
+                               f"{loop.checkpoints.last_good()}")
 
 
 def stop_requested(loop: Loop) -> bool:

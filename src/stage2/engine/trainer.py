@@ -261,9 +261,14 @@ class Trainer:
                                steps or self.steps_per_epoch, start_step=start_step, sums=sums)
 
     # ------------------------------------------------------------------ validation
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validated and kept as best.pt: the EMA's with --ema, else the model's."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _end_epoch(self, epoch: int, train_stats: dict[str, float], ctx: StageState) -> None:
         cfg = self.cfg
-        eval_model = self.ema.module if self.ema is not None else self.model
+        eval_model = self.eval_model
         when = f"after epoch {epoch + 1}"
         ensure_finite(eval_model, self.device, when, self.checkpoints.last)
         result = self.evaluator.evaluate(eval_model, when=when)
@@ -322,7 +327,7 @@ class Trainer:
         """Reload the best weights, calibrate, and write predictions, ROC, summary and the final table."""
         barrier()
         best = self.checkpoints.read_best()
-        eval_model = self.ema.module if self.ema is not None else self.model
+        eval_model = self.eval_model
         eval_model.load_state_dict(best.model)
         result = self.evaluator.evaluate(eval_model)
         if not self.dist.is_main:
