@@ -53,6 +53,8 @@ def test_the_lfw_preset_draws_from_the_repositorys_own_split(tmp_path):
     (["--preset", "composites"], "--preset needs --repo"),
     (["--preset", "composites", "--repo", "x", "--real", "r"], "drop --real"),
     (["--real", "r"], "give --real and --fake"),
+    (["--real", "r", "--fake", "f", "--cross", "x", "--val-fraction", "0.3"], "--val-fraction: not with --cross"),
+    (["--preset", "composites", "--repo", "x", "--val-fraction", "0.3"], "drop --val-fraction"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -65,3 +67,50 @@ def test_a_real_folder_that_holds_the_fakes_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="share 2 images .*would label them both ways"):
         real_set.main([str(tmp_path / "out"), "--real", str(tmp_path / "faces/real"),
                        "--fake", str(tmp_path / "faces/real/fake")])
+
+
+def _counts(out) -> dict[str, dict[int, int]]:
+    return {name: pd.read_csv(out / f"{name}.csv")["label"].value_counts().to_dict() for name in ("train", "val")}
+
+
+def test_the_audit_reads_the_reencoded_images_beside_the_manifests(tmp_path, monkeypatch, capsys):
+    fake_repo(tmp_path, {"real": 5, "fake": 5})
+    monkeypatch.chdir(tmp_path / "real")  # the manifests' relative paths mean nothing from here
+    real_set.main([str(tmp_path / "set"), "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                   "--reencode", "png", "--size", "16"])
+    audit = " ".join(capsys.readouterr().out.split("wrote")[-1].split())
+    assert "unreadable" not in audit and audit.count("format 0.500 4 4 PNG 100% PNG 100%") == 1  # train's
+    assert audit.count("PNG 100% PNG 100%") == 2  # and val's
+
+
+def test_a_set_written_inside_its_real_folder_leaves_itself_out_of_the_next_run(tmp_path):
+    fake_repo(tmp_path, {"real": 5, "fake": 5})
+    argv = [str(tmp_path / "real" / "set"), "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+            "--reencode", "png", "--size", "16"]
+    real_set.main(argv)
+    first = _counts(tmp_path / "real" / "set")
+    real_set.main([*argv, "--overwrite"])
+    assert _counts(tmp_path / "real" / "set") == first == {"train": {0: 4, 1: 4}, "val": {0: 1, 1: 1}}
+
+
+@pytest.mark.parametrize("reencode", [[], ["--reencode", "jpeg:90"]])
+def test_a_corrupt_source_image_is_refused_before_anything_is_written(tmp_path, reencode):
+    fake_repo(tmp_path, {"real": 4, "fake": 4})
+    broken = tmp_path / "real" / "img_2.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])  # a header, then nothing: PIL opens it, decoding fails
+    with pytest.raises(SystemExit, match=rf"1 of 8 images cannot be decoded .*{broken}"):
+        real_set.main([str(tmp_path / "set"), "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                       *reencode])
+    assert not (tmp_path / "set").exists()
+
+
+def test_existing_manifests_are_replaced_only_with_overwrite(tmp_path):
+    fake_repo(tmp_path, {"real": 5, "fake": 5})
+    argv = [str(tmp_path / "set"), "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]
+    real_set.main(argv)
+    (tmp_path / "set" / "val.csv").write_text("kept\n")
+    with pytest.raises(SystemExit, match=r"set/train.csv exists: give --overwrite to replace it"):
+        real_set.main([*argv, "--seed", "1"])
+    assert (tmp_path / "set" / "val.csv").read_text() == "kept\n"
+    real_set.main([*argv, "--seed", "1", "--overwrite"])
+    assert _counts(tmp_path / "set")["val"] == {0: 1, 1: 1}
