@@ -61,7 +61,7 @@ from stage2.data.perturb import Perturbation, parse_perturbations
 from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
 from stage2.embeddings.stacking_preview import fold_groups, out_of_fold, stacker
-from stage2.errors import first_line
+from stage2.errors import ManifestError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.pypi_weights import LITE0, write_lite0_file
 from stage2.run.checkpoint import read_best
@@ -74,6 +74,7 @@ PLAIN_ZERO = "plain loop, zero head"
 DEFAULT_AUG = TrainConfig().aug
 PROTOCOLS = ("per-type", "held-out")
 LEARNT = 0.65  # a type whose plain-loop clean AUC stays below this is not learnt at the budget: not judged
+MIN_VAL_PER_CLASS = 10  # fewer val crops of a class and an AUC is a coin toss (--n-val 2: 1.000 or 0.000)
 # Real mode's plan where its flags are not given: ImageNet EfficientNet-Lite0 at 128px on a CPU, at our trainer's lr.
 REAL_DEFAULTS = {"model": LITE0, "img_size": 128, "batch": 32, "workers": 0, "lr": 3e-4}
 GENCONVIT_VARIANTS = ("ed", "vae")
@@ -221,6 +222,14 @@ def plain_loop(train: pd.DataFrame, val: pd.DataFrame, plan: LearnPlan, case: Ca
     return trained
 
 
+def check_one_batch(plan: LearnPlan, n_train: int, source: str) -> None:
+    """Refuse a train set smaller than one batch when the plan has a plain loop: it drops an incomplete batch, so
+    it would take no step (ours keeps a lone short batch)."""
+    if plan.plain and n_train < plan.batch:
+        raise SystemExit(f"error: {source}: {n_train} train images, fewer than one batch (--batch {plan.batch}): "
+                         "the plain loop drops an incomplete batch and would take no step")
+
+
 def budget(plan: LearnPlan, train_csv: Path, val_csv: Path, out: Path, seed: int) -> list[str]:
     """The flags both of our trainers get: data, budget, seed and device; the rest is each trainer's recipe."""
     return ["--train-manifest", str(train_csv), "--val-manifest", str(val_csv), "--img-size", str(plan.img_size),
@@ -329,9 +338,12 @@ def run_real(plan: LearnPlan, train_csv: Path, val_csv: Path, crosses: dict[str,
              ) -> dict[str, Any]:
     """The shortcut audit of every set, then every case of the plan, each best model scored on every cross set;
     then per seed a stack of ours and each GenConViT."""
-    frames = {"train": read_manifest(train_csv, require_both_classes=True),
-              "val": read_manifest(val_csv, require_both_classes=True),
-              **{name: read_manifest(path, require_both_classes=True) for name, path in crosses.items()}}
+    sets = {"train": train_csv, "val": val_csv, **crosses}
+    try:
+        frames = {name: read_manifest(path, require_both_classes=True) for name, path in sets.items()}
+    except ManifestError as err:
+        raise SystemExit(f"error: {err}") from None
+    check_one_batch(plan, len(frames["train"]), f"--train-manifest {train_csv}")
     audit = shortcut_audit(frames, workers=max(plan.workers, 1))
     print("shortcut audit (file headers only; AUC of each feature alone, real vs fake):\n" + format_audit(audit))
     for line in warn_shortcuts(audit):
@@ -348,8 +360,7 @@ def run_real(plan: LearnPlan, train_csv: Path, val_csv: Path, crosses: dict[str,
     columns = ["clean", *(f"cross:{name}" for name in crosses), "final_train_loss", "cpu_seconds", "best_expert",
                "gain", "recon_psnr", "mean_colour_psnr", "last_recon_psnr"]
     summary = summarise(runs, columns)
-    return {"protocol": "real", "plan": asdict(plan), "sets": {k: str(v) for k, v in
-                                                               {"train": train_csv, "val": val_csv, **crosses}.items()},
+    return {"protocol": "real", "plan": asdict(plan), "sets": {k: str(v) for k, v in sets.items()},
             "audit": audit.to_dict("records"), "runs": runs, "summary": summary}
 
 
@@ -582,8 +593,8 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="per-type", help="synthetic protocol")
-    parser.add_argument("--types", type=_names(TRACES), default=TRACES, help="comma-separated trace types")
+    parser.add_argument("--protocol", choices=PROTOCOLS, help="synthetic protocol (default per-type)")
+    parser.add_argument("--types", type=_names(TRACES), help="comma-separated trace types (default: all)")
     parser.add_argument("--hold-out", type=_names(TRACES),
                         help="held-out protocol: hold out only these types, in turn (default: each of --types)")
     parser.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds")
@@ -593,8 +604,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
                         help="also run ours with these extra flags, e.g. 'no drop-path=--drop-path 0' (repeatable)")
     parser.add_argument("--epochs", type=positive_int, default=LearnPlan.epochs, help="training epochs of every run")
-    parser.add_argument("--n-train", type=positive_int, default=LearnPlan.n_train, help="synthetic train crops per set")
-    parser.add_argument("--n-val", type=positive_int, default=LearnPlan.n_val, help="synthetic val crops per set")
+    parser.add_argument("--n-train", type=positive_int,
+                        help=f"synthetic train crops per set (default {LearnPlan.n_train})")
+    parser.add_argument("--n-val", type=positive_int, help=f"synthetic val crops per set (default {LearnPlan.n_val})")
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", default="output/learn.json", help="results; a Markdown table beside it (.md)")
     parser.add_argument("--work-dir", help="keep data and runs here (default: a temporary folder)")
@@ -630,12 +642,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     real_only = [flag for flag, value in (("--cross", args.cross), ("--genconvit", args.genconvit)) if value]
     if args.train_manifest is None and real_only:
         parser.error(f"{', '.join(real_only)}: only in real mode (with --train-manifest and --val-manifest)")
+    synthetic_only = [flag for flag, value in (("--protocol", args.protocol), ("--types", args.types),
+                                               ("--hold-out", args.hold_out), ("--n-train", args.n_train),
+                                               ("--n-val", args.n_val)) if value]
+    if args.train_manifest is not None and synthetic_only:
+        parser.error(f"{', '.join(synthetic_only)}: only in the synthetic protocols, not in real mode "
+                     "(--train-manifest)")
+    args.protocol, args.types = args.protocol or "per-type", args.types or TRACES
+    args.n_train, args.n_val = args.n_train or LearnPlan.n_train, args.n_val or LearnPlan.n_val
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr {args.lr}: expected a positive number")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers {args.workers}: expected an integer >= 0")
     if args.train_manifest is None and not args.merge and min(args.n_train, args.n_val) < 2 * len(args.types):
         parser.error(f"--n-train and --n-val: at least {2 * len(args.types)} crops, a real and a fake per type")
+    if args.train_manifest is None and not args.merge and args.n_val < 2 * MIN_VAL_PER_CLASS:
+        parser.error(f"--n-val {args.n_val}: at least {2 * MIN_VAL_PER_CLASS} val crops ({MIN_VAL_PER_CLASS} real "
+                     f"and {MIN_VAL_PER_CLASS} fake): an AUC on fewer is noise")
     return args
 
 
@@ -679,9 +702,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = plan_from_args(args)
     if plan.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {plan.device}: torch sees no CUDA device here")
+    mode = "real" if args.train_manifest else args.protocol
+    if mode != "real":
+        check_one_batch(plan, plan.n_train, f"--n-train {plan.n_train}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode = "real" if args.train_manifest else args.protocol
     with tempfile.TemporaryDirectory(prefix="learn_") as tmp:
         work = Path(args.work_dir or tmp)
         if args.train_manifest and plan.pretrained_file is None and plan.model == LITE0:

@@ -12,7 +12,7 @@ from PIL import Image
 from benchmarks import learn
 from benchmarks.traces import split_items, write_set
 
-TINY = ["--seeds", "0", "--epochs", "1", "--n-train", "24", "--n-val", "12", "--img-size", "32", "--batch", "8"]
+TINY = ["--seeds", "0", "--epochs", "1", "--n-train", "24", "--n-val", "20", "--img-size", "32", "--batch", "8"]
 
 
 def test_per_type_trains_both_sides_scores_every_perturbation_and_judges_the_default(tmp_path):
@@ -100,7 +100,10 @@ def test_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--cross", "a/b", "--train-manifest", "t", "--val-manifest", "v"], "expected NAME=MANIFEST"),
              (["--n-train", "0"], "positive integer"), (["--n-train", "8"], "at least 14 crops"),
              (["--seeds", "0,0"], "distinct"), (["--lr", "-1", "--train-manifest", "t", "--val-manifest", "v"],
-                                                "positive number"))
+                                                "positive number"),
+             (["--types", "splice", "--n-val", "2"], "--n-val 2: at least 20 val crops (10 real and 10 fake)"),
+             *((["--train-manifest", "t", "--val-manifest", "v", flag, value], f"{flag}: only in the synthetic")
+               for flag, value in (("--protocol", "held-out"), ("--types", "splice"), ("--n-val", "50"))))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             learn.parse_args(argv)
@@ -108,6 +111,9 @@ def test_bad_flags_are_one_line_errors(capsys, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device here"):
             learn.main(["--device", "cuda"])
+    with pytest.raises(SystemExit, match=r"--n-train 16: 16 train images, fewer than one batch \(--batch 32\)"):
+        learn.main(["--types", "splice", "--n-train", "16", "--work-dir", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
     for path in (tmp_path / "missing.json", tmp_path / "junk.json"):
         with pytest.raises(SystemExit, match=rf"--merge {path}: cannot read a result"):
             learn.main(["--merge", str(path)])
@@ -153,3 +159,18 @@ def test_real_mode_audits_every_set_trains_every_expert_and_stacks_them(tmp_path
     assert cases[:5] == [r["case"] for r in result["summary"]] and cases[5:] == ["ours --aug none", "ours no drop-path"]
     assert merged["plan"]["plain"] == ["random", "zero"] and merged["plan"]["genconvit"] == ["ed"]
     assert "clean_vs_plain" in merged["summary"][-1]
+
+
+def test_real_mode_refuses_a_missing_set_or_a_train_set_under_a_batch_before_training(tmp_path):
+    train = write_set(tmp_path / "data", "train", split_items(0, 8, ["resample"]), size=32)
+    val = write_set(tmp_path / "data", "val", split_items(8, 8, ["resample"]), size=32)
+    argv = ["--train-manifest", str(train), "--val-manifest", str(val), "--model", "test_efficientnet",
+            "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path / 'MISSING.csv'}: manifest file not found$"):
+        learn.main([*argv, "--cross", f"c={tmp_path / 'MISSING.csv'}"])
+    with pytest.raises(SystemExit, match=rf"--train-manifest {train}: 8 train images, fewer than one batch"):
+        learn.main(argv)
+    assert not (tmp_path / "work" / "runs").exists()
+    learn.main([*argv, "--plain", "none", "--genconvit", "none", "--levels", "standard", "--epochs", "1",
+                "--seeds", "0", "--img-size", "32"])
+    assert (tmp_path / "work" / "runs").exists()  # ours takes a set under a batch
