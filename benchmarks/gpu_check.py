@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", default="output/gpu_check", help="folder for report.md and report.json")
     parser.add_argument("--real-set", type=Path, default=REAL_SET,
-                        help="folder with train.csv, val.csv (and cross_NAME.csv) of a real set (README)")
+                        help="folder with train.csv, val.csv (and cross_NAME.csv) of a real set "
+                             "(BENCHMARKS.md: Real faces)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["real"] = real_learn(command, out, LIMITS["real"])
         else:
             report["notes"].append(f"no real set in {args.real_set} (train.csv, val.csv): learnability on real data "
-                                   "not run (README: Learnability on real data)")
+                                   "not run (BENCHMARKS.md: Real faces)")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown(report))

@@ -1,7 +1,9 @@
-"""A run killed mid-epoch resumes bit-identically; two DDP ranks score the val set exactly like one."""
+"""A run killed mid-epoch resumes bit-identically; two DDP ranks score the val set exactly like one; two torchrun
+nodes train one run into one shared folder."""
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import fields
@@ -101,6 +103,42 @@ def test_two_ddp_ranks_give_exactly_the_single_process_metrics(effnet_args, tiny
     stored = torch.load(out / "best.pt", weights_only=True)["metrics"]
     for key in ("auc", "ap", "eer", "acc", "val_loss", "log_loss"):
         assert stored[key] == pytest.approx(m1[key], abs=1e-6), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_one_run_into_the_shared_output_folder(effnet_args, tmp_path):
+    # The README's multi-node recipe on one host: two torchrun agents of one process each, joined by the c10d
+    # rendezvous (no --node-rank: the first to arrive hosts the store), both given the same --output-dir.
+    out = tmp_path / "shared" / "run"
+    args = set_flag(effnet_args, "--output-dir", str(out))
+    epochs = int(args[args.index("--epochs") + 1])
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]
+    nodes = [subprocess.Popen([*node, str(ROOT / "train_stage2_effnet.py"), *args], env=subprocess_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill()
+    assert [proc.returncode for proc in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert sum("x 2 rank(s)" in log for log in logs) == 1  # rank 0 alone prints the settings line
+
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["run"]  # one run, nothing beside it
+    assert {"best.pt", "last.pt", "metrics.csv", "summary.json", "train.log", "args.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file, the lock let go
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == list(range(1, epochs + 1))
+    assert torch.load(out / "last.pt", weights_only=True)["next_epoch"] == epochs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["n"] == len(pd.read_csv(args[args.index("--val-manifest") + 1]))
+    assert "x 2 rank(s)" in (out / "train.log").read_text()
 
 
 def test_every_train_config_field_says_what_a_resume_may_do_with_it():
