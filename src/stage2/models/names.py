@@ -18,3 +18,6 @@ GENCONVIT_HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_
 GENCONVIT_INIT_MODES = ("official", "imagenet", "scratch")
 # What GenConViT's head reads of each view: the backbone's ImageNet logits (the official layout) or pooled features.
 HEAD_INPUTS = ("logits", "features")
+# What the EfficientNet expert trains (--tune): every weight, the normalisation layers' affine parameters and the
+# head, or the head alone over a frozen backbone.
+TUNE_MODES = ("all", "norm", "head")
