@@ -632,10 +632,12 @@ def real_tables(result: dict[str, Any]) -> list[str]:
                   "Pearson correlation of the experts' val logits (per seed); the same from their last epochs:", "",
                   "| stack | stacked | best expert | gain | logits' r | last: stacked | gain | logits' r |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['case']} | {r['clean']:.4f} | {r['best_expert']:.4f} | {r['gain']:+.4f} "
-                  f"({per_seed(r['case'], 'gain')}) | {r['corr']:.3f} ({per_seed(r['case'], 'corr')}) | "
-                  + (f"{r['clean_last']:.4f} | {r['gain_last']:+.4f} ({per_seed(r['case'], 'gain_last')}) | "
-                     f"{r['corr_last']:.3f} |" if "gain_last" in r else " | | |") for r in stacked]
+        for r in stacked:  # results from before the last epochs and correlations were recorded have blanks
+            corr = f"{r['corr']:.3f} ({per_seed(r['case'], 'corr')})" if "corr" in r else ""
+            last = (f"{r['clean_last']:.4f} | {r['gain_last']:+.4f} ({per_seed(r['case'], 'gain_last')}) | "
+                    f"{r['corr_last']:.3f}" if "gain_last" in r else " | | ")
+            lines.append(f"| {r['case']} | {r['clean']:.4f} | {r['best_expert']:.4f} | {r['gain']:+.4f} "
+                         f"({per_seed(r['case'], 'gain')}) | {corr} | {last} |")
     return lines
 
 
