@@ -21,14 +21,24 @@ Real mode (``--train-manifest``, BENCHMARKS.md "Real faces"): the shortcut audit
 real set (``benchmarks.real_set``) from ImageNet weights (EfficientNet-Lite0's, from a PyPI package; written to
 the work folder when ``--pretrained-file`` is not given): the plain loop (``--plain zero``: with its head started
 at zero too), ours (the EfficientNet trainer) and the GenConViT trainer on the same backbone, size and budget
-(``--genconvit``), every best model scored on every ``--cross`` set; then per seed a stack of ours and each
-GenConViT (``stage2.embeddings.stacking_preview``: their logits and GenConViT's reconstruction error, scored out of
-fold on val, and fitted on val to score each cross set). Every run's CPU seconds are recorded.
+(``--genconvit``, ``--genconvit-variant``), and ours on the train set's reals alone (``--reals-only-variant``: its
+flags make the fakes, e.g. self-blending), every best model and every last epoch's scored on val and every
+``--cross`` set (a best epoch is picked on val, whose fakes it has then seen, even a reals-only case's; the last
+epoch is picked on nothing), a generative model's
+reconstruction error also as a score of its own; then per seed the stacks (``--stack``; by default ours with each
+GenConViT, and each reals-only case with ours: an expert that never saw a fake with one that did), through
+``stage2.embeddings.stacking_preview``: their logits and any reconstruction error, scored out of fold on val against
+the better expert, with the correlation of the experts' logits, and fitted on val to score each cross set. Every
+run's CPU seconds are recorded.
+
+    python -m benchmarks.learn --train-manifest T --val-manifest V --cross NAME=M \
+        --reals-only-variant "sbi=--self-blend 0.5" --genconvit-variant "ed reals=--variant ed --recon-on reals"
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shlex
@@ -64,9 +74,9 @@ from stage2.embeddings.stacking_preview import fold_groups, out_of_fold, stacker
 from stage2.errors import ManifestError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
 from stage2.models.pypi_weights import LITE0, write_lite0_file
-from stage2.run.checkpoint import read_best
+from stage2.run.checkpoint import BestCheckpoint, read_best, read_last
 from stage2.run.config import TrainConfig
-from stage2.run.files import BEST, METRICS
+from stage2.run.files import BEST, LAST, METRICS
 
 PERTURBATIONS = "jpeg:50-70,down:0.5,blur:1.0,noise:0.02"
 PLAIN = "plain loop (flip only)"
@@ -79,7 +89,8 @@ MIN_VAL_PER_CLASS = 10  # fewer val crops of a class and an AUC is a coin toss (
 REAL_DEFAULTS = {"model": LITE0, "img_size": 128, "batch": 32, "workers": 0, "lr": 3e-4}
 GENCONVIT_VARIANTS = ("ed", "vae")
 # What a plan says about which cases run (not the budget): results that differ only here merge.
-CASE_FIELDS = ("plain", "levels", "variants", "genconvit")
+CASE_FIELDS = ("plain", "levels", "variants", "genconvit", "reals_only", "genconvit_variants", "stacks")
+OURS = "ours"  # in --stack: our trainer's default case
 PLAIN_HEADS = {"random": PLAIN, "zero": PLAIN_ZERO}  # the plain loop's head: as PyTorch starts it, or at zero
 
 
@@ -104,6 +115,10 @@ class LearnPlan:
     pretrained_file: str | None = None  # real mode: the same weights for every trainer
     plain: tuple[str, ...] = ("random",)  # the plain loops (PLAIN_HEADS)
     genconvit: tuple[str, ...] = ()  # real mode: GenConViT variants, on the plan's model as backbone
+    # ours as (name, extra flags), trained on the train set's reals alone: its flags make the fakes (--self-blend)
+    reals_only: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    genconvit_variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # real mode: (name, flags naming --variant)
+    stacks: tuple[tuple[str, ...], ...] = ()  # real mode: the stacks' members by case name (default: stack_members)
 
 
 @dataclass(frozen=True)
@@ -113,11 +128,12 @@ class Case:
     name: str
     trainer: str  # "plain", "ours" or "genconvit"
     flags: tuple[str, ...] = ()
+    reals_only: bool = False  # trained on the train set's real rows alone (reals_only_manifest)
 
 
 @dataclass
 class Trained:
-    """A run's best model, how to read it, and its figures so far."""
+    """A run's best model and its last epoch's, how to read them, and its figures so far."""
 
     case: Case
     seed: int
@@ -125,13 +141,16 @@ class Trained:
     family: ModelFamily
     data_config: DataConfig
     figures: dict[str, Any]
+    last: nn.Module | None = None
 
 
 def cases(plan: LearnPlan) -> list[Case]:
     out = [Case(PLAIN_HEADS[head], "plain", (head,)) for head in plan.plain]
     out += [Case(f"ours --aug {level}", "ours", ("--aug", level)) for level in plan.levels]
     out += [Case(f"ours {name}", "ours", flags) for name, flags in plan.variants]
+    out += [Case(f"ours reals-only {name}", "ours", flags, reals_only=True) for name, flags in plan.reals_only]
     out += [Case(f"genconvit {variant}", "genconvit", ("--variant", variant)) for variant in plan.genconvit]
+    out += [Case(f"genconvit {name}", "genconvit", flags) for name, flags in plan.genconvit_variants]
     return out
 
 
@@ -217,6 +236,7 @@ def plain_loop(train: pd.DataFrame, val: pd.DataFrame, plan: LearnPlan, case: Ca
         val_auc = auc(trained, val)
         if val_auc > best:
             best, best_state = val_auc, {k: v.clone() for k, v in model.state_dict().items()}
+    trained.last = copy.deepcopy(model)
     model.load_state_dict(best_state)
     trained.figures = {"clean": best, "final_train_loss": losses[-1]}
     return trained
@@ -239,7 +259,8 @@ def budget(plan: LearnPlan, train_csv: Path, val_csv: Path, out: Path, seed: int
 
 
 def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
-    """A finished run of one of our trainers: its best.pt as a model, and its figures from metrics.csv."""
+    """A finished run of one of our trainers: its best.pt and its last epoch's weights (last.pt's, the EMA's with
+    --ema, as best.pt's are) as models, and its figures from metrics.csv."""
     best = read_best(out / BEST)
     history = pd.read_csv(out / METRICS)
     figures = {"clean": float(best.metrics["auc"]), "final_train_loss": float(history["train_loss"].iloc[-1])}
@@ -250,7 +271,20 @@ def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
                        last_recon_psnr=float(history["val_recon_psnr"].iloc[-1]))
     checkpoint = best.to_dict()
     model = model_from_checkpoint(checkpoint).to(plan.device)
-    return Trained(case, seed, model, family_of(checkpoint), DataConfig.from_dict(best.data_config), figures)
+    last = read_last(out / LAST)
+    at_last = BestCheckpoint(model=last.ema or last.model, meta=last.meta, data_config=last.data_config)
+    return Trained(case, seed, model, family_of(checkpoint), DataConfig.from_dict(best.data_config), figures,
+                   model_from_checkpoint(at_last.to_dict()).to(plan.device))
+
+
+def reals_only_manifest(train_csv: Path, work: Path) -> Path:
+    """WORK/reals_only/<train manifest's name>: its real rows alone, with the columns the trainers read and each
+    path resolved (the same files, read from another folder)."""
+    frame = read_manifest(train_csv)
+    out = work / "reals_only" / train_csv.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame[frame["label"] == 0].to_csv(out, index=False)
+    return out
 
 
 def ours(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, case: Case, seed: int) -> Trained:
@@ -272,13 +306,18 @@ def genconvit(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, case: 
 
 
 Scorer = Callable[[Trained], dict[str, float]]
+# Real mode's scores per (case, seed, "" or LAST_SUFFIX) and set: the fake logits and any reconstruction errors.
+Scored = dict[tuple[str, int, str], dict[str, tuple[np.ndarray, np.ndarray | None]]]
+LAST_SUFFIX = "_last"  # a column of the last epoch's model, beside the best's
 
 
 def train_cases(plan: LearnPlan, train_csv: Path, val_csv: Path, work: Path, score: Scorer, **tags: str
                 ) -> list[dict[str, Any]]:
     """Every case of the plan on every seed, each best model then scored by ``score``; one row per run, with the
-    run's CPU seconds (this process: the loaders run in it, workers 0)."""
+    run's CPU seconds (this process: the loaders run in it, workers 0). A reals-only case trains on the train
+    set's reals alone."""
     train, val = read_manifest(train_csv), read_manifest(val_csv)
+    reals_csv = reals_only_manifest(train_csv, work) if any(c.reals_only for c in cases(plan)) else None
     runs = []
     for seed in plan.seeds:
         for case in cases(plan):
@@ -288,7 +327,7 @@ def train_cases(plan: LearnPlan, train_csv: Path, val_csv: Path, work: Path, sco
             else:
                 folder = work / "runs" / "_".join([*tags.values(), case.name.replace(" ", ""), str(seed)])
                 trainer = ours if case.trainer == "ours" else genconvit
-                trained = trainer(train_csv, val_csv, folder, plan, case, seed)
+                trained = trainer(reals_csv if case.reals_only else train_csv, val_csv, folder, plan, case, seed)
             figures = {**trained.figures, **score(trained)}
             row = {**tags, "case": case.name, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
                    "cpu_seconds": round(time.process_time() - cpu0, 1), **figures}
@@ -336,8 +375,9 @@ def run_held_out(plan: LearnPlan, work: Path) -> dict[str, Any]:
 
 def run_real(plan: LearnPlan, train_csv: Path, val_csv: Path, crosses: dict[str, Path], work: Path
              ) -> dict[str, Any]:
-    """The shortcut audit of every set, then every case of the plan, each best model scored on every cross set;
-    then per seed a stack of ours and each GenConViT."""
+    """The shortcut audit of every set, then every case of the plan, its best and its last epoch's models each
+    scored on val and every cross set (a generative model's reconstruction error too, as a score of its own); then
+    per seed the stacks (stack_members)."""
     sets = {"train": train_csv, "val": val_csv, **crosses}
     try:
         frames = {name: read_manifest(path, require_both_classes=True) for name, path in sets.items()}
@@ -348,53 +388,83 @@ def run_real(plan: LearnPlan, train_csv: Path, val_csv: Path, crosses: dict[str,
     print("shortcut audit (file headers only; AUC of each feature alone, real vs fake):\n" + format_audit(audit))
     for line in warn_shortcuts(audit):
         print(f"warning: {line}")
-    scored: dict[tuple[str, int], dict[str, tuple[np.ndarray, np.ndarray | None]]] = {}
+    scored: Scored = {}
 
     def score(trained: Trained) -> dict[str, float]:
-        sets = {name: scores(trained, frames[name]) for name in ("val", *crosses)}
-        scored[trained.case.name, trained.seed] = sets
-        return {f"cross:{name}": float(roc_auc_score(frames[name]["label"], sets[name][0])) for name in crosses}
+        figures = {}
+        for suffix, model in (("", trained.model), (LAST_SUFFIX, trained.last)):
+            sets = {name: scores(replace(trained, model=model), frames[name]) for name in ("val", *crosses)}
+            scored[trained.case.name, trained.seed, suffix] = sets
+            for name, (logits, errors) in sets.items():
+                labels = frames[name]["label"]
+                column = "clean" if name == "val" else f"cross:{name}"
+                if column + suffix != "clean":  # the best epoch's val AUC is the run's own
+                    figures[column + suffix] = float(roc_auc_score(labels, logits))
+                if errors is not None:  # a generative model's reconstruction error alone: does it flag fakes?
+                    recon = "recon_auc" if name == "val" else f"recon_auc:{name}"
+                    figures[recon + suffix] = float(roc_auc_score(labels, errors))
+        return figures
 
     runs = train_cases(plan, train_csv, val_csv, work, score, type="real")
     runs += stacks(plan, frames, list(crosses), scored)
-    columns = ["clean", *(f"cross:{name}" for name in crosses), "final_train_loss", "cpu_seconds", "best_expert",
-               "gain", "recon_psnr", "mean_colour_psnr", "last_recon_psnr"]
+    aucs = ["clean", *(f"cross:{name}" for name in crosses), "recon_auc", *(f"recon_auc:{name}" for name in crosses)]
+    columns = [*(c + suffix for c in aucs for suffix in ("", LAST_SUFFIX)), "final_train_loss", "cpu_seconds",
+               *(c + suffix for c in ("best_expert", "gain", "corr") for suffix in ("", LAST_SUFFIX)),
+               "recon_psnr", "mean_colour_psnr", "last_recon_psnr"]
     summary = summarise(runs, columns)
     return {"protocol": "real", "plan": asdict(plan), "sets": {k: str(v) for k, v in sets.items()},
             "audit": audit.to_dict("records"), "runs": runs, "summary": summary}
 
 
-def stacks(plan: LearnPlan, frames: dict[str, pd.DataFrame], crosses: list[str],
-           scored: dict[tuple[str, int], dict[str, tuple[np.ndarray, np.ndarray | None]]]) -> list[dict[str, Any]]:
-    """Per seed, ours stacked with each GenConViT (and with all of them, when several): their val logits and each
-    GenConViT's reconstruction error. Scored out of fold on val (folds grouped by source_id, else video_id) against
-    the best expert's AUC on the same scores; then fitted on the whole val set and scored on each cross set."""
+def stack_members(plan: LearnPlan) -> list[tuple[str, ...]]:
+    """The stacks' members by case name: --stack's, else ours with each GenConViT (and with all of them, when
+    several), and each reals-only case (an expert that never saw a fake) with ours (one that did). Without ours'
+    default case (an ablation of ours), only --stack's."""
+    if plan.stacks:
+        return [tuple(default_case(plan) if name == OURS else name for name in stack) for stack in plan.stacks]
+    all_cases = cases(plan)
+    ours = default_case(plan)
+    if ours not in [case.name for case in all_cases]:
+        return []
+    experts = [case.name for case in all_cases if case.trainer == "genconvit"]
+    combos = [(ours, name) for name in experts] + ([(ours, *experts)] if len(experts) > 1 else [])
+    return combos + [(ours, case.name) for case in all_cases if case.reals_only]
+
+
+def stacks(plan: LearnPlan, frames: dict[str, pd.DataFrame], crosses: list[str], scored: Scored
+           ) -> list[dict[str, Any]]:
+    """Per seed, each stack of stack_members: its members' val logits and any reconstruction errors, from their best
+    epochs and (the columns ending _last) from their last. Scored out of fold on val (folds grouped by source_id,
+    else video_id) against the better expert's AUC on the same scores, with the Pearson correlation of the
+    experts' val logits (the mean over pairs, for more than two: how much they differ); then fitted on the whole
+    val set and scored on each cross set."""
     val = frames["val"]
     labels = val["label"].to_numpy()
     groups, _ = fold_groups(*(val[c].to_numpy(dtype=str) if c in val else None for c in ("source_id", "video_id")))
-    experts = [f"genconvit {variant}" for variant in plan.genconvit]
-    if default_case(plan) not in [case.name for case in cases(plan)]:
-        return []  # an ablation of ours without its default: nothing to stack with
-    combos = [[name] for name in experts] + ([experts] if len(experts) > 1 else [])
     runs = []
     for seed in plan.seeds:
-        for combo in combos:
-            members = [scored[default_case(plan), seed], *(scored[name, seed] for name in combo)]
+        for combo in stack_members(plan):
+            name = "stack: " + " + ".join(OURS if member == default_case(plan) else member for member in combo)
+            row = {"type": "real", "case": name, "seed": seed}
+            for suffix in ("", LAST_SUFFIX):
+                members = [scored[member, seed, suffix] for member in combo]
 
-            def inputs(split: str, members: list = members) -> np.ndarray:
-                columns = [score for m in members for score in m[split] if score is not None]  # logit, recon error
-                return np.stack(columns, axis=1)
+                def inputs(split: str, members: list = members) -> np.ndarray:
+                    columns = [score for m in members for score in m[split] if score is not None]  # logit, error
+                    return np.stack(columns, axis=1)
 
-            best = max(float(roc_auc_score(labels, m["val"][0])) for m in members)
-            stacked = float(roc_auc_score(labels, out_of_fold(inputs("val"), labels, groups, seed)))
-            fitted = stacker().fit(inputs("val"), labels)
-            cross = {f"cross:{c}": float(roc_auc_score(frames[c]["label"], fitted.predict_proba(inputs(c))[:, 1]))
-                     for c in crosses}
-            name = "stack: ours + " + " + ".join(combo)
-            runs.append({"type": "real", "case": name, "seed": seed, "clean": stacked, "best_expert": best,
-                         "gain": stacked - best, **cross})
-            print(f"  real {name:<40} seed {seed}: out of fold {stacked:.4f}, best expert {best:.4f} "
-                  f"({stacked - best:+.4f})", flush=True)
+                best = max(float(roc_auc_score(labels, m["val"][0])) for m in members)
+                stacked = float(roc_auc_score(labels, out_of_fold(inputs("val"), labels, groups, seed)))
+                r = np.corrcoef([m["val"][0] for m in members])
+                fitted = stacker().fit(inputs("val"), labels)
+                row.update({"clean" + suffix: stacked, "best_expert" + suffix: best, "gain" + suffix: stacked - best,
+                            "corr" + suffix: float(r[np.triu_indices(len(members), 1)].mean())})
+                row.update({f"cross:{c}{suffix}": float(roc_auc_score(frames[c]["label"],
+                                                                      fitted.predict_proba(inputs(c))[:, 1]))
+                            for c in crosses})
+            runs.append(row)
+            print(f"  real {name:<40} seed {seed}: out of fold {row['clean']:.4f}, best expert "
+                  f"{row['best_expert']:.4f} ({row['gain']:+.4f}), logits' r {row['corr']:.3f}", flush=True)
     return runs
 
 
@@ -413,8 +483,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     plan = {**first["plan"], "types": types if first["protocol"] == "per-type" else first["plan"]["types"],
             "held_out": types if first["protocol"] == "held-out" else [], "seeds": sorted({r["seed"] for r in runs})}
     for field in CASE_FIELDS:  # each result's cases, in order
-        values = [r["plan"].get(field) for r in results]
-        plan[field] = list(dict.fromkeys(tuple(v) if isinstance(v, list) else v for value in values for v in value))
+        values = [r["plan"].get(field, ()) for r in results]
+        plan[field] = list(dict.fromkeys(_frozen(v) for value in values for v in value))
     keys = dict.fromkeys(k for result in results for row in result["summary"] for k in row)
     columns = [k for k in keys if k not in ("type", "case", "seeds") and not k.endswith(("_sd", "_vs_plain"))]
     summary = summarise(runs, columns)
@@ -422,6 +492,11 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     if first["protocol"] == "per-type":
         merged["verdict"] = verdict(summary, f"ours --aug {first.get('default_aug', DEFAULT_AUG)}")
     return merged
+
+
+def _frozen(value: Any) -> Any:
+    """A plan's value as JSON gives it back (lists in lists), hashable: tuples all the way down."""
+    return tuple(map(_frozen, value)) if isinstance(value, (list, tuple)) else value
 
 
 # --------------------------------------------------------------------------- summaries and tables
@@ -517,28 +592,44 @@ def markdown(result: dict[str, Any]) -> str:
 
 def real_tables(result: dict[str, Any]) -> list[str]:
     """Real mode: a row per run type with its mean, sd and per-seed AUCs in-domain and on each cross set, and its
-    CPU cost; GenConViT's reconstruction against each image's mean colour; each stack against its best expert."""
+    CPU seconds, for the best epoch (picked on val) and for the last; the reconstruction error's own AUC and
+    GenConViT's reconstruction against each image's mean colour; each stack against its better expert, with the
+    correlation of its experts' logits."""
     summary, runs = result["summary"], result["runs"]
-    crosses = list(dict.fromkeys(k for r in summary for k in r if k.startswith("cross:") and not k.endswith("_sd")))
+    names = list(dict.fromkeys(k.removeprefix("cross:") for r in summary for k in r
+                               if k.startswith("cross:") and not k.endswith(("_sd", LAST_SUFFIX))))
     seeds = result["plan"]["seeds"]
 
-    def per_seed(case: str, column: str) -> str:
+    def per_seed(case: str, column: str, digits: int = 3) -> str:
         values = {r["seed"]: r.get(column) for r in runs if r["case"] == case}
-        return " / ".join(f"{values[s]:.3f}" if values.get(s) is not None else "-" for s in seeds)
+        return " / ".join(f"{values[s]:.{digits}f}" if values.get(s) is not None else "-" for s in seeds)
 
     def cell(r: dict[str, Any], column: str) -> str:
         if column not in r:
             return ""
         return f"{r[column]:.4f} ±{r[column + '_sd']:.3f} ({per_seed(r['case'], column)})"
 
-    names = [c.removeprefix("cross:") for c in crosses]
+    def auc_table(title: str, prefix: str, suffix: str) -> list[str]:
+        """A row per run with ``prefix`` (+ ``suffix``) on val and each cross set, where it has any."""
+        val = "clean" if prefix == "cross:" else prefix.removesuffix(":")
+        rows = [r for r in summary if val + suffix in r]
+        if not rows:
+            return []
+        lines = ["", title, "", f"| run | val AUC | {' | '.join(n + ' AUC (cross)' for n in names)} | CPU s per run |",
+                 f"|---|---:|{'---:|' * len(names)}---:|"]
+        for r in rows:
+            cpu = f"{r['cpu_seconds']:.0f} ({per_seed(r['case'], 'cpu_seconds', 0)})" if "cpu_seconds" in r else ""
+            crosses = " | ".join(cell(r, f"{prefix}{n}{suffix}") for n in names)
+            lines.append(f"| {r['case']} | {cell(r, val + suffix)} | {crosses} | {cpu} |")
+        return lines
+
     lines = [f"AUC, mean ±sd over seeds (per seed {', '.join(map(str, seeds))}); val: the set that picked each best "
-             "epoch (a stack: out of fold on it)", "",
-             f"| run | val AUC | {' | '.join(n + ' AUC (cross)' for n in names)} | CPU s per run |",
-             f"|---|---:|{'---:|' * len(crosses)}---:|"]
-    for r in summary:
-        cpu = f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else ""
-        lines.append(f"| {r['case']} | {cell(r, 'clean')} | {' | '.join(cell(r, c) for c in crosses)} | {cpu} |")
+             "epoch (a stack: out of fold on it), whose fakes that pick has seen, even for a reals-only case; the "
+             "last epoch is picked on nothing."]
+    lines += auc_table("Best epoch (by val AUC):", "cross:", "")
+    lines += auc_table("Last epoch:", "cross:", LAST_SUFFIX)
+    lines += auc_table("The reconstruction error alone as a fake score, best epoch:", "recon_auc:", "")
+    lines += auc_table("The reconstruction error alone as a fake score, last epoch:", "recon_auc:", LAST_SUFFIX)
     recon = [r for r in summary if "recon_psnr" in r]
     if recon:
         lines += ["", "GenConViT's val reconstruction at its best epoch (and its last), PSNR in dB, against each "
@@ -548,10 +639,16 @@ def real_tables(result: dict[str, Any]) -> list[str]:
                   f"| {r['recon_psnr'] - r['mean_colour_psnr']:+.2f} |" for r in recon]
     stacked = [r for r in summary if "gain" in r]
     if stacked:
-        lines += ["", "Stacks: out-of-fold val AUC minus the best stacked expert's AUC on the same images:", "",
-                  "| stack | stacked | best expert | gain (per seed) |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['case']} | {r['clean']:.4f} | {r['best_expert']:.4f} | {r['gain']:+.4f} "
-                  f"({per_seed(r['case'], 'gain')}) |" for r in stacked]
+        lines += ["", "Stacks: out-of-fold val AUC minus the better stacked expert's AUC on the same images, and the "
+                  "Pearson correlation of the experts' val logits (per seed); the same from their last epochs:", "",
+                  "| stack | stacked | best expert | gain | logits' r | last: stacked | gain | logits' r |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in stacked:  # results from before the last epochs and correlations were recorded have blanks
+            corr = f"{r['corr']:.3f} ({per_seed(r['case'], 'corr')})" if "corr" in r else ""
+            last = (f"{r['clean_last']:.4f} | {r['gain_last']:+.4f} ({per_seed(r['case'], 'gain_last')}) | "
+                    f"{r['corr_last']:.3f}" if "gain_last" in r else " | | ")
+            lines.append(f"| {r['case']} | {r['clean']:.4f} | {r['best_expert']:.4f} | {r['gain']:+.4f} "
+                         f"({per_seed(r['case'], 'gain')}) | {corr} | {last} |")
     return lines
 
 
@@ -581,6 +678,13 @@ def _names(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def _stack(text: str) -> tuple[str, ...]:
+    members = tuple(member.strip() for member in text.split("+"))
+    if len(members) < 2 or "" in members or len(set(members)) < len(members):
+        raise argparse.ArgumentTypeError(f"expected two or more distinct case names joined by +, got {text!r}")
+    return members
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(","))
@@ -603,6 +707,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the held-out protocol and real mode)")
     parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
                         help="also run ours with these extra flags, e.g. 'no drop-path=--drop-path 0' (repeatable)")
+    parser.add_argument("--reals-only-variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
+                        help="also run ours with these flags on the train set's reals alone, the flags making the "
+                             "fakes, e.g. 'sbi=--self-blend 0.5' (case 'ours reals-only NAME'; the manifest is "
+                             "written to WORK/reals_only/; repeatable)")
     parser.add_argument("--epochs", type=positive_int, default=LearnPlan.epochs, help="training epochs of every run")
     parser.add_argument("--n-train", type=positive_int,
                         help=f"synthetic train crops per set (default {LearnPlan.n_train})")
@@ -623,6 +731,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain", type=_names((*PLAIN_HEADS, "none")),
                         help="the plain loops: random (its head as PyTorch starts it), zero (started at zero), or "
                              "none (default: random)")
+    real.add_argument("--genconvit-variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
+                      help="also run GenConViT with these flags, which name its --variant, e.g. "
+                           "'ed recon reals=--variant ed --recon-on reals' (case 'genconvit NAME'; repeatable)")
+    real.add_argument("--stack", type=_stack, action="append", default=[], metavar="CASE+CASE[+...]",
+                      help="stack these cases (their names in the tables; ours: our default case) out of fold on "
+                           "val (repeatable; default: ours with each GenConViT, and each reals-only case with ours)")
     real.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     real.add_argument("--model", help=f"timm model (synthetic: {LearnPlan.model}; real: {REAL_DEFAULTS['model']})")
     real.add_argument("--img-size", type=positive_int,
@@ -639,7 +753,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.train_manifest is None) != (args.val_manifest is None):
         parser.error("real mode needs both --train-manifest and --val-manifest")
-    real_only = [flag for flag, value in (("--cross", args.cross), ("--genconvit", args.genconvit)) if value]
+    real_only = [flag for flag, value in (("--cross", args.cross), ("--genconvit", args.genconvit),
+                                          ("--genconvit-variant", args.genconvit_variant), ("--stack", args.stack))
+                 if value]
     if args.train_manifest is None and real_only:
         parser.error(f"{', '.join(real_only)}: only in real mode (with --train-manifest and --val-manifest)")
     synthetic_only = [flag for flag, value in (("--protocol", args.protocol), ("--types", args.types),
@@ -659,6 +775,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_manifest is None and not args.merge and args.n_val < 2 * MIN_VAL_PER_CLASS:
         parser.error(f"--n-val {args.n_val}: at least {2 * MIN_VAL_PER_CLASS} val crops ({MIN_VAL_PER_CLASS} real "
                      f"and {MIN_VAL_PER_CLASS} fake): an AUC on fewer is noise")
+    for name, flags in args.genconvit_variant:
+        if "--variant" not in flags:
+            parser.error(f"--genconvit-variant {name}: its flags must name --variant (ed or vae)")
+    if not args.merge:
+        plan = plan_from_args(args)
+        names = [case.name for case in cases(plan)]
+        if len(set(names)) < len(names):
+            parser.error(f"two cases named {next(n for n in names if names.count(n) > 1)!r}: give each variant its "
+                         "own NAME")
+        known = [*names, OURS] if default_case(plan) in names else names
+        for stack in args.stack:
+            unknown = [member for member in stack if member not in known]
+            if unknown:
+                parser.error(f"--stack {'+'.join(stack)}: no case {unknown[0]!r} (cases: {', '.join(names)})")
     return args
 
 
@@ -674,7 +804,9 @@ def plan_from_args(args: argparse.Namespace) -> LearnPlan:
     plain = tuple(head for head in args.plain or ("random",) if head != "none")
     return LearnPlan(seeds=args.seeds, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val, levels=levels,
                      types=args.types, held_out=args.hold_out or (), variants=tuple(args.variant), plain=plain,
-                     genconvit=genconvit, device=args.device, **{k: v for k, v in chosen.items() if v is not None})
+                     genconvit=genconvit, reals_only=tuple(args.reals_only_variant),
+                     genconvit_variants=tuple(args.genconvit_variant), stacks=tuple(args.stack), device=args.device,
+                     **{k: v for k, v in chosen.items() if v is not None})
 
 
 def read_results(paths: list[Path]) -> list[dict[str, Any]]:

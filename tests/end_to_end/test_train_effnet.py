@@ -16,7 +16,7 @@ from stage2.data.manifest import read_manifest
 from stage2.data.transforms import DeviceTransform
 from stage2.engine import trainer
 from stage2.engine.modes import run
-from stage2.errors import TrainingDiverged
+from stage2.errors import ConfigError, TrainingDiverged
 from stage2.experts.timm_classifier import TimmExpert
 from stage2.models.families import model_from_checkpoint
 from stage2.run.checkpoint import load_checkpoint
@@ -158,3 +158,35 @@ def test_pos_weight_auto_balances_the_loss():
     logits, labels = torch.zeros(2, 1), torch.tensor([1, 0])
     loss = expert.loss(logits, None, labels)["loss"]
     assert loss[0] == pytest.approx(3 * loss[1])
+
+
+@pytest.mark.parametrize("tune", ["head", "norm"])
+def test_tune_trains_only_the_head_or_the_norms_and_the_head_and_resumes(effnet_args, tune, monkeypatch):
+    built = {}
+    build = TimmExpert.build_model
+
+    def keep_start(self):
+        model = build(self)
+        built.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(TimmExpert, "build_model", keep_start)
+    args = [*set_flag(set_flag(effnet_args, "--epochs", "1"), "--lr", "1e-2"), "--tune", tune, "--no-ema"]
+    train_stage2_effnet.main(args)
+    model = build(TimmExpert("test_efficientnet", img_size=32, pretrained=False))
+    head = {f"{model.pretrained_cfg['classifier']}.{name}" for name, _ in model.get_classifier().named_parameters()}
+    norms = {f"{module}.{name}" for module, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+             for name in ("weight", "bias")}
+    stats = {k for k in built if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert norms and stats
+    after = load_checkpoint(output_dir(args) / "last.pt")["model"]
+    changed = {k for k in built if not torch.equal(built[k], after[k])}
+    trained = head | (norms | stats if tune == "norm" else set())
+    assert changed == trained  # the rest byte-identical to the start (with head, BatchNorm's statistics too)
+    assert json.loads((output_dir(args) / "args.json").read_text())["tune"] == tune
+    train_stage2_effnet.main(set_flag(args, "--epochs", "2") + ["--resume"])
+    again = load_checkpoint(output_dir(args) / "last.pt")["model"]
+    assert {k for k in built if not torch.equal(built[k], again[k])} == trained
+    other = "norm" if tune == "head" else "all"
+    with pytest.raises(ConfigError, match=f"tune={tune!r}.*cannot change on resume"):
+        train_stage2_effnet.main(set_flag(set_flag(args, "--epochs", "3"), "--tune", other) + ["--resume"])

@@ -140,6 +140,33 @@ def test_kl_term_is_added_and_reaches_the_var_head(vae_model, images):
     vae_model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("variant", ["ed", "vae"])
+def test_recon_on_reals_trains_the_autoencoder_on_the_reals_alone(variant):
+    torch.manual_seed(0)
+    sizes = {"img_size": IMG, "latent_channels": LATENT} if variant == "vae" else {}
+    model = build_genconvit(variant, convnext_name="test_efficientnet", **sizes).eval()
+    images = torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 0, 1])
+    reals_only = GenConViTLoss(recon_weight=1.0, kl_weight=0.5, recon_on="reals")
+
+    def autoencoder_grads(loss: GenConViTLoss, keep: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss(model(images[keep]), images[keep], labels[keep])["loss"].mean().backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.autoencoder_parameters()]
+
+    fakes = labels == 1
+    assert all((g == 0).all() for g in autoencoder_grads(reals_only, fakes))
+    everything = GenConViTLoss(recon_weight=1.0, kl_weight=0.5)
+    assert any((g != 0).any() for g in autoencoder_grads(everything, fakes))  # recon_on all (upstream's)
+    with torch.no_grad():  # eval mode: each image's terms do not depend on the others in its batch
+        mixed = reals_only(model(images), images, labels)
+        reals = reals_only(model(images[~fakes]), images[~fakes], labels[~fakes])
+        kept = everything(model(images), images, labels)
+    torch.testing.assert_close((mixed["loss"] - mixed["cls"]).mean(), (reals["loss"] - reals["cls"]).mean())
+    torch.testing.assert_close(reals["loss"], everything(model(images[~fakes]), images[~fakes], labels[~fakes])["loss"])
+    torch.testing.assert_close(mixed["recon"], kept["recon"])  # every image's error is still measured
+
+
 def pixels(images: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
     return images * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)

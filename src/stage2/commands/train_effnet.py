@@ -14,7 +14,7 @@ import argparse
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.commands.flags import FlagParser, Float
 from stage2.commands.train_args import add_train_args, config_from_args
-from stage2.models.names import DEFAULT_EFFNET
+from stage2.models.names import DEFAULT_EFFNET, TUNE_MODES
 from stage2.run.files import check_output_dir
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="BCE weight of fake samples: auto (= n_real / n_fake), none, or a positive number")
     model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=0.0,
                        help="pull the BCE targets towards 0.5 by this much")
+    model.add_argument("--tune", choices=TUNE_MODES, default="all",
+                       help="what trains: all, norm (the normalisation layers' affine parameters and the head; "
+                            "BatchNorm statistics update) or head (the head alone; the backbone frozen in eval mode)")
     return parser
 
 
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         drop_path_rate=args.drop_path,
         pos_weight=args.pos_weight,
         label_smoothing=args.label_smoothing,
+        tune=args.tune,
     )
     run(cfg, expert)
 

@@ -25,7 +25,7 @@ from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, pars
 from stage2.commands.flags import FlagParser, Float, Int
 from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.errors import ConfigError
-from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS
+from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS, RECON_ON
 from stage2.run.files import check_output_dir
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ae-lr", type=Float(above=0),
                        help="peak learning rate of the autoencoder, in every stage (default: 1e-3; with --init "
                             "official, --lr)")
+    model.add_argument("--recon-on", choices=RECON_ON, default="all",
+                       help="the images the autoencoder learns to rebuild (reconstruction and KL losses): all, or "
+                            "the reals alone, so that a fake's reconstruction error is an anomaly score")
     return parser
 
 
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             backbone_file=args.backbone_file, swin_file=args.swin_file,
             recon_weight=args.recon_weight, kl_weight=args.kl_weight, label_smoothing=args.label_smoothing,
             stages=args.stages, backbone=args.backbone, latent_channels=args.latent_channels, head_input=args.head,
-            ae_lr=args.ae_lr)
+            ae_lr=args.ae_lr, recon_on=args.recon_on)
         if not args.evaluate_checkpoint:
             expert.stages(args.epochs, args.lr)  # a bad --stages answers now, not once the data is read
         runs.append((cfg, expert))

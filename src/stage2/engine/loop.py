@@ -109,7 +109,7 @@ def train_one_epoch(loop: Loop, stage: StageState, epoch: int, batches: Iterable
     update still moves the schedule, so the run stands where a resume from any step puts it.
     """
     cfg, dist = loop.cfg, loop.dist
-    loop.model.train()
+    loop.expert.train_mode(loop.model)
     loop.augment.train()
     one = torch.ones((), device=loop.device)
     sums = {k: v.to(loop.device) for k, v in (sums or {"n": 0 * one, "skipped": 0 * one}).items()}

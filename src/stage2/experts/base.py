@@ -73,6 +73,10 @@ class Expert:
         """Per-sample validation measures besides the loss terms, each [B]; logged as their means, val_<name>."""
         return {}
 
+    def train_mode(self, model: nn.Module) -> None:
+        """Put ``model`` in training mode for an epoch (the loop calls this first): all of it by default."""
+        model.train()
+
     def stages(self, epochs: int, lr: float) -> list[Stage]:
         return [Stage("train", epochs, lr)]
 

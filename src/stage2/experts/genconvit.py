@@ -107,6 +107,7 @@ class GenConViTExpert(Expert):
         head_input: str | None = None,
         ae_lr: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        recon_on: str = "all",
     ):
         if init not in GENCONVIT_INIT_MODES:
             raise ConfigError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
@@ -144,7 +145,7 @@ class GenConViTExpert(Expert):
         # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
         self.preprocessing = self.family.data_config(img_size, backbone)
         self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
-                                       self.preprocessing.mean, self.preprocessing.std)
+                                       self.preprocessing.mean, self.preprocessing.std, recon_on)
 
     def build_model(self) -> nn.Module:
         files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
@@ -219,13 +220,14 @@ class GenConViTExpert(Expert):
 
     def recipe(self) -> dict[str, Any]:
         return {"recon_weight": self.criterion.recon_weight, "kl_weight": self.criterion.kl_weight,
-                "label_smoothing": self.criterion.label_smoothing, "stages": self.stage_spec}
+                "label_smoothing": self.criterion.label_smoothing, "stages": self.stage_spec,
+                "recon_on": self.criterion.recon_on}
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.checkpoint_meta()["model_name"], "init": self.init,
                 "weights": self.weights or self.backbone_file, "head": self.head_input,
                 "recon_weight": self.criterion.recon_weight, "kl_weight": self.criterion.kl_weight,
-                "stages": self.stage_spec, "ae_lr": self.ae_lr,
+                "stages": self.stage_spec, "ae_lr": self.ae_lr, "recon_on": self.criterion.recon_on,
                 "autoencoder": "no weight decay, clipped apart from the classifier"}
 
     @torch.no_grad()

@@ -14,16 +14,23 @@ from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert
 from stage2.models.families import FAMILIES, TimmFamily
+from stage2.models.names import TUNE_MODES
 from stage2.models.timm_models import create_timm_model, timm_data_config
 
 log = logging.getLogger(__name__)
+
+# The normalisation layers --tune norm trains (timm's BatchNormAct2d, LayerNorm2d and GroupNorm1 subclass these).
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 class TimmExpert(Expert):
     """A timm backbone with a one-logit head trained with BCE-with-logits.
 
     `pos_weight` ("auto", None or a number) scales the loss of fake (positive) samples, e.g. n_real / n_fake for an
-    imbalanced manifest; `label_smoothing` pulls targets towards 0.5 by that amount.
+    imbalanced manifest; `label_smoothing` pulls targets towards 0.5 by that amount. `tune` (TUNE_MODES) is what
+    trains: every weight, the normalisation layers' affine parameters and the head (the lever GenD reports for
+    generalisation from a pretrained backbone: it tunes only a CLIP encoder's LayerNorms), or the head alone over a
+    frozen backbone.
     """
 
     family: TimmFamily = FAMILIES["timm"]
@@ -38,7 +45,11 @@ class TimmExpert(Expert):
         drop_path_rate: float | None = None,
         pos_weight: str | float | None = None,
         label_smoothing: float = 0.0,
+        tune: str = "all",
     ):
+        if tune not in TUNE_MODES:
+            raise ConfigError(f"--tune {tune!r}: expected one of {', '.join(TUNE_MODES)}")
+        self.tune = tune
         self.model_name = model_name
         self.img_size = img_size
         self.pretrained = pretrained
@@ -56,7 +67,24 @@ class TimmExpert(Expert):
         head = model.get_classifier()
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+        if self.tune != "all":
+            # Built frozen, a parameter stays frozen in every stage (the trainer reads requires_grad once, here).
+            tuned = {id(p) for p in head.parameters()}
+            if self.tune == "norm":
+                tuned |= {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in tuned)
         return model
+
+    def train_mode(self, model: nn.Module) -> None:
+        """With --tune head the backbone is a fixed feature extractor: in eval mode, so that its BatchNorm running
+        statistics, dropout and stochastic depth stay as loaded; only the head trains. With --tune norm the
+        normalisation layers train, statistics included."""
+        if self.tune == "head":
+            model.eval()
+            model.get_classifier().train()
+        else:
+            model.train()
 
     def _create(self) -> nn.Module:
         try:
@@ -96,12 +124,12 @@ class TimmExpert(Expert):
 
     def recipe(self) -> dict[str, Any]:
         return {"pos_weight": self.pos_weight_setting, "label_smoothing": self.label_smoothing,
-                "drop_path": self.drop_path_rate}
+                "drop_path": self.drop_path_rate, "tune": self.tune}
 
     def describe(self) -> dict[str, Any]:
         source = self.pretrained_file or ("hub" if self.pretrained else "none (random init)")
         return {"model": self.model_name, "pretrained": source, "pos_weight": self.pos_weight,
-                "label_smoothing": self.label_smoothing}
+                "label_smoothing": self.label_smoothing, "tune": self.tune}
 
 
 def _parse_pos_weight(value: str | float | None) -> str | float | None:

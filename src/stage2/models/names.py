@@ -18,3 +18,8 @@ GENCONVIT_HF_FILES = {"ed": "genconvit_ed_inference.pth", "vae": "genconvit_vae_
 GENCONVIT_INIT_MODES = ("official", "imagenet", "scratch")
 # What GenConViT's head reads of each view: the backbone's ImageNet logits (the official layout) or pooled features.
 HEAD_INPUTS = ("logits", "features")
+# The images GenConViT's autoencoder learns from (--recon-on): all, or the reals alone (a fake's error: an anomaly).
+RECON_ON = ("all", "reals")
+# What the EfficientNet expert trains (--tune): every weight, the normalisation layers' affine parameters and the
+# head, or the head alone over a frozen backbone.
+TUNE_MODES = ("all", "norm", "head")

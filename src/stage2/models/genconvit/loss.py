@@ -15,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from stage2.data.transforms import Normalize
+from stage2.models.names import RECON_ON
 
 from .ed import GenConViTOutput
 from .official import targets_from_labels
@@ -51,6 +52,11 @@ class GenConViTLoss(nn.Module):
     (55% of the values of the demo's crops); measured against it, the ED's MSE could never fall below 0.33.
     In [0, 1] both decoders can reach their target, and the reconstruction is an image one can look at.
     Upstream compared the VAE's reconstruction with the normalised input.
+
+    ``recon_on`` (RECON_ON) says which images the autoencoder learns from: all of them (upstream), or the reals
+    alone, so that it models real faces only and a fake's reconstruction error is an anomaly score of its own. Then
+    a real's recon and KL terms weigh n / n_real in the total (a batch's mean is its reals' mean, the step's size
+    independent of how many fakes came with them) and a fake's 0; the returned "recon" stays every image's error.
     """
 
     def __init__(
@@ -60,8 +66,12 @@ class GenConViTLoss(nn.Module):
         label_smoothing: float = 0.0,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        recon_on: str = "all",
     ) -> None:
         super().__init__()
+        if recon_on not in RECON_ON:
+            raise ValueError(f"recon_on {recon_on!r}: expected one of {', '.join(RECON_ON)}")
+        self.recon_on = recon_on
         self.recon_weight = recon_weight
         self.kl_weight = kl_weight
         self.label_smoothing = label_smoothing
@@ -89,5 +99,9 @@ class GenConViTLoss(nn.Module):
         recon = (out.recon.float() - self.pixels(images)).pow(2).flatten(1).mean(dim=1)
         # Per pixel value, like the MSE (see the class docstring).
         kl = torch.zeros_like(cls) if out.mu is None else gaussian_kl(out.mu, out.logvar) / images[0].numel()
-        total = cls + self.recon_weight * recon + self.kl_weight * kl
+        weight = torch.ones_like(cls)
+        if self.recon_on == "reals":
+            real = (labels == 0).to(cls.dtype)
+            weight = real * len(real) / real.sum().clamp_min(1)
+        total = cls + weight * (self.recon_weight * recon + self.kl_weight * kl)
         return {"loss": total, "cls": cls, "recon": recon, "kl": kl}
