@@ -45,7 +45,7 @@ class Number:
 
     @property
     def __name__(self) -> str:  # argparse's "invalid <name> value: 'x'"
-        return self.kind.__name__
+        return " or ".join([self.kind.__name__, *self.words])
 
     def __call__(self, text: str) -> int | float | str:
         return text if text in self.words else self.kind(text)
