@@ -1,7 +1,8 @@
 """The manifest-backed dataset, its batches, and the one loader builder for training and extraction alike.
 
-Workers only decode, resize and run an optional uint8 transform; images stay uint8 so batches are small to
-move, and float conversion/normalisation happens on the device.
+Workers only decode, self-blend (--self-blend, at the crop's own size), resize and run an optional uint8
+transform; images stay uint8 so batches are small to move, and float conversion/normalisation happens on the
+device.
 """
 
 from __future__ import annotations
