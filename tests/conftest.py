@@ -32,6 +32,15 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory):
+    """The user's cache folder ($XDG_CACHE_HOME, where --self-blend caches face landmarks without --cache-dir) in
+    a temporary folder: tests, and the processes they start, never write to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """(train.csv, val.csv): 36 + 12 synthetic 64x64 PNG face crops with video_id and method columns."""

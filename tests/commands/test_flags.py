@@ -105,7 +105,7 @@ RANGE_CASES = [
     (train_stage2_effnet, ["--warmup-epochs", "-0.5"], "--warmup-epochs -0.5: expected a number >= 0"),
     (train_stage2_effnet, ["--save-every-minutes", "inf"], "--save-every-minutes inf: expected a number >= 0"),
     (train_stage2_effnet, ["--max-bad-images", "-1"], "--max-bad-images -1: expected an integer >= 0"),
-    (train_stage2_effnet, ["--self-blend", "1.5"], "--self-blend 1.5: expected a number >= 0 and < 1"),
+    (train_stage2_effnet, ["--self-blend", "1.5"], "--self-blend 1.5: expected a number >= 0 and < 1, or paired"),
     (train_stage2_genconvit, ["--recon-weight", "-1"], "--recon-weight -1.0: expected a number >= 0"),
     (train_stage2_genconvit, ["--kl-weight", "-5"], "--kl-weight -5.0: expected a number >= 0"),
     (train_stage2_genconvit, ["--latent-channels", "0"], "--latent-channels 0: expected an integer >= 1"),
@@ -131,6 +131,16 @@ def test_values_at_the_edges_of_their_ranges_are_taken():
     assert (args.clip_grad, args.seed, args.min_lr) == (0.0, SEED_MAX, 0.01)
     assert config_from_args(args).clip_grad is None  # 0 disables clipping, as before
     assert _parse(train_stage2_genconvit, ["--img-size", "96", "--latent-channels", "1"]).img_size == 96
+
+
+def test_self_blend_takes_a_chance_or_paired(capsys):
+    assert _parse(train_stage2_effnet, ["--self-blend", "paired"]).self_blend == "paired"
+    assert _parse(train_stage2_effnet, ["--self-blend", "0.25"]).self_blend == 0.25
+    args = _parse(train_stage2_effnet, ["--self-blend", "paired", "--blend-mask", "ellipse"])
+    assert (config_from_args(args).self_blend, config_from_args(args).blend_mask) == ("paired", "ellipse")
+    with pytest.raises(SystemExit):
+        _parse(train_stage2_effnet, ["--self-blend", "twice"])
+    assert "argument --self-blend: invalid float or paired value: 'twice'" in capsys.readouterr().err
 
 
 def test_a_bad_value_stops_the_command_before_anything_is_written(effnet_args, capsys):
@@ -183,6 +193,9 @@ CONFIG_CASES = [
     ("clip-grad: -1", "clip-grad -1: expected a number >= 0"),
     ("log_to: wandb", 'log_to "wandb": expected one of tensorboard or null'),
     ("val-manifest: []", "val-manifest []: expected a string or a list of them"),
+    ("self-blend: twice", 'self-blend "twice": expected a number >= 0 and < 1, or paired'),
+    ("self-blend: 1", "self-blend 1: expected a number >= 0 and < 1, or paired"),
+    ("blend-mask: hull", 'blend-mask "hull": expected one of auto, landmarks, ellipse'),
 ]
 
 
@@ -202,6 +215,8 @@ def test_config_values_convert_as_on_the_command_line(tmp_path, capsys):
     args = cli.parse_args(train_stage2_effnet.build_parser(), ["--config", str(config)])
     assert (args.epochs, args.lr, args.val_manifest, args.ema, args.amp, args.data_root, args.pos_weight,
             args.skip_bad_images) == (3, 1.0, ["v.csv"], True, "off", None, "2.5", False)
+    config.write_text("self-blend: paired\n")
+    assert cli.parse_args(train_stage2_effnet.build_parser(), ["--config", str(config)]).self_blend == "paired"
     config.write_text('channels_last: "no"\n')  # as a command: one line, exit code 2
     err = fails(train_stage2_effnet.main, ["--config", str(config)], capsys)
     assert err.startswith("error: --config") and "channels_last" in err

@@ -21,22 +21,23 @@ from stage2.run.resume import POLICIES, resume_policy
 TIME_COLUMNS = ["epoch_time", "images_per_s"]
 
 
-def _flags(effnet_args: list[str], out: Path) -> list[str]:
+def _flags(effnet_args: list[str], out: Path, blend: str = "0.5") -> list[str]:
     args = list(effnet_args)
     args[args.index("--output-dir") + 1] = str(out)
     args[args.index("--epochs") + 1] = "3"
     # --self-blend: its fakes, like every augmentation, are a function of (seed, epoch, index): a resume repeats them
-    return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1", "--self-blend", "0.5"]
+    return [*args, "--deterministic", "--save-every-minutes", "1e-9", "--log-every", "1", "--self-blend", blend]
 
 
 @pytest.mark.slow
-def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path, capsys):
+@pytest.mark.parametrize("blend", ["0.5", "paired"])  # paired: a step samples half the rows, the resume skips those
+def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path, capsys, blend):
     torch.set_num_threads(1)
     straight = tmp_path / "straight"
-    train_stage2_effnet.main(_flags(effnet_args, straight))
+    train_stage2_effnet.main(_flags(effnet_args, straight, blend))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *_flags(effnet_args, killed)]
+    cmd = [sys.executable, str(ROOT / "train_stage2_effnet.py"), *_flags(effnet_args, killed, blend)]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     seen = []
@@ -51,7 +52,7 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(effnet_args, tmp_path, capsy
     assert interrupted["next_epoch"] == 1 and interrupted["step"] >= 1, "expected a mid-epoch checkpoint"
 
     # Resumed in this process (one torch thread, like the killed one): the kill is what needs a process of its own.
-    train_stage2_effnet.main([*_flags(effnet_args, killed), "--resume"])
+    train_stage2_effnet.main([*_flags(effnet_args, killed, blend), "--resume"])
     assert "resuming from" in capsys.readouterr().out
 
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (straight, killed))

@@ -26,7 +26,8 @@ NOT_ABOVE = (("min_lr", "lr"),)
 
 @dataclass(frozen=True)
 class Number:
-    """A number in a range: `min`/`max` inclusive, `above`/`below` exclusive, optionally a multiple of an int.
+    """A number in a range: `min`/`max` inclusive, `above`/`below` exclusive, optionally a multiple of an int;
+    `words` are names the flag also takes in place of a number (`--self-blend paired`).
 
     Called by argparse with the command-line text; the range is checked by `check_args` (so that a value out of
     range is one line naming the flag, whatever its source).
@@ -37,18 +38,19 @@ class Number:
     above: float | None = None
     below: float | None = None
     multiple_of: int | None = None
+    words: tuple[str, ...] = ()
 
     kind: ClassVar[type] = float
     noun: ClassVar[str] = "a number"
 
     @property
     def __name__(self) -> str:  # argparse's "invalid <name> value: 'x'"
-        return self.kind.__name__
+        return " or ".join([self.kind.__name__, *self.words])
 
-    def __call__(self, text: str) -> int | float:
-        return self.kind(text)
+    def __call__(self, text: str) -> int | float | str:
+        return text if text in self.words else self.kind(text)
 
-    def from_config(self, value: Any) -> int | float:
+    def from_config(self, value: Any) -> int | float | str:
         """A YAML/JSON value as this type; ValueError when it is not one (1.5 for an integer, a list, a bool)."""
         if isinstance(value, str):
             return self(value)
@@ -58,7 +60,9 @@ class Number:
             raise ValueError
         return self.kind(value)
 
-    def allows(self, value: int | float) -> bool:
+    def allows(self, value: int | float | str) -> bool:
+        if isinstance(value, str):
+            return value in self.words
         return (math.isfinite(value)
                 and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
                 and (self.above is None or value > self.above) and (self.below is None or value < self.below)
@@ -70,7 +74,8 @@ class Number:
         bounds = [f"{op} {show(v)}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max),
                                                   ("<", self.below)) if v is not None]
         noun = f"a multiple of {self.multiple_of}" if self.multiple_of else self.noun
-        return " ".join([noun, " and ".join(bounds)]).strip()
+        number = " ".join([noun, " and ".join(bounds)]).strip()
+        return ", or ".join([number, *self.words])
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,13 @@ from dataclasses import fields
 from typing import Any
 
 from stage2.commands.flags import Extend, Float, Int
-from stage2.data.levels import AUG_LEVELS
+from stage2.data.landmarks import missing_extra
+from stage2.data.levels import AUG_LEVELS, BLEND_MASKS, PAIRED
 from stage2.errors import ConfigError
 from stage2.run.config import TRACKERS, TrainConfig
 
 # The largest --seed: every seed derived from it (per step, per sample, per epoch) stays within torch's range.
 SEED_MAX = 2**32 - 1
-# The smallest --img-size --self-blend works at: its face mask needs pixels for a soft edge, and its warp
-# reflect-pads the crop (1 and 2 px failed in torch's padding and affine).
-SELF_BLEND_MIN_SIZE = 8
 # Flags that describe an invocation rather than a run: a replay (--config args.json) starts a fresh run.
 NOT_REPLAYED = ("config", "demo", "resume", "overwrite", "evaluate_checkpoint")
 
@@ -63,9 +61,17 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: dict[str, Any], img_size_m
     data.add_argument("--img-size", type=Int(min=img_size_multiple_of or 1, multiple_of=img_size_multiple_of),
                       default=d["img_size"], help=f"square input size in pixels{multiple}")
     data.add_argument("--aug", choices=AUG_LEVELS, default=d["aug"], help="training augmentation level")
-    data.add_argument("--self-blend", type=Float(min=0, below=1), default=d["self_blend"], metavar="P",
-                      help="turn each real training image into a self-blended fake with chance P (SBI; 0: off; "
-                           "below 1, which would leave no real to train on)")
+    data.add_argument("--self-blend", type=Float(min=0, below=1, words=(PAIRED,)), default=d["self_blend"],
+                      metavar="P|paired",
+                      help="self-blended images (SBI): turn each real training image into its self-blended fake "
+                           "with chance P (0: off; below 1, which would leave no real to train on), or 'paired': "
+                           "every real beside its own fake in the same batch, one augmentation draw for both "
+                           "(--batch-size still counts images: a step samples BATCH/2 rows; a fake row of the "
+                           "manifest is one image). Either way a train manifest of reals only will do")
+    data.add_argument("--blend-mask", choices=BLEND_MASKS, default=d["blend_mask"],
+                      help="the self-blend's face mask: the convex hull of 68 dlib landmarks (the optional extra: "
+                           "pip install -r requirements-landmarks.txt), or an ellipse around the crop's centre; "
+                           "auto: landmarks where the extra is installed and finds a face, else the ellipse")
     data.add_argument("--workers", type=Int(min=0), default=d["workers"],
                       help="DataLoader worker processes per rank, capped to the cores this process may use")
     data.add_argument("--cache-dir", default=d["cache_dir"],
@@ -153,9 +159,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values["val_manifest"], values["eval_manifests"] = manifests[0], manifests
     if args.perturb is not None:  # one spec, in the order given
         values["perturb"] = ",".join([args.perturb] if isinstance(args.perturb, str) else args.perturb)
-    if args.self_blend and args.img_size < SELF_BLEND_MIN_SIZE:
-        raise ConfigError(f"--self-blend at --img-size {args.img_size}: self-blending needs crops of at least "
-                          f"{SELF_BLEND_MIN_SIZE} pixels")
+    if args.self_blend == PAIRED and args.balanced_sampler:
+        raise ConfigError("--balanced-sampler with --self-blend paired: paired batches hold a fake beside every real "
+                          "already; leave --balanced-sampler out")
+    if args.self_blend == PAIRED and args.batch_size % 2:
+        raise ConfigError(f"--batch-size {args.batch_size} with --self-blend paired: every real comes with its fake, "
+                          "so a batch holds an even number of images")
+    if args.self_blend and args.blend_mask == "landmarks" and (reason := missing_extra()):
+        raise ConfigError(f"--blend-mask landmarks: {reason}; or use --blend-mask ellipse")
     if args.balanced_sampler and args.self_blend >= 0.5:
         raise ConfigError(f"--balanced-sampler with --self-blend {args.self_blend:g}: from 0.5 on, self-blending "
                           "leaves fewer reals than fakes however the images are drawn; lower --self-blend or use "

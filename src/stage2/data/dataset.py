@@ -1,7 +1,8 @@
 """The manifest-backed dataset, its batches, and the one loader builder for training and extraction alike.
 
-Workers only decode, resize and run an optional uint8 transform; images stay uint8 so batches are small to
-move, and float conversion/normalisation happens on the device.
+Workers only decode, self-blend (--self-blend, at the crop's own size), resize and run an optional uint8
+transform; images stay uint8 so batches are small to move, and float conversion/normalisation happens on the
+device.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class ManifestDataset(torch.utils.data.Dataset):
     which :func:`collate` drops and lists. ``seed`` and :meth:`set_epoch` make each sample's CPU transform a
     function of (seed, epoch, index); ``cache`` (a :class:`~stage2.data.cache.CacheView`) serves images decoded
     and resized beforehand instead of reading the files. A file of more than ``max_pixels`` pixels is undecodable.
-    ``self_blend`` (``--self-blend``) turns some reals into self-blended fakes, label 1, before ``transform``,
-    seeded the same way.
+    ``self_blend`` (``--self-blend``) turns some reals into self-blended fakes, label 1, or with ``paired`` makes
+    a real's item two (the real and its fake, one ``transform`` draw for both), blending each crop at its own
+    resolution before the resize; seeded the same way. With the cache, a crop to blend is read from its file.
     """
 
     def __init__(
@@ -69,34 +71,52 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> ImageItem:
-        if self.cache is not None:
-            image = self.cache[index]  # already resized; None: skipped (and reported) when the cache was built
-            if image is None:
-                return None, int(self.labels[index]), int(index)
-        else:
-            path = str(self.paths[index])
-            try:
-                image = decode_image(path, self.max_pixels)
-            except ImageDecodeError as err:
-                if not self.skip_bad_images:
-                    raise
-                warnings.warn(f"skipping {err}", stacklevel=2)
-                return None, int(self.labels[index]), int(index)
-            image = resize_uint8(image, self.img_size)
+    def __getitem__(self, index: int) -> ImageItem | list[ImageItem]:
+        """The item of row `index`; with --self-blend paired a real's item is two: the real and its fake."""
         label = int(self.labels[index])
-        if self.transform is not None or self.self_blend is not None:
-            # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number
-            # of workers or ranks, and after a resume from any step. Only the CPU generator is reseeded (the
-            # transforms draw from it): torch.manual_seed also visits every accelerator backend, ~0.4 ms a call.
-            # The modulo keeps every --seed in torch's 64-bit range (it changes nothing below seed 1.8 million).
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**64)
-                if self.self_blend is not None:
-                    image, label = self.self_blend(image, label)
-                if self.transform is not None:
-                    image = self.transform(image)
-        return image, label, int(index)
+        if self.transform is None and self.self_blend is None:
+            return self._resized(index), label, int(index)
+        # Each sample's augmentation is a function of (seed, epoch, index) alone: identical for any number of
+        # workers or ranks, and after a resume from any step. Only the CPU generator is reseeded (the transforms
+        # draw from it): torch.manual_seed also visits every accelerator backend, ~0.4 ms a call. The modulo keeps
+        # every --seed in torch's 64-bit range (it changes nothing below seed 1.8 million).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**64)
+            if self.self_blend is None or not self.self_blend.blends(label):
+                image = self._resized(index)
+                return (None if image is None else self._transformed(image)), label, int(index)
+            # Blended at the crop's own resolution (from the file even with the cache, which holds resized images)
+            crop = self._decoded(index)
+            if crop is None:
+                return None, label, int(index)
+            real, fake = (resize_uint8(image, self.img_size) for image in self.self_blend(crop, index))
+            if not self.self_blend.paired:
+                return self._transformed(fake), 1, int(index)
+            # One augmentation draw for both: the pair differs inside the blend's mask only.
+            state = torch.get_rng_state()
+            real = self._transformed(real)
+            torch.set_rng_state(state)
+            return [(real, 0, int(index)), (self._transformed(fake), 1, int(index))]
+
+    def _transformed(self, image: torch.Tensor) -> torch.Tensor:
+        return image if self.transform is None else self.transform(image)
+
+    def _resized(self, index: int) -> torch.Tensor | None:
+        """Row `index`'s image at the input size, from the cache or its file; None: undecodable, skipped."""
+        if self.cache is not None:
+            return self.cache[index]  # None: skipped (and reported) when the cache was built
+        image = self._decoded(index)
+        return None if image is None else resize_uint8(image, self.img_size)
+
+    def _decoded(self, index: int) -> torch.Tensor | None:
+        """Row `index`'s file decoded at its own size; None when undecodable and --skip-bad-images skips it."""
+        try:
+            return decode_image(str(self.paths[index]), self.max_pixels)
+        except ImageDecodeError as err:
+            if not self.skip_bad_images:
+                raise
+            warnings.warn(f"skipping {err}", stacklevel=3)
+            return None
 
 
 class Batch(NamedTuple):
@@ -104,26 +124,41 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # int64 [B], rows of the manifest frame
     skipped: torch.Tensor  # int64 [k], rows dropped as undecodable
+    # int64 [B]: the image whose device augmentation draw each one takes (a fake of --self-blend paired, its
+    # real's); None: each its own
+    draws: torch.Tensor | None = None
 
 
-def collate(items: Sequence[ImageItem]) -> Batch:
-    """Stack dataset items into a :class:`Batch`, dropping (and listing) the undecodable ones.
+def collate(items: Sequence[ImageItem | list[ImageItem]]) -> Batch:
+    """Stack dataset items into a :class:`Batch`, dropping (and listing) the undecodable ones; a list of items
+    (a real and its fake) shares one augmentation draw.
 
     A batch where every item was skipped has zero-length tensors and ``images`` of shape ``[0, 3, 0, 0]``
     (the image size is unknown here). Scoring and extraction skip such a batch; the training loop skips, and
     counts, any batch left with fewer than two images (stage2.engine.loop).
     """
-    kept = [item for item in items if item[0] is not None]
-    skipped = torch.tensor([item[2] for item in items if item[0] is None], dtype=torch.int64)
+    kept: list[ImageItem] = []
+    draws: list[int] = []
+    skipped: list[int] = []
+    for item in items:
+        first = len(kept)
+        for image, label, index in item if isinstance(item, list) else [item]:
+            if image is None:
+                skipped.append(index)
+            else:
+                kept.append((image, label, index))
+                draws.append(first)
+    skipped_rows = torch.tensor(skipped, dtype=torch.int64)
     if not kept:
         empty = torch.empty(0, dtype=torch.int64)
-        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), empty, empty.clone(), skipped)
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), empty, empty.clone(), skipped_rows, empty.clone())
     images, labels, indices = zip(*kept)
     return Batch(
         torch.stack(images),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(indices, dtype=torch.int64),
-        skipped,
+        skipped_rows,
+        torch.tensor(draws, dtype=torch.int64),
     )
 
 

@@ -29,7 +29,7 @@ model's own normalisation; workers return uint8, so a batch costs 1/4 of float32
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,23 +151,31 @@ class DeviceTransform(nn.Module):
         self.normalize = Normalize(mean, std)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                draws: torch.Tensor | None = None) -> torch.Tensor:
+        """`draws` (int64 [B], a Batch's): the image whose random draw each one takes, so that a real and its
+        self-blended fake get the same flip, shift and jitter; None: each its own."""
         x = images.float().div_(255)
         if self.training:
-            x = self._augment(x, generator)
+            x = self._augment(x, generator, draws)
         return self.normalize(x)
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, g: torch.Generator | None, draws: torch.Tensor | None) -> torch.Tensor:
         cfg, b = self.cfg, x.shape[0]
+
+        def shared(values: torch.Tensor) -> torch.Tensor:
+            return values if draws is None else values[draws]
+
         if cfg.flip > 0:
-            x = torch.where(_chance(b, cfg.flip, x, g).view(b, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(shared(_chance(b, cfg.flip, x, g)).view(b, 1, 1, 1), x.flip(-1), x)
         if cfg.shift > 0:
-            x = self._shift(x, g)
+            x = self._shift(x, g, shared)
         if cfg.jitter_p > 0:
-            x = self._jitter(x, _chance(b, cfg.jitter_p, x, g), g)
+            x = self._jitter(x, shared(_chance(b, cfg.jitter_p, x, g)), g, shared)
         return x
 
-    def _shift(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _shift(self, x: torch.Tensor, g: torch.Generator | None,
+               shared: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Move each image by whole pixels (up to `shift` of its side), filling the border by reflection.
 
         A crop of the reflect-padded batch: every output pixel is an input pixel, nothing is interpolated.
@@ -177,18 +185,19 @@ class DeviceTransform(nn.Module):
         if m == 0:
             return x
         padded = nn.functional.pad(x, (m, m, m, m), mode="reflect")
-        top = torch.randint(0, 2 * m + 1, (b,), device=x.device, generator=g)
-        left = torch.randint(0, 2 * m + 1, (b,), device=x.device, generator=g)
+        top = shared(torch.randint(0, 2 * m + 1, (b,), device=x.device, generator=g))
+        left = shared(torch.randint(0, 2 * m + 1, (b,), device=x.device, generator=g))
         rows = (top.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * m)
         x = padded.gather(2, rows)
         cols = (left.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
         return x.gather(3, cols)
 
-    def _jitter(self, x: torch.Tensor, apply: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _jitter(self, x: torch.Tensor, apply: torch.Tensor, g: torch.Generator | None,
+                shared: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         cfg, b = self.cfg, x.shape[0]
 
         def factor(strength: float) -> torch.Tensor:
-            f = _uniform(b, 1 - strength, 1 + strength, x, g)
+            f = shared(_uniform(b, 1 - strength, 1 + strength, x, g))
             return torch.where(apply, f, torch.ones_like(f)).view(b, 1, 1, 1)
 
         x = x * factor(cfg.brightness)

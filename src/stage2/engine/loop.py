@@ -154,7 +154,8 @@ def _step(loop: Loop, stage: StageState, batch: Batch, seed: int, update: bool) 
     images = batch.images.to(device, non_blocking=True)
     torch.manual_seed(seed)
     loop.generator.manual_seed(seed)
-    x = memory_format(loop.augment(images, generator=loop.generator), cfg.channels_last)
+    draws = None if batch.draws is None else batch.draws.to(device, non_blocking=True)
+    x = memory_format(loop.augment(images, generator=loop.generator, draws=draws), cfg.channels_last)
     sync = nullcontext() if update or not loop.dist.enabled else stage.train_model.no_sync()
     with sync:
         with autocast(device, loop.amp_dtype):

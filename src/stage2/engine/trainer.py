@@ -39,7 +39,7 @@ from stage2.data.dataset import Batch
 from stage2.data.manifest import check_source_leak, manifest_fingerprint, read_manifest
 from stage2.data.transforms import build_augmentation
 from stage2.engine.loop import Loop, StageState, Sums, stop_requested, stopped, train_one_epoch
-from stage2.errors import ConfigError, first_line
+from stage2.errors import ConfigError, ManifestError, first_line
 from stage2.experts.base import Expert, Stage
 from stage2.processes import StopRequest, stop_requests, usable_cores
 from stage2.run.checkpoint import BestCheckpoint, LastCheckpoint, ensure_finite, rng_state
@@ -88,7 +88,15 @@ class Trainer:
             metric_direction(cfg.select_metric)
         except ValueError as err:
             raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
-        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=True)
+        # Self-blending makes the fakes: a train manifest of reals only will do (val still needs both classes).
+        self.train_frame = read_manifest(cfg.train_manifest, cfg.data_root, require_both_classes=not cfg.self_blend)
+        labels = self.train_frame["label"]
+        if cfg.self_blend and not labels.eq(0).any():
+            raise ManifestError(f"{cfg.train_manifest}: manifest has only 'fake' rows: --self-blend makes its fakes "
+                                "from real images")
+        if cfg.balanced_sampler and not labels.eq(1).any():
+            raise ConfigError(f"--balanced-sampler: {cfg.train_manifest} has no fake rows to balance (--self-blend "
+                              "makes every fake); leave --balanced-sampler out")
         val_frame = read_manifest(cfg.val_manifest, cfg.data_root, require_both_classes=True)
         check_source_leak(self.train_frame, val_frame)
         self.manifests = {"train": manifest_fingerprint(self.train_frame), "val": manifest_fingerprint(val_frame)}
@@ -139,6 +147,9 @@ class Trainer:
         """The labels an epoch trains on (the expert balances its loss on them), --aug, and this rank's loader."""
         cfg = self.cfg
         self.label_mix = trained_label_mix(cfg, self.train_frame["label"].to_numpy())
+        if cfg.self_blend and min(self.label_mix) < 1:
+            log.warning("--self-blend %s: an epoch is expected to train %.3g real and %.3g fake images: about one "
+                        "class only", cfg.self_blend, *self.label_mix)
         self.expert.prepare(*self.label_mix)
         self.augmentation = build_augmentation(cfg.aug, cfg.epochs, self.data_config.mean, self.data_config.std)
         self.augmentation.on_device.to(self.device)
@@ -255,7 +266,7 @@ class Trainer:
                     batches: Iterable[Batch] | None = None, steps: int | None = None) -> dict[str, float]:
         """`train_one_epoch` on this rank's loader, from `start_step`; returns the epoch's train statistics.
         `batches`/`steps` replace the loader (the benchmarks feed a resident batch this way)."""
-        self.train_sampler.set_epoch(epoch, start=start_step * self.cfg.batch_size)
+        self.train_sampler.set_epoch(epoch, start=start_step * self.train_loader.batch_size)
         self.train_loader.dataset.set_epoch(epoch)
         return train_one_epoch(self.loop, ctx, epoch, self.train_loader if batches is None else batches,
                                steps or self.steps_per_epoch, start_step=start_step, sums=sums)

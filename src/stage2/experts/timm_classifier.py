@@ -104,7 +104,7 @@ class TimmExpert(Expert):
     def prepare(self, n_real: float, n_fake: float) -> None:
         if self.pos_weight == "auto":
             self.pos_weight = n_real / n_fake
-            log.info("--pos-weight auto: %.3f (%.1f real / %.1f fake images trained per epoch)", self.pos_weight,
+            log.info("--pos-weight auto: %.3g (%.6g real / %.6g fake images trained per epoch)", self.pos_weight,
                      n_real, n_fake)
 
     def data_config(self, model: nn.Module) -> DataConfig:

@@ -95,8 +95,9 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
     `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
     loader workers after the cap to usable cores; `model` the expert's description."""
     n_fake = int(train_frame["label"].sum())
+    blend = cfg.self_blend if isinstance(cfg.self_blend, str) else f"{cfg.self_blend:.10g}"  # 0.999999 stays so
     how = [what for what, on in (("--balanced-sampler", cfg.balanced_sampler),
-                                 (f"--self-blend {cfg.self_blend:g}", cfg.self_blend)) if on]
+                                 (f"--self-blend {blend}", cfg.self_blend)) if on]
     lines = [
         f"device {dist.device} x {dist.world_size} rank(s)"
         f"{f' (process group {dist.backend})' if dist.backend else ''}, amp {amp_dtype or 'off'}, "
@@ -104,11 +105,12 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
         + (f", {threads}" if threads else ""),
         f"train {len(train_frame)} images ({len(train_frame) - n_fake} real / {n_fake} fake) from "
         f"{cfg.train_manifest}; val {n_val} from {cfg.val_manifest}"
-        + (f"; trained per epoch, expected after {' and '.join(how)}: {label_mix[0]:.1f} real / "
-           f"{label_mix[1]:.1f} fake" if how else ""),
+        + (f"; trained per epoch, expected after {' and '.join(how)}: {label_mix[0]:.6g} real / "
+           f"{label_mix[1]:.6g} fake" if how else ""),
         f"input {data_config.size}px, mean {list(data_config.mean)}, std {list(data_config.std)}, aug {cfg.aug}"
         + (f" (degradations from epoch {degrade_start + 1})" if degrade_start is not None else "")
-        + f", self-blend {cfg.self_blend:g}, workers {workers}"
+        + f", self-blend {blend}" + (f" (--blend-mask {cfg.blend_mask})" if cfg.self_blend else "")
+        + f", workers {workers}"
         + (f" (--workers {cfg.workers} capped to the {workers} cores this process may use)"
            if workers < cfg.workers else ""),
         f"epochs {cfg.epochs}, batch {cfg.batch_size}/rank x accum {cfg.grad_accum}, {cfg.opt} lr {cfg.lr:g} "
