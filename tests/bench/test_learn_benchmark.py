@@ -11,7 +11,6 @@ from PIL import Image
 
 from benchmarks import learn
 from benchmarks.traces import split_items, write_set
-from stage2.errors import ManifestError
 from stage2.run.checkpoint import BestCheckpoint, read_last
 
 TINY = ["--seeds", "0", "--epochs", "1", "--n-train", "24", "--n-val", "20", "--img-size", "32", "--batch", "8"]
@@ -214,9 +213,6 @@ def test_the_reals_only_manifest_keeps_the_real_rows_and_their_columns(tmp_path)
     assert (reals["method"] == "real").all() and len(reals) == (rows["label"] == 0).sum() > 0
 
 
-# The trainers take a train manifest of reals alone (when --self-blend makes the fakes) from branch sbi on: once it
-# is merged this test passes, and strict makes that a failure until the mark is removed.
-@pytest.mark.xfail(strict=True, raises=ManifestError, reason="a reals-only train manifest needs branch sbi")
 def test_a_reals_only_case_trains_on_the_reals_alone_and_stacks_with_ours(tmp_path):
     data = tmp_path / "data"
     train = write_set(data, "train", split_items(0, 32, ["resample"]), size=32)
