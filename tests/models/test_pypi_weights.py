@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import output_dir, set_flag
+from conftest import fails, output_dir, set_flag
 from safetensors.torch import load_file
 
 import train_stage2_effnet
@@ -41,6 +41,20 @@ def test_weights_that_do_not_map_in_order_or_are_not_imagenets_are_refused(tmp_p
 def test_the_command_writes_the_file(tmp_path, capsys):
     main([str(tmp_path / "w" / "lite0.safetensors")])
     assert (tmp_path / "w" / "lite0.safetensors").is_file() and "china.jpg" in capsys.readouterr().out
+
+
+def test_the_command_replaces_no_file_without_overwrite_and_writes_only_safetensors(tmp_path, capsys):
+    notes, out = tmp_path / "notes.txt", tmp_path / "lite0.safetensors"
+    notes.write_text("keep me")
+    out.write_text("an earlier file")
+    for path in (notes, tmp_path / "best.pt"):
+        err = fails(main, [str(path), "--overwrite"], capsys)
+        assert err == f"error: {path}: the weights are written as safetensors: name a .safetensors file"
+    assert fails(main, [str(out)], capsys) == f"error: {out} exists: pass --overwrite to replace it"
+    assert notes.read_text() == "keep me" and out.read_text() == "an earlier file"
+    assert not (tmp_path / "best.pt").exists()
+    main([str(out), "--overwrite"])
+    assert len(load_file(out)) == 296
 
 
 def test_fine_tuning_from_imagenet_learns_the_demo_crops_in_one_epoch_where_random_init_does_not(effnet_args,
