@@ -179,8 +179,11 @@ def test_hybrid_swin_loads_from_a_local_file_and_offline_errors_name_the_flags(t
 
     with pytest.raises(PretrainedWeightsError) as err:
         build(backbone_file=convnext)  # the Swin would have to come from the hub
-    assert "--swin-file" in str(err.value) and "--backbone-file" in str(err.value)
+    assert str(err.value).endswith("; offline, pass --swin-file (Swin), or use --init scratch")  # not the given one
     assert "--pretrained-file" not in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(PretrainedWeightsError) as err:
+        build()
+    assert "offline, pass --backbone-file (test_convnext) and --swin-file (Swin), or use" in str(err.value)
     model = build(backbone_file=convnext, swin_file=swin)
     assert torch.equal(model.swin.state_dict()["layers.0.blocks.0.attn.qkv.weight"],
                        swin_state["layers.0.blocks.0.attn.qkv.weight"])
@@ -227,7 +230,19 @@ def test_official_weights_that_are_no_checkpoint_are_one_line_naming_the_file(gc
     weights.write_bytes(content)
     args = [a if a != "scratch" else "official" for a in gc_args]
     err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--weights", str(weights)], capsys)
-    assert err.startswith(f"error: {weights}: cannot load checkpoint (")
+    assert err == f"error: {weights}: not a PyTorch checkpoint (what torch.save writes)"  # not "KeyError: 101"
+
+
+@pytest.mark.parametrize("init", ["scratch", "official"])
+def test_a_backbone_file_without_init_imagenet_is_refused_not_loaded(gc_args, tmp_path, capsys, init):
+    # timm loaded the file whatever --init said: "--init scratch" runs started from ImageNet weights.
+    weights = tmp_path / "convnext.safetensors"
+    save_file(timm.create_model("test_convnext").state_dict(), str(weights))
+    args = [a if a != "scratch" else init for a in gc_args]
+    err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--backbone-file", str(weights)], capsys)
+    start = "the official weights" if init == "official" else "random weights"
+    assert err == f"error: --backbone-file: only with --init imagenet (--init {init} starts from {start})"
+    assert not (Path(gc_args[-1]) / "ed" / "best.pt").exists()
 
 
 @pytest.mark.parametrize("init", ["scratch", "imagenet"])

@@ -84,12 +84,15 @@ Float = Number
 
 class FlagParser(argparse.ArgumentParser):
     """The commands' parser: every plain flag takes one value (:class:`Once`); `given` holds the flags met so far
-    in the parse under way, for :class:`Once` and :class:`Extend`."""
+    in the parse under way (the dests of :class:`Once`, :class:`Extend` and the switches), which tells a flag given
+    on the command line from a default (--demo's, --config's)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register("action", None, Once)  # add_argument without action=
         self.register("action", "store", Once)
+        self.register("action", "store_true", NotedTrue)
+        self.register("action", "store_false", NotedFalse)
         self.given: set[str] = set()
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
@@ -108,6 +111,23 @@ class Once(argparse.Action):
                               f"{_shown(values)}): it takes one value")
         parser.given.add(self.dest)
         setattr(namespace, self.dest, values)
+
+
+class Noted(argparse.Action):
+    """A switch that notes itself in the parser's `given`; mixed into argparse's store_true and store_false."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class NotedTrue(Noted, argparse._StoreTrueAction):  # argparse keeps its action classes private
+    pass
+
+
+class NotedFalse(Noted, argparse._StoreFalseAction):
+    pass
 
 
 class Extend(argparse.Action):

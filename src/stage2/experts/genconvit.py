@@ -114,6 +114,10 @@ class GenConViTExpert(Expert):
             raise ConfigError(f"--init official needs --arch official: the {arch} model has no official weights")
         if swin_file is not None and arch != "hybrid":
             raise ConfigError("--swin-file: only --arch hybrid has a Swin that is used")
+        files = [flag for flag, path in (("--backbone-file", backbone_file), ("--swin-file", swin_file)) if path]
+        if files and init != "imagenet":  # timm would still load the file: an "init scratch" run from ImageNet
+            start = "the official weights" if init == "official" else "random weights"
+            raise ConfigError(f"{files[0]}: only with --init imagenet (--init {init} starts from {start})")
         head_input = head_input or DEFAULT_HEAD_INPUT[init]
         if init == "official" and head_input != "logits":
             raise ConfigError("--head features: the official weights' head reads ImageNet logits (--head logits)")
@@ -153,9 +157,7 @@ class GenConViTExpert(Expert):
             model = build_genconvit(self.variant, self.arch, **self.model_kwargs,
                                     backbone_pretrained=self.init == "imagenet", **files)
         except PretrainedWeightsError as err:
-            swin = " and --swin-file (Swin)" if self.arch == "hybrid" else ""
-            raise PretrainedWeightsError(f"{err}; offline, pass --backbone-file (ConvNeXt){swin}, or use "
-                                         "--init scratch") from err
+            raise PretrainedWeightsError(self._weights_advice(err)) from err
         if self.init == "official":
             report = load_official_checkpoint(model, self._official_weights())
             log.info("loaded official GenConViT-%s weights: %s", self.variant.upper(), report)
@@ -164,6 +166,19 @@ class GenConViTExpert(Expert):
                 log.info("VAE var head initialised from the mu head: the first steps sample as the official "
                          "model was trained (std = exp(mu / 2)); see src/stage2/models/genconvit/vae.py")
         return model
+
+    def _weights_advice(self, err: PretrainedWeightsError) -> str:
+        """What a backbone weights failure says: the flag of a file that failed, or else the flags that give the
+        hub's weights from files (never one that was passed)."""
+        files = {"--backbone-file": self.backbone_file, "--swin-file": self.swin_file}
+        failed = next((flag for flag, path in files.items() if path is not None and str(path) in str(err)), None)
+        if failed is not None:
+            return f"{failed}: {err}"
+        backbone = self.model_kwargs.get("convnext_name", CONVNEXT_NAME)
+        parts = {"--backbone-file": f"({backbone})", "--swin-file": "(Swin)"}
+        wanted = [f"{flag} {parts[flag]}" for flag, path in files.items()
+                  if path is None and (flag == "--backbone-file" or self.arch == "hybrid")]
+        return f"{err}; offline, pass {' and '.join(wanted)}, or use --init scratch"
 
     def _official_weights(self) -> str:
         if self.weights is not None:
