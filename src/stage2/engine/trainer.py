@@ -341,7 +341,7 @@ class Trainer:
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
-            best.temperature = temperature
+            best.temperature, best.temperature_fitted = temperature, True
             self.checkpoints.save_best(best)
         summary["operating_points"] = final_report(self.evaluator.frame, result, metrics, temperature,
                                                    self.out / PREDICTIONS,
