@@ -88,6 +88,24 @@ def test_both_variants_write_every_output(gc_args, monkeypatch):
     assert (pd.read_csv(out / "ed" / "metrics.csv")["train_kl"] == 0).all()
 
 
+def test_evaluate_scores_with_the_loss_and_normalisation_the_checkpoint_records(gc_args, tmp_path, capsys):
+    # test_convnext normalises with 0.5, not ConvNeXt-Tiny's ImageNet mean: an --evaluate without --backbone used to
+    # un-normalise the reconstruction target with ImageNet's, and its val_recon and PSNR were off.
+    args = set_flag(set_flag(gc_args, "--epochs", "1"), "--stages", "full:rest")
+    train_stage2_genconvit.main([*args, "--variant", "ed", "--recon-weight", "2"])
+    run = Path(gc_args[-1]) / "ed"
+    trained = pd.read_csv(run / "metrics.csv").iloc[0]
+    evaluated = tmp_path / "eval"
+    val = gc_args[gc_args.index("--val-manifest") + 1]
+    capsys.readouterr()
+    train_stage2_genconvit.main(["--evaluate", str(run / "best.pt"), "--val-manifest", val, "--workers", "0",
+                                 "--amp", "off", "--output-dir", str(evaluated)])
+    assert "do not apply" not in capsys.readouterr().out  # no model flag was given
+    metrics = json.loads((evaluated / "ed" / "eval_val.json").read_text())["metrics"]
+    for column in ("val_recon", "val_recon_psnr", "val_recon_real", "val_loss"):  # val_loss: --recon-weight 2 too
+        assert metrics[column] == pytest.approx(trained[column], rel=1e-4), column
+
+
 def test_official_weights_file_initialises_the_model(gc_args, tmp_path):
     reference = GenConViTED(convnext_name="test_convnext")
     weights = tmp_path / "genconvit_ed_inference.pth"

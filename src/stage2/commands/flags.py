@@ -143,6 +143,12 @@ class Extend(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
+def given_flags(parser: FlagParser, dests: tuple[str, ...]) -> dict[str, str]:
+    """Of `dests`, those given on the command line of the parser's last parse, as {dest: the flag given}."""
+    return {action.dest: action.option_strings[0] for action in parser._actions  # argparse keeps no public list
+            if action.dest in dests and action.dest in parser.given}
+
+
 def _shown(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 

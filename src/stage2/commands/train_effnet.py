@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from stage2.commands.flags import FlagParser, Float
+from stage2.commands.flags import FlagParser, Float, given_flags
 from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.errors import ConfigError
 from stage2.models.names import DEFAULT_EFFNET
 from stage2.run.files import check_output_dir
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
+# What a checkpoint records of its model and loss: --evaluate scores as it says, whatever these flags say.
+MODEL_FLAGS = ("model", "pretrained_file", "pretrained", "drop_path", "pos_weight", "label_smoothing", "img_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                               "its weights, the other from random ones; pass one of them")
         args.pretrained = True  # as the run starts: args.json says so
     cfg = config_from_args(args)
+    cfg.model_flags = given_flags(parser, MODEL_FLAGS)
     check_output_dir(cfg)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run

@@ -7,8 +7,10 @@ of reconstructions per epoch (drawn here, by `plot_recon_samples`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +149,21 @@ class GenConViTExpert(Expert):
         self.model_kwargs.update(model_kwargs or {})
         # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
         self.preprocessing = self.family.data_config(img_size, backbone)
-        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
-                                       self.preprocessing.mean, self.preprocessing.std)
+        self.criterion = self._criterion(recon_weight, kl_weight, label_smoothing)
+
+    def _criterion(self, recon_weight: float, kl_weight: float, label_smoothing: float) -> GenConViTLoss:
+        """The loss, un-normalising its reconstruction target with `preprocessing`; the KL term is the VAE's."""
+        return GenConViTLoss(recon_weight, kl_weight if self.variant == "vae" else 0.0, label_smoothing,
+                             self.preprocessing.mean, self.preprocessing.std)
+
+    def for_checkpoint(self, data_config: DataConfig, settings: Mapping[str, Any]) -> GenConViTExpert:
+        """With the checkpoint's normalisation (a Lite0 backbone's 0.5, not ConvNeXt's ImageNet mean: the evaluator
+        normalises with it) and its run's loss weights."""
+        scored = copy.copy(self)
+        scored.preprocessing = data_config
+        recipe = {**self.recipe(), **{key: settings[key] for key in self.recipe() if key in settings}}
+        scored.criterion = scored._criterion(recipe["recon_weight"], recipe["kl_weight"], recipe["label_smoothing"])
+        return scored
 
     def build_model(self) -> nn.Module:
         files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
