@@ -842,7 +842,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="learn_") as tmp:
         work = Path(args.work_dir or tmp)
         if args.train_manifest and plan.pretrained_file is None and plan.model == LITE0:
-            plan = replace(plan, pretrained_file=str(write_lite0_file(work / f"{LITE0}.safetensors")))
+            plan = replace(plan, pretrained_file=str(write_lite0_file(work / f"{LITE0}.safetensors", overwrite=True)))
         elif args.train_manifest and plan.pretrained_file is None:
             print("warning: real mode from random weights: on a CPU budget a real set stays at chance (AUC 0.50 "
                   "for a plain loop on 2,000 LFW FaceSwap crops, 64px, 3 epochs)", flush=True)

@@ -593,12 +593,29 @@ def test_a_missing_manifest_is_named_before_any_weights_are_downloaded(tmp_path,
 
 def test_evaluate_says_which_model_it_scores_and_where_its_reports_went(trained_run, tiny_data, tmp_path, capsys):
     best = trained_run / "best.pt"
-    train_stage2_effnet.main(["--evaluate", str(best), "--val-manifest", str(tiny_data[1]), "--workers", "0",
-                              "--output-dir", str(tmp_path / "eval")])  # --model and --img-size left at 256px B3
+    base = ["--evaluate", str(best), "--val-manifest", str(tiny_data[1]), "--workers", "0", "--overwrite",
+            "--output-dir", str(tmp_path / "eval")]
+    train_stage2_effnet.main(base)  # --model and --img-size not given: nothing to say about them
     printed = capsys.readouterr().out
-    assert (f"--evaluate {best}: scoring the model it holds, test_efficientnet at 32px; this command's model "
-            "settings (tf_efficientnetv2_b3.in21k_ft_in1k at 256px) do not apply") in printed
+    assert "do not apply" not in printed
     assert f"--evaluate: reports in {tmp_path / 'eval'}: eval_val.json, predictions_val.csv" in printed
+    train_stage2_effnet.main([*base, "--model", "test_efficientnet", "--img-size", "64", "--label-smoothing", "0.1"])
+    printed = capsys.readouterr().out
+    assert (f"--evaluate {best}: scoring the model it holds, test_efficientnet at 32px, with its run's loss; this "
+            "command's --img-size, --label-smoothing (test_efficientnet at 64px) do not apply") in printed
+
+
+def test_evaluate_calls_operating_points_calibrated_only_with_a_fitted_temperature(trained_run, tiny_data, tmp_path,
+                                                                                    capsys):
+    for name, fitted in (("last.pt", False), ("best.pt", True)):  # last.pt never holds the fitted temperature
+        out = tmp_path / name
+        train_stage2_effnet.main(["--evaluate", str(trained_run / name), "--val-manifest", str(tiny_data[1]),
+                                  "--workers", "0", "--output-dir", str(out)])
+        printed = capsys.readouterr().out
+        report = json.loads((out / "eval_val.json").read_text())
+        assert report["temperature_fitted"] is fitted and (report["temperature"] == 1.0) is not fitted
+        assert ("operating points on calibrated P(fake)" in printed) is fitted
+        assert ("operating points on uncalibrated P(fake) (no fitted temperature)" in printed) is not fitted
 
 
 def test_extraction_says_when_a_checkpoint_has_no_fitted_temperature_yet(trained_run, caplog):

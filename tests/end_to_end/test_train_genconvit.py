@@ -88,6 +88,24 @@ def test_both_variants_write_every_output(gc_args, monkeypatch):
     assert (pd.read_csv(out / "ed" / "metrics.csv")["train_kl"] == 0).all()
 
 
+def test_evaluate_scores_with_the_loss_and_normalisation_the_checkpoint_records(gc_args, tmp_path, capsys):
+    # test_convnext normalises with 0.5, not ConvNeXt-Tiny's ImageNet mean: an --evaluate without --backbone used to
+    # un-normalise the reconstruction target with ImageNet's, and its val_recon and PSNR were off.
+    args = set_flag(set_flag(gc_args, "--epochs", "1"), "--stages", "full:rest")
+    train_stage2_genconvit.main([*args, "--variant", "ed", "--recon-weight", "2"])
+    run = Path(gc_args[-1]) / "ed"
+    trained = pd.read_csv(run / "metrics.csv").iloc[0]
+    evaluated = tmp_path / "eval"
+    val = gc_args[gc_args.index("--val-manifest") + 1]
+    capsys.readouterr()
+    train_stage2_genconvit.main(["--evaluate", str(run / "best.pt"), "--val-manifest", val, "--workers", "0",
+                                 "--amp", "off", "--output-dir", str(evaluated)])
+    assert "do not apply" not in capsys.readouterr().out  # no model flag was given
+    metrics = json.loads((evaluated / "ed" / "eval_val.json").read_text())["metrics"]
+    for column in ("val_recon", "val_recon_psnr", "val_recon_real", "val_loss"):  # val_loss: --recon-weight 2 too
+        assert metrics[column] == pytest.approx(trained[column], rel=1e-4), column
+
+
 def test_official_weights_file_initialises_the_model(gc_args, tmp_path):
     reference = GenConViTED(convnext_name="test_convnext")
     weights = tmp_path / "genconvit_ed_inference.pth"
@@ -179,8 +197,11 @@ def test_hybrid_swin_loads_from_a_local_file_and_offline_errors_name_the_flags(t
 
     with pytest.raises(PretrainedWeightsError) as err:
         build(backbone_file=convnext)  # the Swin would have to come from the hub
-    assert "--swin-file" in str(err.value) and "--backbone-file" in str(err.value)
+    assert str(err.value).endswith("; offline, pass --swin-file (Swin), or use --init scratch")  # not the given one
     assert "--pretrained-file" not in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(PretrainedWeightsError) as err:
+        build()
+    assert "offline, pass --backbone-file (test_convnext) and --swin-file (Swin), or use" in str(err.value)
     model = build(backbone_file=convnext, swin_file=swin)
     assert torch.equal(model.swin.state_dict()["layers.0.blocks.0.attn.qkv.weight"],
                        swin_state["layers.0.blocks.0.attn.qkv.weight"])
@@ -227,7 +248,19 @@ def test_official_weights_that_are_no_checkpoint_are_one_line_naming_the_file(gc
     weights.write_bytes(content)
     args = [a if a != "scratch" else "official" for a in gc_args]
     err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--weights", str(weights)], capsys)
-    assert err.startswith(f"error: {weights}: cannot load checkpoint (")
+    assert err == f"error: {weights}: not a PyTorch checkpoint (what torch.save writes)"  # not "KeyError: 101"
+
+
+@pytest.mark.parametrize("init", ["scratch", "official"])
+def test_a_backbone_file_without_init_imagenet_is_refused_not_loaded(gc_args, tmp_path, capsys, init):
+    # timm loaded the file whatever --init said: "--init scratch" runs started from ImageNet weights.
+    weights = tmp_path / "convnext.safetensors"
+    save_file(timm.create_model("test_convnext").state_dict(), str(weights))
+    args = [a if a != "scratch" else init for a in gc_args]
+    err = fails(train_stage2_genconvit.main, [*args, "--variant", "ed", "--backbone-file", str(weights)], capsys)
+    start = "the official weights" if init == "official" else "random weights"
+    assert err == f"error: --backbone-file: only with --init imagenet (--init {init} starts from {start})"
+    assert not (Path(gc_args[-1]) / "ed" / "best.pt").exists()
 
 
 @pytest.mark.parametrize("init", ["scratch", "imagenet"])

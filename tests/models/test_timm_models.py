@@ -44,6 +44,30 @@ def test_offline_download_failure_names_the_effnet_trainers_flags():
     assert "--pretrained-file" in message and "--no-pretrained" in message and "\n" not in message
 
 
+def test_a_file_for_another_architecture_is_refused_naming_its_keys(tmp_path):
+    # Another class count used to switch timm's loading to non-strict: what fitted loaded, the rest stayed random.
+    source = timm.create_model("test_efficientnet", pretrained=False).state_dict()
+    dropped = [key for key in source if key.startswith("blocks.1.")]
+    path = tmp_path / "other.safetensors"
+    save_file({**{k: v for k, v in source.items() if k not in dropped}, "extra.weight": torch.ones(2)}, str(path))
+    with pytest.raises(PretrainedWeightsError) as err:
+        create_timm_model("test_efficientnet", pretrained_file=path, num_classes=1)
+    assert str(err.value) == (f"weights file {path} does not fit test_efficientnet: keys {len(dropped)} missing "
+                              f"({', '.join(dropped[:3])}, ...); 1 unexpected (extra.weight)")
+    save_file({**source, "conv_stem.weight": source["conv_stem.weight"][:, :1].contiguous()}, str(path))
+    with pytest.raises(PretrainedWeightsError, match=r"keys 1 of another shape \(conv_stem.weight \[.*, 1, 3, 3\]"):
+        create_timm_model("test_efficientnet", pretrained_file=path, num_classes=1)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"not a checkpoint"])
+def test_a_file_that_holds_no_weights_is_named_in_one_line(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(PretrainedWeightsError) as err:
+        create_timm_model("test_efficientnet", pretrained_file=path)
+    assert str(err.value) == f"weights file {path}: neither a safetensors file nor a PyTorch checkpoint"
+
+
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="no such file"):
         create_timm_model("test_efficientnet", pretrained_file=tmp_path / "absent.safetensors")

@@ -15,6 +15,7 @@ from stage2.run.checkpoint import (
     CONFIG_CHECKSUM_KEY,
     SCHEMA_KEY,
     SCHEMA_VERSION,
+    TEMPERATURE_CHECKSUM_KEY,
     BestCheckpoint,
     LastCheckpoint,
     data_config_sha256,
@@ -34,7 +35,8 @@ def _best(**changes) -> BestCheckpoint:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     return BestCheckpoint(**{"model": model.state_dict(), "meta": META, "data_config": DATA_CONFIG, "args": {"lr": 0.1},
-                             "epoch": 3, "metrics": {"auc": 0.75}, "temperature": 1.5, **changes})
+                             "epoch": 3, "metrics": {"auc": 0.75}, "temperature": 1.5, "temperature_fitted": True,
+                             **changes})
 
 
 def _last() -> LastCheckpoint:
@@ -71,7 +73,7 @@ def test_best_and_last_round_trip_with_the_schema_version(tmp_path):
     save_checkpoint(last.to_dict(), tmp_path / "last.pt")
     for name in ("best.pt", "last.pt"):
         raw = load_checkpoint(tmp_path / name)  # the flat file: schema fields, the family's meta, version, checksum
-        assert raw[SCHEMA_KEY] == SCHEMA_VERSION == 2 and raw[CHECKSUM_KEY] and raw["family"] == "timm"
+        assert raw[SCHEMA_KEY] == SCHEMA_VERSION == 3 and raw[CHECKSUM_KEY] and raw["family"] == "timm"
     _assert_same(read_best(tmp_path / "best.pt"), best)
     _assert_same(read_last(tmp_path / "last.pt"), last)
     # A last.pt is a best.pt and more: the extractor and --evaluate read it as one.
@@ -119,6 +121,79 @@ def test_the_data_config_has_a_checksum_and_a_version_1_file_without_one_still_r
     old = {**best.to_dict(), SCHEMA_KEY: 1}
     torch.save({**old, CHECKSUM_KEY: tensors_sha256(old)}, path)  # as version 1 wrote it: tensors only
     _assert_same(read_best(path), best)
+
+
+def test_an_edited_temperature_is_refused(tmp_path):
+    # P(fake) = sigmoid(logit / temperature): editing it changed every score without a word.
+    path = tmp_path / "best.pt"
+    save_checkpoint(_best(temperature=0.049).to_dict(), path)
+    torch.save({**load_checkpoint(path), "temperature": 5.0}, path)
+    with pytest.raises(CheckpointError) as err:
+        read_best(path)
+    assert str(err.value) == (f"checkpoint {path}: damaged or edited (its temperature, which turns its logits into "
+                              "P(fake), does not match the checksum written with it); use another copy or an earlier "
+                              "checkpoint")
+
+
+@pytest.mark.parametrize(("version", "deleted"), [(2, CONFIG_CHECKSUM_KEY), (2, CHECKSUM_KEY),
+                                                  (3, TEMPERATURE_CHECKSUM_KEY), (3, CONFIG_CHECKSUM_KEY)])
+def test_a_file_without_a_checksum_its_version_is_written_with_is_refused(tmp_path, version, deleted):
+    path = tmp_path / "best.pt"
+    save_checkpoint({**_best().to_dict(), SCHEMA_KEY: version}, path)
+    state = load_checkpoint(path)
+    del state[deleted]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        read_best(path)
+    assert str(err.value) == (f"checkpoint {path}: damaged or edited (schema version {version} is written with "
+                              f"{deleted!r}, which it lacks); use another copy or an earlier checkpoint")
+
+
+def test_before_version_3_a_temperature_other_than_1_counts_as_fitted(tmp_path):
+    path = tmp_path / "best.pt"
+    for temperature, fitted in ((1.5, True), (1.0, False)):
+        old = {**_best(temperature=temperature).to_dict(), SCHEMA_KEY: 2}
+        del old["temperature_fitted"]
+        save_checkpoint(old, path)
+        assert read_best(path).temperature_fitted is fitted
+    save_checkpoint(_best(temperature=1.5, temperature_fitted=False).to_dict(), path)  # version 3 says so itself
+    assert read_best(path).temperature_fitted is False
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("std", [1e-30, 1e-30, 1e-30], "3 numbers from 0.01 to 10.0"),  # re-checksummed: embeddings of 3e29
+    ("std", [0.25, 0.25], "3 numbers from 0.01 to 10.0"),
+    ("mean", [0.5, 0.5, 2.0], "3 numbers in [0, 1]"),
+    ("mean", [0.5, 0.5, float("nan")], "3 numbers in [0, 1]"),
+    ("mean", "0.5", "3 numbers in [0, 1]"),
+    ("input_size", [3, 32.5, 32.5], "[3, S, S] with S an integer from 1 to 8192"),
+    ("input_size", [3, 0, 0], "[3, S, S] with S an integer from 1 to 8192"),
+    ("input_size", [3, 32, 64], "[3, S, S] with S an integer from 1 to 8192"),
+    ("input_size", None, "[3, S, S] with S an integer from 1 to 8192"),
+])
+def test_a_data_config_no_model_normalises_with_is_refused_naming_the_field(tmp_path, field, value, expected):
+    path = tmp_path / "best.pt"
+    save_checkpoint(_best(data_config={**DATA_CONFIG, field: value}).to_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        read_best(path)
+    assert str(err.value) == f"checkpoint {path}: data_config {field} {value!r}: expected {expected}"
+
+
+@pytest.mark.parametrize(("meta", "said"), [
+    ({**META, "family": "genconvit"}, "model family 'genconvit' without 'variant' ('ed' or 'vae')"),
+    ({"family": "genconvit", "model_name": "genconvit_ed", "variant": "ed", "arch": "swin"},
+     "model family 'genconvit' with arch 'swin': expected 'official' or 'hybrid'"),
+    ({**META, "num_classes": "1"}, "model family 'timm' with num_classes '1': expected a positive integer (1: one "
+                                   "logit)"),
+    ({**META, "family": "vit"}, "unknown model family 'vit' (known: timm, genconvit)"),
+])
+def test_a_checkpoint_whose_family_meta_was_edited_names_the_key(tmp_path, meta, said):
+    # Before: "KeyError: 'variant'" from deep in the model's constructor.
+    path = tmp_path / "best.pt"
+    save_checkpoint(_best(meta=meta).to_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        read_best(path)
+    assert str(err.value) == f"checkpoint {path}: {said}"
 
 
 def test_a_best_pt_is_not_a_last_pt(tmp_path):

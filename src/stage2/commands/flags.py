@@ -89,12 +89,15 @@ Float = Number
 
 class FlagParser(argparse.ArgumentParser):
     """The commands' parser: every plain flag takes one value (:class:`Once`); `given` holds the flags met so far
-    in the parse under way, for :class:`Once` and :class:`Extend`."""
+    in the parse under way (the dests of :class:`Once`, :class:`Extend` and the switches), which tells a flag given
+    on the command line from a default (--demo's, --config's)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register("action", None, Once)  # add_argument without action=
         self.register("action", "store", Once)
+        self.register("action", "store_true", NotedTrue)
+        self.register("action", "store_false", NotedFalse)
         self.given: set[str] = set()
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
@@ -115,6 +118,23 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class Noted(argparse.Action):
+    """A switch that notes itself in the parser's `given`; mixed into argparse's store_true and store_false."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class NotedTrue(Noted, argparse._StoreTrueAction):  # argparse keeps its action classes private
+    pass
+
+
+class NotedFalse(Noted, argparse._StoreFalseAction):
+    pass
+
+
 class Extend(argparse.Action):
     """A list flag: each occurrence adds its values, `--val-manifest a.csv --val-manifest b.csv` is both. The first
     occurrence replaces the default (the parser's, or what --config or --demo set) instead of adding to it."""
@@ -126,6 +146,12 @@ class Extend(argparse.Action):
             items = [*getattr(namespace, self.dest), *items]
         parser.given.add(self.dest)
         setattr(namespace, self.dest, items)
+
+
+def given_flags(parser: FlagParser, dests: tuple[str, ...]) -> dict[str, str]:
+    """Of `dests`, those given on the command line of the parser's last parse, as {dest: the flag given}."""
+    return {action.dest: action.option_strings[0] for action in parser._actions  # argparse keeps no public list
+            if action.dest in dests and action.dest in parser.given}
 
 
 def _shown(value: Any) -> str:

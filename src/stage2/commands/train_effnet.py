@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from stage2.commands.flags import FlagParser, Float
+from stage2.commands.flags import FlagParser, Float, given_flags
 from stage2.commands.train_args import add_train_args, config_from_args
+from stage2.errors import ConfigError
 from stage2.models.names import DEFAULT_EFFNET, TUNE_MODES
 from stage2.run.files import check_output_dir
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
+# What a checkpoint records of its model and loss: --evaluate scores as it says, whatever these flags say.
+MODEL_FLAGS = ("model", "pretrained_file", "pretrained", "drop_path", "pos_weight", "label_smoothing", "img_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     # The demo trains from scratch (no weights offline), small and short for two CPU cores: 96px, and no stochastic
     # depth, a regulariser that slows learning from scratch on 420 images (best AUC 0.93 with it, 0.98 without).
-    args = parse_args(build_parser(), argv, model="tf_efficientnetv2_b3", pretrained=False, img_size=96, epochs=10,
+    parser = build_parser()
+    args = parse_args(parser, argv, model="tf_efficientnetv2_b3", pretrained=False, img_size=96, epochs=10,
                       batch_size=32, lr=1e-3, warmup_epochs=0.5, drop_path=0.0, workers=2)
+    if args.pretrained_file and not args.pretrained:
+        if "pretrained" in parser.given or not args.demo:  # --demo's random start gives way to a file
+            raise ConfigError(f"--pretrained-file {args.pretrained_file} with --no-pretrained: the one starts from "
+                              "its weights, the other from random ones; pass one of them")
+        args.pretrained = True  # as the run starts: args.json says so
     cfg = config_from_args(args)
+    cfg.model_flags = given_flags(parser, MODEL_FLAGS)
     check_output_dir(cfg)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run

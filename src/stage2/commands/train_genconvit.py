@@ -22,7 +22,7 @@ import argparse
 from pathlib import Path
 
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
-from stage2.commands.flags import FlagParser, Float, Int
+from stage2.commands.flags import FlagParser, Float, Int, given_flags
 from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.errors import ConfigError
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS, RECON_ON
@@ -34,6 +34,9 @@ COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 # composites, 0.749 against 0.856 on LFW FaceSwap, seed 0); at that expert's lr and warmup (3e-4, 0.3 epochs) it
 # gave 0.825 on LFW FaceSwap (0.813 at 3e-4 without warmup, 0.819 with AdamW and weight decay 0.05 as well).
 INIT_DEFAULTS = {"imagenet": {"lr": 3e-4, "warmup_epochs": 0.3}}
+# What a checkpoint records of its model and loss: --evaluate scores as it says, whatever these flags say.
+MODEL_FLAGS = ("arch", "init", "weights", "weights_dir", "backbone_file", "swin_file", "recon_weight", "kl_weight",
+               "label_smoothing", "stages", "backbone", "latent_channels", "head", "ae_lr", "img_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,18 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line with its defaults: the parser's, the demo's, those that follow --init, --config's."""
+def parse(argv: list[str] | None = None, parser: FlagParser | None = None) -> argparse.Namespace:
+    """The command line with its defaults: the parser's, the demo's, those that follow --init, --config's. `parser`:
+    build_parser()'s, to ask afterwards which flags were given."""
     # The demo trains from scratch, on two CPU cores, with EfficientNetV2-B0 as the classifier backbone: a ConvNeXt
     # from random weights does not learn this task from 420 crops in CPU minutes (best val AUC 0.51-0.60 over
     # atto/96-128px/lr 1e-4..4e-3), while every GenConViT part (autoencoder, both passes, heads, losses) runs as is.
-    return parse_args(build_parser(), argv, lambda settled: INIT_DEFAULTS.get(settled.init, {}), init="scratch",
-                      backbone="tf_efficientnetv2_b0", img_size=96, epochs=8, batch_size=16, lr=1e-3, workers=2,
-                      latent_channels=8)
+    return parse_args(parser or build_parser(), argv, lambda settled: INIT_DEFAULTS.get(settled.init, {}),
+                      init="scratch", backbone="tf_efficientnetv2_b0", img_size=96, epochs=8, batch_size=16, lr=1e-3,
+                      workers=2, latent_channels=8)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    parser = build_parser()
+    args = parse(argv, parser)
     if args.variant == "both" and args.weights:
         raise ConfigError("--weights names one file; with --variant both use --weights-dir")
     given = [flag for flag, value in (("--weights", args.weights), ("--weights-dir", args.weights_dir)) if value]
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                                   f"GenConViT-{variant.upper()} weights)")
         cfg = config_from_args(argparse.Namespace(**{**vars(args), "variant": variant}))
         cfg.output_dir = str(Path(args.output_dir) / variant)
+        cfg.model_flags = given_flags(parser, MODEL_FLAGS)
         check_output_dir(cfg)  # every variant's folder, before the first one trains
         configs[variant] = cfg
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.

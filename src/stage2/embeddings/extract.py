@@ -92,7 +92,7 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild {recorded}: {first_line(err)}") from err
-    if best.args and best.args.get("calibrate", True) and best.temperature == 1.0:
+    if best.args and best.args.get("calibrate", True) and not best.temperature_fitted:
         log.warning("checkpoint %s has no fitted temperature yet (a run fits it when it ends): P(fake) uses "
                     "temperature 1.0, uncalibrated", path)
     return LoadedModel(model.eval(), family, recorded, DataConfig.from_dict(best.data_config), best.temperature,

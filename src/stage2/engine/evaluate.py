@@ -38,7 +38,9 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
                         ) -> dict[str, Any] | None:
     """--evaluate: a checkpoint on every --val-manifest (and under each --perturb perturbation).
 
-    Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake); its shortcut audit),
+    The model and its loss are the checkpoint's (its family's meta, data config and its run's loss flags), not the
+    command's. Per manifest NAME: eval_NAME.json (metrics; operating points on calibrated P(fake), or raw where the
+    checkpoint holds no fitted temperature, `temperature_fitted`; its shortcut audit),
     predictions_NAME.csv (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb,
     robustness_NAME.csv and .png; then eval_summary.csv across manifests and shortcut_audit.csv. Existing files
     are never replaced without --overwrite.
@@ -56,6 +58,10 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     checkpoint = read_best(path)
     data_config = DataConfig.from_dict(checkpoint.data_config)
     _check_model(checkpoint, data_config, path, cfg, expert)
+    expert = expert.for_checkpoint(data_config, checkpoint.args.get("cli_args", {}))
+    if not checkpoint.temperature_fitted:
+        log.warning("--evaluate %s: no fitted temperature (a run fits best.pt's when it ends; last.pt's never is): "
+                    "P(fake) and its operating points are uncalibrated", path)
     check_image_size(perturbations, data_config.size)
     bad_images = BadImages(out, dist.is_main, cfg.max_bad_images)
     # Every manifest is read and decoded before the first report is written: a bad second one costs nothing.
@@ -91,16 +97,19 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
 
 def _check_model(checkpoint: BestCheckpoint, data_config: DataConfig, path: Path, cfg: TrainConfig, expert: Expert
                  ) -> None:
-    """Refuse a checkpoint of another family or variant than the command evaluates; a model or input size other
-    than the command's is scored as the checkpoint holds it, and said so."""
+    """Refuse a checkpoint of another family or variant than the command evaluates; the model flags given
+    (`cfg.model_flags`) that ask for another model, input size or loss than its run's are said not to apply."""
     meta = expert.checkpoint_meta()
     for key in ("family", "variant"):
         if checkpoint.meta.get(key) != meta.get(key):
             raise ConfigError(f"--evaluate {path}: holds {checkpoint.meta.get('model_name', 'no model')} "
                               f"({key} {checkpoint.meta.get(key)!r}); this run evaluates {key} {meta.get(key)!r}")
-    if not _same_model(expert, checkpoint.meta) or data_config.size != cfg.img_size:
-        log.info("--evaluate %s: scoring the model it holds, %s; this command's model settings (%s) do not apply",
-                 path, _model_words(checkpoint.meta, data_config.size), _model_words(meta, cfg.img_size))
+    recorded = checkpoint.args.get("cli_args", {})
+    ignored = [flag for dest, flag in cfg.model_flags.items() if recorded.get(dest) != cfg.cli_args.get(dest)]
+    if ignored:
+        log.info("--evaluate %s: scoring the model it holds, %s, with its run's loss; this command's %s (%s) do not "
+                 "apply", path, _model_words(checkpoint.meta, data_config.size), ", ".join(ignored),
+                 _model_words(meta, cfg.img_size))
 
 
 def _write_reports(out: Path, name: str, manifest: str, checkpoint: BestCheckpoint, path: Path, evaluator: Evaluator,
@@ -109,11 +118,12 @@ def _write_reports(out: Path, name: str, manifest: str, checkpoint: BestCheckpoi
     """One manifest's predictions_NAME.csv, eval_NAME.json and, with `robustness` (--perturb), its table and plot;
     returns its frame-level operating points."""
     out.mkdir(parents=True, exist_ok=True)
-    temperature = checkpoint.temperature
+    temperature, fitted = checkpoint.temperature, checkpoint.temperature_fitted
     points = final_report(evaluator.frame, result, metrics, temperature, out / f"predictions_{name}.csv",
-                          title=f"{path} on {manifest}")
-    report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature, "metrics": metrics,
-              "operating_points": points, "shortcut_audit": audit.to_dict("records")}
+                          title=f"{path} on {manifest}", calibrated=fitted)
+    report = {"checkpoint": str(path), "manifest": str(manifest), "temperature": temperature,
+              "temperature_fitted": fitted, "metrics": metrics, "operating_points": points,
+              "shortcut_audit": audit.to_dict("records")}
     write_json_atomic(out / f"eval_{name}.json", report)
     frame_points = points["frame"]
     if robustness is not None:
@@ -135,14 +145,6 @@ def _write_summary(cfg: TrainConfig, summary: pd.DataFrame, notes: list[str]) ->
     # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
     written = [name for name in eval_outputs(cfg) if (out / name).exists()]
     log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
-
-
-def _same_model(expert: Expert, recorded: dict[str, Any]) -> bool:
-    """Whether the checkpoint's meta is what `expert` would record (model names as its family compares them)."""
-    meta = expert.checkpoint_meta()
-    others = {k: v for k, v in meta.items() if k != "model_name"}
-    return (expert.family.same_model(meta["model_name"], recorded.get("model_name", ""))
-            and all(recorded.get(k) == v for k, v in others.items()))
 
 
 def _model_words(meta: dict[str, Any], size: int) -> str:

@@ -352,11 +352,12 @@ class Trainer:
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
-            best.temperature = temperature
+            best.temperature, best.temperature_fitted = temperature, True
             self.checkpoints.save_best(best)
         summary["operating_points"] = final_report(self.evaluator.frame, result, metrics, temperature,
                                                    self.out / PREDICTIONS,
-                                                   title=f"best epoch {best.epoch} (validation)")
+                                                   title=f"best epoch {best.epoch} (validation)",
+                                                   calibrated=self.cfg.calibrate)
         labels, p_fake, frame = result.labels[s], sigmoid(result.logits[s] / temperature), self.evaluator.frame[s]
         video_labels, video_probs = video_level(labels, p_fake, frame) or (None, None)
         plot_roc(labels, p_fake, self.out / ROC, video_labels=video_labels, video_probs=video_probs,

@@ -8,7 +8,7 @@ its `ModelFamily`, never through `if model == ...` branches inside the loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,12 @@ class Expert:
     def recipe(self) -> dict[str, Any]:
         """Loss and regularisation settings a resumed run must keep (recorded in last.pt)."""
         return {}
+
+    def for_checkpoint(self, data_config: DataConfig, settings: Mapping[str, Any]) -> Expert:
+        """This expert as --evaluate scores a checkpoint with (its model is rebuilt from the checkpoint): the loss of
+        the checkpoint's run, from `settings` (its command's flags, as best.pt records them; a `recipe` key they lack
+        keeps this command's value) and, where the loss reads pixels, the checkpoint's `data_config`."""
+        return self
 
     def loss(self, outputs: Any, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample loss terms, each [B]; "loss" is the total that is optimised (its batch mean)."""

@@ -7,8 +7,10 @@ of reconstructions per epoch (drawn here, by `plot_recon_samples`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,10 @@ class GenConViTExpert(Expert):
             raise ConfigError(f"--init official needs --arch official: the {arch} model has no official weights")
         if swin_file is not None and arch != "hybrid":
             raise ConfigError("--swin-file: only --arch hybrid has a Swin that is used")
+        files = [flag for flag, path in (("--backbone-file", backbone_file), ("--swin-file", swin_file)) if path]
+        if files and init != "imagenet":  # timm would still load the file: an "init scratch" run from ImageNet
+            start = "the official weights" if init == "official" else "random weights"
+            raise ConfigError(f"{files[0]}: only with --init imagenet (--init {init} starts from {start})")
         head_input = head_input or DEFAULT_HEAD_INPUT[init]
         if init == "official" and head_input != "logits":
             raise ConfigError("--head features: the official weights' head reads ImageNet logits (--head logits)")
@@ -144,8 +150,23 @@ class GenConViTExpert(Expert):
         self.model_kwargs.update(model_kwargs or {})
         # The reconstruction target un-normalises the inputs with the normalisation the loaders apply: one source.
         self.preprocessing = self.family.data_config(img_size, backbone)
-        self.criterion = GenConViTLoss(recon_weight, kl_weight if variant == "vae" else 0.0, label_smoothing,
-                                       self.preprocessing.mean, self.preprocessing.std, recon_on)
+        self.criterion = self._criterion(recon_weight, kl_weight, label_smoothing, recon_on)
+
+    def _criterion(self, recon_weight: float, kl_weight: float, label_smoothing: float, recon_on: str
+                   ) -> GenConViTLoss:
+        """The loss, un-normalising its reconstruction target with `preprocessing`; the KL term is the VAE's."""
+        return GenConViTLoss(recon_weight, kl_weight if self.variant == "vae" else 0.0, label_smoothing,
+                             self.preprocessing.mean, self.preprocessing.std, recon_on)
+
+    def for_checkpoint(self, data_config: DataConfig, settings: Mapping[str, Any]) -> GenConViTExpert:
+        """With the checkpoint's normalisation (a Lite0 backbone's 0.5, not ConvNeXt's ImageNet mean: the evaluator
+        normalises with it) and its run's loss weights."""
+        scored = copy.copy(self)
+        scored.preprocessing = data_config
+        recipe = {**self.recipe(), **{key: settings[key] for key in self.recipe() if key in settings}}
+        scored.criterion = scored._criterion(recipe["recon_weight"], recipe["kl_weight"], recipe["label_smoothing"],
+                                             recipe["recon_on"])
+        return scored
 
     def build_model(self) -> nn.Module:
         files = {"backbone_file": _str(self.backbone_file)} if self.arch == "official" else {
@@ -154,9 +175,7 @@ class GenConViTExpert(Expert):
             model = build_genconvit(self.variant, self.arch, **self.model_kwargs,
                                     backbone_pretrained=self.init == "imagenet", **files)
         except PretrainedWeightsError as err:
-            swin = " and --swin-file (Swin)" if self.arch == "hybrid" else ""
-            raise PretrainedWeightsError(f"{err}; offline, pass --backbone-file (ConvNeXt){swin}, or use "
-                                         "--init scratch") from err
+            raise PretrainedWeightsError(self._weights_advice(err)) from err
         if self.init == "official":
             report = load_official_checkpoint(model, self._official_weights())
             log.info("loaded official GenConViT-%s weights: %s", self.variant.upper(), report)
@@ -165,6 +184,19 @@ class GenConViTExpert(Expert):
                 log.info("VAE var head initialised from the mu head: the first steps sample as the official "
                          "model was trained (std = exp(mu / 2)); see src/stage2/models/genconvit/vae.py")
         return model
+
+    def _weights_advice(self, err: PretrainedWeightsError) -> str:
+        """What a backbone weights failure says: the flag of a file that failed, or else the flags that give the
+        hub's weights from files (never one that was passed)."""
+        files = {"--backbone-file": self.backbone_file, "--swin-file": self.swin_file}
+        failed = next((flag for flag, path in files.items() if path is not None and str(path) in str(err)), None)
+        if failed is not None:
+            return f"{failed}: {err}"
+        backbone = self.model_kwargs.get("convnext_name", CONVNEXT_NAME)
+        parts = {"--backbone-file": f"({backbone})", "--swin-file": "(Swin)"}
+        wanted = [f"{flag} {parts[flag]}" for flag, path in files.items()
+                  if path is None and (flag == "--backbone-file" or self.arch == "hybrid")]
+        return f"{err}; offline, pass {' and '.join(wanted)}, or use --init scratch"
 
     def _official_weights(self) -> str:
         if self.weights is not None:

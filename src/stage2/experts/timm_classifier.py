@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,14 @@ class TimmExpert(Expert):
     def recipe(self) -> dict[str, Any]:
         return {"pos_weight": self.pos_weight_setting, "label_smoothing": self.label_smoothing,
                 "drop_path": self.drop_path_rate, "tune": self.tune}
+
+    def for_checkpoint(self, data_config: DataConfig, settings: Mapping[str, Any]) -> TimmExpert:
+        """With its run's --pos-weight and --label-smoothing."""
+        scored = copy.copy(self)
+        scored.label_smoothing = settings.get("label_smoothing", self.label_smoothing)
+        scored.pos_weight = scored.pos_weight_setting = _parse_pos_weight(
+            settings.get("pos_weight", self.pos_weight_setting))
+        return scored
 
     def describe(self) -> dict[str, Any]:
         source = self.pretrained_file or ("hub" if self.pretrained else "none (random init)")

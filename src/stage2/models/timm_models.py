@@ -2,7 +2,7 @@
 
 Any timm model name works; the design notes' `efficientnetv2_b3.in21k_ft_in1k` is accepted as an
 alias of timm's real name. Pretrained weights come from the hub when online, or from a local file
-(`--pretrained-file`), which is how GPU boxes without internet access use them.
+(`--pretrained-file`, read by stage2.models.weights_file), which is how GPU boxes without internet access use them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError, PretrainedWeightsError, first_line
 from stage2.models.names import MODEL_ALIASES
+from stage2.models.weights_file import load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +44,20 @@ def create_timm_model(
     """A timm classifier with `num_classes` outputs (0: pooled features); the pretrained head is
     dropped when sizes differ.
 
-    `pretrained_file` (safetensors or a torch checkpoint) replaces the hub download, through timm's
-    own file override so its checkpoint filters apply; with `pretrained=False` the weights are random.
-    A download or file that fails raises PretrainedWeightsError (the caller names its own flags).
+    `pretrained_file` (safetensors or a torch checkpoint) replaces the hub download and must hold every tensor of
+    the model but its classifier (stage2.models.weights_file); with `pretrained=False` and no file the weights are
+    random. A download or file that fails raises PretrainedWeightsError (the caller names its own flags).
     """
     kwargs: dict[str, Any] = {"num_classes": num_classes, **model_kwargs}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained_file is not None:
-        path = Path(pretrained_file)
-        if not path.is_file():
-            raise PretrainedWeightsError(f"pretrained weights file {path}: no such file")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-        pretrained = True
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights_file(model, pretrained_file, name)
+        return model
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:
-        if pretrained_file is not None:
-            raise PretrainedWeightsError(
-                f"pretrained weights file {pretrained_file}: cannot load weights for {name}: {first_line(err)}"
-            ) from err
         if not pretrained:
             raise
         # The caller adds which of its flags give a local file instead.

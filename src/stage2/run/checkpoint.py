@@ -6,17 +6,22 @@ family's meta, data config, metrics, temperature); `last.pt` (`LastCheckpoint`) 
 (optimizer, scaler, EMA, recipe, progress and RNG states; the schedule is re-planned, never stored). Each
 is a flat dict on disk: the dataclass fields, the family's meta keys (`family`, `model_name`, ...) beside
 them, and `schema_version`. Every checkpoint the trainers write carries the SHA-256 of all its tensors
-(`tensors_sha256`) and of its preprocessing (`data_config_sha256`: input size, mean, std, resize), checked on
-load: a damaged or edited file is refused instead of giving other scores. A checkpoint is read only with finite
-weights and a usable data_config (std > 0): else every P(fake) it gives would be NaN or infinite.
+(`tensors_sha256`), of its preprocessing (`data_config_sha256`: input size, mean, std, resize) and of its temperature
+(`temperature_sha256`), checked on load: a damaged or edited file is refused instead of giving other scores. A
+checkpoint is read only with finite weights, a positive finite temperature and a usable data_config (3 channels of a
+square input, means in [0, 1], stds in STD_RANGE): else every P(fake) or embedding it gives would be NaN, infinite
+or meaningless.
 
 Schema versions: 1 is the first versioned schema; 2 adds `data_config_sha256` (the data config's checksum) and
-`manifests` to last.pt (each manifest's row count and SHA-256, compared on resume). A file without
-`schema_version` was written before versions existed (version 0); its keys are version 1's, so it is read as
-version 1 when it holds the keys version 1 requires. Versions 0 and 1 are read as before, without the data
-config's checksum, and a resume from them skips the manifest comparison. Any other version is refused in one line
-(CheckpointError) naming the file and both versions. Official GenConViT weight files are not ours: they carry no
-`family` key, are read by stage2.models.genconvit.official, and never pass through these readers.
+`manifests` to last.pt (each manifest's row count and SHA-256, compared on resume); 3 adds `temperature_fitted`
+(whether `temperature` was fitted on validation: best.pt's is once its run ends, last.pt's never) and
+`temperature_sha256`. A file without `schema_version` was written before versions existed (version 0); its keys are
+version 1's, so it is read as version 1 when it holds the keys version 1 requires. From version 2 on a file must
+carry every checksum its version is written with (REQUIRED_CHECKSUMS): one that lacks one was edited. Versions 0 and
+1 are read without the data config's checksum, and a resume from them skips the manifest comparison; before version
+3 a temperature counts as fitted when it is not 1.0, the one value the trainers wrote unfitted. Any other version is
+refused in one line (CheckpointError) naming the file and both versions. Official GenConViT weight files are not
+ours: they carry no `family` key, are read by stage2.models.genconvit.official, and never pass through these readers.
 """
 
 from __future__ import annotations
@@ -35,14 +40,22 @@ import torch
 
 from stage2.atomic import atomic_write
 from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_exists, first_line
+from stage2.models.families import family_of
 from stage2.run.distributed import broadcast_flag
 
 CHECKSUM_KEY = "tensors_sha256"
 CONFIG_CHECKSUM_KEY = "data_config_sha256"
+TEMPERATURE_CHECKSUM_KEY = "temperature_sha256"
 SCHEMA_KEY = "schema_version"
 # Raise it (and say above what changed) whenever a key is added, removed or changes meaning.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (0, 1, SCHEMA_VERSION)  # 0: from before versions, the same keys as version 1
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (0, 1, 2, SCHEMA_VERSION)  # 0: from before versions, the same keys as version 1
+# The checksums each version must carry (from the version that introduced them on).
+REQUIRED_CHECKSUMS = {CHECKSUM_KEY: 2, CONFIG_CHECKSUM_KEY: 2, TEMPERATURE_CHECKSUM_KEY: 3}
+# A per-channel std of [0, 1] pixels that any model normalises with: ImageNet's 0.23, 0.5 for Inception's [-1, 1].
+# Outside it the inputs are scaled absurdly (a std of 1e-30 gave embeddings of 3e29).
+STD_RANGE = (0.01, 10.0)
+MAX_INPUT_SIZE = 8192  # pixels a side
 
 
 @dataclass(kw_only=True)
@@ -57,6 +70,7 @@ class BestCheckpoint:
     epoch: int = 0  # the epoch these weights are from (1-based; 0: not from a run)
     metrics: dict[str, float] = field(default_factory=dict)  # val metrics of that epoch
     temperature: float = 1.0  # P(fake) = sigmoid(logit / temperature)
+    temperature_fitted: bool = False  # whether `temperature` was fitted on validation logits (else it is 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's contents (save_checkpoint adds the checksum)."""
@@ -103,10 +117,19 @@ def checkpoint_from_state(kind: type[Checkpoint], state: dict[str, Any], path: s
     if missing:
         raise CheckpointError(f"checkpoint {path}: lacks {', '.join(map(repr, missing))} (not written by the "
                               "trainers?)")
-    meta = {k: v for k, v in state.items() if k not in _FIELD_KEYS and k not in (SCHEMA_KEY, CHECKSUM_KEY,
-                                                                                  CONFIG_CHECKSUM_KEY)}
+    deleted = [key for key, since in REQUIRED_CHECKSUMS.items() if version >= since and key not in state]
+    if deleted:
+        raise CheckpointError(f"checkpoint {path}: damaged or edited (schema version {version} is written with "
+                              f"{deleted[0]!r}, which it lacks); use another copy or an earlier checkpoint")
+    meta = {k: v for k, v in state.items() if k not in _FIELD_KEYS and k not in (SCHEMA_KEY, *REQUIRED_CHECKSUMS)}
+    try:
+        family_of(meta)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     values = {k: v for k, v in state.items() if k in own}
     values["temperature"] = _checked_temperature(state.get("temperature", 1.0), path)
+    if version < 3:
+        values["temperature_fitted"] = values["temperature"] != 1.0
     _check_data_config(state["data_config"], path)
     for key in ("model", "ema"):
         check_finite_weights(state.get(key) or {}, path)
@@ -127,6 +150,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     state = {**state, CHECKSUM_KEY: tensors_sha256(state)}
     if "data_config" in state:
         state[CONFIG_CHECKSUM_KEY] = data_config_sha256(state["data_config"])
+    if "temperature" in state:
+        state[TEMPERATURE_CHECKSUM_KEY] = temperature_sha256(state)
     atomic_write(path, lambda f: _torch_save(state, f))
 
 
@@ -162,6 +187,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(f"checkpoint {path}: damaged or edited (its data_config, the input size, mean and std "
                               "it scores with, does not match the checksum written with it); use another copy or an "
                               "earlier checkpoint")
+    if not mmap and TEMPERATURE_CHECKSUM_KEY in state and temperature_sha256(state) != state[TEMPERATURE_CHECKSUM_KEY]:
+        raise CheckpointError(f"checkpoint {path}: damaged or edited (its temperature, which turns its logits into "
+                              "P(fake), does not match the checksum written with it); use another copy or an earlier "
+                              "checkpoint")
     return state
 
 
@@ -189,6 +218,12 @@ def tensors_sha256(state: Any) -> str:
 def data_config_sha256(data_config: Any) -> str:
     """SHA-256 of a data_config (input size, mean, std, resize) as JSON: tuples and lists alike, keys sorted."""
     return hashlib.sha256(json.dumps(data_config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def temperature_sha256(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's temperature and whether it was fitted, as JSON (repr keeps every float's digits)."""
+    return hashlib.sha256(json.dumps([repr(state.get("temperature")), state.get("temperature_fitted")]).encode()
+                          ).hexdigest()
 
 
 def _reason(err: Exception) -> str:
@@ -227,18 +262,27 @@ def check_finite_weights(weights: Mapping[str, torch.Tensor], path: str | Path) 
 
 
 def _check_data_config(config: Any, path: str | Path) -> None:
-    """The preprocessing a checkpoint records, usable: 3 positive sizes, finite means, finite stds above 0 (a std of
-    0 divided every input by zero)."""
-    try:
-        sizes, mean, std = ([float(v) for v in config[key]] for key in ("input_size", "mean", "std"))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"checkpoint {path}: data_config {config!r} lacks a numeric input_size, mean or "
-                              "std") from None
-    if not (len(sizes) == len(mean) == len(std) == 3 and min(sizes) >= 1 and min(std) > 0
-            and all(math.isfinite(v) for v in (*sizes, *mean, *std))):
-        shown = ", ".join(f"{key} {list(config[key])}" for key in ("input_size", "mean", "std"))
-        raise CheckpointError(f"checkpoint {path}: data_config {shown}: expected 3 sizes >= 1, finite means and "
-                              "finite stds > 0")
+    """The preprocessing a checkpoint records, usable (CheckpointError naming the checkpoint and the field): an input
+    of 3 channels, square, of a positive integer size (at most MAX_INPUT_SIZE); 3 means in [0, 1] and 3 stds in
+    STD_RANGE, the pixel statistics of [0, 1] images."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"checkpoint {path}: data_config {config!r} is not a mapping")
+    low, high = STD_RANGE
+    checks = {
+        "input_size": (lambda v: len(v) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                       and v[0] == 3 and v[1] == v[2] and 1 <= v[2] <= MAX_INPUT_SIZE,
+                       f"[3, S, S] with S an integer from 1 to {MAX_INPUT_SIZE}"),
+        "mean": (lambda v: len(v) == 3 and all(0 <= float(x) <= 1 for x in v), "3 numbers in [0, 1]"),
+        "std": (lambda v: len(v) == 3 and all(low <= float(x) <= high for x in v), f"3 numbers from {low} to {high}"),
+    }
+    for key, (usable, expected) in checks.items():
+        value = config.get(key)
+        try:
+            ok = isinstance(value, list | tuple) and usable(value)
+        except (TypeError, ValueError):  # an item that is no number
+            ok = False
+        if not ok:
+            raise CheckpointError(f"checkpoint {path}: data_config {key} {value!r}: expected {expected}")
 
 
 def last_good_note(last: Path) -> str:

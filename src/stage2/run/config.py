@@ -80,6 +80,8 @@ class TrainConfig:
     log_to: str | None = field(default=None, metadata=FREE)
     # Every flag of the command line as parsed (replayable with --config); written to args.json.
     cli_args: dict[str, Any] = field(default_factory=dict, metadata=INVOCATION)
+    # The model and loss flags given on the command line, {dest: flag}: --evaluate names those it does not apply.
+    model_flags: dict[str, str] = field(default_factory=dict, metadata=INVOCATION)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

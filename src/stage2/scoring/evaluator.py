@@ -185,16 +185,16 @@ def grid_rows(frame: pd.DataFrame, per_class: int = 4) -> list[int]:
 
 
 def final_report(frame: pd.DataFrame, result: EvalResult, metrics: dict[str, float], temperature: float,
-                 predictions: Path, *, title: str) -> dict[str, Any]:
+                 predictions: Path, *, title: str, calibrated: bool) -> dict[str, Any]:
     """The end of a training run and of each --evaluate manifest: write `predictions` (the decoded rows of `frame`
     with P(fake) raw and calibrated), print the metrics table, and return the operating points on calibrated
-    P(fake)."""
+    P(fake) (`calibrated`: whether `temperature` was fitted; the table says which P(fake) they are on)."""
     seen = result.seen
-    calibrated = sigmoid(result.logits / temperature)
-    points = calibrated_operating_points(result.labels[seen], calibrated[seen], frame[seen])
-    rows = frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=calibrated)[seen]
+    p_fake = sigmoid(result.logits / temperature)
+    points = calibrated_operating_points(result.labels[seen], p_fake[seen], frame[seen])
+    rows = frame.assign(p_fake=sigmoid(result.logits), p_fake_calibrated=p_fake)[seen]
     write_text_atomic(predictions, rows.to_csv(index=False))
-    log.info("\n%s", format_report(metrics, points, title=title))
+    log.info("\n%s", format_report(metrics, points, title=title, calibrated=calibrated))
     return points
 
 

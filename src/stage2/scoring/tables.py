@@ -45,9 +45,10 @@ def tpr_footnote(points: Mapping[str, Any], prefix: str = "") -> str:
     return f"\n{prefix}{columns}: {resolution_note(points['n_real'])}"
 
 
-def format_operating_points(points: Mapping[str, Mapping[str, Any]]) -> str:
+def format_operating_points(points: Mapping[str, Mapping[str, Any]], calibrated: bool = True) -> str:
     """The operating points of `calibrated_operating_points` as a table, one row per level and target; a target
-    finer than its level's reals can resolve says so on its row."""
+    finer than its level's reals can resolve says so on its row. Not `calibrated`: the P(fake) they are on is raw
+    (no fitted temperature), and the header says so."""
     rows = []
     for level, p in points.items():
         unit = "real videos" if level == "video" else "reals"
@@ -59,16 +60,18 @@ def format_operating_points(points: Mapping[str, Mapping[str, Any]]) -> str:
         rows.append((level, "EER", "", _format_value(p["eer_threshold"]), ""))
     header = ("level", "target", "TPR", "threshold", "")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = ["operating points on calibrated P(fake) (fake when P(fake) >= threshold; none: no threshold flags a "
-             "fake without flagging a real)"]
+    scores = "calibrated P(fake)" if calibrated else "uncalibrated P(fake) (no fitted temperature)"
+    lines = [f"operating points on {scores} (fake when P(fake) >= threshold; none: no threshold flags a fake without "
+             "flagging a real)"]
     for r in [header, *rows]:
         lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}"
                      .rstrip())
     return "\n".join(lines)
 
 
-def format_report(metrics: Mapping[str, float], points: Mapping[str, Mapping[str, Any]], title: str) -> str:
+def format_report(metrics: Mapping[str, float], points: Mapping[str, Mapping[str, Any]], title: str,
+                  calibrated: bool = True) -> str:
     """What a run or an --evaluate prints at its end: the metrics, then the operating points on calibrated
     P(fake) (the thresholds to deploy; the metrics' own, on raw P(fake), stay in metrics.csv and the JSON)."""
     shown = {k: v for k, v in metrics.items() if not _is_operating_point(k)}
-    return format_metrics_table(shown, title) + "\n\n" + format_operating_points(points)
+    return format_metrics_table(shown, title) + "\n\n" + format_operating_points(points, calibrated)

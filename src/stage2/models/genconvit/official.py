@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stage2.errors import OfficialCheckpointError, first_line
+from stage2.models.weights_file import file_format
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,13 @@ def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, object]) -> 
     if isinstance(path_or_state, Mapping):
         state = path_or_state
     else:
+        if not os.path.isfile(path_or_state):
+            raise OfficialCheckpointError(f"{source}: no such file")
+        if file_format(path_or_state) != "torch":  # the unpickler reads other files as nonsense ("KeyError: 101")
+            raise OfficialCheckpointError(f"{source}: not a PyTorch checkpoint (what torch.save writes)")
         try:
             state = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        except Exception as err:  # a file that is not a checkpoint: the unpickler fails in many ways (KeyError...)
+        except Exception as err:  # a damaged checkpoint
             raise OfficialCheckpointError(
                 f"{source}: cannot load checkpoint ({type(err).__name__}: {first_line(err)})"
             ) from err
