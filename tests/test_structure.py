@@ -94,18 +94,18 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
     bad_type = ["--batch-size", "many"] if "train" in script else ["--workers", "x"]
     for args, code in ((["--help"], 0), (bad_type, 2), (["--batch-size", "0"], 2)):  # a type, then a range
         ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
-                             text=True, cwd=ROOT, timeout=60)
+                             text=True, timeout=60)
         assert ran.returncode == code, ran.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
         assert not imported & {"torch", "timm", "torchvision", "pandas"}, (script, args)
     assert ran.stderr.splitlines()[-1] == "error: --batch-size 0: expected an integer >= 1"
     assert "usage:" in subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                                      cwd=ROOT, timeout=60).stdout
+                                      timeout=60).stdout
 
 
 def _imports_of(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
     ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+                         text=True, timeout=120)
     return ran, {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
 
 
