@@ -138,8 +138,16 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "train_stage2_effnet.py", "train_stage2_genconvit.py",
-                 "feature_extractor.py"):
+                 "feature_extractor.py", "requirements.txt", "requirements-dev.txt"):
         shutil.copy(ROOT / name, source / name)
+    # The set-up command (pip install -r requirements-dev.txt, in the checkout) installs the package itself, editable:
+    # `python -m stage2...` and stage2-torchrun then work from any folder.
+    plan = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps",
+                           "--no-build-isolation", "--quiet", "--report", "-", "-r", "requirements-dev.txt"],
+                          capture_output=True, text=True, cwd=source, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert [(item["metadata"]["name"], item["download_info"]) for item in json.loads(plan.stdout)["install"]] == [
+        ("stage2-experts", {"url": source.as_uri(), "dir_info": {"editable": True}})]
     # Installed into a folder of its own with this interpreter's pip and setuptools (requirements-dev.txt brings a
     # setuptools that builds wheels): a nested venv would see the base interpreter's packages, not a venv's.
     site = tmp_path / "site"
@@ -219,6 +227,7 @@ def test_tensorboard_gets_steps_epochs_and_images(effnet_args, tiny_data, tmp_pa
 def test_the_readmes_export_folder_is_not_committed_by_accident():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("exported/effnet/model.onnx", "output/stage2_effnet/best.pt", "features/effnet_val.npz"):
+    for path in ("exported/effnet/model.onnx", "output/stage2_effnet/best.pt", "features/effnet_val.npz",
+                 "weights/lite0.safetensors", "out/scores.csv"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=60)
         assert ignored.returncode == 0, path
