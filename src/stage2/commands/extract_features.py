@@ -3,7 +3,7 @@
     python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --manifest val_manifest.csv \\
         --out features/effnet_val.npz                        # labelled or not: a manifest needs only `path`
     python feature_extractor.py --checkpoint genconvit_ed_inference.pth --images crops/ \\
-        --out features/genconvit_ed_crops.npz                # every PNG/JPEG below a folder; official files load
+        --out features/genconvit_ed_crops.npz                # every image below a folder; official files load
     python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --export exported/effnet
     python feature_extractor.py --example                    # after the trainers' --demo runs (see README)
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--manifest", help="CSV with a path column (label, video_id, method: used when present)")
-    source.add_argument("--images", metavar="DIR", help="every PNG/JPEG below this folder, sorted by path")
+    source.add_argument("--images", metavar="DIR",
+                        help="every image below this folder (PNG, JPEG, WebP, BMP, TIFF, GIF), sorted by path")
     data.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
     data.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
     data.add_argument("--cache-dir", help="read images through the decoded-image cache in this folder (default: "

@@ -392,7 +392,7 @@ class FeatureExtractor:
     def extract_paths(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(embeddings [N, D], calibrated p_fake [N], paths [N])`` of `source`, which needs no labels: a folder
-        (every PNG/JPEG below it, sorted), a list of image paths, or a manifest with or without labels."""
+        (every image below it, sorted), a list of image paths, or a manifest with or without labels."""
         frame = source_frame(source, data_root)
         batches = list(self.iter_batches(self.make_loader(frame, **loader)))
         if not batches:
@@ -403,8 +403,9 @@ class FeatureExtractor:
 
 
 def source_frame(source: Source, data_root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """What to extract as a manifest frame: a frame as it is; a folder: its PNG/JPEG files (sorted, recursive,
-    unlabeled); a list: those image paths (unlabeled); else a CSV manifest, with or without a label column."""
+    """What to extract as a manifest frame: a frame as it is; a folder: its image files (IMAGE_SUFFIXES, sorted,
+    recursive, unlabeled); a list: those image paths (unlabeled); else a CSV manifest, with or without a label
+    column."""
     if isinstance(source, pd.DataFrame):
         return source
     if isinstance(source, list):
