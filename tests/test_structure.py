@@ -71,7 +71,10 @@ LAYERS = (("errors", "atomic", "processes", "models.names"), ("data",), ("models
 
 
 def _layer(module: str) -> tuple[int, str]:
-    """(the layer of a stage2 module, its package: the layer's name for the bottom one, whose modules share it)."""
+    """(the layer of a stage2 module, its package: the layer's name for the bottom one, whose modules share it).
+    The package's root (`from stage2 import FeatureExtractor`) sits on top of them all."""
+    if module == "stage2":
+        return len(LAYERS), module
     parts = module.split(".")[1:]
     for rank, names in enumerate(LAYERS):
         for name in names:
@@ -173,6 +176,20 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     assert where.returncode == 0, where.stderr[-2000:]
     assert where.stdout.split() == [str(site / "stage2" / "commands" / "train_effnet.py"),
                                     str(site / "feature_extractor.py")]
+
+
+def test_a_notebook_outside_the_checkout_imports_the_feature_extractor_from_the_package(tmp_path):
+    # As after `pip install -e .`: the package importable, the working folder anywhere; torch loads on first use.
+    code = ("import sys, stage2\n"
+            "assert 'torch' not in sys.modules\n"
+            "from stage2 import FeatureExtractor\n"
+            "from stage2.embeddings import FeatureExtractor as same\n"
+            "print(FeatureExtractor is same, FeatureExtractor.__module__, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.split() == ["True", "stage2.embeddings.extract", "True"]
 
 
 def test_a_run_replays_from_its_args_json_and_flags_win(trained_run, tmp_path):

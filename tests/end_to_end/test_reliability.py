@@ -306,9 +306,10 @@ def test_extractor_never_replaces_an_existing_file_or_writes_onto_a_folder(effne
             exit_on_error(lambda o=out: feature_extractor.main([*base, "--out", str(o)]))
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and words in err and len(err.splitlines()) == 1
+    # --overwrite replaces only what the extractor wrote: a CSV that is no scores table of its own stays
+    err = fails(feature_extractor.main, [*base, "--out", str(manifest_copy), "--overwrite"], capsys)
+    assert "exists and is not a scores table the extractor wrote" in err
     assert manifest_copy.read_text() == "path,label\n"
-    feature_extractor.main([*base, "--out", str(manifest_copy), "--overwrite"])
-    assert manifest_copy.read_bytes()[:2] == b"PK"
 
 
 def test_evaluate_with_the_other_familys_checkpoint_is_one_line(trained_run, tiny_data, tmp_path, capsys):

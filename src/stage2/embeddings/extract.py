@@ -28,6 +28,7 @@ from stage2.data.decode import RESIZE_CONFIG, pil_to_uint8, resize_uint8
 from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
+from stage2.embeddings.outputs import scores_table, write_scores
 from stage2.embeddings.store import NpzStreamWriter
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
@@ -376,6 +377,25 @@ class FeatureExtractor:
             )
         return path
 
+    def scores_to_file(
+        self,
+        source: Source,
+        out: str | os.PathLike,
+        data_root: str | os.PathLike | None = None,
+        *,
+        skip_bad_images: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Path:
+        """Write :meth:`predict`'s calibrated P(fake) of `source` as a scores table (.csv: path, p_fake, and label /
+        video_id + video_p_fake where the source has them; see :mod:`stage2.embeddings.outputs`)."""
+        predicted = self.predict(source, data_root, skip_bad_images=skip_bad_images, cache_dir=cache_dir)
+        if predicted.empty:
+            raise ManifestError(f"{source}: no image could be decoded")
+        table = scores_table(predicted)
+        write_scores(table, out)
+        log.info("wrote %s: P(fake) of %d images by %s (columns: %s)", out, len(table), self.model_name,
+                 ", ".join(table.columns))
+        return Path(out)
 
     def predict(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any) -> pd.DataFrame:
         """Calibrated P(fake) per image of `source` (a folder, a list of paths, a manifest): a frame with the
