@@ -106,9 +106,10 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
                                       timeout=60).stdout
 
 
-def _imports_of(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+def _imports_of(script: str, args: list[str], env: dict[str, str] | None = None
+                ) -> tuple[subprocess.CompletedProcess, set[str]]:
     ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=env)
     return ran, {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
 
 
@@ -134,6 +135,79 @@ def test_a_taken_output_folder_or_a_missing_checkpoint_is_refused_before_torch_l
         assert ran.returncode == 2 and message in ran.stderr, (script, ran.stderr[-2000:])
         assert not imported & {"torch", "timm", "torchvision"}, script
     assert (tmp_path / "run" / "best.pt").read_bytes() == b"a run"
+
+
+def test_missing_manifests_and_bad_settings_are_refused_before_torch_loads(tmp_path):
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    for manifest in (train, val):
+        manifest.write_text("path,label\n")
+    out = ["--output-dir", str(tmp_path / "run")]
+    cases = [
+        ("train_stage2_effnet.py", ["--train-manifest", str(tmp_path / "nope.csv"), "--val-manifest", str(val), *out],
+         f"error: {tmp_path / 'nope.csv'}: manifest file not found"),
+        ("train_stage2_genconvit.py", ["--train-manifest", str(train), "--val-manifest", "gone.csv", *out],
+         "error: gone.csv: manifest file not found"),
+        ("train_stage2_effnet.py", ["--evaluate", str(tmp_path / "gone.pt"), "--val-manifest", str(val), *out],
+         f"error: checkpoint {tmp_path / 'gone.pt'}: no such file"),
+        ("train_stage2_effnet.py", ["--train-manifest", str(train), "--val-manifest", str(val), "--select-metric",
+                                    "f1", *out], "error: --select-metric f1: unknown metric 'f1' for model selection"),
+    ]
+    for script, args, message in cases:
+        ran, imported = _imports_of(script, args)
+        assert ran.returncode == 2 and ran.stderr.splitlines()[-1].startswith(message), (script, ran.stderr[-2000:])
+        assert not imported & {"torch", "timm", "torchvision"}, script
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv", "val.csv"]  # no run folder
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub unreachable", "HF_HUB_OFFLINE"])
+def test_hub_weights_that_cannot_come_are_one_line_before_torch_loads_and_the_run_folder(tiny_data, tmp_path,
+                                                                                          offline):
+    # The default model's weights, with an empty hub cache and the hub's address a closed local port: huggingface_hub
+    # would retry for about a minute; the trainers find out with one refused connection (or none, when offline).
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+    train, val = tiny_data
+    manifests = ["--train-manifest", str(train), "--val-manifest", str(val)]
+    cases = [
+        ("train_stage2_effnet.py", [], "timm/tf_efficientnetv2_b3.in21k_ft_in1k", "--pretrained-file PATH"),
+        ("train_stage2_genconvit.py", ["--variant", "ed"], "Deressa/GenConViT/genconvit_ed_inference.pth",
+         "--weights PATH"),
+        ("train_stage2_genconvit.py", ["--init", "imagenet", "--arch", "hybrid", "--backbone-file", str(train)],
+         "timm/swin_tiny_patch4_window7_224", "--swin-file"),
+    ]
+    for script, args, repo, flag in cases:
+        ran, imported = _imports_of(script, [*manifests, *args, "--output-dir", str(tmp_path / "run")], env)
+        err = ran.stderr.splitlines()[-1]
+        assert ran.returncode == 2 and err.startswith(f"error: the pretrained weights of {repo} are not in the local "
+                                                      f"hub cache ({tmp_path / 'hf' / 'hub'})"), ran.stderr[-2000:]
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable (127.0.0.1:9: Connection refused)"
+        assert why in err and flag in err
+        assert not imported & {"torch", "timm", "torchvision"}, script
+    assert not (tmp_path / "run").exists()
+
+
+def test_hub_weights_in_the_local_cache_need_no_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from stage2.errors import PretrainedWeightsError
+    from stage2.models.hub import check_hub, timm_repo
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    needed = [(timm_repo("resnet18"), None), ("Deressa/GenConViT", "genconvit_ed_inference.pth")]
+    with pytest.raises(PretrainedWeightsError, match=r"of timm/resnet18, Deressa/GenConViT/genconvit_ed_inf"):
+        check_hub(needed, "--no-pretrained")
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc" / "model.safetensors").write_bytes(b"w")
+    (tmp_path / "models--Deressa--GenConViT" / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "models--Deressa--GenConViT" / "snapshots" / "abc" / "genconvit_vae_inference.pth").write_bytes(b"w")
+    with pytest.raises(PretrainedWeightsError, match=r"of Deressa/GenConViT/genconvit_ed_inference.pth are not"):
+        check_hub(needed, "--no-pretrained")  # the other variant's file is no substitute
+    (tmp_path / "models--Deressa--GenConViT" / "snapshots" / "abc" / "genconvit_ed_inference.pth").write_bytes(b"w")
+    check_hub(needed, "--no-pretrained")
 
 
 def test_the_package_installs_and_its_commands_run(tmp_path):
