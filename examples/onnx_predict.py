@@ -1,4 +1,4 @@
-"""Calibrated P(fake) of every PNG/JPEG below a folder (symlinked folders followed), from a
+"""Calibrated P(fake) of every image below a folder (symlinked folders followed), from a
 `feature_extractor.py --export` folder, with onnxruntime, numpy and PIL only (no torch, no repository):
 
     python examples/onnx_predict.py exported/effnet crops/ > scores.csv
@@ -16,13 +16,14 @@ import numpy as np
 import onnxruntime
 from PIL import Image, ImageOps
 
-SUFFIXES = (".png", ".jpg", ".jpeg")
+# What --images reads (stage2.data.manifest.IMAGE_SUFFIXES; this file runs without the package)
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 USAGE = "usage: python examples/onnx_predict.py EXPORT_DIR IMAGE_FOLDER > scores.csv"
 
 
 def image_files(folder: Path) -> list[str]:
-    """The PNG/JPEG files below `folder`, sorted, through symlinked folders; a folder reached twice (a link loop)
-    is read once."""
+    """The image files (SUFFIXES) below `folder`, sorted, through symlinked folders; a folder reached twice (a link
+    loop) is read once."""
     seen, found = set(), []
     for root, subfolders, files in os.walk(folder, followlinks=True):
         stat = os.stat(root)

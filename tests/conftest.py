@@ -22,6 +22,36 @@ from PIL import Image  # noqa: E402
 from stage2.data.demo import make_demo_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests import it as `from conftest import ROOT`
+# The checkout's folders a user's own work lives in (the README's paths): no test reads or writes them.
+USER_FOLDERS = ("output", "data", "features", "exported", "weights", "out")
+
+
+def user_files() -> dict[str, tuple[int, int]]:
+    """Every entry under the checkout's USER_FOLDERS (symlinks not followed) -> (size, mtime in ns)."""
+    found = {}
+    for name in USER_FOLDERS:
+        for folder, subfolders, files in os.walk(ROOT / name):
+            for entry in (folder, *(os.path.join(folder, n) for n in (*subfolders, *files))):
+                stat = os.lstat(entry)
+                found[os.path.relpath(entry, ROOT)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_folders_untouched():
+    """Fail the run if it changed anything in the user's folders (a test that wrote output/, data/demo, ...)."""
+    before = user_files()
+    yield
+    after = user_files()
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    assert not changed, f"the tests changed the checkout's user folders: {', '.join(changed[:5])}"
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path_factory, monkeypatch):
+    """Each test starts in a folder of its own: a default path (output/..., data/demo, features/) never meets what
+    the user ran in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def subprocess_env() -> dict[str, str]:

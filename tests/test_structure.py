@@ -71,7 +71,10 @@ LAYERS = (("errors", "atomic", "processes", "models.names"), ("data",), ("models
 
 
 def _layer(module: str) -> tuple[int, str]:
-    """(the layer of a stage2 module, its package: the layer's name for the bottom one, whose modules share it)."""
+    """(the layer of a stage2 module, its package: the layer's name for the bottom one, whose modules share it).
+    The package's root (`from stage2 import FeatureExtractor`) sits on top of them all."""
+    if module == "stage2":
+        return len(LAYERS), module
     parts = module.split(".")[1:]
     for rank, names in enumerate(LAYERS):
         for name in names:
@@ -94,18 +97,19 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm(script):
     bad_type = ["--batch-size", "many"] if "train" in script else ["--workers", "x"]
     for args, code in ((["--help"], 0), (bad_type, 2), (["--batch-size", "0"], 2)):  # a type, then a range
         ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
-                             text=True, cwd=ROOT, timeout=60)
+                             text=True, timeout=60)
         assert ran.returncode == code, ran.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
         assert not imported & {"torch", "timm", "torchvision", "pandas"}, (script, args)
     assert ran.stderr.splitlines()[-1] == "error: --batch-size 0: expected an integer >= 1"
     assert "usage:" in subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                                      cwd=ROOT, timeout=60).stdout
+                                      timeout=60).stdout
 
 
-def _imports_of(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+def _imports_of(script: str, args: list[str], env: dict[str, str] | None = None
+                ) -> tuple[subprocess.CompletedProcess, set[str]]:
     ran = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+                         text=True, timeout=120, env=env)
     return ran, {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "import time:" in line}
 
 
@@ -133,13 +137,94 @@ def test_a_taken_output_folder_or_a_missing_checkpoint_is_refused_before_torch_l
     assert (tmp_path / "run" / "best.pt").read_bytes() == b"a run"
 
 
+def test_missing_manifests_and_bad_settings_are_refused_before_torch_loads(tmp_path):
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    for manifest in (train, val):
+        manifest.write_text("path,label\n")
+    out = ["--output-dir", str(tmp_path / "run")]
+    cases = [
+        ("train_stage2_effnet.py", ["--train-manifest", str(tmp_path / "nope.csv"), "--val-manifest", str(val), *out],
+         f"error: {tmp_path / 'nope.csv'}: manifest file not found"),
+        ("train_stage2_genconvit.py", ["--train-manifest", str(train), "--val-manifest", "gone.csv", *out],
+         "error: gone.csv: manifest file not found"),
+        ("train_stage2_effnet.py", ["--evaluate", str(tmp_path / "gone.pt"), "--val-manifest", str(val), *out],
+         f"error: checkpoint {tmp_path / 'gone.pt'}: no such file"),
+        ("train_stage2_effnet.py", ["--train-manifest", str(train), "--val-manifest", str(val), "--select-metric",
+                                    "f1", *out], "error: --select-metric f1: unknown metric 'f1' for model selection"),
+    ]
+    for script, args, message in cases:
+        ran, imported = _imports_of(script, args)
+        assert ran.returncode == 2 and ran.stderr.splitlines()[-1].startswith(message), (script, ran.stderr[-2000:])
+        assert not imported & {"torch", "timm", "torchvision"}, script
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv", "val.csv"]  # no run folder
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub unreachable", "HF_HUB_OFFLINE"])
+def test_hub_weights_that_cannot_come_are_one_line_before_torch_loads_and_the_run_folder(tiny_data, tmp_path,
+                                                                                          offline):
+    # The default model's weights, with an empty hub cache and the hub's address a closed local port: huggingface_hub
+    # would retry for about a minute; the trainers find out with one refused connection (or none, when offline).
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+    train, val = tiny_data
+    manifests = ["--train-manifest", str(train), "--val-manifest", str(val)]
+    cases = [
+        ("train_stage2_effnet.py", [], "timm/tf_efficientnetv2_b3.in21k_ft_in1k", "--pretrained-file PATH"),
+        ("train_stage2_genconvit.py", ["--variant", "ed"], "Deressa/GenConViT/genconvit_ed_inference.pth",
+         "--weights PATH"),
+        ("train_stage2_genconvit.py", ["--init", "imagenet", "--arch", "hybrid", "--backbone-file", str(train)],
+         "timm/swin_tiny_patch4_window7_224", "--swin-file"),
+    ]
+    for script, args, repo, flag in cases:
+        ran, imported = _imports_of(script, [*manifests, *args, "--output-dir", str(tmp_path / "run")], env)
+        err = ran.stderr.splitlines()[-1]
+        assert ran.returncode == 2 and err.startswith(f"error: the pretrained weights of {repo} are not in the local "
+                                                      f"hub cache ({tmp_path / 'hf' / 'hub'})"), ran.stderr[-2000:]
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable (127.0.0.1:9: Connection refused)"
+        assert why in err and flag in err
+        assert not imported & {"torch", "timm", "torchvision"}, script
+    assert not (tmp_path / "run").exists()
+
+
+def test_hub_weights_in_the_local_cache_need_no_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from stage2.errors import PretrainedWeightsError
+    from stage2.models.hub import check_hub, timm_repo
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    needed = [(timm_repo("resnet18"), None), ("Deressa/GenConViT", "genconvit_ed_inference.pth")]
+    with pytest.raises(PretrainedWeightsError, match=r"of timm/resnet18, Deressa/GenConViT/genconvit_ed_inf"):
+        check_hub(needed, "--no-pretrained")
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc" / "model.safetensors").write_bytes(b"w")
+    (tmp_path / "models--Deressa--GenConViT" / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "models--Deressa--GenConViT" / "snapshots" / "abc" / "genconvit_vae_inference.pth").write_bytes(b"w")
+    with pytest.raises(PretrainedWeightsError, match=r"of Deressa/GenConViT/genconvit_ed_inference.pth are not"):
+        check_hub(needed, "--no-pretrained")  # the other variant's file is no substitute
+    (tmp_path / "models--Deressa--GenConViT" / "snapshots" / "abc" / "genconvit_ed_inference.pth").write_bytes(b"w")
+    check_hub(needed, "--no-pretrained")
+
+
 def test_the_package_installs_and_its_commands_run(tmp_path):
     # A copy of what the package is built from, so that the build leaves nothing in the checkout.
     source = tmp_path / "source"
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "train_stage2_effnet.py", "train_stage2_genconvit.py",
-                 "feature_extractor.py"):
+                 "feature_extractor.py", "requirements.txt", "requirements-dev.txt"):
         shutil.copy(ROOT / name, source / name)
+    # The set-up command (pip install -r requirements-dev.txt, in the checkout) installs the package itself, editable:
+    # `python -m stage2...` and stage2-torchrun then work from any folder.
+    plan = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps",
+                           "--no-build-isolation", "--quiet", "--report", "-", "-r", "requirements-dev.txt"],
+                          capture_output=True, text=True, cwd=source, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert [(item["metadata"]["name"], item["download_info"]) for item in json.loads(plan.stdout)["install"]] == [
+        ("stage2-experts", {"url": source.as_uri(), "dir_info": {"editable": True}})]
     # Installed into a folder of its own with this interpreter's pip and setuptools (requirements-dev.txt brings a
     # setuptools that builds wheels): a nested venv would see the base interpreter's packages, not a venv's.
     site = tmp_path / "site"
@@ -165,6 +250,20 @@ def test_the_package_installs_and_its_commands_run(tmp_path):
     assert where.returncode == 0, where.stderr[-2000:]
     assert where.stdout.split() == [str(site / "stage2" / "commands" / "train_effnet.py"),
                                     str(site / "feature_extractor.py")]
+
+
+def test_a_notebook_outside_the_checkout_imports_the_feature_extractor_from_the_package(tmp_path):
+    # As after `pip install -e .`: the package importable, the working folder anywhere; torch loads on first use.
+    code = ("import sys, stage2\n"
+            "assert 'torch' not in sys.modules\n"
+            "from stage2 import FeatureExtractor\n"
+            "from stage2.embeddings import FeatureExtractor as same\n"
+            "print(FeatureExtractor is same, FeatureExtractor.__module__, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.split() == ["True", "stage2.embeddings.extract", "True"]
 
 
 def test_a_run_replays_from_its_args_json_and_flags_win(trained_run, tmp_path):
@@ -219,6 +318,7 @@ def test_tensorboard_gets_steps_epochs_and_images(effnet_args, tiny_data, tmp_pa
 def test_the_readmes_export_folder_is_not_committed_by_accident():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("exported/effnet/model.onnx", "output/stage2_effnet/best.pt", "features/effnet_val.npz"):
+    for path in ("exported/effnet/model.onnx", "output/stage2_effnet/best.pt", "features/effnet_val.npz",
+                 "weights/lite0.safetensors", "out/scores.csv"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=60)
         assert ignored.returncode == 0, path

@@ -304,8 +304,10 @@ def test_a_library_valueerror_is_a_bug_shown_whole_not_a_user_error(capsys):
 
 
 USER_CASES = [  # the project's own checks, each raised as one of its own error classes: still one line
-    (train_stage2_effnet, ["--pos-weight", "-1"], "--pos-weight '-1': expected auto, none or a positive number"),
-    (train_stage2_effnet, ["--model", "no_such_net"], "--model 'no_such_net': timm has no such model"),
+    (train_stage2_effnet, ["--pos-weight", "-1", "--no-pretrained"],
+     "--pos-weight '-1': expected auto, none or a positive number"),
+    (train_stage2_effnet, ["--model", "no_such_net", "--no-pretrained"],
+     "--model 'no_such_net': timm has no such model"),
     (train_stage2_effnet, ["--config", "{tmp}/run.yaml"], "unknown setting 'learning_rate'"),
     (train_stage2_genconvit, ["--stages", "full:x", "--init", "scratch"], "item 'full:x' has a bad number"),
     (train_stage2_genconvit, ["--weights", "w.pth"], "--weights names one file"),
@@ -314,11 +316,12 @@ USER_CASES = [  # the project's own checks, each raised as one of its own error 
 
 
 @pytest.mark.parametrize(("script", "argv", "message"), USER_CASES, ids=[m.split(":")[0] for _, _, m in USER_CASES])
-def test_the_projects_own_checks_are_one_line_user_errors(script, argv, message, tmp_path, capsys):
+def test_the_projects_own_checks_are_one_line_user_errors(script, argv, message, tiny_data, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("learning_rate: 1\n")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    if script is not feature_extractor:
-        argv += ["--output-dir", str(tmp_path / "out")]
+    if script is not feature_extractor:  # manifests that exist: those are checked first
+        argv += ["--train-manifest", str(tiny_data[0]), "--val-manifest", str(tiny_data[1]), "--output-dir",
+                 str(tmp_path / "out")]
     assert message in fails(script.main, argv, capsys)
 
 

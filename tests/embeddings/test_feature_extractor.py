@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, fails, subprocess_env
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -33,7 +34,7 @@ from stage2.embeddings import (
 from stage2.embeddings.extract import source_frame
 from stage2.embeddings.stacking_preview import print_preview
 from stage2.embeddings.store import FeatureSet
-from stage2.errors import CheckpointError
+from stage2.errors import CheckpointError, ConfigError
 from stage2.models.families import FAMILIES
 from stage2.models.genconvit import GenConViTED, GenConViTVAE, build_genconvit, fake_logit
 from stage2.models.timm_models import create_timm_model, timm_data_config
@@ -418,6 +419,69 @@ def test_cli_writes_the_feature_file(tmp_path, data, timm_fx):
     np.testing.assert_array_equal(load_features(out).embeddings, rows_of(timm_fx, data)[0])
 
 
+def _extract(capsys, *argv: str, code: int = 0) -> str:
+    """Run the extractor command on the tiny model; return its one-line error (code 2) or ''."""
+    args = ["--workers", "0", "--batch-size", "4", "--device", "cpu", *argv]
+    if code == 0:
+        feature_extractor.main(args)
+        return ""
+    return fails(feature_extractor.main, args, capsys, code)
+
+
+def test_a_csv_out_is_a_scores_table_of_a_folder_or_a_manifest(tmp_path, data, timm_fx, capsys):
+    checkpoint = str(timm_fx.checkpoint_path)
+    _extract(capsys, "--checkpoint", checkpoint, "--images", str(data.parent / "img"), "--out", str(tmp_path / "f.csv"))
+    folder = pd.read_csv(tmp_path / "f.csv")
+    expected = timm_fx.predict(data.parent / "img")
+    assert list(folder.columns) == ["path", "p_fake"] and folder["path"].tolist() == expected["path"].tolist()
+    np.testing.assert_allclose(folder["p_fake"], expected["p_fake"], rtol=1e-6)
+    # a labelled manifest with videos: its labels, and each video's mean P(fake) on every row of the video
+    _extract(capsys, "--checkpoint", checkpoint, "--manifest", str(data), "--out", str(tmp_path / "m.csv"))
+    table = pd.read_csv(tmp_path / "m.csv")
+    manifest = pd.read_csv(data)
+    assert list(table.columns) == ["path", "p_fake", "label", "video_id", "video_p_fake"]
+    assert table["label"].tolist() == manifest["label"].tolist()
+    assert table["video_id"].tolist() == manifest["video_id"].tolist()
+    np.testing.assert_allclose(table["video_p_fake"], table.groupby("video_id")["p_fake"].transform("mean"))
+    np.testing.assert_allclose(table["p_fake"], folder["p_fake"], rtol=1e-6)  # the same images, in the same order
+    # --overwrite replaces a table the extractor wrote, with the other source's
+    _extract(capsys, "--checkpoint", checkpoint, "--images", str(data.parent / "img"), "--out", str(tmp_path / "m.csv"),
+             "--overwrite")
+    assert list(pd.read_csv(tmp_path / "m.csv").columns) == ["path", "p_fake"]
+
+
+def test_out_must_be_a_file_the_extractor_writes_and_overwrite_replaces_only_its_own(tmp_path, data, timm_fx,
+                                                                                      capsys):
+    source = ["--checkpoint", str(timm_fx.checkpoint_path), "--manifest", str(data)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"a run's resume point")
+    other_manifest = tmp_path / "other.csv"
+    other_manifest.write_text("path,label\na.png,1\n")
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.ones(3))
+    cases = [
+        (run / "last.pt", "the extractor writes a feature file (.npz) or a scores table (.csv), not .pt"),
+        (tmp_path / "scores", "not a file without a suffix"),
+        (other_manifest, "exists and is not a scores table the extractor wrote; --overwrite replaces only those"),
+        (foreign, "exists and is not a feature file the extractor wrote"),
+    ]
+    for out, message in cases:
+        err = _extract(capsys, *source, "--out", str(out), "--overwrite", code=2)
+        assert err.startswith(f"error: --out {out}: ") and message in err, err
+    assert (run / "last.pt").read_bytes() == b"a run's resume point"
+    assert other_manifest.read_text() == "path,label\na.png,1\n"
+    assert set(np.load(foreign).files) == {"weights"}
+    assert not (tmp_path / "scores").exists()
+    # a feature file the extractor wrote is replaced, and only with --overwrite
+    out = tmp_path / "f.npz"
+    _extract(capsys, *source, "--out", str(out))
+    assert "exists; pass --overwrite" in _extract(capsys, *source, "--out", str(out), code=2)
+    out.write_bytes(out.read_bytes())  # a copy of it: still the extractor's by its contents
+    _extract(capsys, *source, "--out", str(out), "--overwrite")
+    assert load_features(out).paths.tolist() == pd.read_csv(data)["path"].map(lambda p: str(data.parent / p)).tolist()
+
+
 CLI_CASES = {
     "missing checkpoint": "nope.pt: no such file",
     "wrong model name": "'resnet18' does not match",
@@ -553,7 +617,8 @@ def test_cli_entry_point_exit_code(tmp_path):
     assert result.stderr == f"error: checkpoint {tmp_path / 'nope.pt'}: no such file\n"
 
 
-def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, capsys):
+def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     # 8 videos x 2 frames; fakes are brighter, so even random-weight embeddings separate the classes.
     manifest = write_dataset(tmp_path / "val", 16, frames=2, offset=60)
     args = {"args": {"val_manifest": str(manifest), "data_root": None}}
@@ -579,8 +644,19 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
     model = build_genconvit("ed", "hybrid", **kwargs)
     torch.nn.init.normal_(model.fc2.weight)  # a new head starts at zero: a trained one does not
     save_trainer_checkpoint(output / "stage2_genconvit_demo/ed/best.pt", model, ed_meta, 1.0, **args)
+    # The README's own --out name, holding the user's file: kept without --overwrite, and with it (not a feature
+    # file), each checked before the first feature file is written.
+    users = tmp_path / "features" / "genconvit_ed_val.npz"
+    users.parent.mkdir()
+    users.write_bytes(b"the user's own")
+    for overwrite, message in ((False, "exists; pass --overwrite to replace it"),
+                               (True, "exists and is not a feature file the extractor wrote")):
+        with pytest.raises(ConfigError, match=re.escape(f"--example's feature file {users}: {message}")):
+            feature_extractor.example(output, users.parent, overwrite=overwrite, device="cpu", workers=0)
+    assert [p.name for p in users.parent.iterdir()] == [users.name] and users.read_bytes() == b"the user's own"
+    users.unlink()
 
-    rows = feature_extractor.example(output, tmp_path / "features", device="cpu", workers=0)
+    rows = feature_extractor.example(output, "features", device="cpu", workers=0)
 
     assert [(row.name, row.dims, row.kind) for row in rows] == [
         ("effnet", 1, "expert"),
@@ -600,7 +676,13 @@ def test_example_previews_stacking_from_demo_checkpoints(tmp_path, timm_expert, 
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["effnet_val.npz", "genconvit_ed_val.npz"]
     printed = capsys.readouterr().out
     assert "out-of-fold (folds grouped by video_id)" in printed
-    assert "stacked - best expert (" in printed.splitlines()[-1]
+    assert "stacking preview on the 16 validation images of val/manifest.csv:" in printed  # relative, as given
+    # the last line: the best stack of the table against the best expert, both named as the table names them
+    stack = max((row for row in rows if row.kind == "stack"), key=lambda row: row.auc)
+    expert = max((row for row in rows if row.kind == "expert"), key=lambda row: row.auc)
+    assert printed.splitlines()[-1] == (f"best stack ({stack.name.removeprefix('stack: ')}) - best expert "
+                                        f"({expert.name}): {stack.auc - expert.auc:+.4f} AUC")
+    assert f"{stack.name:<58} {stack.dims:>6} {stack.auc:>8.4f}" in printed.splitlines()
 
 
 def test_stacking_preview_without_video_ids_says_its_folds_are_not_grouped(capsys):

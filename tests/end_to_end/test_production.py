@@ -243,11 +243,11 @@ def test_features_and_an_export_in_one_command_write_both(uncalibrated, tiny_dat
 
 EXTRACTOR_COMBINATIONS = [
     (["--example", "--out", "x.npz"], "--example extracts the trainers' runs under --output-root: it takes no --out"),
-    (["--checkpoint", "c.pt", "--images", "crops"], "--images needs --out FILE.npz"),
+    (["--checkpoint", "c.pt", "--images", "crops"], "--images needs --out FILE.npz (features) or FILE.csv (scores)"),
     (["--checkpoint", "c.pt", "--out", "x.npz"], "--out needs --manifest CSV or --images DIR"),
     (["--export", "exported"], "--export needs --checkpoint"),
-    (["--checkpoint", "c.pt"], "nothing to write: give --out FILE.npz (with --manifest or --images), --export DIR, "
-                               "or --example"),
+    (["--checkpoint", "c.pt"], "nothing to write: give --out FILE.npz or FILE.csv (with --manifest or --images), "
+                               "--export DIR, or --example"),
 ]
 
 

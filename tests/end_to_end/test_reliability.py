@@ -306,9 +306,10 @@ def test_extractor_never_replaces_an_existing_file_or_writes_onto_a_folder(effne
             exit_on_error(lambda o=out: feature_extractor.main([*base, "--out", str(o)]))
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and words in err and len(err.splitlines()) == 1
+    # --overwrite replaces only what the extractor wrote: a CSV that is no scores table of its own stays
+    err = fails(feature_extractor.main, [*base, "--out", str(manifest_copy), "--overwrite"], capsys)
+    assert "exists and is not a scores table the extractor wrote" in err
     assert manifest_copy.read_text() == "path,label\n"
-    feature_extractor.main([*base, "--out", str(manifest_copy), "--overwrite"])
-    assert manifest_copy.read_bytes()[:2] == b"PK"
 
 
 def test_evaluate_with_the_other_familys_checkpoint_is_one_line(trained_run, tiny_data, tmp_path, capsys):
@@ -660,9 +661,11 @@ def test_a_run_that_fails_before_training_leaves_no_folder_and_a_finished_one_no
     missing = set_flag(effnet_args, "--train-manifest", str(tmp_path / "missing.csv"))
     fails(train_stage2_effnet.main, missing, capsys)
     assert not output_dir(missing).exists()  # was: an empty train.log and a .lock
-    offline = [a for a in set_flag(effnet_args, "--model", "resnet10t") if a != "--no-pretrained"]  # hub, offline
-    assert "could not download" in fails(train_stage2_effnet.main, offline, capsys)  # once its log was set up
-    assert not output_dir(offline).exists()
+    (tmp_path / "w.safetensors").write_bytes(b"not weights")  # found unreadable once the run's log was set up
+    broken = [a for a in set_flag(effnet_args, "--pretrained-file", str(tmp_path / "w.safetensors"))
+              if a != "--no-pretrained"]
+    assert "cannot load weights for test_efficientnet" in fails(train_stage2_effnet.main, broken, capsys)
+    assert not output_dir(broken).exists()
     logging.getLogger("stage2").info("the next command in this process")  # not into the removed run's train.log
     train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
     assert not (output_dir(effnet_args) / ".lock").exists()

@@ -3,13 +3,17 @@
     python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --manifest val_manifest.csv \\
         --out features/effnet_val.npz                        # labelled or not: a manifest needs only `path`
     python feature_extractor.py --checkpoint genconvit_ed_inference.pth --images crops/ \\
-        --out features/genconvit_ed_crops.npz                # every PNG/JPEG below a folder; official files load
+        --out features/genconvit_ed_crops.npz                # every image below a folder; official files load
+    python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --images crops/ \\
+        --out scores.csv                                     # .csv: a table of path, p_fake (no embeddings)
     python feature_extractor.py --checkpoint output/stage2_effnet/best.pt --export exported/effnet
     python feature_extractor.py --example                    # after the trainers' --demo runs (see README)
 
-A feature file (.npz) holds, row for row: embeddings, calibrated P(fake), paths, the manifest row, labels (-1 where
-unlabeled) and video_id/method where known. --export writes ONNX (every expert) and safetensors + config.json that
-timm loads (timm experts); see src/stage2/embeddings/export.py. From Python, as --example does
+--out's suffix picks what is written. A feature file (.npz) holds, row for row: embeddings, calibrated P(fake),
+paths, the manifest row, labels (-1 where unlabeled) and video_id/method where known. A scores table (.csv) holds
+path and p_fake, then label (a labelled manifest) and video_id with video_p_fake (the video's mean) where known.
+--export writes ONNX (every expert) and safetensors + config.json that timm loads (timm experts); see
+src/stage2/embeddings/export.py. From Python, as --example does
 (stage2.embeddings.stacking_preview.example):
 
     from feature_extractor import FeatureExtractor
@@ -41,16 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--manifest", help="CSV with a path column (label, video_id, method: used when present)")
-    source.add_argument("--images", metavar="DIR", help="every PNG/JPEG below this folder, sorted by path")
+    source.add_argument("--images", metavar="DIR",
+                        help="every image below this folder (PNG, JPEG, WebP, BMP, TIFF, GIF), sorted by path")
     data.add_argument("--data-root", help="base folder for relative image paths (default: the manifest's folder)")
     data.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images with a warning")
     data.add_argument("--cache-dir", help="read images through the decoded-image cache in this folder (default: "
                                           "decode from the files)")
     out = parser.add_argument_group("outputs")
-    out.add_argument("--out", help="feature file to write (.npz)")
+    out.add_argument("--out", help="file to write: a feature file (.npz) or a scores table (.csv: path, p_fake)")
     out.add_argument("--export", metavar="DIR", help="write the checkpoint as ONNX (+ safetensors and config.json "
                                                      "for timm experts) into DIR, checked against PyTorch")
-    out.add_argument("--overwrite", action="store_true", help="replace --out (or --export's files) if they exist")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace --out (or --export's, or --example's files) if they exist and the extractor "
+                          "wrote them")
     ex = parser.add_argument_group("execution")
     ex.add_argument("--batch-size", type=Int(min=1), default=64, help="images per forward pass")
     ex.add_argument("--workers", type=Int(min=0), help="DataLoader worker processes (default: min(4, CPUs))")
@@ -78,10 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.example:
         return args
     if bool(source) != bool(args.out):
-        raise ConfigError(f"{source} needs --out FILE.npz" if source else "--out needs --manifest CSV or --images DIR")
+        raise ConfigError(f"{source} needs --out FILE.npz (features) or FILE.csv (scores)" if source
+                          else "--out needs --manifest CSV or --images DIR")
     if not (args.out or args.export):
-        raise ConfigError("nothing to write: give --out FILE.npz (with --manifest or --images), --export DIR, or "
-                          "--example")
+        raise ConfigError("nothing to write: give --out FILE.npz or FILE.csv (with --manifest or --images), "
+                          "--export DIR, or --example")
     if not args.checkpoint:
         raise ConfigError(f"{'--out' if args.out else '--export'} needs --checkpoint")
     return args
@@ -116,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.example:
         from stage2.embeddings.stacking_preview import example
 
-        example(args.output_root, args.features_dir, device=args.device, batch_size=args.batch_size,
-                workers=args.workers, amp=args.amp)
+        example(args.output_root, args.features_dir, overwrite=args.overwrite, device=args.device,
+                batch_size=args.batch_size, workers=args.workers, amp=args.amp)
         return
     # Both targets are checked before either output is written.
     if args.out:
@@ -128,25 +136,26 @@ def main(argv: list[str] | None = None) -> None:
         check_export_target(Path(args.export), args.overwrite)
     if args.out:
         from stage2.embeddings import FeatureExtractor
+        from stage2.embeddings.outputs import SCORES
 
         extractor = FeatureExtractor(args.model_name, args.checkpoint, args.device, batch_size=args.batch_size,
                                      amp=args.amp, workers=args.workers)
-        extractor.extract_to_file(args.manifest or args.images, args.out, args.data_root,
-                                  skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir)
+        write = extractor.scores_to_file if Path(args.out).suffix.lower() == SCORES else extractor.extract_to_file
+        write(args.manifest or args.images, args.out, args.data_root, skip_bad_images=args.skip_bad_images,
+              cache_dir=args.cache_dir)
     if args.export:
         export_checkpoint(args.checkpoint, args.export, overwrite=args.overwrite)
 
 
 def _check_out(args: argparse.Namespace) -> None:
-    """--images is a folder, and --out a file name that --overwrite allows, before torch loads."""
+    """--images is a folder, and --out a file the extractor may write (see stage2.embeddings.outputs), before torch
+    loads."""
     if args.images and not Path(args.images).is_dir():
         what = "no such folder" if not Path(args.images).exists() else "a file, not a folder of images"
         raise ManifestError(f"--images {args.images}: {what}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: a folder; give the feature file's name (e.g. {out / 'features.npz'})")
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"--out {out}: exists; pass --overwrite to replace it")
+    from stage2.embeddings.outputs import check_target  # numpy: after parsing
+
+    check_target(Path(args.out), f"--out {args.out}", args.overwrite)
 
 
 def cli() -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from stage2.commands.flags import Extend, Float, Int
 from stage2.data.landmarks import missing_extra
 from stage2.data.levels import AUG_LEVELS, BLEND_MASKS, PAIRED
-from stage2.errors import ConfigError
+from stage2.errors import ConfigError, ManifestError, check_checkpoint_exists
 from stage2.run.config import TRACKERS, TrainConfig
 
 # The largest --seed: every seed derived from it (per step, per sample, per epoch) stays within torch's range.
@@ -145,6 +146,24 @@ def _add_output_flags(out: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
     out.add_argument("--log-to", choices=TRACKERS, default=d["log_to"],
                      help="also log per-step loss and lr, per-epoch metrics and images to a tracker "
                           "(OUTPUT_DIR/tensorboard); metrics.csv stays the record")
+
+
+def check_run_inputs(cfg: TrainConfig) -> None:
+    """What the run reads, checked before torch loads (seconds on a busy machine): its manifests are files, the
+    --evaluate checkpoint is one, and a training run's --select-metric is a metric a run can report."""
+    manifests = cfg.eval_manifests if cfg.evaluate_checkpoint else [cfg.train_manifest, cfg.val_manifest]
+    for manifest in manifests:
+        if not Path(manifest).is_file():
+            raise ManifestError(f"{manifest}: manifest file not found")
+    if cfg.evaluate_checkpoint:
+        check_checkpoint_exists(cfg.evaluate_checkpoint)
+    elif not cfg.audit_only:
+        from stage2.scoring.metrics import metric_direction  # numpy and scikit-learn, not torch
+
+        try:  # whether this val set gives it is checked once it is decoded
+            metric_direction(cfg.select_metric)
+        except ValueError as err:
+            raise ConfigError(f"--select-metric {cfg.select_metric}: {err}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

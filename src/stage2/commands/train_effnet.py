@@ -13,10 +13,11 @@ import argparse
 
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.commands.flags import FlagParser, Float, given_flags
-from stage2.commands.train_args import add_train_args, config_from_args
+from stage2.commands.train_args import add_train_args, check_run_inputs, config_from_args
 from stage2.errors import ConfigError
+from stage2.models.hub import check_hub, timm_repo
 from stage2.models.names import DEFAULT_EFFNET, TUNE_MODES
-from stage2.run.files import check_output_dir
+from stage2.run.files import check_output_dir, command_kind
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
 # What a checkpoint records of its model and loss: --evaluate scores as it says, whatever these flags say.
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)
     cfg.model_flags = given_flags(parser, MODEL_FLAGS)
     check_output_dir(cfg)
+    check_run_inputs(cfg)
+    if args.pretrained and not args.pretrained_file and command_kind(cfg) == "training":
+        check_hub([(timm_repo(args.model), None)], "--pretrained-file PATH (safetensors or .pth) or --no-pretrained")
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.timm_classifier import TimmExpert

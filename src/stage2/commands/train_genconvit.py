@@ -23,10 +23,19 @@ from pathlib import Path
 
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.commands.flags import FlagParser, Float, Int, given_flags
-from stage2.commands.train_args import add_train_args, config_from_args
-from stage2.errors import ConfigError
-from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_INIT_MODES, HEAD_INPUTS, RECON_ON
-from stage2.run.files import check_output_dir
+from stage2.commands.train_args import add_train_args, check_run_inputs, config_from_args
+from stage2.errors import ConfigError, check_checkpoint_exists
+from stage2.models.hub import check_hub, timm_repo
+from stage2.models.names import (
+    CONVNEXT_NAME,
+    GENCONVIT_HF_FILES,
+    GENCONVIT_HF_REPO,
+    GENCONVIT_INIT_MODES,
+    HEAD_INPUTS,
+    RECON_ON,
+    SWIN_NAME,
+)
+from stage2.run.files import check_output_dir, command_kind
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
 # Defaults that follow --init. From ImageNet backbones, upstream's lr of 1e-4 with no warmup left GenConViT-ED well
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.evaluate_checkpoint and args.variant == "both":  # one checkpoint holds one variant: evaluate that one
         from stage2.run.checkpoint import load_checkpoint
 
+        check_checkpoint_exists(args.evaluate_checkpoint)  # before torch loads
+
         variants = (load_checkpoint(args.evaluate_checkpoint, mmap=True).get("variant", "ed"),)
     configs = {}
     for variant in variants:
@@ -124,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg.model_flags = given_flags(parser, MODEL_FLAGS)
         check_output_dir(cfg)  # every variant's folder, before the first one trains
         configs[variant] = cfg
+    check_run_inputs(cfg)
+    if command_kind(cfg) == "training":
+        _check_hub(args, variants)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.genconvit import GenConViTExpert
@@ -144,6 +158,19 @@ def main(argv: list[str] | None = None) -> None:
         runs.append((cfg, expert))
     for cfg, expert in runs:
         run(cfg, expert)
+
+
+def _check_hub(args: argparse.Namespace, variants: tuple[str, ...]) -> None:
+    """The hub weights --init needs (the official files, or the ImageNet backbones), cached or reachable."""
+    if args.init == "official" and not (args.weights or args.weights_dir):
+        check_hub([(GENCONVIT_HF_REPO, GENCONVIT_HF_FILES[variant]) for variant in variants],
+                  "--weights PATH (or --weights-dir) to the official file, or use --init imagenet|scratch")
+    elif args.init == "imagenet":
+        needed = [] if args.backbone_file else [(timm_repo(args.backbone), None)]
+        if args.arch == "hybrid" and not args.swin_file:
+            needed.append((timm_repo(SWIN_NAME), None))
+        swin = " and --swin-file (Swin)" if args.arch == "hybrid" else ""
+        check_hub(needed, f"--backbone-file (ConvNeXt){swin}, or use --init scratch")
 
 
 def cli() -> None:

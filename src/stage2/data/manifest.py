@@ -27,7 +27,9 @@ PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order o
 OPTIONAL_COLUMNS = ("video_id", "method", "source_id")
 LABEL_NAMES = {0: "real", 1: "fake"}
 UNLABELED = -1  # the label of every row of a manifest without a label column (inference), and of --images files
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The files --images (and benchmarks.real_set) collect from a folder: every format the loaders decode for training
+# (stage2.data.decode: torchvision, PIL for the rest), so a folder is read as a manifest naming it would be.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _LABEL_WORDS = {"0": 0, "1": 1, "real": 0, "fake": 1}
 _MAX_LISTED = 5
 _MAX_SHOWN = 200  # characters of a cell or header quoted in an error message
@@ -196,8 +198,8 @@ def manifest_fingerprint(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def frame_from_images(folder: str | Path) -> pd.DataFrame:
-    """Every PNG/JPEG under `folder` (recursively, through symlinked folders, sorted by path) as an unlabeled
-    manifest frame."""
+    """Every image (IMAGE_SUFFIXES) under `folder` (recursively, through symlinked folders, sorted by path) as an
+    unlabeled manifest frame."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ManifestError(f"--images {root}: not a folder")

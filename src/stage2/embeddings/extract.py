@@ -28,6 +28,7 @@ from stage2.data.decode import RESIZE_CONFIG, pil_to_uint8, resize_uint8
 from stage2.data.manifest import IMAGE_SUFFIXES, OPTIONAL_COLUMNS, UNLABELED, frame_from_images, read_manifest
 from stage2.data.preprocessing import DataConfig
 from stage2.data.transforms import DeviceTransform
+from stage2.embeddings.outputs import scores_table, write_scores
 from stage2.embeddings.store import NpzStreamWriter
 from stage2.errors import CheckpointError, ManifestError, OfficialCheckpointError, first_line
 from stage2.models.families import FAMILIES, ModelFamily, family_of, model_from_checkpoint
@@ -376,6 +377,25 @@ class FeatureExtractor:
             )
         return path
 
+    def scores_to_file(
+        self,
+        source: Source,
+        out: str | os.PathLike,
+        data_root: str | os.PathLike | None = None,
+        *,
+        skip_bad_images: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Path:
+        """Write :meth:`predict`'s calibrated P(fake) of `source` as a scores table (.csv: path, p_fake, and label /
+        video_id + video_p_fake where the source has them; see :mod:`stage2.embeddings.outputs`)."""
+        predicted = self.predict(source, data_root, skip_bad_images=skip_bad_images, cache_dir=cache_dir)
+        if predicted.empty:
+            raise ManifestError(f"{source}: no image could be decoded")
+        table = scores_table(predicted)
+        write_scores(table, out)
+        log.info("wrote %s: P(fake) of %d images by %s (columns: %s)", out, len(table), self.model_name,
+                 ", ".join(table.columns))
+        return Path(out)
 
     def predict(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any) -> pd.DataFrame:
         """Calibrated P(fake) per image of `source` (a folder, a list of paths, a manifest): a frame with the
@@ -392,7 +412,7 @@ class FeatureExtractor:
     def extract_paths(self, source: Source, data_root: str | os.PathLike | None = None, **loader: Any
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(embeddings [N, D], calibrated p_fake [N], paths [N])`` of `source`, which needs no labels: a folder
-        (every PNG/JPEG below it, sorted), a list of image paths, or a manifest with or without labels."""
+        (every image below it, sorted), a list of image paths, or a manifest with or without labels."""
         frame = source_frame(source, data_root)
         batches = list(self.iter_batches(self.make_loader(frame, **loader)))
         if not batches:
@@ -403,8 +423,9 @@ class FeatureExtractor:
 
 
 def source_frame(source: Source, data_root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """What to extract as a manifest frame: a frame as it is; a folder: its PNG/JPEG files (sorted, recursive,
-    unlabeled); a list: those image paths (unlabeled); else a CSV manifest, with or without a label column."""
+    """What to extract as a manifest frame: a frame as it is; a folder: its image files (IMAGE_SUFFIXES, sorted,
+    recursive, unlabeled); a list: those image paths (unlabeled); else a CSV manifest, with or without a label
+    column."""
     if isinstance(source, pd.DataFrame):
         return source
     if isinstance(source, list):

@@ -27,6 +27,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stage2.embeddings.extract import FeatureExtractor
+from stage2.embeddings.outputs import check_target
 from stage2.embeddings.store import FeatureSet, join_features, load_features
 from stage2.errors import CheckpointError, FeatureFileError
 from stage2.run.files import BEST
@@ -160,9 +161,9 @@ def print_preview(sets: dict[str, FeatureSet]) -> list[PreviewRow]:
     _, grouped_by = fold_groups(first.source_id, first.video_id)
     folds = f"folds grouped by {grouped_by}" if grouped_by else "stratified folds: no source_id/video_id on every row"
     best = max((r for r in rows if r.kind == "expert"), key=lambda r: r.auc)
-    stack = [r for r in rows if r.kind == "stack"][-1]  # every score: fixed in advance, not the best of the stackers
+    stack = max((r for r in rows if r.kind == "stack"), key=lambda r: r.auc)
     print(
-        f"\nstacking preview on the {len(first.labels)} validation images of {first.manifest}:\n"
+        f"\nstacking preview on the {len(first.labels)} validation images of {_shown(first.manifest)}:\n"
         f"  expert rows: each expert's own P(fake) (no fitting); stack rows: a logistic regression on the experts'\n"
         f"  scores, out-of-fold ({folds}), on the same images. These images also picked each expert's\n"
         "  checkpoint, so every figure reads a little high: stage three needs a held-out set."
@@ -170,23 +171,39 @@ def print_preview(sets: dict[str, FeatureSet]) -> list[PreviewRow]:
     print(f"{'features':<58} {'dims':>6} {'AUC':>8}")
     for row in rows:
         print(f"{row.name:<58} {row.dims:>6} {row.auc:>8.4f}")
-    print(f"stacked - best expert ({best.name}): {stack.auc - best.auc:+.4f} AUC")
+    # The better of the stacks printed above (chosen on these images too: one more reason the figure reads high).
+    print(f"best stack ({stack.name.removeprefix('stack: ')}) - best expert ({best.name}): "
+          f"{stack.auc - best.auc:+.4f} AUC")
     return rows
 
 
-def example(output_root: str | Path = "output", features_dir: str | Path = "features", **options: Any
-            ) -> list[PreviewRow]:
+def _shown(path: str) -> str:
+    """`path` relative to the working folder when it lies below it (feature files record absolute paths)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def example(output_root: str | Path = "output", features_dir: str | Path = "features", *, overwrite: bool = False,
+            **options: Any) -> list[PreviewRow]:
     """Stage three's input, end to end: the validation features of both experts (the EfficientNetV2-B3 run and
-    the GenConViT ones found under `output_root`), one feature file each, then a stacking preview.
+    the GenConViT ones found under `output_root`), one feature file each (``NAME_val.npz`` in `features_dir`), then
+    a stacking preview. An existing file there is replaced only with `overwrite`, and only a feature file: each
+    is checked before the first is written.
 
     `options` go to FeatureExtractor (device, batch_size, workers, amp).
     """
+    checkpoints = find_checkpoints(Path(output_root))  # effnet, genconvit_ed, genconvit_vae
+    targets = {name: Path(features_dir) / f"{name}_val.npz" for name in checkpoints}
+    for target in targets.values():
+        check_target(target, f"--example's feature file {target}", overwrite)
     features = {}
-    for name, checkpoint in find_checkpoints(Path(output_root)).items():  # effnet, genconvit_ed, genconvit_vae
+    for name, checkpoint in checkpoints.items():
         fx = FeatureExtractor(checkpoint_path=checkpoint, **options)
         # Each checkpoint records the val manifest it was selected on; all experts' rows are the same images.
         val_manifest, data_root = fx.train_args["val_manifest"], fx.train_args.get("data_root")
-        path = fx.extract_to_file(val_manifest, Path(features_dir) / f"{name}_val.npz", data_root)
+        path = fx.extract_to_file(val_manifest, targets[name], data_root)
         features[name] = load_features(path)  # embeddings [N, D], labels, p_fake, paths, video_id, method
         del fx
         gc.collect()  # one expert in memory at a time (the official VAE alone is 2.8 GB)

@@ -169,6 +169,17 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
     return FeatureSet(**rows, **meta, source=str(path))
 
 
+def is_feature_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a feature file (an .npz holding every key :func:`load_features` needs), from its zip
+    directory alone."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return {f"{key}.npy" for key in (*ROW_KEYS, *META_KEYS)} <= members
+
+
 @dataclass
 class JoinedFeatures:
     """Several experts' features of the same images: embeddings side by side, one P(fake) column each."""
