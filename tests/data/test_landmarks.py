@@ -68,8 +68,9 @@ def test_landmarks_are_cached_by_content_and_the_faceless_counted(portrait, tmp_
 def test_the_command_fills_the_cache_and_the_default_folder(portrait, tmp_path, capsys, monkeypatch):
     pd.DataFrame({"path": ["face.png", "noise.png"], "label": [0, 0]}).to_csv(portrait / "m.csv", index=False)
     landmarks.main([str(portrait / "m.csv"), "--cache-dir", str(tmp_path / "c")])
-    assert capsys.readouterr().out.strip().splitlines()[-1] == ("landmarks: 1 of 2 images have a face (1 without one take the ellipse "
-                                               "mask); 2 computed now, 0 from the cache")
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary == ("landmarks: 1 of 2 images have a face (1 without one take the ellipse mask); 2 computed now, "
+                       "0 from the cache")
     assert len(list((tmp_path / "c" / "landmarks").rglob("*.npy"))) == 2
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_dir(None) == tmp_path / "xdg" / "stage2" / "landmarks"
