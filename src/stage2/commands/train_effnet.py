@@ -16,7 +16,8 @@ from stage2.commands.flags import FlagParser, Float, given_flags
 from stage2.commands.train_args import add_train_args, check_run_inputs, config_from_args
 from stage2.errors import ConfigError
 from stage2.models.hub import check_hub, timm_repo
-from stage2.models.names import DEFAULT_EFFNET, TUNE_MODES
+from stage2.models.names import TUNE_MODES
+from stage2.models.recipes import EFFNET
 from stage2.run.files import check_output_dir, command_kind
 
 COMMAND = "stage2-train-effnet"  # the installed command (pyproject.toml)
@@ -27,29 +28,28 @@ MODEL_FLAGS = ("model", "pretrained_file", "pretrained", "drop_path", "pos_weigh
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description=command_help(__doc__, "train_stage2_effnet.py", COMMAND),
                         formatter_class=HelpFormatter)
-    add_train_args(parser, output_dir="output/stage2_effnet")
+    add_train_args(parser, **EFFNET.train)
+    d = EFFNET.model
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_EFFNET, help="any timm model name")
+    model.add_argument("--model", default=d["model"], help="any timm model name")
     model.add_argument("--pretrained-file",
                        help="local pretrained weights (safetensors or .pth), for offline use (default: the hub's)")
-    model.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random initialisation")
-    model.add_argument("--drop-path", type=Float(min=0, below=1), default=0.2, help="stochastic depth rate")
-    model.add_argument("--pos-weight", default="none",
+    model.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=d["pretrained"],
+                       help="random initialisation")
+    model.add_argument("--drop-path", type=Float(min=0, below=1), default=d["drop_path"], help="stochastic depth rate")
+    model.add_argument("--pos-weight", default=d["pos_weight"],
                        help="BCE weight of fake samples: auto (= n_real / n_fake), none, or a positive number")
-    model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=0.0,
+    model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=d["label_smoothing"],
                        help="pull the BCE targets towards 0.5 by this much")
-    model.add_argument("--tune", choices=TUNE_MODES, default="all",
+    model.add_argument("--tune", choices=TUNE_MODES, default=d["tune"],
                        help="what trains: all, norm (the normalisation layers' affine parameters and the head; "
                             "BatchNorm statistics update) or head (the head alone; the backbone frozen in eval mode)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    # The demo trains from scratch (no weights offline), small and short for two CPU cores: 96px, and no stochastic
-    # depth, a regulariser that slows learning from scratch on 420 images (best AUC 0.93 with it, 0.98 without).
     parser = build_parser()
-    args = parse_args(parser, argv, model="tf_efficientnetv2_b3", pretrained=False, img_size=96, epochs=10,
-                      batch_size=32, lr=1e-3, warmup_epochs=0.5, drop_path=0.0, workers=2)
+    args = parse_args(parser, argv, **EFFNET.demo)
     if args.pretrained_file and not args.pretrained:
         if "pretrained" in parser.given or not args.demo:  # --demo's random start gives way to a file
             raise ConfigError(f"--pretrained-file {args.pretrained_file} with --no-pretrained: the one starts from "

@@ -19,7 +19,9 @@ AUC, with a fitted temperature), last.pt, metrics.csv, plots and recon_samples/.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
 from stage2.commands.flags import FlagParser, Float, Int, given_flags
@@ -27,7 +29,6 @@ from stage2.commands.train_args import add_train_args, check_run_inputs, config_
 from stage2.errors import ConfigError, check_checkpoint_exists
 from stage2.models.hub import check_hub, timm_repo
 from stage2.models.names import (
-    CONVNEXT_NAME,
     GENCONVIT_HF_FILES,
     GENCONVIT_HF_REPO,
     GENCONVIT_INIT_MODES,
@@ -35,14 +36,10 @@ from stage2.models.names import (
     RECON_ON,
     SWIN_NAME,
 )
+from stage2.models.recipes import GENCONVIT
 from stage2.run.files import check_output_dir, command_kind
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
-# Defaults that follow --init. From ImageNet backbones, upstream's lr of 1e-4 with no warmup left GenConViT-ED well
-# behind the EfficientNet expert on the same backbone and budget (best val AUC 0.702 against 0.743 on the
-# composites, 0.749 against 0.856 on LFW FaceSwap, seed 0); at that expert's lr and warmup (3e-4, 0.3 epochs) it
-# gave 0.825 on LFW FaceSwap (0.813 at 3e-4 without warmup, 0.819 with AdamW and weight decay 0.05 as well).
-INIT_DEFAULTS = {"imagenet": {"lr": 3e-4, "warmup_epochs": 0.3}}
 # What a checkpoint records of its model and loss: --evaluate scores as it says, whatever these flags say.
 MODEL_FLAGS = ("arch", "init", "weights", "weights_dir", "backbone_file", "swin_file", "recon_weight", "kl_weight",
                "label_smoothing", "stages", "backbone", "latent_channels", "head", "ae_lr", "img_size")
@@ -51,19 +48,18 @@ MODEL_FLAGS = ("arch", "init", "weights", "weights_dir", "backbone_file", "swin_
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description=command_help(__doc__, "train_stage2_genconvit.py", COMMAND),
                         formatter_class=HelpFormatter)
-    # Upstream's recipe (erprogs/GenConViT): Adam (L2 weight decay 1e-4), lr 1e-4, batch 32, 224px input,
-    # ImageNet normalisation, no warmup. Upstream steps the lr down 10x at epoch 15; we decay it by cosine.
     # Both autoencoders halve the input five times and double it back: sides must be multiples of 32.
-    add_train_args(parser, img_size_multiple_of=32, output_dir="output/stage2_genconvit", img_size=224,
-                   batch_size=32, lr=1e-4, opt="adam", weight_decay=1e-4, warmup_epochs=0.0, epochs=20)
+    add_train_args(parser, img_size_multiple_of=32, **GENCONVIT.train)
+    d, by_init = GENCONVIT.model, GENCONVIT.init_model
+    imagenet = GENCONVIT.init_flags["imagenet"]
     model = parser.add_argument_group("GenConViT")
-    model.add_argument("--variant", choices=("ed", "vae", "both"), default="both",
+    model.add_argument("--variant", choices=("ed", "vae", "both"), default=d["variant"],
                        help="which autoencoder: ed, vae, or both (one after the other, each in its own folder)")
-    model.add_argument("--arch", choices=("official", "hybrid"), default="official",
+    model.add_argument("--arch", choices=("official", "hybrid"), default=d["arch"],
                        help="official: weight-compatible (Swin inert); hybrid: ConvNeXt + Swin features")
-    model.add_argument("--init", choices=GENCONVIT_INIT_MODES, default="official",
-                       help="official weights, ImageNet backbones (then --lr and --warmup-epochs default to 3e-4 "
-                            "and 0.3), or random")
+    model.add_argument("--init", choices=GENCONVIT_INIT_MODES, default=d["init"],
+                       help=f"official weights, ImageNet backbones (then --lr and --warmup-epochs default to "
+                            f"{_number(imagenet['lr'])} and {_number(imagenet['warmup_epochs'])}), or random")
     model.add_argument("--weights", help="official checkpoint file (one variant; default: the hub's)")
     model.add_argument("--weights-dir",
                        help=f"folder holding {' and '.join(GENCONVIT_HF_FILES.values())} (--variant both)")
@@ -71,26 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local ImageNet ConvNeXt weights for --init imagenet (default: the hub's)")
     model.add_argument("--swin-file",
                        help="local ImageNet Swin weights for --arch hybrid --init imagenet (default: the hub's)")
-    model.add_argument("--recon-weight", type=Float(min=0), default=1.0, help="weight of the reconstruction MSE")
-    model.add_argument("--kl-weight", type=Float(min=0), default=0.5, help="weight of the VAE's KL term")
-    model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=0.0,
+    model.add_argument("--recon-weight", type=Float(min=0), default=d["recon_weight"],
+                       help="weight of the reconstruction MSE")
+    model.add_argument("--kl-weight", type=Float(min=0), default=d["kl_weight"], help="weight of the VAE's KL term")
+    model.add_argument("--label-smoothing", type=Float(min=0, below=1), default=d["label_smoothing"],
                        help="label smoothing of the classification loss")
     model.add_argument("--stages",
                        help="NAME:EPOCHS[:LR_SCALE],... with NAME frozen (backbones frozen) or full; EPOCHS may be "
-                            "'rest' (default: full:rest)")
-    model.add_argument("--backbone", default=CONVNEXT_NAME,
+                            f"'rest' (default: {_by_init(by_init, 'stages')})")
+    model.add_argument("--backbone", default=d["backbone"],
                        help="timm model of the classifier (any, e.g. tf_efficientnet_lite0); the official weights "
-                            "need convnext_tiny")
-    model.add_argument("--latent-channels", type=Int(min=1), default=256,
-                       help="VAE latent size / 49; 256 gives the official 12544-d latent")
+                            f"need {d['backbone']}")
+    model.add_argument("--latent-channels", type=Int(min=1), default=d["latent_channels"],
+                       help=f"VAE latent size / 49; {d['latent_channels']} gives the official "
+                            f"{d['latent_channels'] * 49}-d latent")
     model.add_argument("--head", choices=HEAD_INPUTS,
                        help="what the head reads of the input and of its reconstruction: the backbone's ImageNet "
-                            "logits (the official layout) or its pooled features (default: logits with --init "
-                            "official, else features)")
+                            "logits (the official layout) or its pooled features (default: "
+                            f"{_by_init(by_init, 'head')})")
     model.add_argument("--ae-lr", type=Float(above=0),
-                       help="peak learning rate of the autoencoder, in every stage (default: 1e-3; with --init "
-                            "official, --lr)")
-    model.add_argument("--recon-on", choices=RECON_ON, default="all",
+                       help="peak learning rate of the autoencoder, in every stage (default: "
+                            f"{_by_init(by_init, 'ae_lr', none='--lr')})")
+    model.add_argument("--recon-on", choices=RECON_ON, default=d["recon_on"],
                        help="the images the autoencoder learns to rebuild (reconstruction and KL losses): all, or "
                             "the reals alone, so that a fake's reconstruction error is an anomaly score")
     return parser
@@ -99,12 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None, parser: FlagParser | None = None) -> argparse.Namespace:
     """The command line with its defaults: the parser's, the demo's, those that follow --init, --config's. `parser`:
     build_parser()'s, to ask afterwards which flags were given."""
-    # The demo trains from scratch, on two CPU cores, with EfficientNetV2-B0 as the classifier backbone: a ConvNeXt
-    # from random weights does not learn this task from 420 crops in CPU minutes (best val AUC 0.51-0.60 over
-    # atto/96-128px/lr 1e-4..4e-3), while every GenConViT part (autoencoder, both passes, heads, losses) runs as is.
-    return parse_args(parser or build_parser(), argv, lambda settled: INIT_DEFAULTS.get(settled.init, {}),
-                      init="scratch", backbone="tf_efficientnetv2_b0", img_size=96, epochs=8, batch_size=16, lr=1e-3,
-                      workers=2, latent_channels=8)
+    return parse_args(parser or build_parser(), argv,
+                      lambda settled: GENCONVIT.init_flags.get(settled.init, {}), **GENCONVIT.demo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,6 +152,21 @@ def main(argv: list[str] | None = None) -> None:
         runs.append((cfg, expert))
     for cfg, expert in runs:
         run(cfg, expert)
+
+
+def _number(value: float) -> str:
+    """A default as --help writes it: 3e-4, 0.3."""
+    return f"{value:.0e}".replace("e-0", "e-") if 0 < value < 0.01 else f"{value:g}"
+
+
+def _by_init(table: Mapping[str, Mapping[str, Any]], key: str, none: str = "") -> str:
+    """A default that follows --init, as --help writes it: one value, or the most common and each other init's
+    (`none` stands for None)."""
+    values = {init: none if row[key] is None else _number(row[key]) if isinstance(row[key], float) else row[key]
+              for init, row in table.items()}
+    common = max(values.values(), key=list(values.values()).count)
+    others = [f"with --init {init}, {value}" for init, value in values.items() if value != common]
+    return "; ".join([common, *others])
 
 
 def _check_hub(args: argparse.Namespace, variants: tuple[str, ...]) -> None:

@@ -26,24 +26,12 @@ from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
 from stage2.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_HF_REPO, GENCONVIT_INIT_MODES
+from stage2.models.recipes import GENCONVIT
 
 log = logging.getLogger(__name__)
 
 # Attribute names of the timm backbones inside the GenConViT modules; frozen in a "frozen" stage.
 BACKBONE_PREFIXES = ("backbone.", "convnext_backbone.", "convnext.", "swin.")
-# Every stage trains at --lr (the recipe's Adam 1e-4), everything from the first step. From ImageNet backbones a
-# frozen first epoch used to keep the new head's random gradients out of the pretrained features; the head now
-# starts at zero, which does that without losing an epoch, and each stage's fresh optimizer restarted the
-# autoencoder's Adam state (its val PSNR fell 13.7 -> 12.4 dB at the stage change; BENCHMARKS.md, "Real faces").
-DEFAULT_STAGES = {"official": "full:rest", "imagenet": "full:rest", "scratch": "full:rest"}
-# What the head reads of each view (models.ed.create_backbone): the official weights' ImageNet logits, or pooled
-# features for a head that starts new.
-DEFAULT_HEAD_INPUT = {"official": "logits", "imagenet": "features", "scratch": "features"}
-# The autoencoder's lr (--ae-lr). A new autoencoder at the classifier's 1e-4 stayed a flat grey tile for the
-# hundreds of steps of a real set (val PSNR 12.7 dB against 12.8 dB for each image's mean colour); alone, 176 Adam
-# steps on 1,429 real faces at 128px gave ED 13.6 / 16.7 / 17.7 / 11.7 dB at 1e-4 / 1e-3 / 3e-3 / 1e-2 and the VAE
-# 16.7 / 14.2 dB at 1e-3 / 3e-3. The official autoencoders are trained: they keep --lr.
-DEFAULT_AE_LR = {"official": None, "imagenet": 1e-3, "scratch": 1e-3}
 
 
 def parse_stages(spec: str, epochs: int, lr: float) -> list[Stage]:
@@ -94,23 +82,24 @@ class GenConViTExpert(Expert):
         self,
         variant: str,
         *,
-        img_size: int = 224,
-        arch: str = "official",
-        init: str = "official",
+        img_size: int = GENCONVIT.train["img_size"],
+        arch: str = GENCONVIT.model["arch"],
+        init: str = GENCONVIT.model["init"],
         weights: str | Path | None = None,
         backbone_file: str | Path | None = None,
         swin_file: str | Path | None = None,
-        recon_weight: float = 1.0,
-        kl_weight: float = 0.5,
-        label_smoothing: float = 0.0,
+        recon_weight: float = GENCONVIT.model["recon_weight"],
+        kl_weight: float = GENCONVIT.model["kl_weight"],
+        label_smoothing: float = GENCONVIT.model["label_smoothing"],
         stages: str | None = None,
-        backbone: str = CONVNEXT_NAME,
-        latent_channels: int = 256,
+        backbone: str = GENCONVIT.model["backbone"],
+        latent_channels: int = GENCONVIT.model["latent_channels"],
         head_input: str | None = None,
         ae_lr: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        recon_on: str = "all",
+        recon_on: str = GENCONVIT.model["recon_on"],
     ):
+        """`stages`, `head_input` and `ae_lr` default to what the recipe gives this `init` (GENCONVIT.init_model)."""
         if init not in GENCONVIT_INIT_MODES:
             raise ConfigError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
         if init == "official" and arch != "official":
@@ -121,7 +110,8 @@ class GenConViTExpert(Expert):
         if files and init != "imagenet":  # timm would still load the file: an "init scratch" run from ImageNet
             start = "the official weights" if init == "official" else "random weights"
             raise ConfigError(f"{files[0]}: only with --init imagenet (--init {init} starts from {start})")
-        head_input = head_input or DEFAULT_HEAD_INPUT[init]
+        by_init = GENCONVIT.init_model[init]
+        head_input = head_input or by_init["head"]
         if init == "official" and head_input != "logits":
             raise ConfigError("--head features: the official weights' head reads ImageNet logits (--head logits)")
         if arch == "hybrid" and head_input != "features":
@@ -129,13 +119,13 @@ class GenConViTExpert(Expert):
         if ae_lr is not None and not (math.isfinite(ae_lr) and ae_lr > 0):
             raise ConfigError(f"--ae-lr {ae_lr}: expected a positive number")
         self.variant, self.arch, self.init = variant, arch, init
-        self.head_input, self.ae_lr = head_input, ae_lr or DEFAULT_AE_LR[init]
+        self.head_input, self.ae_lr = head_input, ae_lr or by_init["ae_lr"]
         self.img_size = img_size
         self.backbone = backbone
         self.weights = weights
         self.backbone_file = backbone_file
         self.swin_file = swin_file
-        self.stage_spec = stages or DEFAULT_STAGES[init]
+        self.stage_spec = stages or by_init["stages"]
         # Constructor arguments beyond the official defaults, recorded in checkpoints to rebuild the model;
         # `model_kwargs` adds others (the tests' tiny Swin sizes).
         self.model_kwargs: dict[str, Any] = {}

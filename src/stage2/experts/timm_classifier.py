@@ -17,6 +17,7 @@ from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert
 from stage2.models.families import FAMILIES, TimmFamily
 from stage2.models.names import TUNE_MODES
+from stage2.models.recipes import EFFNET
 from stage2.models.timm_models import create_timm_model, timm_data_config
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,12 @@ class TimmExpert(Expert):
         model_name: str,
         *,
         img_size: int,
-        pretrained: bool = True,
+        pretrained: bool = EFFNET.model["pretrained"],
         pretrained_file: str | Path | None = None,
-        drop_path_rate: float | None = None,
-        pos_weight: str | float | None = None,
-        label_smoothing: float = 0.0,
-        tune: str = "all",
+        drop_path_rate: float | None = EFFNET.model["drop_path"],
+        pos_weight: str | float | None = EFFNET.model["pos_weight"],
+        label_smoothing: float = EFFNET.model["label_smoothing"],
+        tune: str = EFFNET.model["tune"],
     ):
         if tune not in TUNE_MODES:
             raise ConfigError(f"--tune {tune!r}: expected one of {', '.join(TUNE_MODES)}")
