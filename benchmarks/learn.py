@@ -175,7 +175,7 @@ def scores(trained: Trained, frame: pd.DataFrame, perturbation: Perturbation | N
             x = normalise.eval()(batch.images.to(device))
             out = trained.family.embed(model, x)
             logits.append(out.fake_logit.float().cpu())
-            error = out.recon_error(normalise.normalize.pixels(x))
+            error = out.recon_error(normalise.normalise.pixels(x))
             errors.append(None if error is None else error.cpu())
     return torch.cat(logits).numpy(), None if errors[0] is None else torch.cat(errors).numpy()
 
@@ -273,7 +273,7 @@ def from_run(out: Path, case: Case, seed: int, plan: LearnPlan) -> Trained:
     model = model_from_checkpoint(checkpoint).to(plan.device)
     last = read_last(out / LAST)
     at_last = BestCheckpoint(model=last.ema or last.model, meta=last.meta, data_config=last.data_config)
-    return Trained(case, seed, model, family_of(checkpoint), DataConfig.from_dict(best.data_config), figures,
+    return Trained(case, seed, model, family_of(checkpoint), best.data_config, figures,
                    model_from_checkpoint(at_last.to_dict()).to(plan.device))
 
 

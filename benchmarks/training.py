@@ -206,7 +206,7 @@ def effnet_checkpoint(work: Path, img_size: int = 256, model_name: str = EFFNET)
     model = expert.build_model()
     path = work / f"{model_name}_{img_size}.pt"
     best = BestCheckpoint(model=model.state_dict(), meta=expert.checkpoint_meta(),
-                          data_config=timm_data_config(model, img_size).to_dict())
+                          data_config=timm_data_config(model, img_size))
     save_checkpoint(best.to_dict(), path)
     return path
 

@@ -387,7 +387,7 @@ def checkpoint(tmp_path) -> Path:
     model = expert.build_model()
     path = tmp_path / "best.pt"
     best = BestCheckpoint(model=model.state_dict(), meta=expert.checkpoint_meta(),
-                          data_config=expert.data_config(model).to_dict())
+                          data_config=expert.data_config(model))
     save_checkpoint(best.to_dict(), path)
     return path
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import feature_extractor
 from stage2.commands.cli import exit_on_error
+from stage2.data.preprocessing import DataConfig
 from stage2.embeddings import (
     FeatureExtractor,
     FeatureFileError,
@@ -78,8 +79,8 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def data_config(size: int = IMG) -> dict:
-    return {"input_size": [3, size, size], "mean": list(MEAN), "std": list(STD), "interpolation": "bilinear"}
+def data_config(size: int = IMG) -> DataConfig:
+    return DataConfig.of(size, MEAN, STD)
 
 
 def save_trainer_checkpoint(path: Path, model: torch.nn.Module, meta: dict, temperature: float, **extra) -> Path:

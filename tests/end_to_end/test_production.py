@@ -27,6 +27,7 @@ import train_stage2_effnet
 import train_stage2_genconvit
 from stage2.commands.cli import exit_on_error
 from stage2.data.manifest import read_manifest
+from stage2.data.preprocessing import DataConfig
 from stage2.embeddings import FeatureExtractor, load_features
 from stage2.embeddings.export import ExportGraph, check_images, check_onnx, export_checkpoint
 from stage2.embeddings.extract import load_model
@@ -510,9 +511,8 @@ def test_export_files_get_the_umask_mode_and_a_file_in_the_way_is_one_line(expor
 
 def _real_size_checkpoint(tmp_path: Path, model: torch.nn.Module, meta: dict, size: int, mean, std) -> Path:
     path = tmp_path / "best.pt"
-    data_config = {"input_size": [3, size, size], "mean": list(mean), "std": list(std), "interpolation": "bilinear"}
-    save_checkpoint(BestCheckpoint(model=model.state_dict(), meta=meta, data_config=data_config, temperature=1.3
-                                   ).to_dict(), path)
+    save_checkpoint(BestCheckpoint(model=model.state_dict(), meta=meta, data_config=DataConfig.of(size, mean, std),
+                                   temperature=1.3).to_dict(), path)
     return path
 
 

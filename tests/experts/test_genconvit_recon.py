@@ -93,7 +93,7 @@ def test_the_trainers_steps_reconstruct_better_than_each_images_mean_colour(tiny
     for epoch in range(STEPS):
         trainer.train_epoch(epoch, ctx, batches=[batch], steps=1)
     pixels = batch.images.float() / 255
-    images = trainer.augmentation.on_device.normalize(pixels)  # as the loop feeds them: the backbone's normalisation
+    images = trainer.augmentation.on_device.normalise(pixels)  # as the loop feeds them: the backbone's normalisation
     trainer.model.eval()
     with torch.no_grad():
         recon = float(expert.criterion(trainer.model(images), images, batch.labels)["recon"].mean())

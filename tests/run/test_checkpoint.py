@@ -9,6 +9,7 @@ from conftest import fails, output_dir, set_flag
 
 import feature_extractor
 import train_stage2_effnet
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import CheckpointError
 from stage2.run.checkpoint import (
     CHECKSUM_KEY,
@@ -28,7 +29,7 @@ from stage2.run.checkpoint import (
 )
 
 META = {"family": "timm", "model_name": "test_efficientnet", "num_classes": 1}
-DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+DATA_CONFIG = DataConfig.of(32, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 
 
 def _best(**changes) -> BestCheckpoint:
@@ -117,7 +118,7 @@ def test_a_file_from_before_versions_reads_as_version_1_when_its_keys_match(tmp_
 def test_the_data_config_has_a_checksum_and_a_version_1_file_without_one_still_reads(tmp_path):
     best, path = _best(), tmp_path / "best.pt"
     save_checkpoint(best.to_dict(), path)
-    assert load_checkpoint(path)[CONFIG_CHECKSUM_KEY] == data_config_sha256(DATA_CONFIG)
+    assert load_checkpoint(path)[CONFIG_CHECKSUM_KEY] == data_config_sha256(DATA_CONFIG.to_dict())
     old = {**best.to_dict(), SCHEMA_KEY: 1}
     torch.save({**old, CHECKSUM_KEY: tensors_sha256(old)}, path)  # as version 1 wrote it: tensors only
     _assert_same(read_best(path), best)
@@ -173,7 +174,8 @@ def test_before_version_3_a_temperature_other_than_1_counts_as_fitted(tmp_path):
 ])
 def test_a_data_config_no_model_normalises_with_is_refused_naming_the_field(tmp_path, field, value, expected):
     path = tmp_path / "best.pt"
-    save_checkpoint(_best(data_config={**DATA_CONFIG, field: value}).to_dict(), path)
+    state = _best().to_dict()
+    save_checkpoint({**state, "data_config": {**state["data_config"], field: value}}, path)
     with pytest.raises(CheckpointError) as err:
         read_best(path)
     assert str(err.value) == f"checkpoint {path}: data_config {field} {value!r}: expected {expected}"

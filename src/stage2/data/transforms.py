@@ -117,7 +117,7 @@ def _chance(n: int, p: float, like: torch.Tensor, generator: torch.Generator | N
     return torch.rand(n, device=like.device, generator=generator) < p
 
 
-class Normalize(nn.Module):
+class Normalise(nn.Module):
     """Pixels in [0, 1] <-> the model's normalised input, per channel, as buffers that follow the module's device.
 
     Written here rather than torchvision's v2.Normalize because GenConViT's reconstruction loss also needs the
@@ -148,7 +148,7 @@ class DeviceTransform(nn.Module):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], level: str = "none"):
         super().__init__()
         self.cfg = aug_config(level)
-        self.normalize = Normalize(mean, std)
+        self.normalise = Normalise(mean, std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
@@ -158,7 +158,7 @@ class DeviceTransform(nn.Module):
         x = images.float().div_(255)
         if self.training:
             x = self._augment(x, generator, draws)
-        return self.normalize(x)
+        return self.normalise(x)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator | None, draws: torch.Tensor | None) -> torch.Tensor:
         cfg, b = self.cfg, x.shape[0]

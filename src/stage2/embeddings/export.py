@@ -40,7 +40,7 @@ from torch import nn
 from stage2.atomic import DIR_MODE, FILE_MODE, naming, staging_dir, write_json_atomic
 from stage2.data.decode import decode_image, resize_uint8
 from stage2.data.manifest import read_manifest
-from stage2.data.transforms import Normalize
+from stage2.data.transforms import Normalise
 from stage2.embeddings.extract import LoadedModel, load_model
 from stage2.errors import ConfigError, ExportCheckError, ImageDecodeError, ManifestError
 
@@ -62,10 +62,10 @@ class ExportGraph(nn.Module):
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
         self.model, self.family = loaded.model, loaded.family
-        self.normalize = Normalize(loaded.data_config.mean, loaded.data_config.std)
+        self.normalise = Normalise(loaded.data_config.mean, loaded.data_config.std)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.family.embed(self.model, self.normalize(pixels))
+        out = self.family.embed(self.model, self.normalise(pixels))
         return out.embeddings.float(), out.fake_logit.float()
 
 

@@ -96,7 +96,7 @@ def _from_trainer_checkpoint(state: dict[str, Any], path: Path, model_name: str 
     if best.args and best.args.get("calibrate", True) and not best.temperature_fitted:
         log.warning("checkpoint %s has no fitted temperature yet (a run fits it when it ends): P(fake) uses "
                     "temperature 1.0, uncalibrated", path)
-    return LoadedModel(model.eval(), family, recorded, DataConfig.from_dict(best.data_config), best.temperature,
+    return LoadedModel(model.eval(), family, recorded, best.data_config, best.temperature,
                        dict(best.args))
 
 
@@ -213,7 +213,7 @@ class FeatureExtractor:
         call under inference_mode. The error is a generative expert's (ReadOut.recon_error)."""
         with autocast(self.device, self.amp_dtype):
             out = self.family.embed(self.model, x)
-        error = out.recon_error(self.normalise.normalize.pixels(x))
+        error = out.recon_error(self.normalise.normalise.pixels(x))
         return out.embeddings.float(), out.fake_logit.float(), error
 
     def p_fake(self, logits: torch.Tensor) -> torch.Tensor:

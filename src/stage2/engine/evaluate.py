@@ -56,7 +56,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     check_output_dir(cfg)  # the commands checked already, before importing torch; this is for callers of run()
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
     checkpoint = read_best(path)
-    data_config = DataConfig.from_dict(checkpoint.data_config)
+    data_config = checkpoint.data_config
     _check_model(checkpoint, data_config, path, cfg, expert)
     expert = expert.for_checkpoint(data_config, checkpoint.args.get("cli_args", {}))
     if not checkpoint.temperature_fitted:

@@ -201,7 +201,7 @@ def _after_update(loop: Loop, stage: StageState, epoch: int, done: int, n_steps:
             log.info("epoch %d/%d step %d/%d %s", epoch + 1, cfg.epochs, done, n_steps, msg)
         loop.tracker.scalars(epoch * n_steps + done, train_loss=float(progress.loss), lr=stage.lr)
     if done == n_steps:
-        return  # the epoch's end writes last.pt and checks for a stop (Trainer.fit)
+        return  # the epoch's end writes last.pt and checks for a stop (Trainer._end_epoch)
     # Every rank takes the same decision: the save below runs collectives.
     stop, due = broadcast_flags(
         loop.stop.signum is not None,

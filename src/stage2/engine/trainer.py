@@ -305,7 +305,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _best_checkpoint(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> BestCheckpoint:
         return BestCheckpoint(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                              meta=self.expert.checkpoint_meta(), data_config=self.data_config.to_dict(),
+                              meta=self.expert.checkpoint_meta(), data_config=self.data_config,
                               args=self.cfg.to_dict(), epoch=epoch, metrics=metrics)
 
     def _save_last(self, ctx: StageState, next_epoch: int, step: int, sums: Sums | None) -> None:

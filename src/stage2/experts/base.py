@@ -1,9 +1,9 @@
 """What the shared training loop needs to know about one expert model.
 
-The loop in `stage2.engine.trainer` is model-agnostic: everything that differs between the
-EfficientNet and GenConViT experts (model construction and initialisation, loss terms, training
-stages, per-epoch artefacts) enters through an `Expert`, and how a model is rebuilt and read through
-its `ModelFamily`, never through `if model == ...` branches inside the loop.
+The training loop (`stage2.engine.loop.train_one_epoch`, driven by `stage2.engine.trainer.Trainer`) is
+model-agnostic: everything that differs between the EfficientNet and GenConViT experts (model construction and
+initialisation, loss terms, training stages, per-epoch artefacts) enters through an `Expert`, and how a model is
+rebuilt and read through its `ModelFamily`, never through `if model == ...` branches inside the loop.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from stage2.atomic import atomic_write
+from stage2.data.preprocessing import DataConfig
 from stage2.errors import CheckpointError, TrainingDiverged, check_checkpoint_exists, first_line
 from stage2.models.families import family_of
 from stage2.run.distributed import broadcast_flag
@@ -65,7 +66,7 @@ class BestCheckpoint:
 
     model: dict[str, torch.Tensor]
     meta: dict[str, Any]
-    data_config: dict[str, Any]
+    data_config: DataConfig  # written as timm's dict (DataConfig.to_dict)
     args: dict[str, Any] = field(default_factory=dict)  # the run's TrainConfig
     epoch: int = 0  # the epoch these weights are from (1-based; 0: not from a run)
     metrics: dict[str, float] = field(default_factory=dict)  # val metrics of that epoch
@@ -75,6 +76,7 @@ class BestCheckpoint:
     def to_dict(self) -> dict[str, Any]:
         """The file's contents (save_checkpoint adds the checksum)."""
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "meta"}
+        state["data_config"] = self.data_config.to_dict()
         return {SCHEMA_KEY: SCHEMA_VERSION, "model": state.pop("model"), **self.meta, **state}
 
 
@@ -131,6 +133,7 @@ def checkpoint_from_state(kind: type[Checkpoint], state: dict[str, Any], path: s
     if version < 3:
         values["temperature_fitted"] = values["temperature"] != 1.0
     _check_data_config(state["data_config"], path)
+    values["data_config"] = DataConfig.from_dict(state["data_config"])
     for key in ("model", "ema"):
         check_finite_weights(state.get(key) or {}, path)
     return kind(meta=meta, **values)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from stage2.data.transforms import Normalize
+from stage2.data.transforms import Normalise
 from stage2.models.names import RECON_ON
 
 from .ed import GenConViTOutput
@@ -75,11 +75,11 @@ class GenConViTLoss(nn.Module):
         self.recon_weight = recon_weight
         self.kl_weight = kl_weight
         self.label_smoothing = label_smoothing
-        self.normalize = Normalize(mean, std)
+        self.normalise = Normalise(mean, std)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised model inputs -> pixels in [0, 1], the space of the reconstruction target."""
-        return self.normalize.pixels(images)
+        return self.normalise.pixels(images)
 
     def psnr(self, out: GenConViTOutput, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"recon_psnr", "mean_colour_psnr"}``, each ``[B]``: how well the reconstruction matches the input, and
