@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +65,7 @@ class StageState:
 class Loop:
     """What every step of a run uses, set up once by the Trainer. `model` holds the weights (a stage's
     `train_model` wraps it for DDP and --compile); `augment` is --aug's device part, then the normalisation, its
-    draws from `generator`; `save_last(stage, next_epoch, step, sums)` writes last.pt (on every rank)."""
+    draws from `generator`; `checkpoints` writes last.pt mid-epoch (on every rank)."""
 
     cfg: TrainConfig
     dist: DistInfo
@@ -81,7 +81,6 @@ class Loop:
     checkpoints: CheckpointSaver
     tracker: Tracker
     stop: StopRequest
-    save_last: Callable[[StageState, int, int, Sums | None], None]
 
     @property
     def device(self) -> torch.device:
@@ -209,7 +208,7 @@ def _after_update(loop: Loop, stage: StageState, epoch: int, done: int, n_steps:
         device=loop.device)
     if stop or due:
         check_finite(loop, sums, epoch, done, before_saving=True)
-        loop.save_last(stage, epoch, done, sums)
+        loop.checkpoints.save_last(stage.optimizer, stage.index, epoch, done, sums)
         progress.last_save = time.monotonic()
     if stop:
         raise stopped(loop, epoch, done)
@@ -255,7 +254,7 @@ def check_finite(loop: Loop, sums: Sums, epoch: int, step: int = 0, *, before_sa
     if diverged(loop, sums):
         at = f"epoch {epoch + 1}" + (f" by step {step}" if step else "")
         raise TrainingDiverged(f"non-finite loss in {at}: stopped{' before saving' if before_saving else ''}; "
-                               f"{loop.checkpoints.last_good()}")
+                               f"{loop.checkpoints.last_good_note}")
 
 
 def stop_requested(loop: Loop) -> bool:

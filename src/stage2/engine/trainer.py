@@ -42,7 +42,7 @@ from stage2.engine.loop import Loop, StageState, Sums, stop_requested, stopped, 
 from stage2.errors import ConfigError, ManifestError, first_line
 from stage2.experts.base import Expert, Stage
 from stage2.processes import StopRequest, stop_requests, usable_cores
-from stage2.run.checkpoint import BestCheckpoint, LastCheckpoint, ensure_finite, rng_state
+from stage2.run.checkpoint import LastCheckpoint
 from stage2.run.config import TrainConfig
 from stage2.run.device import autocast_dtype
 from stage2.run.distributed import DistInfo, barrier
@@ -104,7 +104,7 @@ class Trainer:
 
     def _setup_run_dir(self) -> None:
         """The folder as a fresh, resumed or replaced run (a resume checked against this command), train.log, and
-        what the run writes there: checkpoints, metrics.csv, bad_images.txt, the tracker."""
+        what the run writes there: metrics.csv, bad_images.txt, the tracker (checkpoints: `_setup_loop`)."""
         cfg, dist = self.cfg, self.dist
         self.resume_path = prepare_run_dir(cfg, dist.is_main)
         setup_logging(self.out / TRAIN_LOG if dist.is_main else None, dist.is_main)
@@ -114,7 +114,6 @@ class Trainer:
         if self.resume:
             check_manifests(self.resume, self.manifests, cfg)
         self.workers = min(cfg.workers, usable_cores())
-        self.checkpoints = CheckpointSaver(self.out, functools.partial(is_better, cfg.select_metric))
         self.history = MetricsLog(self.out / METRICS)
         self.bad_images = BadImages(self.out, dist.is_main, cfg.max_bad_images)
         self.tracker = make_tracker(cfg.log_to, self.out, dist.is_main)
@@ -138,7 +137,7 @@ class Trainer:
         """The val set, every image decoded once now; --select-metric checked against it; and what the file
         headers alone give away about the labels, warned about before any GPU time is spent."""
         self.evaluator = Evaluator(self.cfg, self.expert, self.dist, self.data_config, bad_images=self.bad_images,
-                                   frame=val_frame, last=self.checkpoints.last)
+                                   frame=val_frame, last=self.out / LAST)
         self.evaluator.check_select_metric(self.cfg.select_metric)
         self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
                                self.workers) if self.dist.is_main else None
@@ -158,15 +157,19 @@ class Trainer:
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum)
 
     def _setup_loop(self) -> None:
-        """EMA, the grad scaler, and what every step uses (stage2.engine.loop.Loop)."""
+        """EMA, the grad scaler, the checkpoints kept of them, and what every step uses (stage2.engine.loop.Loop)."""
         cfg = self.cfg
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.checkpoints = CheckpointSaver(self.out, functools.partial(is_better, cfg.select_metric), model=self.model,
+                                           ema=self.ema, scaler=self.scaler, expert=self.expert,
+                                           data_config=self.data_config, cfg=cfg, manifests=self.manifests,
+                                           device=self.device, is_main=self.dist.is_main)
         self.loop = Loop(cfg=cfg, dist=self.dist, expert=self.expert, model=self.model,
                          augment=self.augmentation.on_device, generator=torch.Generator(device=self.device),
                          amp_dtype=self.amp_dtype, scaler=self.scaler, ema=self.ema, train_frame=self.train_frame,
                          bad_images=self.bad_images, checkpoints=self.checkpoints, tracker=self.tracker,
-                         stop=self.stop, save_last=self._save_last)
+                         stop=self.stop)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any] | None:
@@ -281,7 +284,7 @@ class Trainer:
         cfg = self.cfg
         eval_model = self.eval_model
         when = f"after epoch {epoch + 1}"
-        ensure_finite(eval_model, self.device, when, self.checkpoints.last)
+        self.checkpoints.ensure_finite(when, eval_model)
         result = self.evaluator.evaluate(eval_model, when=when)
         self.bad_images.note("val", self.evaluator.frame, np.flatnonzero(~result.seen).tolist())
         metrics = self.evaluator.metrics(result)
@@ -290,7 +293,7 @@ class Trainer:
         if self.dist.is_main:
             self.history.append({"epoch": epoch + 1, "stage": ctx.stage.name, **train_stats, **metrics})
             if improved:
-                self.checkpoints.save_best(self._best_checkpoint(eval_model, epoch + 1, metrics))
+                self.checkpoints.save_best(eval_model, epoch + 1, metrics)
             plot_training_curves(self.history.frame(), self.out / CURVES, best_epoch=self.checkpoints.best_epoch,
                                  select_metric=cfg.select_metric)
             images, labels = self.evaluator.fixed_batch
@@ -300,38 +303,7 @@ class Trainer:
             log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s %.4f%s  (%.0fs, %.0f img/s)",
                      epoch + 1, cfg.epochs, train_stats["train_loss"], metrics["val_loss"], cfg.select_metric,
                      value, "  *best*" if improved else "", train_stats["epoch_time"], train_stats["images_per_s"])
-        self._save_last(ctx, epoch + 1, 0, None)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _best_checkpoint(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> BestCheckpoint:
-        return BestCheckpoint(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                              meta=self.expert.checkpoint_meta(), data_config=self.data_config,
-                              args=self.cfg.to_dict(), epoch=epoch, metrics=metrics)
-
-    def _save_last(self, ctx: StageState, next_epoch: int, step: int, sums: Sums | None) -> None:
-        """Everything a resume needs; `step` > 0 marks a checkpoint taken mid-epoch. Called on every rank."""
-        where = f"at epoch {next_epoch + 1} step {step}" if step else f"after epoch {next_epoch}"
-        ensure_finite(self.model, self.device, where, self.checkpoints.last)
-        if self.ema is not None:
-            ensure_finite(self.ema.module, self.device, where, self.checkpoints.last)
-        if not self.dist.is_main:
-            return
-        last = LastCheckpoint(
-            **vars(self._best_checkpoint(self.model, next_epoch, {})),
-            ema=None if self.ema is None else {k: v.cpu() for k, v in self.ema.module.state_dict().items()},
-            optimizer=ctx.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(),
-            recipe=self.expert.recipe(),
-            stage=ctx.index,
-            next_epoch=next_epoch,
-            step=step,
-            train_sums={k: v.cpu() for k, v in sums.items()} if sums else None,
-            best_value=self.checkpoints.best_value,
-            best_epoch=self.checkpoints.best_epoch,
-            manifests=self.manifests,
-            rng=rng_state(),
-        )
-        self.checkpoints.save_last(last)
+        self.checkpoints.save_last(ctx.optimizer, ctx.index, epoch + 1, 0, None)
 
     # ------------------------------------------------------------------ the end
     def _finish(self) -> dict[str, Any] | None:
@@ -352,8 +324,7 @@ class Trainer:
         if self.cfg.calibrate:
             temperature = fit_temperature(result.logits[s], result.labels[s])
             summary["calibration"] = calibration_report(result.logits[s], result.labels[s], temperature)
-            best.temperature, best.temperature_fitted = temperature, True
-            self.checkpoints.save_best(best)
+            self.checkpoints.save_calibrated(best, temperature)
         summary["operating_points"] = final_report(self.evaluator.frame, result, metrics, temperature,
                                                    self.out / PREDICTIONS,
                                                    title=f"best epoch {best.epoch} (validation)",

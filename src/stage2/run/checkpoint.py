@@ -239,16 +239,16 @@ def _reason(err: Exception) -> str:
     return first_line(err)
 
 
-def ensure_finite(model: torch.nn.Module, device: torch.device, when: str, last_good: Path) -> None:
-    """Stop (on every rank) before a non-finite weight or statistic can reach a checkpoint or a metric.
+def ensure_finite(models: Iterable[torch.nn.Module], device: torch.device, when: str, last: Path) -> None:
+    """Stop (on every rank) before a non-finite weight or statistic of `models` can reach a checkpoint or a metric.
 
     The loss can stay finite while, say, a BatchNorm running_var overflows to inf; that model must not replace
-    the last good last.pt. Raises TrainingDiverged naming the tensor and the checkpoint left as it was.
+    the last good last.pt. Raises TrainingDiverged naming the tensor and the checkpoint `last` left as it was.
     """
-    bad = first_non_finite([*model.named_parameters(), *model.named_buffers()])
+    bad = first_non_finite(item for model in models for item in (*model.named_parameters(), *model.named_buffers()))
     if broadcast_flag(bad is not None, device):
         raise TrainingDiverged(f"non-finite values in {bad or 'a tensor on another rank'} {when}: stopped; "
-                               f"{last_good_note(last_good)}")
+                               f"{last_good_note(last)}")
 
 
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -289,6 +289,7 @@ def _check_data_config(config: Any, path: str | Path) -> None:
 
 
 def last_good_note(last: Path) -> str:
+    """What a message about a failed run says of last.pt: the checkpoint to go back to, if one was written."""
     return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
 
 
