@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         configs[variant] = cfg
     check_run_inputs(cfg)
     if command_kind(cfg) == "training":
+        check_genconvit_start(args.init, args.arch, args.backbone_file, args.swin_file)
         _check_hub(args, variants)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run

@@ -25,7 +25,7 @@ from stage2.errors import ConfigError, PretrainedWeightsError
 from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
 from stage2.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
-from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_HF_REPO, GENCONVIT_INIT_MODES
+from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_HF_REPO
 from stage2.models.recipes import GENCONVIT
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,7 @@ class GenConViTExpert(Expert):
         recon_on: str = GENCONVIT.model["recon_on"],
     ):
         """`stages`, `head_input` and `ae_lr` default to what the recipe gives this `init` (GENCONVIT.init_model)."""
-        if init not in GENCONVIT_INIT_MODES:
-            raise ConfigError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
-        if init == "official" and arch != "official":
-            raise ConfigError(f"--init official needs --arch official: the {arch} model has no official weights")
-        if swin_file is not None and arch != "hybrid":
-            raise ConfigError("--swin-file: only --arch hybrid has a Swin that is used")
-        files = [flag for flag, path in (("--backbone-file", backbone_file), ("--swin-file", swin_file)) if path]
-        if files and init != "imagenet":  # timm would still load the file: an "init scratch" run from ImageNet
-            start = "the official weights" if init == "official" else "random weights"
-            raise ConfigError(f"{files[0]}: only with --init imagenet (--init {init} starts from {start})")
+        check_genconvit_start(init, arch, backbone_file, swin_file)
         by_init = GENCONVIT.init_model[init]
         head_input = head_input or by_init["head"]
         if init == "official" and head_input != "logits":

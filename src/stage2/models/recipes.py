@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from stage2.models.names import CONVNEXT_NAME, DEFAULT_EFFNET
+from stage2.errors import ConfigError
+from stage2.models.names import CONVNEXT_NAME, DEFAULT_EFFNET, GENCONVIT_INIT_MODES
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,18 @@ GENCONVIT = Recipe(
     demo={"init": "scratch", "backbone": "tf_efficientnetv2_b0", "img_size": 96, "epochs": 8, "batch_size": 16,
           "lr": 1e-3, "workers": 2, "latent_channels": 8},
 )
+
+
+def check_genconvit_start(init: str, arch: str, backbone_file: object, swin_file: object) -> None:
+    """Refuse a GenConViT start that --init and the weight files contradict; torch-free, so the command checks it
+    before the hub check and the expert again for callers of its constructor."""
+    if init not in GENCONVIT_INIT_MODES:
+        raise ConfigError(f"--init {init!r}: expected one of {', '.join(GENCONVIT_INIT_MODES)}")
+    if init == "official" and arch != "official":
+        raise ConfigError(f"--init official needs --arch official: the {arch} model has no official weights")
+    if swin_file is not None and arch != "hybrid":
+        raise ConfigError("--swin-file: only --arch hybrid has a Swin that is used")
+    files = [flag for flag, path in (("--backbone-file", backbone_file), ("--swin-file", swin_file)) if path]
+    if files and init != "imagenet":  # timm would still load the file: an "init scratch" run from ImageNet
+        start = "the official weights" if init == "official" else "random weights"
+        raise ConfigError(f"{files[0]}: only with --init imagenet (--init {init} starts from {start})")
