@@ -43,6 +43,8 @@ KINDS = {"training": (BEST, LAST, METRICS, ARGS),
          "evaluate": (EVAL_SUMMARY, "eval_*.json", "predictions_*.csv"),
          "audit": (SUMMARY,)}
 KIND_NAMES = {"training": "a training run", "evaluate": "--evaluate reports", "audit": "an --audit-only report"}
+# Every file an --evaluate writes (eval_outputs names one evaluation's): what its --overwrite replaces, whole.
+EVAL_PATTERNS = (*KINDS["evaluate"], "robustness_*.csv", "robustness_*.png", AUDIT_FILE, BAD_IMAGES)
 
 
 def run_files_in(out: Path) -> list[str]:
@@ -53,6 +55,11 @@ def run_files_in(out: Path) -> list[str]:
 def folder_kind(out: Path) -> str | None:
     """What `out` holds (a KINDS key), or None for a folder that holds none of their files."""
     return next((kind for kind, patterns in KINDS.items() if any(next(out.glob(p), None) for p in patterns)), None)
+
+
+def evaluation_files_in(out: Path) -> list[Path]:
+    """The files of an --evaluate (EVAL_PATTERNS) in `out`."""
+    return sorted({path for pattern in EVAL_PATTERNS for path in out.glob(pattern) if path.is_file()})
 
 
 def command_kind(cfg: TrainConfig) -> str:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from stage2.atomic import write_text_atomic
+from stage2.atomic import remove_killed_writes, write_text_atomic
 from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo, barrier, gather_objects
-from stage2.run.files import BAD_IMAGES, RUN_OUTPUTS, check_output_dir, resume_checkpoint, run_files_in
+from stage2.run.files import BAD_IMAGES, RECON_SAMPLES, RUN_OUTPUTS, check_output_dir, resume_checkpoint, run_files_in
 
 log = logging.getLogger("stage2")
 
@@ -24,8 +24,9 @@ log = logging.getLogger("stage2")
 def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
     """One run at a time per folder: rank 0 holds OUTPUT_DIR/.lock for the whole run (and lets go on any exit,
     removing it; a crashed or killed holder is no obstacle); while another process holds it, every rank refuses
-    with one line. A folder the run created and left empty (it failed before writing anything) is removed."""
-    created = dist.is_main and not out.exists()
+    with one line. Once it holds the lock, it removes what killed writes left (their temporary files). The folders
+    the run created and left empty (it failed before writing anything) are removed, parents included."""
+    created = _missing_folders(out) if dist.is_main else []
     try:
         with ExitStack() as stack:
             holder = None
@@ -35,14 +36,24 @@ def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
                     stack.enter_context(exclusive_lock(out / ".lock"))
                 except LockBusy as busy:
                     holder = busy.holder
+                else:
+                    for folder in (out, out / RECON_SAMPLES):
+                        remove_killed_writes(folder)
             holder = gather_objects([holder] if dist.is_main else [])[0]
             if holder is not None:
                 raise ConfigError(f"--output-dir {out} is in use by another run (process {holder}): wait for it to "
                                   "end, or choose another --output-dir")
             yield
     finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in created:  # innermost first
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, innermost first."""
+    return [folder for folder in (out, *out.parents) if not folder.exists()]
 
 
 def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
