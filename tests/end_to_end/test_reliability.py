@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, fails, output_dir, set_flag, subprocess_env
+from conftest import ROOT, TRAINED_LR, fails, output_dir, set_flag, subprocess_env
 from PIL import Image
 
 import feature_extractor
@@ -529,6 +529,40 @@ def test_resume_in_a_folder_without_a_run_says_it_starts_a_new_one(effnet_args, 
     train_stage2_effnet.main(args)
     note = f"--resume: {output_dir(args)} holds no last.pt yet: starting a new run"
     assert note in capsys.readouterr().out and note in (output_dir(args) / "train.log").read_text()
+
+
+DIVERGES = ["--opt", "sgd", "--clip-grad", "0", "--lr", "1e4", "--warmup-epochs", "0"]  # non-finite in epoch 1
+
+
+def test_an_overwrite_that_fails_before_its_first_checkpoint_leaves_the_previous_run_whole(finished_run, capsys):
+    run_dir = output_dir(finished_run)
+    before = _files(run_dir)
+    diverging = [*[a for a in finished_run if a not in TRAINED_LR], *DIVERGES, "--overwrite"]
+    fails(train_stage2_effnet.main, diverging, capsys, code=3)
+    assert _files(run_dir) == before and not (run_dir / ".replaced").exists()
+    # Refused once the val set is decoded, after the folder was prepared.
+    fails(train_stage2_effnet.main, [*finished_run, "--overwrite", "--select-metric", "train_loss"], capsys)
+    assert _files(run_dir) == before
+    # Killed before its first checkpoint (-9: nothing restored it), the next run in the folder puts it back first.
+    (run_dir / ".replaced").mkdir()
+    for name in before:
+        (run_dir / name).rename(run_dir / ".replaced" / name)
+    (run_dir / "args.json").write_text("{}")
+    err = fails(train_stage2_effnet.main, finished_run, capsys)
+    assert f"--output-dir {run_dir} already holds a run" in err
+    assert _files(run_dir) == before and not (run_dir / ".replaced").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_no_run_to_resume_or_keep(effnet_args, capsys):
+    fails(train_stage2_effnet.main, [*effnet_args, *DIVERGES], capsys, code=3)
+    assert (output_dir(effnet_args) / "args.json").exists() and not (output_dir(effnet_args) / "last.pt").exists()
+    train_stage2_effnet.main([*set_flag(effnet_args, "--epochs", "1"), "--resume"])
+    assert "holds no last.pt yet: starting a new run" in capsys.readouterr().out
+    assert pd.read_csv(output_dir(effnet_args) / "metrics.csv")["epoch"].tolist() == [1]
+    args = set_flag(effnet_args, "--output-dir", str(output_dir(effnet_args).with_name("again")))
+    fails(train_stage2_effnet.main, [*args, *DIVERGES], capsys, code=3)
+    train_stage2_effnet.main(set_flag(args, "--epochs", "1"))  # the rerun, as it was
+    assert pd.read_csv(output_dir(args) / "metrics.csv")["epoch"].tolist() == [1]
 
 
 def test_a_folder_holds_one_kind_of_output_overwrite_or_not(finished_run, trained_run, tiny_data, tmp_path, capsys):

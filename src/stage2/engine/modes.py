@@ -12,7 +12,7 @@ from stage2.experts.base import Expert
 from stage2.run.config import TrainConfig
 from stage2.run.device import cpu_threads
 from stage2.run.distributed import setup_distributed
-from stage2.run.folder import run_dir_lock
+from stage2.run.folder import restore_replaced, run_dir_lock
 from stage2.run.logs import close_run_log
 
 
@@ -27,6 +27,12 @@ def run(cfg: TrainConfig, expert: Expert) -> dict[str, Any] | None:
                 return audit_only(cfg, dist)
             if cfg.evaluate_checkpoint:
                 return evaluate_checkpoint(cfg, expert, dist, threads=threads)
-            return Trainer(cfg, expert, dist, threads=threads).fit()
+            try:
+                return Trainer(cfg, expert, dist, threads=threads).fit()
+            except BaseException:
+                if dist.is_main:  # failed before its first last.pt: the folder's previous run comes back
+                    close_run_log()  # its train.log included, as it was
+                    restore_replaced(Path(cfg.output_dir))
+                raise
         finally:
             close_run_log()

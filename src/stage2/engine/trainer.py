@@ -47,7 +47,7 @@ from stage2.run.config import TrainConfig
 from stage2.run.device import autocast_dtype
 from stage2.run.distributed import DistInfo, barrier
 from stage2.run.files import ARGS, CURVES, LAST, METRICS, PREDICTIONS, ROC, SUMMARY, TRAIN_LOG
-from stage2.run.folder import BadImages, prepare_run_dir
+from stage2.run.folder import BadImages, discard_replaced, prepare_run_dir
 from stage2.run.loaders import train_loader, trained_label_mix
 from stage2.run.logs import log_settings, setup_logging
 from stage2.run.metrics_log import MetricsLog
@@ -321,6 +321,7 @@ class Trainer:
             rng=rng_state(),
         )
         self.checkpoints.save_last(last)
+        discard_replaced(self.out)  # this run's last.pt is what a resume continues now
 
     # ------------------------------------------------------------------ the end
     def _finish(self) -> dict[str, Any] | None:

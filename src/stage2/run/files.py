@@ -29,8 +29,13 @@ AUDIT_FILE = "shortcut_audit.csv"
 RECON_SAMPLES = "recon_samples"
 EVAL_SUMMARY = "eval_summary.csv"  # --evaluate's table across its manifests
 
-# The files that make a folder hold a run (and that --overwrite must be asked for).
+# The files of a run; a folder holds one (that --overwrite must be asked to replace) once it holds a checkpoint:
+# what a run that failed before its first one left (args.json, train.log) is replaced by the next run as it starts.
 RUN_FILES = (BEST, LAST, METRICS, SUMMARY, ARGS)
+CHECKPOINTS = (BEST, LAST)
+# Where a run starting in a folder sets aside what was there (an --overwrite's previous run): put back if the new
+# run fails before writing its last.pt (or is killed: the next run in the folder puts it back), removed once it has.
+REPLACED = ".replaced"
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, TRAIN_LOG, ROC, CURVES, PREDICTIONS, BAD_IMAGES, RECON_SAMPLES, TENSORBOARD, AUDIT_FILE)
 
@@ -48,7 +53,9 @@ EVAL_PATTERNS = (*KINDS["evaluate"], "robustness_*.csv", "robustness_*.png", AUD
 
 
 def run_files_in(out: Path) -> list[str]:
-    """The RUN_FILES present in `out`."""
+    """The RUN_FILES present in `out` when it holds a run (a checkpoint); else none."""
+    if not any((out / name).exists() for name in CHECKPOINTS):
+        return []
     return [name for name in RUN_FILES if (out / name).exists()]
 
 

@@ -16,7 +16,16 @@ from stage2.errors import ConfigError
 from stage2.processes import LockBusy, exclusive_lock
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo, barrier, gather_objects
-from stage2.run.files import BAD_IMAGES, RECON_SAMPLES, RUN_OUTPUTS, check_output_dir, resume_checkpoint, run_files_in
+from stage2.run.files import (
+    BAD_IMAGES,
+    LAST,
+    RECON_SAMPLES,
+    REPLACED,
+    RUN_OUTPUTS,
+    check_output_dir,
+    resume_checkpoint,
+    run_files_in,
+)
 
 log = logging.getLogger("stage2")
 
@@ -60,29 +69,55 @@ def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Decide between a fresh run, a resume and an overwrite; never lose a previous best.pt silently.
 
     Returns the checkpoint to resume from, if any. `cfg.resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
-    run when the folder holds no run yet: the trainer says so).
+    run when the folder holds no run yet: the trainer says so). A fresh run sets aside what the folder held (an
+    --overwrite's previous run, or what a run that failed before its first checkpoint left) in OUTPUT_DIR/.replaced:
+    `restore_replaced` puts it back if this run fails before writing last.pt, `discard_replaced` removes it once it
+    has.
     """
     out = Path(cfg.output_dir)
+    if is_main:
+        restore_replaced(out)  # a run killed before its first last.pt left the previous one aside
+    barrier()
     check_output_dir(cfg)  # the commands checked before torch loaded; now the folder is this run's (locked)
-    existing = run_files_in(out)
     if cfg.resume:
         path = resume_checkpoint(out, cfg.resume)
         if path.is_file():
             return path
-        if cfg.resume == "auto" and not existing:
-            return None
-        raise ConfigError(f"--resume {cfg.resume}: no checkpoint at {path}")
-    barrier()
-    if existing and is_main:
-        for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        if cfg.resume != "auto" or run_files_in(out):
+            raise ConfigError(f"--resume {cfg.resume}: no checkpoint at {path}")
+    if is_main and (present := [name for name in RUN_OUTPUTS if (out / name).exists()]):
+        aside = out / REPLACED
+        aside.mkdir()
+        for name in present:
+            (out / name).rename(aside / name)
     out.mkdir(parents=True, exist_ok=True)
     barrier()
     return None
+
+
+def restore_replaced(out: Path) -> None:
+    """Put back what a fresh run set aside in `out`, unless the run got as far as writing last.pt (then remove it)."""
+    aside = out / REPLACED
+    if not aside.is_dir():
+        return
+    if (out / LAST).exists():
+        discard_replaced(out)
+        return
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for path in aside.iterdir():
+        path.rename(out / path.name)
+    aside.rmdir()
+    log.warning("%s: the run did not get as far as its first %s; what the folder held before it is back", out, LAST)
+
+
+def discard_replaced(out: Path) -> None:
+    """Remove what a fresh run set aside in `out`: it has written its own last.pt."""
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
 
 
 class BadImages:
