@@ -337,6 +337,15 @@ def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):
     assert "/sys/stage2_run" in err
 
 
+def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_one_line(effnet_args, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((tmp_path / "a_file", f"{tmp_path / 'a_file'} is a file, not a folder"),
+                         (tmp_path / "a_file" / "run", f"{tmp_path / 'a_file'} is a file, not a folder"),
+                         (Path("/proc/stage2_run"), "cannot create it (No such file or directory)")):
+        err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--output-dir", str(out)), capsys)
+        assert err == f"error: --output-dir {out}: {message}"
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_previous_file(effnet_args, capsys, monkeypatch):
     train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
     best = output_dir(effnet_args) / "best.pt"

@@ -8,6 +8,7 @@ already taken is refused at once, not after the half minute that importing torch
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stage2.errors import ConfigError
@@ -108,10 +109,20 @@ def eval_outputs(cfg: TrainConfig) -> list[str]:
     return [*files, EVAL_SUMMARY, AUDIT_FILE]
 
 
+def check_writable_folder(out: Path) -> None:
+    """Refuse (ConfigError) an --output-dir that is a file, lies under one, or is in a folder we may not write."""
+    existing = next(folder for folder in (out, *out.parents, Path(".")) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out}: cannot write in {existing} (permission denied)")
+
+
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse (ConfigError) an output folder that holds another kind of output than this command writes, what this
     command would replace without --overwrite, or a --resume of a last.pt in another folder."""
     out = Path(cfg.output_dir)
+    check_writable_folder(out)
     kind, held = command_kind(cfg), folder_kind(out)
     if held not in (None, kind):
         raise ConfigError(f"--output-dir {out} holds {KIND_NAMES[held]}; {KIND_NAMES[kind]} goes in a folder of its "

@@ -40,7 +40,10 @@ def run_dir_lock(out: Path, dist: DistInfo) -> Iterator[None]:
         with ExitStack() as stack:
             holder = None
             if dist.is_main:
-                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as err:  # /proc, a read-only mount, or a file that appeared since the check
+                    raise ConfigError(f"--output-dir {out}: cannot create it ({err.strerror})") from None
                 try:
                     stack.enter_context(exclusive_lock(out / ".lock"))
                 except LockBusy as busy:
