@@ -274,6 +274,16 @@ def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
 
 
 @pytest.mark.slow
+def test_a_user_error_under_torchrun_is_the_ranks_one_line_and_exit_code(effnet_args, tmp_path):
+    args = set_flag(effnet_args, "--train-manifest", str(tmp_path / "missing.csv"))
+    torchrun = [sys.executable, "-m", "stage2.commands.torchrun", "--standalone", "--nproc_per_node=1"]
+    ran = subprocess.run([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=subprocess_env(),
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ran.returncode == 2, ran.stderr
+    assert f"error: {tmp_path / 'missing.csv'}: manifest file not found" in ran.stderr
+    assert "ChildFailedError" not in ran.stderr and "Traceback" not in ran.stderr
+
+
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no_obstacle(effnet_args, capsys):
     first = [*set_flag(set_flag(effnet_args, "--epochs", "50"), "--workers", "2"), "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_stage2_effnet.py"), *first], env=subprocess_env(),
