@@ -344,6 +344,15 @@ def no_training(monkeypatch):
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
 
 
+@pytest.mark.parametrize(("epochs", "said"), [("1", None), ("2", "degradations from epoch 2")])
+def test_the_settings_name_when_degradations_begin_only_when_the_run_gets_there(effnet_args, no_training, capsys,
+                                                                                epochs, said):
+    with pytest.raises(_Trained):
+        train_stage2_effnet.main([*set_flag(effnet_args, "--epochs", epochs), "--aug", "standard"])
+    settings = capsys.readouterr().out
+    assert "aug standard" in settings and ("degradations from" not in settings if said is None else said in settings)
+
+
 @pytest.mark.parametrize(("metric", "words"), [("auc/nosuch", "auc/sharpen_blend"), ("train_loss", "val_loss")])
 def test_a_select_metric_the_val_set_does_not_give_is_refused_before_training(effnet_args, no_training, capsys,
                                                                              metric, words):

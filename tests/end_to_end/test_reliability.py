@@ -77,6 +77,20 @@ def test_resume_refuses_fewer_epochs_than_already_trained(finished_run, capsys):
     assert "--epochs 1" in err and "epoch 2" in err
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    run_dir = output_dir(finished_run)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != "train.log"}
+    best = json.loads((run_dir / "summary.json").read_text())
+    train_stage2_effnet.main([*finished_run, "--resume"])
+    out = capsys.readouterr().out
+    assert re.search(rf"--resume: the run in {re.escape(str(run_dir))} is finished \(2 of 2 epochs; best auc "
+                     rf"\d\.\d{{4}} at epoch {best['best_epoch']}\): nothing to do", out), out
+    assert "resuming" not in out and "epoch 3" not in out
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != "train.log"} == before
+    train_stage2_effnet.main([*set_flag(finished_run, "--epochs", "3"), "--resume"])
+    assert re.search(r"resuming from .* at epoch 3 \(best auc so far: \d\.\d{4}\)\n", capsys.readouterr().out)
+
+
 # ---------------------------------------------------------------- 2. non-finite statistics never reach a checkpoint
 class _InfStatisticMidEpoch2(TimmExpert):
     """Overflows one BatchNorm running_var (the loss stays finite) in the second epoch."""

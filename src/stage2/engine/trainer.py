@@ -17,6 +17,7 @@ checkpoint continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -74,6 +75,9 @@ class Trainer:
         self.device, self.out = dist.device, Path(cfg.output_dir)
         val_frame = self._setup_inputs()
         self._setup_run_dir()
+        self.finished = self._finished_summary()
+        if self.finished is not None:
+            return
         self._setup_model()
         self._setup_validation(val_frame)
         self._setup_data()
@@ -111,6 +115,17 @@ class Trainer:
         self.bad_images = BadImages(self.out, dist.is_main, cfg.max_bad_images)
         self.tracker = make_tracker(cfg.log_to, self.out, dist.is_main)
         self.stop = StopRequest()  # set by SIGTERM or Ctrl-C during fit(): the loop stops at the next step
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """On a --resume of a run that is finished (every epoch trained, its summary written), its summary: there is
+        nothing to do, and the run says so rather than building the model and scoring the best epoch again."""
+        resume, summary = self.resume, self.out / SUMMARY
+        if not resume or resume.step or resume.next_epoch < self.cfg.epochs or not summary.is_file():
+            return None
+        log.info("--resume: the run in %s is finished (%d of %d epochs; best %s %.4f at epoch %d): nothing to do; "
+                 "a larger --epochs trains it on", self.out, resume.next_epoch, self.cfg.epochs,
+                 self.cfg.select_metric, resume.best_value, resume.best_epoch)
+        return json.loads(summary.read_text())
 
     def _setup_model(self) -> None:
         """Seeded, built, on the device; its data config (made once, by the expert) and the precision it trains in."""
@@ -160,6 +175,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any] | None:
         """Every stage's epochs from where the run stands, then the end (`_finish`); the summary on rank 0."""
+        if self.finished is not None:
+            return self.finished if self.dist.is_main else None
         stages = self.expert.stages(self.cfg.epochs, self.cfg.lr)
         start_epoch, start_step = self._restore()
         self._announce(stages)
@@ -181,8 +198,11 @@ class Trainer:
                 self.history if self.dist.is_main else None)
         self.checkpoints.resume(resume)
         where = f"epoch {resume.next_epoch + 1}" + (f" step {resume.step}" if resume.step else "")
+        if resume.next_epoch >= self.cfg.epochs:  # trained whole, stopped before its reports were written
+            where = f"the end of its {self.cfg.epochs} epochs, to write its reports"
+        best = self.checkpoints.best_value
         log.info("resuming from %s at %s (best %s so far: %s)", self.resume_path, where, self.cfg.select_metric,
-                 self.checkpoints.best_value)
+                 "none yet" if best is None else f"{best:.4f}")
         return resume.next_epoch, resume.step
 
     def _announce(self, stages: list[Stage]) -> None:

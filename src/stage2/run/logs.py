@@ -92,8 +92,9 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
     """What a training run is about to do, in one block: device, data, recipe, stages and model.
 
     `label_mix` is the expected (real, fake) images an epoch trains on (stage2.run.loaders.trained_label_mix);
-    `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
-    loader workers after the cap to usable cores; `model` the expert's description."""
+    `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none; not said when the
+    run ends before it); `workers` the loader workers after the cap to usable cores; `model` the expert's
+    description."""
     n_fake = int(train_frame["label"].sum())
     how = [what for what, on in (("--balanced-sampler", cfg.balanced_sampler),
                                  (f"--self-blend {cfg.self_blend:g}", cfg.self_blend)) if on]
@@ -107,7 +108,8 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
         + (f"; trained per epoch, expected after {' and '.join(how)}: {label_mix[0]:.1f} real / "
            f"{label_mix[1]:.1f} fake" if how else ""),
         f"input {data_config.size}px, mean {list(data_config.mean)}, std {list(data_config.std)}, aug {cfg.aug}"
-        + (f" (degradations from epoch {degrade_start + 1})" if degrade_start is not None else "")
+        + (f" (degradations from epoch {degrade_start + 1})"
+           if degrade_start is not None and degrade_start < cfg.epochs else "")
         + f", self-blend {cfg.self_blend:g}, workers {workers}"
         + (f" (--workers {cfg.workers} capped to the {workers} cores this process may use)"
            if workers < cfg.workers else ""),
