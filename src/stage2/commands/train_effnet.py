@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, make_demo_data, parse_args
 from stage2.commands.flags import FlagParser, Float
 from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.models.names import DEFAULT_EFFNET
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=32, lr=1e-3, warmup_epochs=0.5, drop_path=0.0, workers=2)
     cfg = config_from_args(args)
     check_output_dir(cfg)
+    make_demo_data(args)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.timm_classifier import TimmExpert

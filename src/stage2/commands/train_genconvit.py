@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, make_demo_data, parse_args
 from stage2.commands.flags import FlagParser, Float, Int
 from stage2.commands.train_args import add_train_args, config_from_args
 from stage2.errors import ConfigError
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.output_dir = str(Path(args.output_dir) / variant)
         check_output_dir(cfg)  # every variant's folder, before the first one trains
         configs[variant] = cfg
+    make_demo_data(args)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.genconvit import GenConViTExpert
