@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.evaluate_checkpoint:
             expert.stages(args.epochs, args.lr)  # a bad --stages answers now, not once the data is read
         runs.append((cfg, expert))
-    for cfg, expert in runs:
-        run(cfg, expert)
+    for index, (cfg, expert) in enumerate(runs):
+        run(cfg, expert, show_audit=index == 0)  # the variants train on the same sets: their audit is shown once
 
 
 def cli() -> None:

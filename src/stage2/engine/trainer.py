@@ -66,12 +66,14 @@ log = logging.getLogger("stage2")
 class Trainer:
     """One training run of an `Expert` with a `TrainConfig`, on this rank (`dist`)."""
 
-    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""):
-        """`threads`: what `cpu_threads` chose, for the settings line. The steps run in this order: every input is
-        read and checked before anything is built or replaced (offline, building the model first spent a minute on
-        hub retries before a missing manifest was named; --overwrite removed the previous run), and the seed is set
-        right before the model is built."""
-        self.cfg, self.expert, self.dist, self.threads = cfg, expert, dist, threads
+    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = "",
+                 show_audit: bool = True):
+        """`threads`: what `cpu_threads` chose, for the settings line; `show_audit` False: the shortcut audit of
+        these sets was shown already (by the run before, in this command), it is only written. The steps run in
+        this order: every input is read and checked before anything is built (offline, building the model first
+        spent a minute on hub retries before a missing manifest was named), and the seed is set right before the
+        model is built."""
+        self.cfg, self.expert, self.dist, self.threads, self.show_audit = cfg, expert, dist, threads, show_audit
         self.device, self.out = dist.device, Path(cfg.output_dir)
         val_frame = self._setup_inputs()
         self._setup_run_dir()
@@ -147,8 +149,8 @@ class Trainer:
         self.evaluator = Evaluator(self.cfg, self.expert, self.dist, self.data_config, bad_images=self.bad_images,
                                    frame=val_frame, last=self.checkpoints.last)
         self.evaluator.check_select_metric(self.cfg.select_metric)
-        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
-                               self.workers) if self.dist.is_main else None
+        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out, self.workers,
+                               show=self.show_audit) if self.dist.is_main else None
 
     def _setup_data(self) -> None:
         """The labels an epoch trains on (the expert balances its loss on them), --aug, and this rank's loader."""
