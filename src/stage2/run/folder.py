@@ -72,10 +72,9 @@ def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Decide between a fresh run, a resume and an overwrite; never lose a previous best.pt silently.
 
     Returns the checkpoint to resume from, if any. `cfg.resume` is a path or "auto" (OUTPUT_DIR/last.pt, or a fresh
-    run when the folder holds no run yet: the trainer says so). A fresh run sets aside what the folder held (an
-    --overwrite's previous run, or what a run that failed before its first checkpoint left) in OUTPUT_DIR/.replaced:
-    `restore_replaced` puts it back if this run fails before writing last.pt, `discard_replaced` removes it once it
-    has.
+    run when the folder holds no run yet: the trainer says so). A fresh run sets the folder's previous run aside (an
+    --overwrite) in OUTPUT_DIR/.replaced: `restore_replaced` puts it back if this run fails before writing last.pt,
+    `discard_replaced` removes it once it has. What a run that failed before its first checkpoint left is removed.
     """
     out = Path(cfg.output_dir)
     if is_main:
@@ -88,11 +87,13 @@ def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
             return path
         if cfg.resume != "auto" or run_files_in(out):
             raise ConfigError(f"--resume {cfg.resume}: no checkpoint at {path}")
-    if is_main and (present := [name for name in RUN_OUTPUTS if (out / name).exists()]):
-        aside = out / REPLACED
-        aside.mkdir()
-        for name in present:
-            (out / name).rename(aside / name)
+    if is_main and run_files_in(out):
+        (out / REPLACED).mkdir()
+        for name in RUN_OUTPUTS:
+            if (out / name).exists():
+                (out / name).rename(out / REPLACED / name)
+    elif is_main:  # what a run that failed before its first checkpoint left: this run's own files replace it
+        _remove_run_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     barrier()
     return None
@@ -106,16 +107,20 @@ def restore_replaced(out: Path) -> None:
     if (out / LAST).exists():
         discard_replaced(out)
         return
+    _remove_run_outputs(out)
+    for path in aside.iterdir():
+        path.rename(out / path.name)
+    aside.rmdir()
+    log.warning("%s: the run did not get as far as its first %s; what the folder held before it is back", out, LAST)
+
+
+def _remove_run_outputs(out: Path) -> None:
     for name in RUN_OUTPUTS:
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
-    for path in aside.iterdir():
-        path.rename(out / path.name)
-    aside.rmdir()
-    log.warning("%s: the run did not get as far as its first %s; what the folder held before it is back", out, LAST)
 
 
 def discard_replaced(out: Path) -> None:
