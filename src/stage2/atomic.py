@@ -83,6 +83,17 @@ def staging_dir(target: str | Path, kind: str = "partial") -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{host}-", dir=target.parent))
 
 
+def remove_killed_writes(folder: Path) -> None:
+    """Remove the temporary files that `atomic_write`s killed mid-way (kill -9, a power cut) left in `folder`.
+
+    Only for a folder no other process writes to at the same time (a run folder, under its lock): a live write's
+    temporary file looks the same.
+    """
+    for tmp in Path(folder).glob(".*.????????.tmp"):  # atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -24,6 +24,8 @@ def test_demo_settings_are_defaults_that_flags_override(demo_root, capsys, monke
     # The demo's own numbers of videos and frames, drawn at 16px instead of its 256px (the same code; 9 CPU s less).
     monkeypatch.setattr(demo, "make_demo_dataset", partial(demo.make_demo_dataset, size=16))
     args = cli.parse_args(train_stage2_effnet.build_parser(), ["--demo"], aug="light", epochs=3)
+    assert not demo_root.exists()  # made once the command has checked its output folder
+    cli.make_demo_data(args)
     # It says what it does while it generates the data (a minute on a busy box), and how long it took.
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"demo: generating 588 synthetic 16x16 face crops (196 videos) in {demo_root}")
@@ -49,15 +51,15 @@ def test_demo_says_when_it_reuses_its_data_and_replaces_an_earlier_run(demo_root
     monkeypatch.setattr(demo, "make_demo_dataset", partial(demo.make_demo_dataset, n_videos=4, frames_per_video=1,
                                                            size=16))
     run = tmp_path / "run"
-    cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)])
+    cli.make_demo_data(cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)]))
     assert "replacing" not in capsys.readouterr().out
     run.mkdir()
     (run / "best.pt").write_bytes(b"an earlier run")
     (run / "args.json").write_text(json.dumps({"train_manifest": str(demo_root / "train.csv")}))  # the demo's run
-    cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)])
+    cli.make_demo_data(cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run)]))
     assert capsys.readouterr().out.splitlines() == [
-        f"demo: reusing the synthetic dataset in {demo_root}",
         f"demo: replacing the earlier run in {run} (--demo overwrites its output folder)",
+        f"demo: reusing the synthetic dataset in {demo_root}",
     ]
     cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run), "--resume"])
     assert "replacing" not in capsys.readouterr().out
@@ -85,5 +87,10 @@ def test_demo_replaces_a_run_that_is_not_a_demo_only_with_overwrite(demo_root, t
                                           rf"{tmp_path / 'train.csv'}\): pass --overwrite"):
         cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run.parent)])
     assert (run / "best.pt").read_bytes() == b"a week on the GPUs"
+    assert not demo_root.exists()  # refused before a single image was made
+    (tmp_path / "a_file").write_text("x")  # an --output-dir the command refuses after parsing
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        train_stage2_effnet.main(["--demo", "--output-dir", str(tmp_path / "a_file")])
+    assert not demo_root.exists()
     cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run.parent), "--overwrite"])
     assert "demo: replacing the earlier run" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fails, output_dir
+from conftest import fails, output_dir, set_flag
 
 import feature_extractor
 import train_stage2_effnet
@@ -147,6 +147,15 @@ def test_a_bad_value_stops_the_command_before_anything_is_written(effnet_args, c
     err = fails(train_stage2_effnet.main, [*effnet_args, "--clip-grad", "-1"], capsys)
     assert err == "error: --clip-grad -1.0: expected a number >= 0"
     assert not output_dir(effnet_args).exists()
+
+
+def test_log_every_counts_optimizer_updates_not_micro_batches(effnet_args, capsys):
+    # 36 images, 4 a step: 9 steps, an update every 2 and one at the end (5); every 2nd update is at steps 4 and 8.
+    args = [*set_flag(set_flag(effnet_args, "--epochs", "1"), "--batch-size", "4"), "--grad-accum", "2",
+            "--log-every", "2"]
+    train_stage2_effnet.main(args)
+    steps = re.findall(r"^epoch 1/1 step (\d+)/9 ", capsys.readouterr().out, flags=re.MULTILINE)
+    assert steps == ["4", "8"]
 
 
 def test_the_largest_seed_seeds_every_augmented_sample(tiny_data):
@@ -351,6 +360,15 @@ def no_training(monkeypatch):
         raise _Trained
 
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize(("epochs", "said"), [("1", None), ("2", "degradations from epoch 2")])
+def test_the_settings_name_when_degradations_begin_only_when_the_run_gets_there(effnet_args, no_training, capsys,
+                                                                                epochs, said):
+    with pytest.raises(_Trained):
+        train_stage2_effnet.main([*set_flag(effnet_args, "--epochs", epochs), "--aug", "standard"])
+    settings = capsys.readouterr().out
+    assert "aug standard" in settings and ("degradations from" not in settings if said is None else said in settings)
 
 
 @pytest.mark.parametrize(("metric", "words"), [("auc/nosuch", "auc/sharpen_blend"), ("train_loss", "val_loss")])

@@ -112,6 +112,29 @@ def test_images_reads_every_format_training_decodes(tmp_path):
     assert example["SUFFIXES"] == IMAGE_SUFFIXES
 
 
+def test_32bit_tiffs_decode_by_their_range(tmp_path):
+    floats = np.tile(np.array([0.0, 0.25, 0.5001, 1.0], dtype=np.float32), (H, 1))
+    Image.fromarray(floats, "F").save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    assert decode_image(str(tmp_path / "float.tif"))[:, 0].tolist() == [[0, 64, 128, 255]] * 3
+    Image.fromarray(np.tile(SAMPLES_16.astype(np.int32), (H, 1)), "I").save(tmp_path / "int32.tif")
+    assert Image.open(tmp_path / "int32.tif").mode == "I"
+    assert torch.equal(decode_image(str(tmp_path / "int32.tif"))[:, 0], EXPECTED_8.expand(3, -1))
+
+
+@pytest.mark.parametrize(("mode", "samples", "message"),
+                         [("F", [0.0, 1.5], r"mode F\) outside \[0, 1\] \(from 0 to 1\.5\)"),
+                          ("F", [0.0, np.nan], r"mode F\) outside \[0, 1\]"),
+                          ("I", [0, 70000], r"mode I\) outside \[0, 65535\] \(from 0 to 70000\)"),
+                          ("I", [-1, 10], r"mode I\) outside \[0, 65535\] \(from -1 to 10\)")])
+def test_32bit_tiffs_without_a_known_white_are_refused_naming_the_file(tmp_path, mode, samples, message):
+    dtype = np.float32 if mode == "F" else np.int32
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.tile(np.array(samples, dtype=dtype), (H, 1)), mode).save(path)
+    with pytest.raises(ImageDecodeError, match=f"cannot decode image {path}: .*{message}"):
+        decode_image(str(path))
+
+
 def test_jpeg_matches_pil(tmp_path):
     Image.fromarray(_pixels()).save(tmp_path / "a.jpg", quality=90)
     expected = _chw(np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB")))

@@ -149,6 +149,39 @@ def test_evaluate_several_manifests_keeps_every_output_and_overwrites_nothing(tr
     train_stage2_effnet.main([*args, "--overwrite"])
 
 
+def test_evaluate_overwrite_replaces_the_previous_evaluation_whole(trained_run, tiny_data, tmp_path, capsys):
+    val = read_manifest(tiny_data[1])
+    second = tmp_path / "b.csv"
+    val.iloc[::-1].to_csv(second, index=False)
+    out = tmp_path / "eval"
+    args = ["--evaluate", str(trained_run / "best.pt"), "--model", "test_efficientnet", "--img-size", "32",
+            "--workers", "0", "--amp", "off", "--output-dir", str(out)]
+    train_stage2_effnet.main([*args, "--val-manifest", str(tiny_data[1]), "--perturb", "jpeg:50"])
+    first = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert {"eval_val.json", "predictions_val.csv", "robustness_val.csv", "robustness_val.png"} <= set(first)
+
+    # A failing evaluation (a manifest of missing files) leaves the previous one as it was.
+    missing = tmp_path / "missing.csv"
+    pd.DataFrame({"path": ["nope_0.png", "nope_1.png"], "label": [0, 1]}).to_csv(missing, index=False)
+    fails(train_stage2_effnet.main, [*args, "--val-manifest", str(missing), "--overwrite"], capsys)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == first
+
+    train_stage2_effnet.main([*args, "--val-manifest", str(second), "--overwrite"])
+    assert sorted(path.name for path in out.iterdir()) == ["eval_b.json", "eval_summary.csv", "predictions_b.csv",
+                                                            "shortcut_audit.csv"]
+    assert pd.read_csv(out / "eval_summary.csv")["manifest"].tolist() == ["b"]
+    assert set(pd.read_csv(out / "shortcut_audit.csv")["set"]) == {"b"}
+
+
+def test_a_failed_evaluate_leaves_no_folder_it_created(trained_run, tiny_data, tmp_path, capsys):
+    missing = tmp_path / "missing.csv"
+    pd.DataFrame({"path": ["nope_0.png", "nope_1.png"], "label": [0, 1]}).to_csv(missing, index=False)
+    out = tmp_path / "new" / "reports" / "here"
+    fails(train_stage2_effnet.main, ["--evaluate", str(trained_run / "best.pt"), "--val-manifest", str(missing),
+                                     "--model", "test_efficientnet", "--output-dir", str(out)], capsys)
+    assert not (tmp_path / "new").exists()
+
+
 def test_evaluate_prints_the_calibrated_operating_points_and_marks_those_too_fine_for_its_reals(trained_run, tiny_data,
                                                                                                tmp_path, capsys):
     out = tmp_path / "eval"

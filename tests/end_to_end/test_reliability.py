@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, fails, output_dir, set_flag, subprocess_env
+from conftest import ROOT, TRAINED_LR, fails, output_dir, set_flag, subprocess_env
 from PIL import Image
 
 import feature_extractor
@@ -75,6 +75,20 @@ def test_resume_refuses_a_change_that_would_mix_two_runs(finished_run, capsys, f
 def test_resume_refuses_fewer_epochs_than_already_trained(finished_run, capsys):
     err = fails(train_stage2_effnet.main, [*set_flag(finished_run, "--epochs", "1"), "--resume"], capsys)
     assert "--epochs 1" in err and "epoch 2" in err
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished_run, capsys):
+    run_dir = output_dir(finished_run)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != "train.log"}
+    best = json.loads((run_dir / "summary.json").read_text())
+    train_stage2_effnet.main([*finished_run, "--resume"])
+    out = capsys.readouterr().out
+    assert re.search(rf"--resume: the run in {re.escape(str(run_dir))} is finished \(2 of 2 epochs; best auc "
+                     rf"\d\.\d{{4}} at epoch {best['best_epoch']}\): nothing to do", out), out
+    assert "resuming" not in out and "epoch 3" not in out
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != "train.log"} == before
+    train_stage2_effnet.main([*set_flag(finished_run, "--epochs", "3"), "--resume"])
+    assert re.search(r"resuming from .* at epoch 3 \(best auc so far: \d\.\d{4}\)\n", capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------- 2. non-finite statistics never reach a checkpoint
@@ -274,6 +288,16 @@ def test_sigterm_under_torchrun_stops_every_rank_together(effnet_args, capsys):
 
 
 @pytest.mark.slow
+def test_a_user_error_under_torchrun_is_the_ranks_one_line_and_exit_code(effnet_args, tmp_path):
+    args = set_flag(effnet_args, "--train-manifest", str(tmp_path / "missing.csv"))
+    torchrun = [sys.executable, "-m", "stage2.commands.torchrun", "--standalone", "--nproc_per_node=1"]
+    ran = subprocess.run([*torchrun, str(ROOT / "train_stage2_effnet.py"), *args], env=subprocess_env(),
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ran.returncode == 2, ran.stderr
+    assert f"error: {tmp_path / 'missing.csv'}: manifest file not found" in ran.stderr
+    assert "ChildFailedError" not in ran.stderr and "Traceback" not in ran.stderr
+
+
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no_obstacle(effnet_args, capsys):
     first = [*set_flag(set_flag(effnet_args, "--epochs", "50"), "--workers", "2"), "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_stage2_effnet.py"), *first], env=subprocess_env(),
@@ -336,6 +360,15 @@ def test_genconvit_evaluate_of_one_checkpoint_writes_one_folder_and_says_which(t
 def test_an_output_folder_we_may_not_write_is_one_line(effnet_args, capsys):
     err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--output-dir", "/sys/stage2_run"), capsys)
     assert "/sys/stage2_run" in err
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_one_line(effnet_args, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((tmp_path / "a_file", f"{tmp_path / 'a_file'} is a file, not a folder"),
+                         (tmp_path / "a_file" / "run", f"{tmp_path / 'a_file'} is a file, not a folder"),
+                         (Path("/proc/stage2_run"), "cannot create it (No such file or directory)")):
+        err = fails(train_stage2_effnet.main, set_flag(effnet_args, "--output-dir", str(out)), capsys)
+        assert err == f"error: --output-dir {out}: {message}"
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_file(effnet_args, capsys, monkeypatch):
@@ -530,6 +563,40 @@ def test_resume_in_a_folder_without_a_run_says_it_starts_a_new_one(effnet_args, 
     train_stage2_effnet.main(args)
     note = f"--resume: {output_dir(args)} holds no last.pt yet: starting a new run"
     assert note in capsys.readouterr().out and note in (output_dir(args) / "train.log").read_text()
+
+
+DIVERGES = ["--opt", "sgd", "--clip-grad", "0", "--lr", "1e4", "--warmup-epochs", "0"]  # non-finite in epoch 1
+
+
+def test_an_overwrite_that_fails_before_its_first_checkpoint_leaves_the_previous_run_whole(finished_run, capsys):
+    run_dir = output_dir(finished_run)
+    before = _files(run_dir)
+    diverging = [*[a for a in finished_run if a not in TRAINED_LR], *DIVERGES, "--overwrite"]
+    fails(train_stage2_effnet.main, diverging, capsys, code=3)
+    assert _files(run_dir) == before and not (run_dir / ".replaced").exists()
+    # Refused once the val set is decoded, after the folder was prepared.
+    fails(train_stage2_effnet.main, [*finished_run, "--overwrite", "--select-metric", "train_loss"], capsys)
+    assert _files(run_dir) == before
+    # Killed before its first checkpoint (-9: nothing restored it), the next run in the folder puts it back first.
+    (run_dir / ".replaced").mkdir()
+    for name in before:
+        (run_dir / name).rename(run_dir / ".replaced" / name)
+    (run_dir / "args.json").write_text("{}")
+    err = fails(train_stage2_effnet.main, finished_run, capsys)
+    assert f"--output-dir {run_dir} already holds a run" in err
+    assert _files(run_dir) == before and not (run_dir / ".replaced").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_no_run_to_resume_or_keep(effnet_args, capsys):
+    fails(train_stage2_effnet.main, [*effnet_args, *DIVERGES], capsys, code=3)
+    assert (output_dir(effnet_args) / "args.json").exists() and not (output_dir(effnet_args) / "last.pt").exists()
+    train_stage2_effnet.main([*set_flag(effnet_args, "--epochs", "1"), "--resume"])
+    assert "holds no last.pt yet: starting a new run" in capsys.readouterr().out
+    assert pd.read_csv(output_dir(effnet_args) / "metrics.csv")["epoch"].tolist() == [1]
+    args = set_flag(effnet_args, "--output-dir", str(output_dir(effnet_args).with_name("again")))
+    fails(train_stage2_effnet.main, [*args, *DIVERGES], capsys, code=3)
+    train_stage2_effnet.main(set_flag(args, "--epochs", "1"))  # the rerun, as it was
+    assert pd.read_csv(output_dir(args) / "metrics.csv")["epoch"].tolist() == [1]
 
 
 def test_a_folder_holds_one_kind_of_output_overwrite_or_not(finished_run, trained_run, tiny_data, tmp_path, capsys):

@@ -106,6 +106,21 @@ def test_evaluate_scores_with_the_loss_and_normalisation_the_checkpoint_records(
         assert metrics[column] == pytest.approx(trained[column], rel=1e-4), column
 
 
+def test_both_variants_show_the_audit_once_and_a_resume_goes_on_to_the_vae(gc_args, capsys):
+    args = [*set_flag(set_flag(gc_args, "--epochs", "1"), "--stages", "full:rest"), "--variant", "both"]
+    train_stage2_genconvit.main(args)
+    assert capsys.readouterr().out.count("shortcut audit (file headers only") == 1
+    # The VAE stopped before its first checkpoint (the ED had finished): a resume finishes nothing, trains the VAE.
+    vae = Path(gc_args[-1]) / "vae"
+    for name in ("best.pt", "last.pt", "summary.json", "metrics.csv"):
+        (vae / name).unlink()
+    train_stage2_genconvit.main([*args, "--resume"])
+    out = capsys.readouterr().out
+    assert "/ed is finished (1 of 1 epochs" in out
+    assert f"--resume: {vae} holds no last.pt yet: starting a new run" in out
+    assert pd.read_csv(vae / "metrics.csv")["epoch"].tolist() == [1] and (vae / "last.pt").is_file()
+
+
 def test_official_weights_file_initialises_the_model(gc_args, tmp_path):
     reference = GenConViTED(convnext_name="test_convnext")
     weights = tmp_path / "genconvit_ed_inference.pth"

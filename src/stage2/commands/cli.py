@@ -53,11 +53,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
     parsed so far), then from the --config file; a flag given on the command line wins over all of them, even one
     given at its usual default."""
     given = parser.parse_known_args(argv)[0]
-    if given.demo:
-        from stage2.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
-
-        # Logging is set up later, by the run: the demo speaks for itself before that.
-        train, val = make_demo_dataset(DEMO_ROOT, progress=True)
+    if given.demo:  # the images are made by make_demo_data, once the output folder is checked
+        train, val = DEMO_ROOT / "train.csv", DEMO_ROOT / "val.csv"  # what make_demo_dataset(DEMO_ROOT) writes
         output_dir = parser.get_default("output_dir") + "_demo"
         parser.set_defaults(train_manifest=str(train), val_manifest=str(val), data_root=None, output_dir=output_dir,
                             overwrite=True, **demo)
@@ -72,6 +69,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
     if given.demo and not (args.evaluate_checkpoint or args.resume or args.audit_only) and out.is_dir():
         _demo_replaces(out, Path(args.train_manifest), given.overwrite)
     return args
+
+
+def make_demo_data(args: argparse.Namespace) -> None:
+    """With --demo, generate the built-in dataset (reused when already there), once the command has checked its
+    output folder: a refused folder costs no images."""
+    if args.demo:
+        from stage2.data.demo import make_demo_dataset  # numpy/PIL work, only when asked for
+
+        # Logging is set up later, by the run: the demo speaks for itself before that.
+        make_demo_dataset(DEMO_ROOT, progress=True)
 
 
 def _demo_replaces(out: Path, train: Path, overwrite: bool) -> None:

@@ -140,7 +140,8 @@ def _add_output_flags(out: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
                           "jpeg:50,jpeg:30,down:0.5,blur:1.0,noise:0.02 (a table and a plot per manifest; "
                           "several SPECs, or the flag repeated, add up)")
     out.add_argument("--log-every", type=Int(min=1), default=d["log_every"],
-                     help="steps between progress lines when stdout is not a terminal")
+                     help="optimizer updates (of --grad-accum micro-batches each) between progress lines when stdout "
+                          "is not a terminal, and between checks for a non-finite loss")
     out.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d["calibrate"],
                      help="fit a temperature on the validation logits of the best epoch")
     out.add_argument("--log-to", choices=TRACKERS, default=d["log_to"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, make_demo_data, parse_args
 from stage2.commands.flags import FlagParser, Float, given_flags
 from stage2.commands.train_args import add_train_args, check_run_inputs, config_from_args
 from stage2.errors import ConfigError
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     check_run_inputs(cfg)
     if args.pretrained and not args.pretrained_file and command_kind(cfg) == "training":
         check_hub([(timm_repo(args.model), None)], "--pretrained-file PATH (safetensors or .pth) or --no-pretrained")
+    make_demo_data(args)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.timm_classifier import TimmExpert

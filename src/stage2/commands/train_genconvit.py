@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, parse_args
+from stage2.commands.cli import HelpFormatter, command_help, exit_on_error, make_demo_data, parse_args
 from stage2.commands.flags import FlagParser, Float, Int, given_flags
 from stage2.commands.train_args import add_train_args, check_run_inputs, config_from_args
 from stage2.errors import ConfigError, check_checkpoint_exists
@@ -36,7 +36,7 @@ from stage2.models.names import (
     RECON_ON,
     SWIN_NAME,
 )
-from stage2.models.recipes import GENCONVIT
+from stage2.models.recipes import GENCONVIT, check_genconvit_start
 from stage2.run.files import check_output_dir, command_kind
 
 COMMAND = "stage2-train-genconvit"  # the installed command (pyproject.toml)
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if command_kind(cfg) == "training":
         check_genconvit_start(args.init, args.arch, args.backbone_file, args.swin_file)
         _check_hub(args, variants)
+    make_demo_data(args)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.genconvit import GenConViTExpert
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.evaluate_checkpoint:
             expert.stages(args.epochs, args.lr)  # a bad --stages answers now, not once the data is read
         runs.append((cfg, expert))
-    for cfg, expert in runs:
-        run(cfg, expert)
+    for index, (cfg, expert) in enumerate(runs):
+        run(cfg, expert, show_audit=index == 0)  # the variants train on the same sets: their audit is shown once
 
 
 def _number(value: float) -> str:

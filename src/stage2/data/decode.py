@@ -88,15 +88,34 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     """A PIL image as uint8 RGB ``[3, H, W]``, as :func:`decode_image` gives its file: upright by its EXIF
-    orientation, alpha dropped, 16-bit samples scaled to 8-bit."""
+    orientation, alpha dropped, and samples of more than 8 bits brought to 8 by their range:
+
+    - 16-bit grey (I;16, I;16B...): scaled, 65535 -> 255, as 16-bit PNGs are;
+    - 32-bit integer grey (I, as TIFFs store it): read as 16-bit when every sample lies in [0, 65535] (what
+      16-bit data saved as 32-bit holds); anything else has no known white and is refused (ValueError);
+    - 32-bit float grey (F): samples in [0, 1] scaled, 1.0 -> 255; any other value (or NaN) is refused.
+
+    PIL's own convert("RGB") would clip integers at 255 and truncate floats to 0 or 1, both silently.
+    """
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        samples = np.asarray(image, dtype=np.float64)
+        if samples.size and not (np.isfinite(samples).all() and samples.min() >= 0 and samples.max() <= 1):
+            raise ValueError(f"32-bit float samples (mode F) outside [0, 1] (from {np.nanmin(samples):g} to "
+                             f"{np.nanmax(samples):g}): no known white; save it as 8- or 16-bit, or scaled to [0, 1]")
+        grey = torch.from_numpy(np.rint(samples * 255).astype(np.uint8))
+        return grey.expand(3, -1, -1).contiguous()
     if image.mode.startswith("I"):
-        # 16-bit grey (I;16*, or I as some plugins report it): convert("RGB") would clip at 255.
-        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
-        tensor = TF.to_dtype(torch.from_numpy(grey), torch.uint8, scale=True)
+        samples = np.asarray(image, dtype=np.int64)
+        if samples.size and (samples.min() < 0 or samples.max() > 65535):
+            raise ValueError(f"integer samples (mode {image.mode}) outside [0, 65535] (from {samples.min()} "
+                             f"to {samples.max()}): no known white; save it as 8- or 16-bit")
+        tensor = TF.to_dtype(torch.from_numpy(samples.astype(np.uint16)), torch.uint8, scale=True)
         return tensor.expand(3, -1, -1).contiguous()
-    # Alpha (RGBA, LA, P with transparency) is dropped, as the torchvision path does.
-    rgb = np.asarray(image.convert("RGB"))
+    try:
+        rgb = np.asarray(image.convert("RGB"))  # alpha (RGBA, LA, P with transparency) is dropped, as torchvision does
+    except ValueError:
+        raise ValueError(f"image mode {image.mode} cannot be converted to RGB") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -114,8 +133,9 @@ def _pil_decode(path: str, data: bytes) -> torch.Tensor:
 
 
 def decode_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Decode an image file to uint8 RGB ``[3, H, W]``, upright by its EXIF orientation; alpha is dropped, 16-bit
-    samples are scaled to 8-bit.
+    """Decode an image file to uint8 RGB ``[3, H, W]``, upright by its EXIF orientation; alpha is dropped, samples
+    of more than 8 bits are scaled to 8 by their range (16-bit, 32-bit integer and float: see :func:`pil_to_uint8`,
+    which refuses those without a known white).
 
     torchvision's decoder (faster than PIL) handles PNG/JPEG/WebP/GIF; anything it rejects is retried with PIL.
     A missing, empty, corrupt or truncated file, or one of more than `max_pixels` pixels (read from its header,

@@ -5,13 +5,15 @@ trained. The third run mode, beside training (stage2.engine.trainer) and --audit
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from stage2.atomic import write_json_atomic, write_text_atomic
+from stage2.atomic import staging_dir, write_json_atomic, write_text_atomic
 from stage2.data.audit import run_audit
 from stage2.data.perturb import check_image_size, parse_perturbations
 from stage2.data.preprocessing import DataConfig
@@ -22,7 +24,7 @@ from stage2.processes import usable_cores
 from stage2.run.checkpoint import BestCheckpoint, read_best
 from stage2.run.config import TrainConfig
 from stage2.run.distributed import DistInfo
-from stage2.run.files import EVAL_SUMMARY, check_output_dir, eval_outputs, report_names
+from stage2.run.files import BAD_IMAGES, EVAL_SUMMARY, check_output_dir, eval_outputs, evaluation_files_in, report_names
 from stage2.run.folder import BadImages
 from stage2.run.logs import setup_logging
 from stage2.scoring.evaluator import EvalResult, Evaluator, final_report
@@ -43,7 +45,8 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     checkpoint holds no fitted temperature, `temperature_fitted`; its shortcut audit),
     predictions_NAME.csv (path, label, video_id, method, P(fake) raw and calibrated) and, with --perturb,
     robustness_NAME.csv and .png; then eval_summary.csv across manifests and shortcut_audit.csv. Existing files
-    are never replaced without --overwrite.
+    are never replaced without --overwrite; with it, the previous evaluation's files are all replaced, once this
+    one's are written.
     Returns {name: metrics} on rank 0. `threads`: what `cpu_threads` chose, said first.
     """
     out = Path(cfg.output_dir)
@@ -70,29 +73,53 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     model = model_from_checkpoint(checkpoint.to_dict()).to(dist.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if dist.is_main:  # what the file headers alone give away about each set's labels
-        audit = run_audit({name: e.frame for name, e in zip(names, evaluators)}, out, min(cfg.workers, usable_cores()))
-    results, rows, notes = {}, [], []
-    for manifest, name, evaluator in zip(manifests, names, evaluators):
-        result = evaluator.evaluate(model)
-        metrics = evaluator.metrics(result)
-        robustness = [{"perturbation": "none", **_headline(metrics)}]
-        for perturbation in perturbations:
-            perturbed = Evaluator(cfg, expert, dist, data_config, bad_images=bad_images, manifest=manifest,
-                                  perturbation=perturbation)
-            robustness.append({"perturbation": perturbation.name,
-                               **_headline(perturbed.metrics(perturbed.evaluate(model)))})
+    # The reports are written into a folder of their own, then moved in place of the previous evaluation's (an
+    # --overwrite): the folder holds one evaluation, whole, and a failed one leaves the previous one as it was.
+    work = staging_dir(out / "reports") if dist.is_main else out
+    try:
+        if dist.is_main:  # what the file headers alone give away about each set's labels
+            audit = run_audit({name: e.frame for name, e in zip(names, evaluators)}, work,
+                              min(cfg.workers, usable_cores()))
+        results, rows, notes = {}, [], []
+        for manifest, name, evaluator in zip(manifests, names, evaluators):
+            result = evaluator.evaluate(model)
+            metrics = evaluator.metrics(result)
+            robustness = [{"perturbation": "none", **_headline(metrics)}]
+            for perturbation in perturbations:
+                perturbed = Evaluator(cfg, expert, dist, data_config, bad_images=bad_images, manifest=manifest,
+                                      perturbation=perturbation)
+                robustness.append({"perturbation": perturbation.name,
+                                   **_headline(perturbed.metrics(perturbed.evaluate(model)))})
+            if not dist.is_main:
+                continue
+            points = _write_reports(work, name, manifest, checkpoint, path, evaluator, result, metrics,
+                                    audit[audit["set"] == name], robustness if perturbations else None)
+            results[name] = metrics
+            rows.append({"manifest": name, **_headline(metrics)})
+            notes.append(tpr_footnote(points, f"{name}: "))
         if not dist.is_main:
-            continue
-        points = _write_reports(out, name, manifest, checkpoint, path, evaluator, result, metrics,
-                                audit[audit["set"] == name], robustness if perturbations else None)
-        results[name] = metrics
-        rows.append({"manifest": name, **_headline(metrics)})
-        notes.append(tpr_footnote(points, f"{name}: "))
-    if not dist.is_main:
-        return None
-    _write_summary(cfg, pd.DataFrame(rows), notes)
+            return None
+        _write_summary(cfg, work, pd.DataFrame(rows), notes)
+        _replace_reports(out, work, keep_bad_images=any(bad_images.found.values()))
+    finally:
+        if dist.is_main:
+            shutil.rmtree(work, ignore_errors=True)
+    # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
+    written = [name for name in eval_outputs(cfg) if (out / name).exists()]
+    log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
     return results
+
+
+def _replace_reports(out: Path, work: Path, *, keep_bad_images: bool) -> None:
+    """The reports built in `work` in place of any earlier evaluation's in `out` (which only --overwrite allows):
+    the earlier files this one does not write are removed, then each new one is renamed over its namesake.
+    bad_images.txt, which the evaluation writes in `out` as it finds them, stays when it found some."""
+    new = {path.name for path in work.iterdir()}
+    for old in evaluation_files_in(out):
+        if old.name not in new and not (old.name == BAD_IMAGES and keep_bad_images):
+            old.unlink()
+    for name in sorted(new):
+        os.replace(work / name, out / name)
 
 
 def _check_model(checkpoint: BestCheckpoint, data_config: DataConfig, path: Path, cfg: TrainConfig, expert: Expert
@@ -136,15 +163,11 @@ def _write_reports(out: Path, name: str, manifest: str, checkpoint: BestCheckpoi
     return frame_points
 
 
-def _write_summary(cfg: TrainConfig, summary: pd.DataFrame, notes: list[str]) -> None:
-    """eval_summary.csv, the table across manifests (with the footnotes of each), and where the reports are."""
-    out = Path(cfg.output_dir)
-    write_text_atomic(out / EVAL_SUMMARY, summary.to_csv(index=False))
+def _write_summary(cfg: TrainConfig, work: Path, summary: pd.DataFrame, notes: list[str]) -> None:
+    """eval_summary.csv (into `work`), the table across manifests, with the footnotes of each."""
+    write_text_atomic(work / EVAL_SUMMARY, summary.to_csv(index=False))
     log.info("\n%s across manifests:\n%s%s", cfg.evaluate_checkpoint,
              summary.to_string(index=False, float_format="%.4f"), "".join(notes))
-    # GenConViT's go into OUTPUT_DIR/<variant>, as its training runs do: say where.
-    written = [name for name in eval_outputs(cfg) if (out / name).exists()]
-    log.info("--evaluate: reports in %s: %s", out, ", ".join(written))
 
 
 def _model_words(meta: dict[str, Any], size: int) -> str:

@@ -2,15 +2,16 @@
 
 A step is the forward and backward of one micro-batch under autocast, its random draws seeded from (seed, epoch,
 step, rank), so that a run resumed from any step continues as if it had never stopped; an update (every
---grad-accum steps, and at the epoch's end) clips, steps the optimizer, the EMA and the schedule, then checks for
-divergence, reports progress, and writes last.pt mid-epoch when it is due or a stop was requested. What the steps
-use is set up once by the Trainer (stage2.engine.trainer) and handed over as a `Loop`; each stage's optimizer,
-schedule and wrapped model as a `StageState`.
+--grad-accum steps, and at the epoch's end) clips, steps the optimizer, the EMA and the schedule; every --log-every
+updates it also checks for divergence and reports progress, and it writes last.pt mid-epoch when it is due or a
+stop was requested. What the steps use is set up once by the Trainer (stage2.engine.trainer) and handed over as a
+`Loop`; each stage's optimizer, schedule and wrapped model as a `StageState`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -187,12 +188,14 @@ def _optimizer_step(loop: Loop, stage: StageState, *, apply: bool) -> None:
 
 def _after_update(loop: Loop, stage: StageState, epoch: int, done: int, n_steps: int, sums: Sums,
                   progress: Progress) -> None:
-    """After the update at step `done` of `n_steps`: check for divergence, report progress, and write last.pt
+    """After the update at step `done` of `n_steps`: every --log-every updates (of the epoch, counted as the
+    optimizer steps, not the micro-batches of --grad-accum), check for divergence and report progress; write last.pt
     mid-epoch when it is due or a stop was requested (then stop)."""
     cfg, dist = loop.cfg, loop.dist
-    if done % cfg.log_every == 0 or done == n_steps:
+    due_to_log = math.ceil(done / cfg.grad_accum) % cfg.log_every == 0
+    if due_to_log or done == n_steps:
         check_finite(loop, sums, epoch, done)
-    if dist.is_main and done % cfg.log_every == 0 and progress.loss is not None:
+    if dist.is_main and due_to_log and progress.loss is not None:
         msg = (f"loss {float(sums['loss'] / sums['n']):.4f} lr {stage.lr:.3g} "
                f"{progress.images * dist.world_size / (time.perf_counter() - progress.t0):.0f} img/s")
         progress.bar.set_postfix_str(msg, refresh=False)

@@ -17,6 +17,7 @@ checkpoint continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -65,15 +66,20 @@ log = logging.getLogger("stage2")
 class Trainer:
     """One training run of an `Expert` with a `TrainConfig`, on this rank (`dist`)."""
 
-    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = ""):
-        """`threads`: what `cpu_threads` chose, for the settings line. The steps run in this order: every input is
-        read and checked before anything is built or replaced (offline, building the model first spent a minute on
-        hub retries before a missing manifest was named; --overwrite removed the previous run), and the seed is set
-        right before the model is built."""
-        self.cfg, self.expert, self.dist, self.threads = cfg, expert, dist, threads
+    def __init__(self, cfg: TrainConfig, expert: Expert, dist: DistInfo, *, threads: str = "",
+                 show_audit: bool = True):
+        """`threads`: what `cpu_threads` chose, for the settings line; `show_audit` False: the shortcut audit of
+        these sets was shown already (by the run before, in this command), it is only written. The steps run in
+        this order: every input is read and checked before anything is built (offline, building the model first
+        spent a minute on hub retries before a missing manifest was named), and the seed is set right before the
+        model is built."""
+        self.cfg, self.expert, self.dist, self.threads, self.show_audit = cfg, expert, dist, threads, show_audit
         self.device, self.out = dist.device, Path(cfg.output_dir)
         val_frame = self._setup_inputs()
         self._setup_run_dir()
+        self.finished = self._finished_summary()
+        if self.finished is not None:
+            return
         self._setup_model()
         self._setup_validation(val_frame)
         self._setup_data()
@@ -119,6 +125,17 @@ class Trainer:
         self.tracker = make_tracker(cfg.log_to, self.out, dist.is_main)
         self.stop = StopRequest()  # set by SIGTERM or Ctrl-C during fit(): the loop stops at the next step
 
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """On a --resume of a run that is finished (every epoch trained, its summary written), its summary: there is
+        nothing to do, and the run says so rather than building the model and scoring the best epoch again."""
+        resume, summary = self.resume, self.out / SUMMARY
+        if not resume or resume.step or resume.next_epoch < self.cfg.epochs or not summary.is_file():
+            return None
+        log.info("--resume: the run in %s is finished (%d of %d epochs; best %s %.4f at epoch %d): nothing to do; "
+                 "a larger --epochs trains it on", self.out, resume.next_epoch, self.cfg.epochs,
+                 self.cfg.select_metric, resume.best_value, resume.best_epoch)
+        return json.loads(summary.read_text())
+
     def _setup_model(self) -> None:
         """Seeded, built, on the device; its data config (made once, by the expert) and the precision it trains in."""
         cfg = self.cfg
@@ -139,8 +156,8 @@ class Trainer:
         self.evaluator = Evaluator(self.cfg, self.expert, self.dist, self.data_config, bad_images=self.bad_images,
                                    frame=val_frame, last=self.out / LAST)
         self.evaluator.check_select_metric(self.cfg.select_metric)
-        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out,
-                               self.workers) if self.dist.is_main else None
+        self.audit = run_audit({"train": self.train_frame, "val": self.evaluator.frame}, self.out, self.workers,
+                               show=self.show_audit) if self.dist.is_main else None
 
     def _setup_data(self) -> None:
         """The labels an epoch trains on (the expert balances its loss on them), --aug, and this rank's loader."""
@@ -174,6 +191,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any] | None:
         """Every stage's epochs from where the run stands, then the end (`_finish`); the summary on rank 0."""
+        if self.finished is not None:
+            return self.finished if self.dist.is_main else None
         stages = self.expert.stages(self.cfg.epochs, self.cfg.lr)
         start_epoch, start_step = self._restore()
         self._announce(stages)
@@ -195,8 +214,11 @@ class Trainer:
                 self.history if self.dist.is_main else None)
         self.checkpoints.resume(resume)
         where = f"epoch {resume.next_epoch + 1}" + (f" step {resume.step}" if resume.step else "")
+        if resume.next_epoch >= self.cfg.epochs:  # trained whole, stopped before its reports were written
+            where = f"the end of its {self.cfg.epochs} epochs, to write its reports"
+        best = self.checkpoints.best_value
         log.info("resuming from %s at %s (best %s so far: %s)", self.resume_path, where, self.cfg.select_metric,
-                 self.checkpoints.best_value)
+                 "none yet" if best is None else f"{best:.4f}")
         return resume.next_epoch, resume.step
 
     def _announce(self, stages: list[Stage]) -> None:

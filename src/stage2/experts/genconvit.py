@@ -26,7 +26,7 @@ from stage2.experts.base import Expert, Stage
 from stage2.models.families import FAMILIES, GenConViTFamily
 from stage2.models.genconvit import GenConViTLoss, build_genconvit, init_var_from_mu, load_official_checkpoint
 from stage2.models.names import CONVNEXT_NAME, GENCONVIT_HF_FILES, GENCONVIT_HF_REPO
-from stage2.models.recipes import GENCONVIT
+from stage2.models.recipes import GENCONVIT, check_genconvit_start
 
 log = logging.getLogger(__name__)
 

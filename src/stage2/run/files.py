@@ -8,6 +8,7 @@ already taken is refused at once, not after the half minute that importing torch
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stage2.errors import ConfigError
@@ -29,8 +30,13 @@ AUDIT_FILE = "shortcut_audit.csv"
 RECON_SAMPLES = "recon_samples"
 EVAL_SUMMARY = "eval_summary.csv"  # --evaluate's table across its manifests
 
-# The files that make a folder hold a run (and that --overwrite must be asked for).
+# The files of a run; a folder holds one (that --overwrite must be asked to replace) once it holds a checkpoint:
+# what a run that failed before its first one left (args.json, train.log) is replaced by the next run as it starts.
 RUN_FILES = (BEST, LAST, METRICS, SUMMARY, ARGS)
+CHECKPOINTS = (BEST, LAST)
+# Where a run starting in a folder sets aside what was there (an --overwrite's previous run): put back if the new
+# run fails before writing its last.pt (or is killed: the next run in the folder puts it back), removed once it has.
+REPLACED = ".replaced"
 # Everything a run writes into its folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (*RUN_FILES, TRAIN_LOG, ROC, CURVES, PREDICTIONS, BAD_IMAGES, RECON_SAMPLES, TENSORBOARD, AUDIT_FILE)
 
@@ -43,16 +49,25 @@ KINDS = {"training": (BEST, LAST, METRICS, ARGS),
          "evaluate": (EVAL_SUMMARY, "eval_*.json", "predictions_*.csv"),
          "audit": (SUMMARY,)}
 KIND_NAMES = {"training": "a training run", "evaluate": "--evaluate reports", "audit": "an --audit-only report"}
+# Every file an --evaluate writes (eval_outputs names one evaluation's): what its --overwrite replaces, whole.
+EVAL_PATTERNS = (*KINDS["evaluate"], "robustness_*.csv", "robustness_*.png", AUDIT_FILE, BAD_IMAGES)
 
 
 def run_files_in(out: Path) -> list[str]:
-    """The RUN_FILES present in `out`."""
+    """The RUN_FILES present in `out` when it holds a run (a checkpoint); else none."""
+    if not any((out / name).exists() for name in CHECKPOINTS):
+        return []
     return [name for name in RUN_FILES if (out / name).exists()]
 
 
 def folder_kind(out: Path) -> str | None:
     """What `out` holds (a KINDS key), or None for a folder that holds none of their files."""
     return next((kind for kind, patterns in KINDS.items() if any(next(out.glob(p), None) for p in patterns)), None)
+
+
+def evaluation_files_in(out: Path) -> list[Path]:
+    """The files of an --evaluate (EVAL_PATTERNS) in `out`."""
+    return sorted({path for pattern in EVAL_PATTERNS for path in out.glob(pattern) if path.is_file()})
 
 
 def command_kind(cfg: TrainConfig) -> str:
@@ -94,10 +109,20 @@ def eval_outputs(cfg: TrainConfig) -> list[str]:
     return [*files, EVAL_SUMMARY, AUDIT_FILE]
 
 
+def check_writable_folder(out: Path) -> None:
+    """Refuse (ConfigError) an --output-dir that is a file, lies under one, or is in a folder we may not write."""
+    existing = next(folder for folder in (out, *out.parents, Path(".")) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out}: cannot write in {existing} (permission denied)")
+
+
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse (ConfigError) an output folder that holds another kind of output than this command writes, what this
     command would replace without --overwrite, or a --resume of a last.pt in another folder."""
     out = Path(cfg.output_dir)
+    check_writable_folder(out)
     kind, held = command_kind(cfg), folder_kind(out)
     if held not in (None, kind):
         raise ConfigError(f"--output-dir {out} holds {KIND_NAMES[held]}; {KIND_NAMES[kind]} goes in a folder of its "

@@ -92,8 +92,9 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
     """What a training run is about to do, in one block: device, data, recipe, stages and model.
 
     `label_mix` is the expected (real, fake) images an epoch trains on (stage2.run.loaders.trained_label_mix);
-    `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none); `workers` the
-    loader workers after the cap to usable cores; `model` the expert's description."""
+    `degrade_start` the 0-based epoch the CPU degradations begin at (None: the level has none; not said when the
+    run ends before it); `workers` the loader workers after the cap to usable cores; `model` the expert's
+    description."""
     n_fake = int(train_frame["label"].sum())
     blend = cfg.self_blend if isinstance(cfg.self_blend, str) else f"{cfg.self_blend:.10g}"  # 0.999999 stays so
     how = [what for what, on in (("--balanced-sampler", cfg.balanced_sampler),
@@ -108,7 +109,8 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
         + (f"; trained per epoch, expected after {' and '.join(how)}: {label_mix[0]:.6g} real / "
            f"{label_mix[1]:.6g} fake" if how else ""),
         f"input {data_config.size}px, mean {list(data_config.mean)}, std {list(data_config.std)}, aug {cfg.aug}"
-        + (f" (degradations from epoch {degrade_start + 1})" if degrade_start is not None else "")
+        + (f" (degradations from epoch {degrade_start + 1})"
+           if degrade_start is not None and degrade_start < cfg.epochs else "")
         + f", self-blend {blend}" + (f" (--blend-mask {cfg.blend_mask})" if cfg.self_blend else "")
         + f", workers {workers}"
         + (f" (--workers {cfg.workers} capped to the {workers} cores this process may use)"

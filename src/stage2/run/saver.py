@@ -24,6 +24,7 @@ from stage2.run.checkpoint import (
 )
 from stage2.run.config import TrainConfig
 from stage2.run.files import BEST, LAST
+from stage2.run.folder import discard_replaced
 
 
 class CheckpointSaver:
@@ -102,6 +103,7 @@ class CheckpointSaver:
             rng=rng_state(),
         )
         self._write(last, self.last)
+        discard_replaced(self.last.parent)  # this run's last.pt is what a resume continues now
 
     def read_best(self) -> BestCheckpoint:
         """best.pt as written, checked (its checksums, finite weights, a usable data config)."""
