@@ -32,6 +32,15 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checks_cache(tmp_path_factory) -> Path:
+    """The session's own folder of remembered start-up checks (stage2.data.checks), not the user's; child processes
+    inherit it."""
+    folder = tmp_path_factory.mktemp("stage2_cache")
+    os.environ["STAGE2_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """(train.csv, val.csv): 36 + 12 synthetic 64x64 PNG face crops with video_id and method columns."""
