@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -75,8 +76,13 @@ def write_set(folder: Path, rows: int, val_rows: int, distinct: int) -> tuple[Pa
 
 def time_to_first_step(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     """Run `command` until its first step's log line, then stop it (SIGTERM); the seconds at which its lines
-    came."""
-    started = time.perf_counter()
+    came, and the CPU seconds it and its processes used in all (to the end of the stop: a load-independent
+    figure)."""
+    def cpu() -> float:
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return used.ru_utime + used.ru_stime
+
+    cpu_start, started = cpu(), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=ROOT)
     result: dict[str, Any] = {}
@@ -95,6 +101,7 @@ def time_to_first_step(command: list[str], env: dict[str, str], timeout: float) 
             process.kill()
             break
     process.communicate()
+    result["cpu_s"] = round(cpu() - cpu_start, 2)
     if "first_step_s" not in result:
         raise RuntimeError("no first step; the run said:\n" + "\n".join(lines[-20:]))
     result["log"] = lines
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timed = time_to_first_step([*base, *flags], env, args.timeout)
             result[case] = {k: v for k, v in timed.items() if k != "log"}
             print(f"{case}: first step at {timed['first_step_s']:.1f} s (audit table at "
-                  f"{timed.get('audit_done_s', float('nan')):.1f} s)", flush=True)
+                  f"{timed.get('audit_done_s', float('nan')):.1f} s; {timed['cpu_s']:.1f} CPU s to the stop)",
+                  flush=True)
             print("\n".join(f"    {line[:160]}" for line in timed["log"]), flush=True)
         result["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
