@@ -242,8 +242,22 @@ def read_manifest(
 
 def manifest_fingerprint(frame: pd.DataFrame) -> dict[str, Any]:
     """What a manifest held as read (rows, resolved paths, labels, optional columns): its row count and the
-    SHA-256 of its rows. A resume compares them: the same file name may hold other rows by then."""
-    return {"rows": len(frame), "sha256": hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()}
+    SHA-256 of its rows (as ``frame.to_csv(index=False)`` writes them). A resume compares them: the same file name
+    may hold other rows by then."""
+    return {"rows": len(frame), "sha256": hashlib.sha256(_as_csv(frame).encode()).hexdigest()}
+
+
+def _as_csv(frame: pd.DataFrame) -> str:
+    """``frame.to_csv(index=False)``; joined at C speed (a million rows in a fraction of the second to_csv takes)
+    where there are two columns or more, each of strings or integers, and no cell or name needs quoting."""
+    types = pd.api.types
+    if len(frame.columns) < 2 or not all(types.is_string_dtype(t) or types.is_integer_dtype(t) for t in frame.dtypes):
+        return frame.to_csv(index=False)
+    names = [str(c) for c in frame.columns]
+    cells = [frame[c].astype(str).tolist() for c in frame.columns]
+    if any(char in text for text in map("\0".join, (names, *cells)) for char in ',"\n\r'):
+        return frame.to_csv(index=False)
+    return "\n".join([",".join(names), *map(",".join, zip(*cells))]) + "\n"
 
 
 def frame_from_images(folder: str | Path) -> pd.DataFrame:
