@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -23,10 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stage2.data.checks import SAMPLE, content_key, recall, remember
+from stage2.data.checks import content_key, recall, remember
 from stage2.errors import ManifestError, first_line
-
-log = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file")  # in order of preference
 OPTIONAL_COLUMNS = ("video_id", "method", "source_id")
@@ -144,8 +141,6 @@ def _check_files(paths: list[str], manifest: Path, base: str) -> None:
     trusted, on a sample of them (stage2.data.checks)."""
     key = content_key(paths)
     if recall("files", key, paths):
-        log.info("%s: its %d image files were all there for a run of the same rows (%d of them checked now)",
-                 manifest, len(paths), min(len(paths), SAMPLE))
         return
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
