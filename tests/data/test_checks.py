@@ -3,10 +3,13 @@ unchanged, neither stats every file again nor reads a header; a changed manifest
 again, and an answer that cannot be kept or read changes nothing but the time."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import fails, set_flag
 from PIL import Image
 
 import train_stage2_effnet
@@ -147,3 +150,18 @@ def test_an_audit_only_rerun_in_another_folder_writes_the_same_table_from_the_re
     first, second = (json.loads((tmp_path / name / "summary.json").read_text()) for name in "ab")
     assert first == second
     assert (tmp_path / "a" / "shortcut_audit.csv").read_text() == (tmp_path / "b" / "shortcut_audit.csv").read_text()
+
+
+def test_a_training_rerun_reads_no_header_and_a_train_image_gone_since_is_one_line_naming_it(
+        effnet_args, tiny_data, tmp_path, capsys, monkeypatch, headers_read):
+    monkeypatch.setattr(checks, "SAMPLE", 2)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data[0].parent, data)
+    args = set_flag(set_flag(set_flag(effnet_args, "--train-manifest", str(data / tiny_data[0].name)),
+                             "--val-manifest", str(data / tiny_data[1].name)), "--epochs", "1")
+    train_stage2_effnet.main(args)
+    assert headers_read == [36 + 12]
+    gone = read_manifest(data / tiny_data[0].name)["path"].iloc[5]  # not one of the two sampled rows (0 and 35)
+    Path(gone).unlink()
+    err = fails(train_stage2_effnet.main, set_flag(args, "--output-dir", str(tmp_path / "rerun")), capsys)
+    assert headers_read == [36 + 12] and f"cannot decode image {gone}: No such file or directory" in err
