@@ -71,6 +71,15 @@ def _user_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checks_cache(tmp_path_factory) -> Path:
+    """The session's own folder of remembered start-up checks (stage2.data.checks), not the user's; child processes
+    inherit it."""
+    folder = tmp_path_factory.mktemp("stage2_cache")
+    os.environ["STAGE2_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """(train.csv, val.csv): 36 + 12 synthetic 64x64 PNG face crops with video_id and method columns."""

@@ -72,8 +72,11 @@ def test_the_command_fills_the_cache_and_the_default_folder(portrait, tmp_path, 
     assert summary == ("landmarks: 1 of 2 images have a face (1 without one take the ellipse mask); 2 computed now, "
                        "0 from the cache")
     assert len(list((tmp_path / "c" / "landmarks").rglob("*.npy"))) == 2
+    monkeypatch.delenv("STAGE2_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_dir(None) == tmp_path / "xdg" / "stage2" / "landmarks"
+    monkeypatch.setenv("STAGE2_CACHE", str(tmp_path / "mine"))
+    assert default_dir(None) == tmp_path / "mine" / "landmarks"
 
 
 def test_without_the_extra_the_reason_names_the_install_line(monkeypatch, portrait, tmp_path, capsys):

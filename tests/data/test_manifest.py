@@ -1,5 +1,6 @@
 """read_manifest on real CSV files: columns, labels, path resolution and every validation error."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from conftest import ROOT, subprocess_env
 from PIL import Image
 
 from stage2.commands.cli import exit_on_error
-from stage2.data.manifest import check_source_leak, read_manifest
+from stage2.data.manifest import check_source_leak, manifest_fingerprint, read_manifest
 from stage2.errors import ManifestError
 
 
@@ -95,6 +96,39 @@ def test_relative_paths_resolve_against_the_manifest_folder_or_data_root(tmp_pat
     frame = read_manifest(manifest, data_root=images)
     assert frame["path"].tolist() == [str(images / "x/a.png"), str(tmp_path / "outside.png")]
     assert all(os.path.isabs(p) for p in frame["path"])
+
+
+# Paths that are plain (joined to the base as they are) and paths that normpath or expanduser change.
+PLAIN = ["a.png", "x/b.png", "..c.png", "d..png", "e./f.png", " g.png", "h~.png", "sub/i j.png", "é.png"]
+NOT_PLAIN = ["./k.png", "x/../l.png", "x//m.png", "x/./n.png", "~/o.png", ".hidden/p.png", "/abs//q.png", "r/.."]
+
+
+@pytest.mark.parametrize("paths", [PLAIN, [*PLAIN, "/abs/s.png"], [*PLAIN, *NOT_PLAIN], NOT_PLAIN],
+                         ids=["plain", "plain-and-absolute", "mixed", "not-plain"])
+def test_every_path_resolves_as_normpath_and_expanduser_give_it(tmp_path, paths):
+    rows = "".join(f"{p},1,v{i},m\n" for i, p in enumerate(paths))
+    frame = read_manifest(_csv(tmp_path, f"path,label,video_id,method\n{rows}"), data_root="/data/root",
+                          check_files=False)
+    assert frame["path"].tolist() == [os.path.normpath(os.path.join("/data/root", os.path.expanduser(p)))
+                                      for p in paths]
+
+
+@pytest.mark.parametrize("space", [" ", "\t", "\x1c", "\u00a0", "\u2003"])
+def test_whitespace_around_any_cell_is_stripped(tmp_path, space):
+    _touch(tmp_path, "a.png", "b.png")
+    frame = read_manifest(_csv(tmp_path, f"path,label,video_id\na.png,0,v1\nb.png,1{space},{space}v2\n"))
+    assert frame["label"].tolist() == [0, 1] and frame["video_id"].tolist() == ["v1", "v2"]
+
+
+@pytest.mark.parametrize("rows", [
+    "path,label,video_id,method\na.png,1,v1,m\nb.png,0,v2,\n",
+    "path,label,source_id\n\"a,1.png\",1,s1\nb.png,0,\"say \"\"x\"\"\"\n",  # cells that need quoting
+    "path\na.png\nb.png\n",  # unlabeled
+], ids=["plain", "quoted", "unlabeled"])
+def test_the_fingerprint_is_the_sha256_of_the_frame_as_to_csv_writes_it(tmp_path, rows):
+    frame = read_manifest(_csv(tmp_path, rows), check_files=False, require_labels=False)
+    expected = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()  # what runs' last.pt files hold
+    assert manifest_fingerprint(frame) == {"rows": 2, "sha256": expected}
 
 
 def test_relative_data_root_becomes_absolute(tmp_path, monkeypatch):

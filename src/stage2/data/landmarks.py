@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import importlib.util
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from stage2.atomic import atomic_write
+from stage2.data.checks import user_cache_dir
 from stage2.errors import USER_ERRORS, ConfigError, ImageDecodeError
 from stage2.processes import init_worker
 
@@ -106,11 +106,9 @@ class Landmarks:
 
 
 def default_dir(cache_dir: str | Path | None) -> Path:
-    """Where landmarks are cached: CACHE_DIR/landmarks with --cache-dir, else the user's cache folder
-    ($XDG_CACHE_HOME, or ~/.cache, then stage2/landmarks)."""
-    if cache_dir:
-        return Path(cache_dir) / "landmarks"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stage2" / "landmarks"
+    """Where landmarks are cached: CACHE_DIR/landmarks with --cache-dir, else the user's stage2 cache folder's
+    landmarks/ ($STAGE2_CACHE, else $XDG_CACHE_HOME/stage2, else ~/.cache/stage2)."""
+    return Path(cache_dir) / "landmarks" if cache_dir else user_cache_dir() / "landmarks"
 
 
 def image_landmarks(paths: Sequence[str], cache: str | Path, *, workers: int = 1) -> Landmarks:
