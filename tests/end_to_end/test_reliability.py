@@ -731,7 +731,7 @@ def test_a_run_that_fails_before_training_leaves_no_folder_and_a_finished_one_no
     (tmp_path / "w.safetensors").write_bytes(b"not weights")  # found unreadable once the run's log was set up
     broken = [a for a in set_flag(effnet_args, "--pretrained-file", str(tmp_path / "w.safetensors"))
               if a != "--no-pretrained"]
-    assert "cannot load weights for test_efficientnet" in fails(train_stage2_effnet.main, broken, capsys)
+    assert "neither a safetensors file nor a PyTorch checkpoint" in fails(train_stage2_effnet.main, broken, capsys)
     assert not output_dir(broken).exists()
     logging.getLogger("stage2").info("the next command in this process")  # not into the removed run's train.log
     train_stage2_effnet.main(set_flag(effnet_args, "--epochs", "1"))
