@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 
 import train_stage2_effnet
+import train_stage2_genconvit
 from stage2.commands import cli
 from stage2.errors import ConfigError
 
@@ -94,3 +95,16 @@ def test_demo_replaces_a_run_that_is_not_a_demo_only_with_overwrite(demo_root, t
     assert not demo_root.exists()
     cli.parse_args(train_stage2_effnet.build_parser(), ["--demo", "--output-dir", str(run.parent), "--overwrite"])
     assert "demo: replacing the earlier run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("main", [train_stage2_effnet.main, train_stage2_genconvit.main])
+def test_demo_in_a_fresh_folder_makes_its_data_before_the_inputs_are_checked(main, demo_root, tmp_path, monkeypatch):
+    # The newcomer's first command: no data/demo yet. The input check (manifests exist) once ran before the demo's
+    # data was made, and the README's demo stopped at "data/demo/train.csv: manifest file not found".
+    from stage2.data import demo
+
+    monkeypatch.setattr(demo, "make_demo_dataset", partial(demo.make_demo_dataset, n_videos=4, frames_per_video=2,
+                                                           size=16))
+    assert not demo_root.exists()
+    main(["--demo", "--audit-only", "--output-dir", str(tmp_path / "audit")])
+    assert (demo_root / "train.csv").is_file() and any((tmp_path / "audit").rglob("shortcut_audit.csv"))

@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)
     cfg.model_flags = given_flags(parser, MODEL_FLAGS)
     check_output_dir(cfg)
+    make_demo_data(args)  # the manifests it writes are what the input check reads
     check_run_inputs(cfg)
     if args.pretrained and not args.pretrained_file and command_kind(cfg) == "training":
         check_hub([(timm_repo(args.model), None)], "--pretrained-file PATH (safetensors or .pth) or --no-pretrained")
-    make_demo_data(args)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.timm_classifier import TimmExpert

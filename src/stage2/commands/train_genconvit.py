@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg.model_flags = given_flags(parser, MODEL_FLAGS)
         check_output_dir(cfg)  # every variant's folder, before the first one trains
         configs[variant] = cfg
+    make_demo_data(args)  # the manifests it writes are what the input check reads
     check_run_inputs(cfg)
     if command_kind(cfg) == "training":
         check_genconvit_start(args.init, args.arch, args.backbone_file, args.swin_file)
         _check_hub(args, variants)
-    make_demo_data(args)
     # Imported after parsing and checking, so that --help and bad input answer before torch and timm load.
     from stage2.engine.modes import run
     from stage2.experts.genconvit import GenConViTExpert
