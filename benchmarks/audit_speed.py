@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.timing import machine
+from benchmarks.timing import machine, write_json
 from stage2.data.audit import audit_table, read_headers
 from stage2.data.decode import decode_image
 from stage2.processes import usable_cores
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "headers_1_process": one, f"headers_{args.workers}_processes": many, "auc_table": table,
               "crops_256px_headers": crop_headers, "crops_256px_full_decode": crop_decode}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.json)
     return result
 
 

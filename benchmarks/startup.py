@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.arguments import positive_int
+from benchmarks.timing import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_STEP = re.compile(r"epoch \d+/\d+ step \d+/")  # this process's first step (a resume's is not 1)
@@ -146,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("\n".join(f"    {line[:160]}" for line in timed["log"]), flush=True)
         result["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.json)
     return result
 
 
