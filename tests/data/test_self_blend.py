@@ -121,6 +121,36 @@ def test_the_blend_runs_on_the_crop_at_its_own_resolution(crops):
     assert real[0].shape == fake[0].shape == (3, SIZE, SIZE)
 
 
+def test_the_ablations_leave_out_the_transforms_the_shape_variants_or_the_crop_size(crops):
+    points = _face_points()
+    image = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 80, 64), dtype=np.uint8))
+    altered_targets = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        target, fake, _ = self_blended(image, points, transforms=False)
+        assert torch.equal(target, image) and not torch.equal(fake, image)  # the blend moves the source only
+        torch.manual_seed(seed)
+        altered_targets += not torch.equal(self_blended(image, points)[0], image)
+    assert altered_targets > 0  # with the transforms the target is sometimes the altered copy
+    areas = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        areas.add(float(hull_mask(points, 80, 64, shapes=HULL_SHAPES[:1]).sum()))
+    assert len(areas) == 1  # the plain hull every time (four shapes over the same seeds: the test above)
+    # crop-size left out: blended after the resize, the landmarks scaled with it; the fake differs inside the face
+    blend = SelfBlend("paired", points[None], without=("crop-size",), size=32)
+    torch.manual_seed(0)
+    real, fake = blend(image, 0)
+    assert real.shape == fake.shape == (3, 32, 32)
+    changed = (real != fake).any(0).nonzero()
+    top, left = np.floor(points.min(0) * [32 / 64, 32 / 80])[::-1] - 4
+    bottom, right = np.ceil(points.max(0) * [32 / 64, 32 / 80])[::-1] + 4
+    assert len(changed) and changed[:, 0].min() >= top and changed[:, 0].max() <= bottom
+    assert changed[:, 1].min() >= left and changed[:, 1].max() <= right
+    with pytest.raises(ValueError, match="--blend-without twice: expected some of transforms, shapes, crop-size"):
+        SelfBlend("paired", without=("twice",))
+
+
 def test_paired_items_a_real_and_its_fake_with_one_augmentation_draw(crops):
     def one_draw(image):  # a transform whose output is its random draw
         return torch.full_like(image, int(torch.randint(0, 256, ())))
@@ -211,6 +241,8 @@ def test_the_flags_are_checked_before_anything_runs(effnet_args, capsys, monkeyp
     err = fails(train_stage2_effnet.main, [*effnet_args, "--self-blend", "0.5", "--blend-mask", "landmarks"], capsys)
     assert err == ("error: --blend-mask landmarks: dlib is not installed (pip install -r requirements-landmarks.txt); "
                    "or use --blend-mask ellipse")
+    err = fails(train_stage2_effnet.main, [*effnet_args, "--blend-without", "shapes"], capsys)
+    assert err == "error: --blend-without shapes: only with --self-blend"
     assert not output_dir(effnet_args).exists()
 
 
@@ -221,6 +253,23 @@ def test_without_the_extra_auto_takes_the_ellipse_and_says_why(effnet_args, tmp_
     assert ("self-blend masks: the ellipse (--blend-mask auto: dlib is not installed (pip install -r "
             "requirements-landmarks.txt))") in log
     assert "self-blend 0.5 (--blend-mask auto)" in log and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_blend_without_reaches_the_blend_and_the_log(effnet_args, stop_before_training, monkeypatch):
+    made = []
+
+    class Spy(SelfBlend):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr("stage2.run.loaders.SelfBlend", Spy)
+    with pytest.raises(_Stopped):
+        train_stage2_effnet.main([*effnet_args, "--self-blend", "paired", "--blend-mask", "ellipse",
+                                  "--blend-without", "crop-size", "transforms"])
+    log = (output_dir(effnet_args) / "train.log").read_text()
+    assert "self-blend paired (--blend-mask ellipse, without transforms,crop-size)" in log
+    assert [(b.without, b.size) for b in made] == [(("transforms", "crop-size"), 32)]
 
 
 class _Stopped(Exception):

@@ -14,7 +14,7 @@ from typing import Any
 
 from stage2.commands.flags import Extend, Float, Int
 from stage2.data.landmarks import missing_extra
-from stage2.data.levels import AUG_LEVELS, BLEND_MASKS, PAIRED
+from stage2.data.levels import AUG_LEVELS, BLEND_MASKS, BLEND_PARTS, PAIRED
 from stage2.errors import ConfigError, ManifestError, check_checkpoint_exists
 from stage2.run.config import TRACKERS, TrainConfig
 
@@ -73,6 +73,10 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: dict[str, Any], img_size_m
                       help="the self-blend's face mask: the convex hull of 68 dlib landmarks (the optional extra: "
                            "pip install -r requirements-landmarks.txt), or an ellipse around the crop's centre; "
                            "auto: landmarks where the extra is installed and finds a face, else the ellipse")
+    data.add_argument("--blend-without", nargs="+", action=Extend, choices=BLEND_PARTS, metavar="PART",
+                      help="for ablations, leave parts of the self-blend recipe out: transforms (source and target "
+                           "the same crop, no colour or frequency change), shapes (the plain landmark hull only, not "
+                           "its four variants), crop-size (blend after the resize to --img-size, not on the crop)")
     data.add_argument("--workers", type=Int(min=0), default=d["workers"],
                       help="DataLoader worker processes per rank, capped to the cores this process may use")
     data.add_argument("--cache-dir", default=d["cache_dir"],
@@ -185,6 +189,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.self_blend == PAIRED and args.batch_size % 2:
         raise ConfigError(f"--batch-size {args.batch_size} with --self-blend paired: every real comes with its fake, "
                           "so a batch holds an even number of images")
+    parts = args.blend_without or []
+    if parts and not args.self_blend:
+        raise ConfigError(f"--blend-without {' '.join(parts)}: only with --self-blend")
+    values["blend_without"] = ",".join(part for part in BLEND_PARTS if part in parts)
     if args.self_blend and args.blend_mask == "landmarks" and (reason := missing_extra()):
         raise ConfigError(f"--blend-mask landmarks: {reason}; or use --blend-mask ellipse")
     if args.balanced_sampler and args.self_blend >= 0.5:

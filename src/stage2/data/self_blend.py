@@ -41,7 +41,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from stage2.data.levels import PAIRED
+from stage2.data.decode import resize_uint8
+from stage2.data.levels import BLEND_PARTS, PAIRED
 from stage2.errors import ConfigError
 
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # how much of the source shows through, as published
@@ -92,10 +93,11 @@ def ellipse_mask(height: int, width: int) -> torch.Tensor:
     return (radius < edge).float()
 
 
-def hull_mask(points: np.ndarray, height: int, width: int) -> torch.Tensor | None:
-    """A hard face mask, float [H, W] of 0 and 1, from 68 landmarks (x, y) in the crop's pixels: one of
-    HULL_SHAPES, drawn. None when the landmarks cover too little of the crop (under 1%) to blend through."""
-    shape = HULL_SHAPES[_randint(0, len(HULL_SHAPES) - 1)]
+def hull_mask(points: np.ndarray, height: int, width: int, shapes: tuple[str, ...] = HULL_SHAPES
+              ) -> torch.Tensor | None:
+    """A hard face mask, float [H, W] of 0 and 1, from 68 landmarks (x, y) in the crop's pixels: one of `shapes`
+    (of HULL_SHAPES), drawn. None when the landmarks cover too little of the crop (under 1%) to blend through."""
+    shape = shapes[_randint(0, len(shapes) - 1)]
     if shape == "extended":  # the brows lifted a third of the way from the chin to the nose's top: the forehead
         lift = (points[27] - points[8]) * 0.33
         parts = [np.concatenate([points, points[BROWS] + lift])]
@@ -178,18 +180,20 @@ def _softened(mask: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=[height, width], mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1)
 
 
-def self_blended(image: torch.Tensor, points: np.ndarray | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def self_blended(image: torch.Tensor, points: np.ndarray | None = None, transforms: bool = True,
+                 shapes: tuple[str, ...] = HULL_SHAPES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(target, fake, mask) of a uint8 [3, H, W] crop: the real (the target copy, transformed or not), its
     self-blended fake (uint8 [3, H, W]), and the mask it was blended through with its ratio (float [1, H, W]).
-    `points`: the crop's 68 landmarks (float [68, 2], x and y in its pixels), or None for the ellipse mask."""
+    `points`: the crop's 68 landmarks (float [68, 2], x and y in its pixels), or None for the ellipse mask;
+    `transforms` False leaves step 1 out (an ablation: source and target the same crop), `shapes` the hull shapes
+    drawn from."""
     height, width = image.shape[-2:]
     source, target = image, image
-    if torch.rand(()) < 0.5:
+    if transforms and torch.rand(()) < 0.5:
         source = altered(image)
-    else:
+    elif transforms:
         target = altered(image)
-    hard = hull_mask(points, height, width) if points is not None else None
+    hard = hull_mask(points, height, width, shapes) if points is not None else None
     if hard is None:
         hard = ellipse_mask(height, width)
     moved, hard = _warped(source.float(), hard)
@@ -202,27 +206,43 @@ def self_blended(image: torch.Tensor, points: np.ndarray | None = None
 class SelfBlend:
     """Which reals become fakes, and how: ``p`` the chance that a real becomes its fake (a float in [0, 1]), or
     ``"paired"``: every real comes with its fake. ``landmarks``: float [N, 68, 2] by dataset row (NaN: none, the
-    ellipse mask), or None for ellipse masks throughout."""
+    ellipse mask), or None for ellipse masks throughout. ``without``: the recipe's parts left out (of BLEND_PARTS,
+    ``--blend-without``, for ablations); leaving out ``crop-size`` blends at ``size``, the model's input size."""
 
-    def __init__(self, p: float | str, landmarks: np.ndarray | None = None) -> None:
+    def __init__(self, p: float | str, landmarks: np.ndarray | None = None, without: tuple[str, ...] = (),
+                 size: int | None = None) -> None:
         self.paired = p == PAIRED
         if not self.paired and not (isinstance(p, (int, float)) and 0 <= p <= 1):
             raise ConfigError(f"--self-blend {p}: expected a chance in [0, 1] or {PAIRED}")
+        if unknown := set(without) - set(BLEND_PARTS):
+            raise ConfigError(f"--blend-without {','.join(sorted(unknown))}: expected some of {', '.join(BLEND_PARTS)}")
+        if "crop-size" in without and not size:
+            raise ConfigError("--blend-without crop-size: blending after the resize needs the input size")
         self.p = p
         self.landmarks = landmarks
+        self.without = tuple(without)
+        self.size = size
 
     def blends(self, label: int) -> bool:
         """Whether this image's item is made by blending (a real: with chance p, or always when paired)."""
         return label == 0 and (self.paired or bool(torch.rand(()) < self.p))
 
     def __call__(self, image: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real, fake) of the uint8 crop of dataset row `index`, at its own resolution."""
+        """(real, fake) of the uint8 crop of dataset row `index`, at its own resolution (at the input size without
+        ``crop-size``)."""
         points = None if self.landmarks is None else self.landmarks[index]
         if points is not None and np.isnan(points).any():
             points = None
-        target, fake, _ = self_blended(image, points)
+        if "crop-size" in self.without:
+            height, width = image.shape[-2:]
+            image = resize_uint8(image, self.size)
+            points = None if points is None else points * np.array([self.size / width, self.size / height],
+                                                                   dtype=np.float32)
+        shapes = HULL_SHAPES[:1] if "shapes" in self.without else HULL_SHAPES
+        target, fake, _ = self_blended(image, points, transforms="transforms" not in self.without, shapes=shapes)
         return target, fake
 
     def __repr__(self) -> str:
         masks = "ellipse" if self.landmarks is None else "landmarks"
-        return f"SelfBlend({self.p!r}, masks={masks})"
+        without = f", without={','.join(self.without)}" if self.without else ""
+        return f"SelfBlend({self.p!r}, masks={masks}{without})"

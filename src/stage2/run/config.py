@@ -39,6 +39,8 @@ class TrainConfig:
     # a chance in [0, 1), or "paired" (stage2.data.levels.PAIRED)
     self_blend: float | str = field(default=0.0, metadata=REFUSE)
     blend_mask: str = field(default="auto", metadata=REFUSE)
+    # the parts of the self-blend recipe left out (--blend-without), comma-separated in BLEND_PARTS' order
+    blend_without: str = field(default="", metadata=REFUSE)
     workers: int = field(default=8, metadata=FREE)
     balanced_sampler: bool = field(default=False, metadata=REFUSE)
     cache_dir: str | None = field(default=None, metadata=FREE)

@@ -72,16 +72,18 @@ def trained_label_mix(cfg: TrainConfig, labels: np.ndarray) -> tuple[float, floa
     return float(real * (1 - cfg.self_blend)), float(fake + real * cfg.self_blend)
 
 
-def self_blender(cfg: TrainConfig, frame: pd.DataFrame, dist: DistInfo, workers: int) -> SelfBlend | None:
+def self_blender(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo,
+                 workers: int) -> SelfBlend | None:
     """--self-blend with its masks (--blend-mask): the landmarks of every real, computed on rank 0 where the
-    cache lacks them, or the ellipse throughout; the log says which, and why."""
+    cache lacks them, or the ellipse throughout; the log says which, and why. --blend-without's parts left out."""
     if not cfg.self_blend:
         return None
+    without = tuple(filter(None, cfg.blend_without.split(",")))
     reason = missing_extra()
     if cfg.blend_mask == "ellipse" or reason:  # --blend-mask landmarks without the extra was refused before
         log.info("self-blend masks: the ellipse (%s)", "--blend-mask ellipse" if cfg.blend_mask == "ellipse"
                  else f"--blend-mask auto: {reason}")
-        return SelfBlend(cfg.self_blend)
+        return SelfBlend(cfg.self_blend, without=without, size=img_size)
     reals = np.flatnonzero(frame["label"].to_numpy() == 0)
     paths = frame["path"].to_numpy(dtype=str)[reals].tolist()
     folder = default_dir(cfg.cache_dir)
@@ -97,7 +99,7 @@ def self_blender(cfg: TrainConfig, frame: pd.DataFrame, dist: DistInfo, workers:
     if not found.found.any():
         log.warning("self-blend: no face found in any of the %d real training images: every mask is the ellipse",
                     len(reals))
-    return SelfBlend(cfg.self_blend, points)
+    return SelfBlend(cfg.self_blend, points, without=without, size=img_size)
 
 
 def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: DistInfo, workers: int,
@@ -118,5 +120,5 @@ def train_loader(cfg: TrainConfig, frame: pd.DataFrame, img_size: int, dist: Dis
                              cache=shared_cache(cfg, frame, img_size, dist, workers),
                              pin_memory=dist.device.type == "cuda", drop_last=drop_last,
                              max_pixels=cfg.max_image_pixels,
-                             self_blend=self_blender(cfg, frame, dist, workers))
+                             self_blend=self_blender(cfg, frame, img_size, dist, workers))
     return loader, sampler, sampler.per_rank // rows if drop_last else 1

@@ -111,7 +111,9 @@ def log_settings(cfg: TrainConfig, stages: Sequence[Stage], *, dist: DistInfo, a
         f"input {data_config.size}px, mean {list(data_config.mean)}, std {list(data_config.std)}, aug {cfg.aug}"
         + (f" (degradations from epoch {degrade_start + 1})"
            if degrade_start is not None and degrade_start < cfg.epochs else "")
-        + f", self-blend {blend}" + (f" (--blend-mask {cfg.blend_mask})" if cfg.self_blend else "")
+        + f", self-blend {blend}" + (f" (--blend-mask {cfg.blend_mask}"
+                                     + (f", without {cfg.blend_without}" if cfg.blend_without else "") + ")"
+                                     if cfg.self_blend else "")
         + f", workers {workers}"
         + (f" (--workers {cfg.workers} capped to the {workers} cores this process may use)"
            if workers < cfg.workers else ""),
