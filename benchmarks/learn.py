@@ -91,6 +91,7 @@ GENCONVIT_VARIANTS = ("ed", "vae")
 # What a plan says about which cases run (not the budget): results that differ only here merge.
 CASE_FIELDS = ("plain", "levels", "variants", "genconvit", "reals_only", "genconvit_variants", "stacks")
 OURS = "ours"  # in --stack: our trainer's default case
+OFF = "off"  # --levels off: no run of ours at any level (real mode: the other cases alone)
 PLAIN_HEADS = {"random": PLAIN, "zero": PLAIN_ZERO}  # the plain loop's head: as PyTorch starts it, or at zero
 
 
@@ -702,9 +703,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hold-out", type=_names(TRACES),
                         help="held-out protocol: hold out only these types, in turn (default: each of --types)")
     parser.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds")
-    parser.add_argument("--levels", type=_names(AUG_LEVELS),
+    parser.add_argument("--levels", type=_names((*AUG_LEVELS, OFF)),
                         help="--aug levels of our trainer (default: every level per type; the default level in "
-                             "the held-out protocol and real mode)")
+                             f"the held-out protocol and real mode); {OFF}: none, only the other cases (an "
+                             "ablation's --reals-only-variant runs without ours beside it)")
     parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
                         help="also run ours with these extra flags, e.g. 'no drop-path=--drop-path 0' (repeatable)")
     parser.add_argument("--reals-only-variant", type=_variant, action="append", default=[], metavar="NAME=FLAGS",
@@ -775,12 +777,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_manifest is None and not args.merge and args.n_val < 2 * MIN_VAL_PER_CLASS:
         parser.error(f"--n-val {args.n_val}: at least {2 * MIN_VAL_PER_CLASS} val crops ({MIN_VAL_PER_CLASS} real "
                      f"and {MIN_VAL_PER_CLASS} fake): an AUC on fewer is noise")
+    if args.levels and OFF in args.levels and (len(args.levels) > 1 or args.train_manifest is None):
+        parser.error(f"--levels {','.join(args.levels)}: {OFF} stands alone, in real mode (the synthetic protocols "
+                     "judge ours)")
     for name, flags in args.genconvit_variant:
         if "--variant" not in flags:
             parser.error(f"--genconvit-variant {name}: its flags must name --variant (ed or vae)")
     if not args.merge:
         plan = plan_from_args(args)
         names = [case.name for case in cases(plan)]
+        if not names:
+            parser.error("no case to run: --levels off, --plain none and --genconvit none leave none")
         if len(set(names)) < len(names):
             parser.error(f"two cases named {next(n for n in names if names.count(n) > 1)!r}: give each variant its "
                          "own NAME")
@@ -799,7 +806,7 @@ def plan_from_args(args: argparse.Namespace) -> LearnPlan:
              "workers": args.workers, "pretrained_file": args.pretrained_file}
     defaults = REAL_DEFAULTS if real else {}
     chosen = {k: v if v is not None else defaults.get(k) for k, v in given.items()}
-    levels = args.levels or (AUG_LEVELS if per_type else (DEFAULT_AUG,))
+    levels = () if args.levels == (OFF,) else args.levels or (AUG_LEVELS if per_type else (DEFAULT_AUG,))
     genconvit = tuple(v for v in args.genconvit or (("ed",) if real else ()) if v != "none")
     plain = tuple(head for head in args.plain or ("random",) if head != "none")
     return LearnPlan(seeds=args.seeds, epochs=args.epochs, n_train=args.n_train, n_val=args.n_val, levels=levels,

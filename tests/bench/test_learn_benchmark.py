@@ -227,6 +227,25 @@ def test_a_reals_only_case_trains_on_the_reals_alone_and_stacks_with_ours(tmp_pa
     assert -1 <= runs["stack: ours + ours reals-only sbi"]["corr"] <= 1
 
 
+def test_levels_off_runs_the_other_cases_without_ours(tmp_path, capsys):
+    data = tmp_path / "data"
+    train = write_set(data, "train", split_items(0, 32, ["resample"]), size=32)
+    val = write_set(data, "val", split_items(32, 24, ["resample"]), size=32)
+    real = ["--train-manifest", str(train), "--val-manifest", str(val), "--genconvit", "none", "--plain", "none"]
+    plan = learn.plan_from_args(learn.parse_args([*real, "--levels", "off", "--reals-only-variant",
+                                                  "sbi=--self-blend paired"]))
+    assert plan.levels == () and learn.stack_members(plan) == []
+    result = learn.run_real(replace(plan, model="test_efficientnet", img_size=32, batch=8, epochs=1, seeds=(0,)),
+                            train, val, {}, tmp_path / "work")
+    assert [r["case"] for r in result["runs"]] == ["ours reals-only sbi"]
+    for argv, message in (([*real, "--levels", "off"], "no case to run"),
+                          ([*real, "--levels", "off,standard"], "off stands alone"),
+                          (["--levels", "off"], "off stands alone")):
+        with pytest.raises(SystemExit) as exit_info:
+            learn.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_bad_case_and_stack_flags_are_one_line_errors(capsys):
     real = ["--train-manifest", "t.csv", "--val-manifest", "v.csv"]
     cases = ((["--stack", "ours+genconvit ed"], "only in real mode"),
