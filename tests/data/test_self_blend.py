@@ -331,11 +331,15 @@ def test_the_grid_shows_reals_beside_their_blends_and_masks(tmp_path, capsys):
     Image.fromarray(data.astronaut()).crop((100, 0, 300, 240)).save(tmp_path / "face.png")
     Image.fromarray(data.astronaut()).save(tmp_path / "fake.png")
     pd.DataFrame({"path": ["face.png", "fake.png"], "label": [0, 1]}).to_csv(tmp_path / "m.csv", index=False)
-    self_blend_grid.main([str(tmp_path / "m.csv"), str(tmp_path / "grid.png"), "--size", "64"])
+    self_blend_grid.main([str(tmp_path / "m.csv"), str(tmp_path / "grid.png"), "--size", "64", "--seed", "2"])
     assert open_png(tmp_path / "grid.png") == (5 * 64, 64 + 16)  # one real row, five columns, the titles
     assert "wrote " in capsys.readouterr().out
     grid = np.asarray(Image.open(tmp_path / "grid.png"))[16:]
-    real = resize_uint8(decode_image(str(tmp_path / "face.png")), 64).permute(1, 2, 0).numpy()
+    torch.manual_seed(2 * 1_000_003)  # seed 2's first row: the real is the target its blends were paired with ...
+    crop = decode_image(str(tmp_path / "face.png"))
+    target = self_blended(crop)[0]
+    assert not torch.equal(target, crop)  # ... here the altered copy, not the crop
+    real = resize_uint8(target, 64).permute(1, 2, 0).numpy()
     assert np.array_equal(grid[:, :64], real) and not np.array_equal(grid[:, 64:128], real)
     assert grid[:, 128:192].max() == 255  # the ellipse's mask, at its peak
     if self_blend_grid.missing_extra() is None:  # the landmark columns: her face found

@@ -2,7 +2,8 @@
 
 ``python -m stage2.data.self_blend_grid MANIFEST OUT.png [--n 4]``: one row per real image of the manifest (the
 first N), columns real | fake through the ellipse mask | that mask | fake through the landmark hull | that mask
-(the last two blank where no face is found, or without the optional extra). Each image is blended at its own
+(the last two blank where no face is found, or without the optional extra). The real is the one trained beside its
+fakes: the target copy, colour- or frequency-shifted in about half the rows. Each image is blended at its own
 resolution, then shown at --size px.
 """
 
@@ -21,7 +22,7 @@ from stage2.data.landmarks import detect, missing_extra
 from stage2.data.self_blend import self_blended
 from stage2.errors import USER_ERRORS, ConfigError
 
-COLUMNS = ("real", "fake (ellipse)", "mask (ellipse)", "fake (landmarks)", "mask (landmarks)")
+COLUMNS = ("real (as paired)", "fake (ellipse)", "mask (ellipse)", "fake (landmarks)", "mask (landmarks)")
 _HEADER = 16  # px of the column titles
 
 
@@ -33,8 +34,9 @@ def blend_grid(paths: Sequence[str], *, size: int = 256, seed: int = 0) -> Image
         crop = decode_image(path)
         points = detect(crop.permute(1, 2, 0).numpy()) if landmarks else None
         draws = seed * 1_000_003 + i  # the same draws for both masks: only the mask differs
-        hull = _blended(crop, points, draws) if points is not None else [torch.zeros_like(crop)] * 2
-        tiles = [crop, *_blended(crop, None, draws), *hull]
+        # the same draws give both the same target (the real): the masks are drawn after it
+        hull = _blended(crop, points, draws)[1:] if points is not None else [torch.zeros_like(crop)] * 2
+        tiles = [*_blended(crop, None, draws), *hull]
         rows.append(torch.cat([resize_uint8(t, size) for t in tiles], dim=-1))
     body = torch.cat(rows, dim=-2).permute(1, 2, 0).numpy()
     grid = Image.new("RGB", (body.shape[1], body.shape[0] + _HEADER), "white")
@@ -46,10 +48,11 @@ def blend_grid(paths: Sequence[str], *, size: int = 256, seed: int = 0) -> Image
 
 
 def _blended(crop: torch.Tensor, points: np.ndarray | None, seed: int) -> list[torch.Tensor]:
-    """[fake, its mask (grey, scaled to its maximum)] of a uint8 crop, through the landmark hull or the ellipse."""
+    """[real, fake, the fake's mask (grey, scaled to its maximum)] of a uint8 crop, through the landmark hull or the
+    ellipse."""
     torch.manual_seed(seed)
-    _, fake, mask = self_blended(crop, points)
-    return [fake, (mask / mask.max().clamp_min(1e-6) * 255).round().to(torch.uint8).expand(3, -1, -1)]
+    real, fake, mask = self_blended(crop, points)
+    return [real, fake, (mask / mask.max().clamp_min(1e-6) * 255).round().to(torch.uint8).expand(3, -1, -1)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
