@@ -63,6 +63,7 @@ from benchmarks.timing import machine
 from benchmarks.traces import TRACES, split_items, write_set
 from stage2.commands import train_effnet, train_genconvit
 from stage2.commands.cli import HelpFormatter
+from stage2.commands.train_args import config_from_args
 from stage2.data.audit import format_audit, shortcut_audit, warn_shortcuts
 from stage2.data.dataset import ManifestDataset, collate
 from stage2.data.levels import AUG_LEVELS
@@ -288,21 +289,49 @@ def reals_only_manifest(train_csv: Path, work: Path) -> Path:
     return out
 
 
+def trainer_argv(plan: LearnPlan, case: Case, train_csv: Path, val_csv: Path, out: Path, seed: int) -> list[str]:
+    """The command line of one of our trainers for a case: train_stage2_effnet.py as a user runs it (the model,
+    budget, data and the case's flags), or train_stage2_genconvit.py with the plan's model as its classifier
+    backbone, from the same weights, at its own recipe (lr, optimizer, stages, losses)."""
+    if case.trainer == "ours":
+        weights = ["--pretrained-file", plan.pretrained_file] if plan.pretrained_file else ["--no-pretrained"]
+        return [*budget(plan, train_csv, val_csv, out, seed), "--model", plan.model, *weights, "--lr", str(plan.lr),
+                *case.flags]
+    init = ["--init", "imagenet", "--backbone-file", plan.pretrained_file] if plan.pretrained_file else \
+        ["--init", "scratch"]
+    return [*budget(plan, train_csv, val_csv, out, seed), "--backbone", plan.model, *init, *case.flags]
+
+
+def check_case_flags(plan: LearnPlan) -> None:
+    """Every case's command line read by its trainer's own parser (torch-free), before anything trains: a flag the
+    benchmark sets itself (--lr, --epochs), an unknown one or a value out of range ends the benchmark at once in one
+    line, not after the hours of the cases before it. ValueError naming the case."""
+    for case in cases(plan):
+        if case.trainer == "plain":
+            continue
+        argv = trainer_argv(plan, case, Path("train.csv"), Path("val.csv"), Path("out"), 0)
+        command = train_effnet if case.trainer == "ours" else train_genconvit
+        parser = command.build_parser()
+        parser.error = _raise  # argparse's own errors (an unknown flag, a bad choice) raise, not exit after a usage
+        try:
+            config_from_args(command.parse(argv, parser))
+        except ValueError as err:
+            raise ValueError(f"case {case.name!r}: {first_line(err)}") from None
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
 def ours(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, case: Case, seed: int) -> Trained:
-    """train_stage2_effnet.py as a user runs it: only the model, budget, data and the case's flags are set."""
-    weights = ["--pretrained-file", plan.pretrained_file] if plan.pretrained_file else ["--no-pretrained"]
-    train_effnet.main([*budget(plan, train_csv, val_csv, out, seed), "--model", plan.model, *weights,
-                       "--lr", str(plan.lr), *case.flags])
+    """train_stage2_effnet.py as a user runs it (trainer_argv)."""
+    train_effnet.main(trainer_argv(plan, case, train_csv, val_csv, out, seed))
     return from_run(out, case, seed, plan)
 
 
 def genconvit(train_csv: Path, val_csv: Path, out: Path, plan: LearnPlan, case: Case, seed: int) -> Trained:
-    """train_stage2_genconvit.py with the plan's model as its classifier backbone, from the same weights, at its own
-    recipe (lr, optimizer, stages, losses)."""
-    init = ["--init", "imagenet", "--backbone-file", plan.pretrained_file] if plan.pretrained_file else \
-        ["--init", "scratch"]
-    train_genconvit.main([*budget(plan, train_csv, val_csv, out, seed), "--backbone", plan.model, *init,
-                          *case.flags])
+    """train_stage2_genconvit.py with the plan's model as its classifier backbone (trainer_argv)."""
+    train_genconvit.main(trainer_argv(plan, case, train_csv, val_csv, out, seed))
     return from_run(out / case.flags[case.flags.index("--variant") + 1], case, seed, plan)
 
 
@@ -788,6 +817,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         names = [case.name for case in cases(plan)]
         if not names:
             parser.error("no case to run: --levels off, --plain none and --genconvit none leave none")
+        try:
+            check_case_flags(plan)
+        except ValueError as err:
+            parser.error(str(err))
         if len(set(names)) < len(names):
             parser.error(f"two cases named {next(n for n in names if names.count(n) > 1)!r}: give each variant its "
                          "own NAME")

@@ -253,7 +253,15 @@ def test_bad_case_and_stack_flags_are_one_line_errors(capsys):
              ([*real, "--stack", "ours+genconvit vae"], "no case 'genconvit vae'"),
              ([*real, "--levels", "none", "--stack", "ours+genconvit ed"], "no case 'ours'"),
              ([*real, "--genconvit-variant", "r=--recon-on reals"], "must name --variant"),
-             ([*real, "--variant", "a=--aug none", "--variant", "a=--aug light"], "two cases named 'ours a'"))
+             ([*real, "--variant", "a=--aug none", "--variant", "a=--aug light"], "two cases named 'ours a'"),
+             # each case's command line, read by its trainer before anything trains (this one died hours in)
+             ([*real, "--reals-only-variant", "a=--self-blend paired --lr 1e-3"],
+              "case 'ours reals-only a': --lr given twice (0.0003, then 0.001): it takes one value"),
+             ([*real, "--variant", "b=--blend-without shapes"],
+              "case 'ours b': --blend-without shapes: only with --self-blend"),
+             ([*real, "--variant", "c=--bogus 1"], "case 'ours c': unrecognized arguments: --bogus 1"),
+             ([*real, "--genconvit-variant", "g=--variant ed --ae-lr -1"],
+              "case 'genconvit g': --ae-lr -1.0: expected a number > 0"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             learn.parse_args(argv)

@@ -47,9 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None, parser: FlagParser | None = None) -> argparse.Namespace:
+    """The command line with its defaults: the parser's, the demo's, --config's. `parser`: build_parser()'s, to ask
+    afterwards which flags were given."""
+    return parse_args(parser or build_parser(), argv, **EFFNET.demo)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parse_args(parser, argv, **EFFNET.demo)
+    args = parse(argv, parser)
     if args.pretrained_file and not args.pretrained:
         if "pretrained" in parser.given or not args.demo:  # --demo's random start gives way to a file
             raise ConfigError(f"--pretrained-file {args.pretrained_file} with --no-pretrained: the one starts from "
