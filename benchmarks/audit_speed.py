@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import tempfile
 import time
@@ -26,7 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.timing import machine, write_json
+from benchmarks.timing import load_average, machine
+from stage2.atomic import write_json_atomic
 from stage2.data.audit import audit_table, read_headers
 from stage2.data.decode import decode_image
 from stage2.processes import usable_cores
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dir", help="keep the generated files here (default: a temporary folder)")
     parser.add_argument("--json", default="output/audit_speed.json")
     args = parser.parse_args(argv)
-    load_start = os.getloadavg()[0]
+    load_start = load_average()[0]
     with tempfile.TemporaryDirectory(prefix="audit_speed_") as tmp:
         folder = Path(args.dir or tmp)
         t0 = time.perf_counter()
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         crop_headers = measured(lambda: read_headers(crops, 1), len(crops))
         crop_decode = measured(lambda: [decode_image(p) for p in crops], len(crops))
     result = {"files": len(paths), "workers": args.workers, "machine": machine(),
-              "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+              "load_average": {"start": load_start, "end": load_average()[0]},
               "headers_1_process": one, f"headers_{args.workers}_processes": many, "auc_table": table,
               "crops_256px_headers": crop_headers, "crops_256px_full_decode": crop_decode}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    write_json(result, args.json)
+    write_json_atomic(Path(args.json), result)
     return result
 
 

@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.arguments import positive_int
-from benchmarks.timing import write_json
+from benchmarks.timing import load_average
+from stage2.atomic import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_STEP = re.compile(r"epoch \d+/\d+ step \d+/")  # this process's first step (a resume's is not 1)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "resume": ["--output-dir", str(runs / "a"), "--resume"],
                  "rerun": ["--output-dir", str(runs / "b")]}
         result: dict[str, Any] = {"rows": args.rows, "val_rows": args.val_rows, "distinct_files": args.distinct,
-                                  "workers": args.workers, "load_average_start": os.getloadavg()[0]}
+                                  "workers": args.workers, "load_average_start": load_average()[0]}
         for case, flags in cases.items():
             timed = time_to_first_step([*base, *flags], env, args.timeout)
             result[case] = {k: v for k, v in timed.items() if k != "log"}
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{timed.get('audit_done_s', float('nan')):.1f} s; {timed['cpu_s']:.1f} CPU s to the stop)",
                   flush=True)
             print("\n".join(f"    {line[:160]}" for line in timed["log"]), flush=True)
-        result["load_average_end"] = os.getloadavg()[0]
+        result["load_average_end"] = load_average()[0]
     print(json.dumps(result, indent=2))
-    write_json(result, args.json)
+    write_json_atomic(Path(args.json), result)
     return result
 
 
