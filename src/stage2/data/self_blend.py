@@ -222,6 +222,10 @@ class SelfBlend:
         self.landmarks = landmarks
         self.without = tuple(without)
         self.size = size
+        # fixed for the run: read once here, not per image
+        self._shapes = HULL_SHAPES[:1] if "shapes" in without else HULL_SHAPES
+        self._transforms = "transforms" not in without
+        self._at_input_size = "crop-size" in without
 
     def blends(self, label: int) -> bool:
         """Whether this image's item is made by blending (a real: with chance p, or always when paired)."""
@@ -233,13 +237,12 @@ class SelfBlend:
         points = None if self.landmarks is None else self.landmarks[index]
         if points is not None and np.isnan(points).any():
             points = None
-        if "crop-size" in self.without:
+        if self._at_input_size:
             height, width = image.shape[-2:]
             image = resize_uint8(image, self.size)
             points = None if points is None else points * np.array([self.size / width, self.size / height],
                                                                    dtype=np.float32)
-        shapes = HULL_SHAPES[:1] if "shapes" in self.without else HULL_SHAPES
-        target, fake, _ = self_blended(image, points, transforms="transforms" not in self.without, shapes=shapes)
+        target, fake, _ = self_blended(image, points, transforms=self._transforms, shapes=self._shapes)
         return target, fake
 
     def __repr__(self) -> str:

@@ -16,7 +16,6 @@ import torch
 from stage2.atomic import staging_dir, write_json_atomic, write_text_atomic
 from stage2.data.audit import run_audit
 from stage2.data.perturb import check_image_size, parse_perturbations
-from stage2.data.preprocessing import DataConfig
 from stage2.errors import ConfigError
 from stage2.experts.base import Expert
 from stage2.models.families import model_from_checkpoint
@@ -60,7 +59,7 @@ def evaluate_checkpoint(cfg: TrainConfig, expert: Expert, dist: DistInfo, *, thr
     perturbations = parse_perturbations(cfg.perturb) if cfg.perturb is not None else []
     checkpoint = read_best(path)
     data_config = checkpoint.data_config
-    _check_model(checkpoint, data_config, path, cfg, expert)
+    _check_model(checkpoint, path, cfg, expert)
     expert = expert.for_checkpoint(data_config, checkpoint.args.get("cli_args", {}))
     if not checkpoint.temperature_fitted:
         log.warning("--evaluate %s: no fitted temperature (a run fits best.pt's when it ends; last.pt's never is): "
@@ -122,8 +121,7 @@ def _replace_reports(out: Path, work: Path, *, keep_bad_images: bool) -> None:
         os.replace(work / name, out / name)
 
 
-def _check_model(checkpoint: BestCheckpoint, data_config: DataConfig, path: Path, cfg: TrainConfig, expert: Expert
-                 ) -> None:
+def _check_model(checkpoint: BestCheckpoint, path: Path, cfg: TrainConfig, expert: Expert) -> None:
     """Refuse a checkpoint of another family or variant than the command evaluates; the model flags given
     (`cfg.model_flags`) that ask for another model, input size or loss than its run's are said not to apply."""
     meta = expert.checkpoint_meta()
@@ -135,7 +133,7 @@ def _check_model(checkpoint: BestCheckpoint, data_config: DataConfig, path: Path
     ignored = [flag for dest, flag in cfg.model_flags.items() if recorded.get(dest) != cfg.cli_args.get(dest)]
     if ignored:
         log.info("--evaluate %s: scoring the model it holds, %s, with its run's loss; this command's %s (%s) do not "
-                 "apply", path, _model_words(checkpoint.meta, data_config.size), ", ".join(ignored),
+                 "apply", path, _model_words(checkpoint.meta, checkpoint.data_config.size), ", ".join(ignored),
                  _model_words(meta, cfg.img_size))
 
 

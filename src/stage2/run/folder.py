@@ -81,13 +81,14 @@ def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
         restore_replaced(out)  # a run killed before its first last.pt left the previous one aside
     barrier()
     check_output_dir(cfg)  # the commands checked before torch loaded; now the folder is this run's (locked)
+    existing = run_files_in(out)
     if cfg.resume:
         path = resume_checkpoint(out, cfg.resume)
         if path.is_file():
             return path
-        if cfg.resume != "auto" or run_files_in(out):
+        if cfg.resume != "auto" or existing:
             raise ConfigError(f"--resume {cfg.resume}: no checkpoint at {path}")
-    if is_main and run_files_in(out):
+    if is_main and existing:
         (out / REPLACED).mkdir()
         for name in RUN_OUTPUTS:
             if (out / name).exists():
