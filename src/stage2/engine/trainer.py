@@ -77,7 +77,6 @@ class Trainer:
         self.device, self.out = dist.device, Path(cfg.output_dir)
         val_frame = self._setup_inputs()
         self._setup_run_dir()
-        self.finished = self._finished_summary()
         if self.finished is not None:
             return
         self._setup_model()
@@ -110,7 +109,8 @@ class Trainer:
 
     def _setup_run_dir(self) -> None:
         """The folder as a fresh, resumed or replaced run (a resume checked against this command), train.log, and
-        what the run writes there: metrics.csv, bad_images.txt, the tracker (checkpoints: `_setup_loop`)."""
+        what the run writes there: metrics.csv, bad_images.txt, the tracker (checkpoints: `_setup_loop`); none of
+        those for a finished run (`finished`: its summary), which has nothing to write and would never close them."""
         cfg, dist = self.cfg, self.dist
         self.resume_path = prepare_run_dir(cfg, dist.is_main)
         setup_logging(self.out / TRAIN_LOG if dist.is_main else None, dist.is_main)
@@ -119,6 +119,9 @@ class Trainer:
         self.resume = read_resume_state(self.resume_path, cfg, self.expert) if self.resume_path else None
         if self.resume:
             check_manifests(self.resume, self.manifests, cfg)
+        self.finished = self._finished_summary()
+        if self.finished is not None:
+            return
         self.workers = min(cfg.workers, usable_cores())
         self.history = MetricsLog(self.out / METRICS)
         self.bad_images = BadImages(self.out, dist.is_main, cfg.max_bad_images)
@@ -131,9 +134,9 @@ class Trainer:
         resume, summary = self.resume, self.out / SUMMARY
         if not resume or resume.step or resume.next_epoch < self.cfg.epochs or not summary.is_file():
             return None
-        log.info("--resume: the run in %s is finished (%d of %d epochs; best %s %.4f at epoch %d): nothing to do; "
-                 "a larger --epochs trains it on", self.out, resume.next_epoch, self.cfg.epochs,
-                 self.cfg.select_metric, resume.best_value, resume.best_epoch)
+        best = "none" if resume.best_value is None else f"{resume.best_value:.4f} at epoch {resume.best_epoch}"
+        log.info("--resume: the run in %s is finished (%d of %d epochs; best %s %s): nothing to do; a larger "
+                 "--epochs trains it on", self.out, resume.next_epoch, self.cfg.epochs, self.cfg.select_metric, best)
         return json.loads(summary.read_text())
 
     def _setup_model(self) -> None:
